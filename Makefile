@@ -1,0 +1,27 @@
+# Two entry points on a fresh machine: `make demo` (image + masks -> 3D with the shipped model)
+# and `make test` (the whole test suite). Both create/use the local virtual environment .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.timi-installed
+
+.PHONY: install demo test bench-smoke clean
+
+$(STAMP): pyproject.toml constraints/ci.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, from the pinned builds (CUDA wheels that run on the CPU too)
+	$(PY) -m pip install -q -c constraints/ci.txt torch torchvision
+	$(PY) -m pip install -q -c constraints/ci.txt -e ".[all,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m timi.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,29 @@
+"""The ``timi`` command line (typer). Each sub-command lives in its own module and registers here."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="timi",
+    help="TIMI: training-free image-to-3D multi-instance generation on Hunyuan3D 2.0.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """TIMI: training-free image-to-3D multi-instance generation on Hunyuan3D 2.0."""
+
+
+# Sub-commands register themselves below (one import per module).
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

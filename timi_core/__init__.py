@@ -1,0 +1,38 @@
+"""timi_core: the TIMI equations (paper Eqs. 2-7), written once against the Python array API.
+
+Every function accepts arrays of any array-API backend (NumPy, PyTorch, JAX, array-api-strict)
+and returns the same backend. No framework is imported here.
+
+=========  =====================================  ============================================
+Equation   What                                   Function
+=========  =====================================  ============================================
+Eq.2       instance probability map P             :func:`instance_probability`
+Eq.3       structure-aware spatial weights W      :func:`spatial_weights`
+Eq.4       instance-consistent separation loss    :func:`separation_loss`,
+                                                  :func:`instance_separation_loss`
+Eq.5       Gaussian smoothing of dL/dz (SR)       :func:`gaussian_smooth`
+Eq.6       geometry-adaptive scale (GM)           :func:`adaptive_scale`
+Eq.7       momentum update                        :func:`momentum`, :func:`sgu_update`
+=========  =====================================  ============================================
+"""
+
+from .config import TIMIConfig
+from .masks import area_pooling_matrix, pool_masks
+from .separation import instance_probability, instance_separation_loss, separation_loss, spatial_weights
+from .smoothing import gaussian_kernel1d, gaussian_smooth
+from .update import adaptive_scale, momentum, sgu_update
+
+__all__ = [
+    "TIMIConfig",
+    "instance_probability",
+    "spatial_weights",
+    "separation_loss",
+    "instance_separation_loss",
+    "gaussian_smooth",
+    "gaussian_kernel1d",
+    "adaptive_scale",
+    "momentum",
+    "sgu_update",
+    "pool_masks",
+    "area_pooling_matrix",
+]

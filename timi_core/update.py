@@ -1,0 +1,71 @@
+"""Spatial-stabilized Geometry-adaptive Update (SGU, Sec. 4.2): Eqs. 5-7."""
+
+from __future__ import annotations
+
+from ._backend import array_namespace
+from .config import TIMIConfig
+from .smoothing import gaussian_smooth
+
+__all__ = ["adaptive_scale", "momentum", "sgu_update"]
+
+
+def _sample_axes(x) -> tuple[int, ...]:
+    if x.ndim < 2:
+        raise ValueError(f"expected a batched array (B, ...) with at least 2 axes, got shape {x.shape}.")
+    return tuple(range(1, x.ndim))
+
+
+def adaptive_scale(g, z, alpha=0.1, eps=1e-6):
+    """Eq.6: ``lambda = alpha * std(z) / (max|g| + eps)`` per sample (leading axis = batch).
+
+    ``std`` is the population standard deviation of each sample's latent. Returns shape
+    ``(B, 1, ..., 1)`` so that ``lambda * g`` broadcasts; then ``max |lambda * g| <= alpha * std(z)``.
+    """
+    xp = array_namespace(g, z)
+    axes = _sample_axes(z)
+    if g.shape != z.shape:
+        raise ValueError(f"adaptive_scale: gradient {g.shape} and latent {z.shape} differ in shape.")
+    std = xp.std(z, axis=axes, keepdims=True)
+    peak = xp.max(xp.abs(g), axis=axes, keepdims=True)
+    return alpha * std / (peak + eps)
+
+
+def momentum(m_prev, dz, beta=0.9):
+    """Eq.7, first line: ``m_t = beta * m_{t-1} + (1 - beta) * dz_t`` (an exponential moving average)."""
+    return beta * m_prev + (1.0 - beta) * dz
+
+
+def _zero_nonfinite_samples(g, xp):
+    """A sample whose gradient holds any NaN/inf contributes no new update (its gradient -> 0)."""
+    ok = xp.all(xp.isfinite(g), axis=_sample_axes(g), keepdims=True)
+    return xp.where(ok, g, xp.zeros_like(g))
+
+
+def sgu_update(z, grad, m_prev, config: TIMIConfig, axes):
+    """Eqs.5-7: one guided latent update ``(z, dL/dz, m_{t-1}) -> (z - m_t, m_t)``.
+
+    * SR (Eq.5, ``config.sr``): ``g = gaussian_smooth(grad, config.sigma, axes)``; ``axes`` are the
+      latent's spatial axes, e.g. ``(1,)`` for hy3dgen's (B, L, C) token latents or ``(2, 3, 4)``
+      for a (B, C, D, H, W) grid.
+    * GM (Eq.6, ``config.gm``): ``dz = lambda * g`` with :func:`adaptive_scale`; off: ``alpha * g``.
+    * Momentum (Eq.7): ``m = beta * m_prev + (1 - beta) * dz``; ``m_prev=None`` means zeros.
+    * ``config.sgu`` off: the raw step ``dz = alpha * grad`` (no SR, GM or momentum).
+
+    The returned ``m_new`` is always the update that was subtracted: ``z_new == z - m_new``.
+    A sample whose gradient is not finite gets no new update (only the decayed momentum).
+    """
+    xp = array_namespace(z, grad)
+    if grad.shape != z.shape:
+        raise ValueError(f"sgu_update: gradient {grad.shape} and latent {z.shape} differ in shape.")
+    g = _zero_nonfinite_samples(grad, xp)
+    if not config.sgu:
+        dz = config.alpha * g
+        return z - dz, dz
+    if config.sr:
+        g = gaussian_smooth(g, config.sigma, axes)
+    if config.gm:
+        dz = adaptive_scale(g, z, config.alpha, config.eps) * g
+    else:
+        dz = config.alpha * g
+    m = momentum(xp.zeros_like(dz) if m_prev is None else m_prev, dz, config.beta)
+    return z - m, m
