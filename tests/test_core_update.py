@@ -1,0 +1,171 @@
+"""Properties of Eqs.5-7 (smoothing, adaptive scale, momentum, SGU) on every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from hypothesis import given
+from hypothesis import strategies as st
+
+import timi_core as tc
+
+sigmas = st.floats(0.3, 4.0)
+seeds = st.integers(0, 2**31 - 1)
+
+
+@given(n=st.integers(1, 40), c=st.integers(1, 4), sigma=sigmas, seed=seeds)
+def test_smoothing_matches_scipy_on_the_token_axis(backend, n, c, sigma, seed):
+    g = np.random.default_rng(seed).normal(size=(2, n, c))
+    expected = ndi.gaussian_filter(g, sigma, axes=(1,), mode="reflect", truncate=4.0)
+    backend.assert_close(tc.gaussian_smooth(backend.asarray(g), sigma, axes=(1,)), expected, atol=max(backend.atol, 1e-6))
+
+
+@given(shape=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6)), sigma=sigmas, seed=seeds)
+def test_3d_smoothing_matches_scipy_and_three_1d_passes(backend, shape, sigma, seed):
+    g = np.random.default_rng(seed).normal(size=(1, 2, *shape))
+    expected = ndi.gaussian_filter(g, sigma, axes=(2, 3, 4), mode="reflect", truncate=4.0)
+    three = backend.asarray(g)
+    for ax in (2, 3, 4):
+        three = tc.gaussian_smooth(three, sigma, axes=(ax,))
+    backend.assert_close(tc.gaussian_smooth(backend.asarray(g), sigma, axes=(2, 3, 4)), expected, atol=max(backend.atol, 1e-6))
+    backend.assert_close(three, expected, atol=max(backend.atol, 1e-6))
+
+
+@given(n=st.integers(1, 30), sigma=sigmas, a=st.floats(-3, 3), b=st.floats(-3, 3), seed=seeds)
+def test_smoothing_is_linear_and_keeps_constants(backend, n, sigma, a, b, seed):
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(2, 1, n, 3))
+    lhs = tc.gaussian_smooth(backend.asarray(a * x + b * y), sigma, axes=(1,))
+    rhs = a * backend.to_numpy(tc.gaussian_smooth(backend.asarray(x), sigma, axes=(1,))) + b * backend.to_numpy(
+        tc.gaussian_smooth(backend.asarray(y), sigma, axes=(1,)))
+    backend.assert_close(lhs, rhs, atol=max(backend.atol, 1e-5))
+    const = np.full((1, n, 3), 2.5)
+    backend.assert_close(tc.gaussian_smooth(backend.asarray(const), sigma, axes=(1,)), const, atol=max(backend.atol, 1e-5))
+
+
+def test_sigma_zero_is_identity_and_negative_sigma_is_an_error(backend):
+    g = np.random.default_rng(0).normal(size=(2, 5, 3))
+    backend.assert_close(tc.gaussian_smooth(backend.asarray(g), 0.0, axes=(1,)), g)
+    with pytest.raises(ValueError, match="sigma"):
+        tc.gaussian_smooth(backend.asarray(g), -1.0, axes=(1,))
+    with pytest.raises(ValueError, match="sigma"):
+        tc.TIMIConfig(sigma=-1.0)
+
+
+@given(shape=st.tuples(st.integers(1, 3), st.integers(2, 12), st.integers(1, 5)), alpha=st.floats(0.01, 1.0), seed=seeds)
+def test_gm_step_peak_is_alpha_times_latent_std(backend, shape, alpha, seed):
+    rng = np.random.default_rng(seed)
+    z, g = rng.normal(size=(2, *shape))
+    lam = tc.adaptive_scale(backend.asarray(g), backend.asarray(z), alpha=alpha, eps=0.0)
+    dz = backend.to_numpy(lam) * g
+    peaks = np.abs(dz).reshape(shape[0], -1).max(axis=1)
+    np.testing.assert_allclose(peaks, alpha * z.reshape(shape[0], -1).std(axis=1), rtol=1e-5)
+
+
+@given(steps=st.integers(1, 8), beta=st.floats(0.0, 0.99), seed=seeds)
+def test_momentum_is_an_exponential_moving_average(backend, steps, beta, seed):
+    dzs = np.random.default_rng(seed).normal(size=(steps, 2, 4))
+    m = backend.asarray(np.zeros((2, 4)))
+    for dz in dzs:
+        m = tc.momentum(m, backend.asarray(dz), beta)
+    weights = (1 - beta) * beta ** np.arange(steps - 1, -1, -1)
+    backend.assert_close(m, np.tensordot(weights, dzs, axes=1), atol=max(backend.atol, 1e-5))
+
+
+def test_sgu_update_composes_eqs_5_to_7(backend):
+    rng = np.random.default_rng(4)
+    z, g, m0 = rng.normal(size=(3, 2, 16, 4))
+    cfg = tc.TIMIConfig()
+    z_new, m_new = tc.sgu_update(backend.asarray(z), backend.asarray(g), backend.asarray(m0), cfg, axes=(1,))
+    g_reg = ndi.gaussian_filter(g, cfg.sigma, axes=(1,), mode="reflect")
+    lam = cfg.alpha * z.std(axis=(1, 2), keepdims=True) / (np.abs(g_reg).max(axis=(1, 2), keepdims=True) + cfg.eps)
+    m = cfg.beta * m0 + (1 - cfg.beta) * lam * g_reg
+    backend.assert_close(m_new, m, atol=max(backend.atol, 1e-6))
+    backend.assert_close(z_new, z - m, atol=max(backend.atol, 1e-6))
+
+
+@pytest.mark.parametrize(
+    "switches, expected_dz",
+    [
+        (dict(sgu=False), lambda z, g, c: c.alpha * g),
+        (dict(sr=False), None),
+        (dict(gm=False), None),
+    ],
+)
+def test_ablation_switches(switches, expected_dz):
+    rng = np.random.default_rng(5)
+    z, g = rng.normal(size=(2, 1, 12, 3))
+    cfg = tc.TIMIConfig(**switches)
+    z_new, m = tc.sgu_update(z, g, None, cfg, axes=(1,))
+    np.testing.assert_allclose(z_new, z - m)
+    if expected_dz is not None:
+        np.testing.assert_allclose(m, expected_dz(z, g, cfg))
+    elif not cfg.sr:  # no smoothing: dz proportional to the raw gradient
+        ratio = m / g
+        np.testing.assert_allclose(ratio, ratio.flat[0], rtol=1e-10)
+    else:  # GM off: dz = alpha * smoothed gradient, then momentum from zero
+        g_reg = ndi.gaussian_filter(g, cfg.sigma, axes=(1,), mode="reflect")
+        np.testing.assert_allclose(m, (1 - cfg.beta) * cfg.alpha * g_reg)
+
+
+def test_nonfinite_gradient_sample_gets_no_new_update(backend):
+    rng = np.random.default_rng(6)
+    z, g, m0 = rng.normal(size=(3, 2, 8, 2))
+    g[0, 3, 1] = np.nan
+    cfg = tc.TIMIConfig()
+    z_new, m = tc.sgu_update(backend.asarray(z), backend.asarray(g), backend.asarray(m0), cfg, axes=(1,))
+    m = backend.to_numpy(m)
+    assert np.isfinite(m).all() and np.isfinite(backend.to_numpy(z_new)).all()
+    np.testing.assert_allclose(m[0], cfg.beta * m0[0], rtol=1e-5)  # only the decayed momentum
+    _, m_ok = tc.sgu_update(z[1:], g[1:], m0[1:], cfg, axes=(1,))
+    np.testing.assert_allclose(m[1], m_ok[0], rtol=1e-5, atol=1e-7)  # other samples unaffected
+
+
+def test_one_sgu_step_lowers_the_separation_loss_on_a_smooth_toy_problem():
+    """Toy ISG: latent tokens attend to fixed condition keys; a small SGU step lowers L_sep."""
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(0)
+    L, M, C, K = 32, 16, 8, 2
+    keys = torch.randn(M, C, generator=gen, dtype=torch.float64)
+    masks = torch.zeros(K, M, dtype=torch.float64)
+    masks[0, : M // 2] = 1
+    masks[1, M // 2:] = 1
+    z = torch.randn(1, L, C, generator=gen, dtype=torch.float64)
+
+    def loss(z):
+        A = torch.softmax(z @ keys.T, dim=-1)
+        return tc.instance_separation_loss(tc.instance_probability(A, masks)).sum()
+
+    zr = z.clone().requires_grad_(True)
+    before = loss(zr)
+    (grad,) = torch.autograd.grad(before, zr)
+    z_new, _ = tc.sgu_update(z, grad, None, tc.TIMIConfig(alpha=0.05), axes=(1,))
+    assert loss(z_new).item() < before.item()
+
+
+def test_jax_sgu_update_runs_under_jit_and_grad():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(7)
+    z, g = (jnp.asarray(a, dtype=jnp.float32) for a in rng.normal(size=(2, 2, 10, 3)))
+    cfg = tc.TIMIConfig()
+    step = jax.jit(lambda z, g, m: tc.sgu_update(z, g, m, cfg, axes=(1,)))
+    z_new, m = step(z, g, jnp.zeros_like(z))
+    z_ref, m_ref = tc.sgu_update(np.asarray(z, np.float64), np.asarray(g, np.float64), None, cfg, axes=(1,))
+    np.testing.assert_allclose(np.asarray(m), m_ref, rtol=1e-4, atol=1e-6)
+    # differentiable end to end: d/dg of sum(smoothed g) is the column sums of the smoothing operator
+    d = jax.grad(lambda g: tc.gaussian_smooth(g, 1.5, (1,)).sum())(g)
+    ones = np.ones((1, 10, 1))
+    col = ndi.correlate1d(np.eye(10), tc.gaussian_kernel1d(1.5), axis=0, mode="reflect").sum(axis=0)
+    np.testing.assert_allclose(np.asarray(d)[0, :, 0], col * ones[0, :, 0], rtol=1e-5)
+
+
+def test_config_defaults_and_validation():
+    cfg = tc.TIMIConfig()
+    assert (cfg.alpha, cfg.sigma, cfg.beta, cfg.eps, cfg.guided_layers, cfg.guided_steps) == (0.1, 1.5, 0.9, 1e-6, 4, 15)
+    assert cfg.guidance_active(14) and not cfg.guidance_active(15)
+    assert not cfg.replace(isg=False).guidance_active(0)
+    for bad in (dict(alpha=-0.1), dict(beta=1.0), dict(guided_layers=2.5), dict(eps=float("nan")), dict(gm="yes")):
+        with pytest.raises(ValueError, match="TIMIConfig"):
+            tc.TIMIConfig(**bad)
