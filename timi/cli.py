@@ -19,6 +19,9 @@ def _root() -> None:
 
 
 # Sub-commands register themselves below (one import per module).
+from timi.testbed.cli import app as _testbed_app  # noqa: E402
+
+app.add_typer(_testbed_app, name="testbed")
 
 
 def main() -> None:
