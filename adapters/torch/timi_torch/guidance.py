@@ -1,0 +1,139 @@
+"""Instance-aware Separation Guidance (paper Sec. 4.1, Eqs.2-4) on hy3dgen's ``Hunyuan3DDiT``.
+
+The guidance pass runs the *conditional* branch of the frozen DiT on the current latent, records
+the instance probability map ``P`` (Eq.2) of each of the first ``guided_layers`` double-stream
+blocks and stops the forward right after the last of them. ``L_sep`` (Eqs.3-4, from
+``timi_core``) is averaged over those layers and differentiated w.r.t. the latent.
+
+How ``P`` is read out of the model without forking it: every double-stream block calls the module
+function ``hy3dgen.shapegen.models.denoisers.hunyuan3ddit.attention(q, k, v)`` on the joint
+sequence ``[condition tokens; latent tokens]`` with RMS-normalised q and k. :func:`capture_attention`
+temporarily wraps that function. For a block's latent queries ``q_z`` and all keys ``k``,
+
+* ``mode="fused"`` (default): ``P = mean_h SDPA(q_z, k, V)`` with values ``V = [M^T; 0]`` (the
+  masks for condition keys, zero for latent keys). Since ``SDPA(q, k, V) = softmax(q k^T / sqrt(d))
+  V`` with the softmax over the whole joint sequence, this is exactly ``A_zc M^T`` averaged over
+  heads (Eq.2) -- without the L x M attention matrix.
+* ``mode="explicit"``: the reference; materialises the head-averaged softmax, slices ``A_zc`` and
+  calls ``timi_core.instance_probability``.
+
+``P`` is computed in float32 from the model's q and k, so the loss is float32 for fp16/bf16 models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import torch
+import torch.nn.functional as F
+
+import timi_core
+
+__all__ = ["capture_attention", "separation_loss_and_grad", "guided_probabilities", "MODES"]
+
+MODES = ("fused", "explicit")
+
+
+class _StopForward(Exception):
+    """Raised after the last guided block: the rest of the DiT is not needed for the loss."""
+
+
+def _dit_module():
+    from hy3dgen.shapegen.models.denoisers import hunyuan3ddit
+    return hunyuan3ddit
+
+
+def fused_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Eq.2 via SDPA: q_z (B, H, L, D), k (B, H, M+L, D), tokens (B, K, M) -> P (B, L, K)."""
+    B, H, S, _ = k.shape
+    M = tokens.shape[-1]
+    values = torch.cat([tokens.transpose(1, 2), tokens.new_zeros(B, S - M, tokens.shape[1])], dim=1)
+    values = values[:, None].expand(B, H, S, tokens.shape[1])
+    return F.scaled_dot_product_attention(q_z.float(), k.float(), values).mean(dim=1)
+
+
+def explicit_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Eq.2 with the explicit attention matrix (reference path); same shapes as the fused one."""
+    M = tokens.shape[-1]
+    scores = torch.matmul(q_z.float(), k.float().transpose(-1, -2)) * q_z.shape[-1] ** -0.5
+    attn_zc = scores.softmax(dim=-1)[..., :M].mean(dim=1)                 # (B, L, M), Eq.1 block A_zc
+    return torch.stack([timi_core.instance_probability(attn_zc[b], tokens[b])
+                        for b in range(tokens.shape[0])])
+
+
+@dataclasses.dataclass
+class _Capture:
+    tokens: torch.Tensor
+    num_layers: int
+    mode: str
+    probabilities: list = dataclasses.field(default_factory=list)
+
+
+@contextlib.contextmanager
+def capture_attention(tokens: torch.Tensor, num_layers: int, mode: str = "fused"):
+    """Within the block, the DiT's first ``num_layers`` attention calls record ``P`` (B, L, K).
+
+    ``tokens``: (B, K, M) condition-token masks. The forward stops (``_StopForward``) after the
+    ``num_layers``-th call; use :func:`guided_probabilities`, which handles that.
+    """
+    if mode not in MODES:
+        raise ValueError(f"attention mode {mode!r} is not one of {MODES}.")
+    module = _dit_module()
+    original = module.attention
+    state = _Capture(tokens, num_layers, mode)
+    probability = fused_probability if mode == "fused" else explicit_probability
+
+    def attention(q, k, v, **kwargs):
+        M = state.tokens.shape[-1]
+        if q.shape[2] <= M:
+            raise ValueError(f"attention over {q.shape[2]} tokens cannot hold {M} condition tokens "
+                             "plus latent tokens; do the masks belong to this conditioner?")
+        state.probabilities.append(probability(q[:, :, M:], k, state.tokens))
+        if len(state.probabilities) == state.num_layers:
+            raise _StopForward
+        return original(q, k, v, **kwargs)
+
+    module.attention = attention
+    try:
+        yield state
+    finally:
+        module.attention = original
+
+
+def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode="fused", **kwargs):
+    """P (list over the first ``num_layers`` double-stream blocks, each (B, L, K) float32).
+
+    Runs ``model(x, timestep, {'main': cond_main})`` (hy3dgen's own forward) and stops after the
+    last guided block.
+    """
+    depth = len(model.double_blocks)
+    if not 1 <= num_layers <= depth:
+        raise ValueError(f"num_layers={num_layers} must be in [1, {depth}] (the model's double-stream blocks).")
+    with capture_attention(tokens, num_layers, mode) as state:
+        try:
+            model(x, timestep, {"main": cond_main}, **kwargs)
+        except _StopForward:
+            pass
+    if len(state.probabilities) != num_layers:
+        raise RuntimeError(f"captured {len(state.probabilities)} attention calls, expected {num_layers}: "
+                           "the DiT does not call hunyuan3ddit.attention as hy3dgen 2.0 does.")
+    return state.probabilities
+
+
+def separation_loss_and_grad(model, latents, timestep, cond_main, tokens, config: timi_core.TIMIConfig,
+                             num_layers: int, mode: str = "fused", **model_kwargs):
+    """Per-sample ``L_sep`` (B,) (mean over guided layers of Eq.4) and ``dL_sep/dz`` (float32).
+
+    ``latents`` (B, L, C) in any dtype; the latent leaf is float32 and cast to the model's dtype
+    for the forward, so the gradient and the loss are float32. Samples are independent: the
+    gradient is that of the *sum* of the per-sample losses.
+    """
+    dtype = next(model.parameters()).dtype
+    with torch.enable_grad():
+        z = latents.detach().to(torch.float32).clone().requires_grad_(True)
+        Ps = guided_probabilities(model, z.to(dtype), timestep, cond_main, tokens, num_layers, mode, **model_kwargs)
+        per_layer = torch.stack([timi_core.instance_separation_loss(P, config.eps, config.detach_weights)
+                                 for P in Ps])                               # (layers, B)
+        loss = per_layer.mean(dim=0)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), grad

@@ -1,0 +1,286 @@
+"""Instance masks -> condition-token masks ``M`` (K, M) of paper Eq.2, in the image's exact geometry.
+
+hy3dgen prepares the condition image in two stages and the masks must follow both:
+
+1. ``ImageProcessorV2``: crop to the alpha bounding box (hy3dgen's crop excludes the last row and
+   column of the box), ``cv2.INTER_AREA`` resize so the longer side is ``int(max(H, W) * (1 -
+   border_ratio))``, centre on a square ``max(H, W)`` canvas, then resize to ``size`` (512) px.
+2. The conditioner's ``transforms.Resize(image_size)`` + ``CenterCrop(image_size)`` (518 px), whose
+   DINOv2 patch grid (14 px patches, 37 x 37) gives the condition tokens after one CLS token.
+
+:func:`condition_token_masks` replays that geometry on the masks (same boxes, same OpenCV and
+torchvision calls, linear instead of cubic interpolation), assigns every conditioner pixel to at
+most one instance (so the masks stay disjoint), and pools them onto the tokens with
+``timi_core.pool_masks`` (CLS weight 0). The result is what Eq.2's ``M`` is for this image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+import timi_core
+
+__all__ = ["ConditionMasks", "condition_token_masks", "load_rgba", "instance_masks"]
+
+DEFAULT_BORDER_RATIO = 0.15  # ImageProcessorV2.__call__'s default when its border_ratio is None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditionMasks:
+    """Masks of one image in every frame the pipeline uses.
+
+    Attributes
+    ----------
+    tokens : torch.Tensor (K, M) float32
+        Area fraction of each condition token covered by each instance (Eq.2's ``M``); the CLS
+        (prefix) tokens are 0.
+    frame_masks : np.ndarray (K, S, S) bool
+        The instances in the conditioner's input frame (S = 518 for Hunyuan3D 2.0), disjoint.
+    frame_image : np.ndarray (S, S, 3) uint8
+        hy3dgen's processed image in that same frame (what DINOv2 sees, before normalisation).
+    image : PIL.Image.Image
+        The RGBA image handed to hy3dgen (alpha = union of the masks when the input had none).
+    grid : (gh, gw) patch grid; ``prefix_tokens``: leading tokens without a patch (CLS).
+    """
+
+    tokens: torch.Tensor
+    frame_masks: np.ndarray
+    frame_image: np.ndarray
+    image: Image.Image
+    grid: tuple[int, int]
+    prefix_tokens: int
+
+    @property
+    def num_instances(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _as_image(image) -> Image.Image:
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.exists(image):
+            raise FileNotFoundError(f"image file {os.fspath(image)!r} does not exist.")
+        return Image.open(image)
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.min() >= 0 and arr.max() <= 1:
+                arr = (arr * 255).round()
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
+            return Image.fromarray(arr)
+        raise ValueError(f"image array must have shape (H, W), (H, W, 3) or (H, W, 4); got {image.shape}.")
+    raise TypeError(f"image must be a path, a PIL image or an array; got {type(image).__name__}.")
+
+
+def _as_mask_array(m, index: int) -> np.ndarray:
+    if isinstance(m, (str, os.PathLike)):
+        if not os.path.exists(m):
+            raise FileNotFoundError(f"mask file {os.fspath(m)!r} (instance {index}) does not exist.")
+        m = Image.open(m)
+    if isinstance(m, Image.Image):
+        if m.mode in ("RGBA", "LA"):
+            m = np.asarray(m)[..., -1]
+        else:
+            m = np.asarray(m.convert("L"))
+        return m > 127
+    if isinstance(m, torch.Tensor):
+        m = m.detach().cpu().numpy()
+    m = np.asarray(m)
+    if m.ndim == 3 and m.shape[2] in (1, 3, 4):
+        m = m[..., -1] if m.shape[2] == 4 else m[..., 0]
+    if m.ndim != 2:
+        raise ValueError(f"mask {index} must be an (H, W) image; got shape {m.shape}.")
+    return m > 0
+
+
+def instance_masks(masks) -> np.ndarray:
+    """Normalise mask inputs to a (K, H, W) bool array.
+
+    Accepted: a (K, H, W) bool/uint8/float array or tensor (pixels > 0 belong to the instance), an
+    (H, W) integer label map (label 0 is background; every other label is one instance, in
+    increasing label order), or a list of mask images (paths, PIL images or (H, W) arrays).
+    """
+    if isinstance(masks, (list, tuple)):
+        if not masks:
+            raise ValueError("masks: got an empty list; pass at least one instance mask.")
+        arrs = [_as_mask_array(m, i) for i, m in enumerate(masks)]
+        shapes = {a.shape for a in arrs}
+        if len(shapes) > 1:
+            raise ValueError(f"masks: the mask images have different sizes {sorted(shapes)}.")
+        return np.stack(arrs)
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().cpu().numpy()
+    masks = np.asarray(masks)
+    if masks.ndim == 2:
+        if not (np.issubdtype(masks.dtype, np.integer) or masks.dtype == bool):
+            raise ValueError(f"masks: a 2-D mask input is read as an integer label map; got dtype {masks.dtype}.")
+        labels = [v for v in np.unique(masks) if v != 0]
+        if not labels:
+            raise ValueError("masks: the label map has no non-zero label (0 is background).")
+        return np.stack([masks == v for v in labels])
+    if masks.ndim == 3:
+        return masks > 0
+    raise ValueError(f"masks must be (K, H, W), an (H, W) label map or a list of masks; got shape {masks.shape}.")
+
+
+def load_rgba(image, masks: np.ndarray) -> Image.Image:
+    """The RGBA image for hy3dgen: the input's own alpha, or the union of the masks when it has none."""
+    img = _as_image(image)
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    rgba = img.convert("RGBA")
+    if (rgba.height, rgba.width) != masks.shape[1:]:
+        raise ValueError(
+            f"masks have size {masks.shape[1]}x{masks.shape[2]} (H x W) but the image is "
+            f"{rgba.height}x{rgba.width}; masks must be in the image's own pixel frame."
+        )
+    if not has_alpha:
+        arr = np.asarray(rgba).copy()
+        arr[..., 3] = np.where(masks.any(axis=0), 255, 0).astype(np.uint8)
+        rgba = Image.fromarray(arr, "RGBA")
+    return rgba
+
+
+# ----------------------------------------------------------------------------- geometry
+
+@dataclasses.dataclass(frozen=True)
+class RecenterLayout:
+    """Where ``ImageProcessorV2.recenter`` puts the alpha bounding box on its square canvas."""
+
+    size: int
+    box: tuple[int, int, int, int]      # x_min, x_max, y_min, y_max (rows, cols; max excluded)
+    target: tuple[int, int, int, int]   # x2_min, x2_max, y2_min, y2_max on the canvas
+
+
+def recenter_layout(alpha: np.ndarray, border_ratio: float) -> RecenterLayout:
+    """The box arithmetic of hy3dgen's ``ImageProcessorV2.recenter`` for an (H, W) alpha."""
+    H, W = alpha.shape
+    size = max(H, W)
+    rows, cols = np.nonzero(alpha)
+    if rows.size == 0:
+        raise ValueError("the image's foreground (alpha, or the union of the masks) is empty.")
+    x_min, x_max, y_min, y_max = rows.min(), rows.max(), cols.min(), cols.max()
+    h, w = x_max - x_min, y_max - y_min
+    if h == 0 or w == 0:
+        raise ValueError("the image's foreground is a single row or column; hy3dgen cannot recentre it.")
+    desired = int(size * (1 - border_ratio))
+    scale = desired / max(h, w)
+    h2, w2 = int(h * scale), int(w * scale)
+    x2, y2 = (size - h2) // 2, (size - w2) // 2
+    return RecenterLayout(int(size), (int(x_min), int(x_max), int(y_min), int(y_max)),
+                          (x2, x2 + h2, y2, y2 + w2))
+
+
+def recenter(arr: np.ndarray, layout: RecenterLayout, interpolation=cv2.INTER_AREA) -> np.ndarray:
+    """Place ``arr`` (H, W[, C]) on the recentred square canvas exactly as hy3dgen places the image."""
+    x_min, x_max, y_min, y_max = layout.box
+    x2_min, x2_max, y2_min, y2_max = layout.target
+    out = np.zeros((layout.size, layout.size) + arr.shape[2:], dtype=arr.dtype)
+    resized = cv2.resize(arr[x_min:x_max, y_min:y_max], (y2_max - y2_min, x2_max - x2_min),
+                         interpolation=interpolation)
+    out[x2_min:x2_max, y2_min:y2_max] = resized.reshape(out[x2_min:x2_max, y2_min:y2_max].shape)
+    return out
+
+
+def _encoder(pipeline):
+    base = getattr(pipeline, "base", pipeline)
+    cond = getattr(base, "conditioner", None)
+    enc = getattr(cond, "main_image_encoder", None)
+    if enc is None:
+        raise TypeError("expected a hy3dgen pipeline (or TIMIPipeline) whose conditioner has a "
+                        "`main_image_encoder` (SingleImageEncoder / DualImageEncoder).")
+    return base, enc
+
+
+def _resize_crop(encoder):
+    """The conditioner's own geometric transforms (Resize, CenterCrop), without Normalize."""
+    from torchvision import transforms
+    geo = [t for t in encoder.transform.transforms if isinstance(t, (transforms.Resize, transforms.CenterCrop))]
+    return transforms.Compose(geo)
+
+
+def _token_grid(encoder) -> tuple[tuple[int, int], int, int]:
+    cfg = encoder.model.config
+    patch = int(cfg.patch_size)
+    crop = encoder.transform.transforms[1].size
+    side = int(crop[0] if isinstance(crop, (list, tuple)) else crop)
+    grid = (side // patch, side // patch)
+    prefix = 1 if encoder.use_cls_token else 0
+    if prefix + grid[0] * grid[1] != encoder.num_patches:
+        raise RuntimeError(f"conditioner token count {encoder.num_patches} does not match a "
+                           f"{grid} patch grid with {prefix} CLS token.")
+    return grid, prefix, patch
+
+
+def condition_token_masks(image, masks, pipeline) -> ConditionMasks:
+    """Map instance masks in the image's pixel frame onto the condition tokens (Eq.2's ``M``).
+
+    Parameters
+    ----------
+    image : path, PIL image or (H, W, 3|4) array, RGB or RGBA. Without alpha the union of the
+        masks becomes the foreground (alpha), as hy3dgen expects a background-removed image.
+    masks : (K, H, W) bool/uint8 array, (H, W) integer label map (0 = background) or list of K mask
+        images, all in the image's own (H, W) frame; instances must be disjoint.
+    pipeline : a hy3dgen ``Hunyuan3DDiTFlowMatchingPipeline`` or a :class:`~timi_torch.TIMIPipeline`
+        (its image processor and conditioner define the geometry).
+
+    Returns a :class:`ConditionMasks`; ``.tokens`` is the (K, M) float32 tensor for
+    ``timi_core.instance_probability``. Raises ``ValueError`` for a size mismatch, empty or
+    overlapping masks, or an instance that covers no pixel at the conditioner's resolution; warns
+    for a single instance (Eq.4 then only pulls attention onto the object, nothing to separate).
+    """
+    base, encoder = _encoder(pipeline)
+    m = instance_masks(masks)
+    K = m.shape[0]
+    for k in range(K):
+        if not m[k].any():
+            raise ValueError(f"instance mask {k} is empty; remove it or fix the masks.")
+    overlap = m.sum(axis=0) > 1
+    if overlap.any():
+        pairs = [(i, j) for i in range(K) for j in range(i + 1, K) if (m[i] & m[j]).any()]
+        raise ValueError(f"instance masks overlap: {pairs}; give each pixel to one instance.")
+    if K == 1:
+        warnings.warn("condition_token_masks: only one instance mask; TIMI's separation loss (Eq.4) "
+                      "has nothing to separate and only pulls attention onto that object.", stacklevel=2)
+    rgba = load_rgba(image, m)
+
+    processor = base.image_processor
+    border = processor.border_ratio if processor.border_ratio is not None else DEFAULT_BORDER_RATIO
+    layout = recenter_layout(np.asarray(rgba)[..., 3], border)
+    soft = recenter(np.ascontiguousarray(m.transpose(1, 2, 0), dtype=np.float32), layout)
+    soft = soft.reshape(layout.size, layout.size, K)
+    soft = cv2.resize(soft, (processor.size, processor.size), interpolation=cv2.INTER_LINEAR)
+    soft = torch.from_numpy(soft.reshape(processor.size, processor.size, K)).permute(2, 0, 1)
+    geo = _resize_crop(encoder)
+    soft = geo(soft).clamp(0, 1)                                            # (K, S, S)
+
+    background = (1 - soft.sum(0, keepdim=True)).clamp(min=0)
+    owner = torch.cat([background, soft]).argmax(0)                         # 0 = background
+    frame = torch.stack([owner == k + 1 for k in range(K)]).numpy()
+    lost = [k for k in range(K) if not frame[k].any()]
+    if lost:
+        raise ValueError(f"instance mask(s) {lost} cover no pixel at the conditioner's "
+                         f"{frame.shape[1]} px resolution; they are too small to guide.")
+
+    grid, prefix, patch = _token_grid(encoder)
+    covered = frame[:, : grid[0] * patch, : grid[1] * patch]               # DINOv2 drops the rest
+    tokens = timi_core.pool_masks(torch.from_numpy(covered), grid, prefix_tokens=prefix)
+
+    with torch.no_grad():
+        img = base.prepare_image(rgba)["image"]                             # (1, 3, 512, 512) in [-1, 1]
+        img = geo(((img[0] + 1) / 2).float())
+    frame_image = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return ConditionMasks(tokens.to(torch.float32), frame, frame_image, rgba, grid, prefix)

@@ -1,0 +1,263 @@
+"""``TIMIPipeline``: hy3dgen's Hunyuan3D-DiT flow-matching sampler with TIMI guidance.
+
+One denoising loop in diffusers style that reuses the wrapped hy3dgen pipeline's scheduler,
+conditioner, image processor, DiT and ShapeVAE. Per step ``i`` (paper Sec. 4, Fig. 2):
+
+1. if ``config.guidance_active(i)``: ISG (Eqs.2-4, :mod:`timi_torch.guidance`) on the conditional
+   branch gives ``dL_sep/dz``; SGU (Eqs.5-7, ``timi_core.sgu_update``, smoothing along the latent
+   token axis ``axes=(1,)``) updates ``z_t``, all in float32;
+2. hy3dgen's classifier-free-guidance step on the (updated) latent, with hy3dgen's scheduler.
+
+With guidance off the loop performs exactly hy3dgen's operations, so the latents equal
+``Hunyuan3DDiTFlowMatchingPipeline.__call__``'s bit for bit (tested on CPU in float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import timi_core
+from timi_core import TIMIConfig
+
+from .guidance import MODES, separation_loss_and_grad
+from .masks import ConditionMasks, condition_token_masks
+
+__all__ = ["TIMIPipeline", "StepDiagnostics"]
+
+DEFAULT_SUBFOLDER = "hunyuan3d-dit-v2-0"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDiagnostics:
+    """What one guided step did, per sample of the batch (lists of length B).
+
+    ``loss``: L_sep (Eq.4, mean over the guided layers) before the update; ``scale``: the step
+    size lambda (Eq.6 with GM, else alpha); ``max_update``: max |z_new - z| of the step (Eq.7).
+    """
+
+    step: int
+    timestep: float
+    loss: list[float]
+    scale: list[float]
+    max_update: list[float]
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class TIMIPipeline:
+    """TIMI multi-instance image-to-3D sampling on a loaded hy3dgen pipeline.
+
+    >>> from timi_torch import TIMIPipeline                                  # doctest: +SKIP
+    >>> pipe = TIMIPipeline.from_pretrained("tencent/Hunyuan3D-2")           # doctest: +SKIP
+    >>> mesh = pipe("scene.png", masks, generator=torch.manual_seed(0))[0]   # doctest: +SKIP
+
+    ``base``: a ``hy3dgen.shapegen.Hunyuan3DDiTFlowMatchingPipeline``; ``config``: a
+    ``timi_core.TIMIConfig`` (paper defaults). After each call ``self.diagnostics`` holds one
+    :class:`StepDiagnostics` per guided step.
+    """
+
+    def __init__(self, base, config: TIMIConfig = TIMIConfig(), attention: str = "fused"):
+        if not hasattr(base, "model") or not hasattr(base.model, "double_blocks"):
+            raise TypeError("TIMIPipeline needs a loaded hy3dgen Hunyuan3DDiTFlowMatchingPipeline "
+                            f"(with a Hunyuan3DDiT `model`), got {type(base).__name__}.")
+        if not isinstance(config, TIMIConfig):
+            raise TypeError(f"config must be a timi_core.TIMIConfig, got {type(config).__name__}.")
+        if attention not in MODES:
+            raise ValueError(f"attention={attention!r} must be one of {MODES}.")
+        self.base = base
+        self.config = config
+        self.attention = attention
+        self.diagnostics: list[StepDiagnostics] = []
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path, config: TIMIConfig = TIMIConfig(), *, device=None, dtype=None,
+                        subfolder: str = DEFAULT_SUBFOLDER, variant: Optional[str] = "fp16",
+                        use_safetensors: bool = True, config_path=None, attention: str = "fused",
+                        **kwargs) -> "TIMIPipeline":
+        """Load through hy3dgen's own loaders and wrap.
+
+        ``path`` may be (a) a model directory holding ``config.yaml`` and ``model[.variant]
+        .safetensors``; (b) a single checkpoint file (then ``config_path`` is required); or (c) a
+        hy3dgen model id such as ``"tencent/Hunyuan3D-2"``, resolved by hy3dgen as
+        ``$HY3DGEN_MODELS/<path>/<subfolder>`` (default ``~/.cache/hy3dgen``) and otherwise the hub.
+        ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA, float32 on CPU.
+        """
+        from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline as Base
+
+        device = device or _default_device()
+        dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+        ext = "safetensors" if use_safetensors else "ckpt"
+        ckpt_name = f"model{'' if variant is None else '.' + variant}.{ext}"
+        p = Path(os.path.expanduser(os.fspath(path)))
+        if p.is_dir():
+            cfg, ckpt = p / "config.yaml", p / ckpt_name
+            missing = [str(f) for f in (cfg, ckpt) if not f.is_file()]
+            if missing:
+                present = sorted(f.name for f in p.iterdir())
+                raise FileNotFoundError(
+                    f"model directory {p} lacks {missing} (it holds {present}); hy3dgen needs config.yaml "
+                    f"and {ckpt_name} (choose the file with variant=... / use_safetensors=...).")
+            base = Base.from_single_file(str(ckpt), str(cfg), device=device, dtype=dtype,
+                                         use_safetensors=use_safetensors, **kwargs)
+        elif p.suffix in (".safetensors", ".ckpt"):
+            if config_path is None or not Path(config_path).is_file():
+                raise FileNotFoundError(f"a single-file checkpoint needs config_path=<its config.yaml>; got {config_path!r}.")
+            if not p.is_file():
+                raise FileNotFoundError(f"checkpoint file {p} does not exist.")
+            base = Base.from_single_file(str(p), str(config_path), device=device, dtype=dtype,
+                                         use_safetensors=p.suffix == ".safetensors", **kwargs)
+        else:
+            root = os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")
+            local = Path(os.path.expanduser(os.path.join(root, os.fspath(path), subfolder)))
+            if local.is_dir() and not (local / ckpt_name).is_file():
+                raise FileNotFoundError(f"{local} exists but holds no {ckpt_name} "
+                                        f"(it holds {sorted(f.name for f in local.iterdir())}).")
+            try:
+                base = Base.from_pretrained(os.fspath(path), device=device, dtype=dtype, subfolder=subfolder,
+                                            variant=variant, use_safetensors=use_safetensors, **kwargs)
+            except Exception as e:  # hy3dgen falls back to a hub download, which may fail opaquely
+                if local.is_dir():
+                    raise
+                raise FileNotFoundError(
+                    f"could not load {os.fspath(path)!r}: no local model at {local} and the hub download "
+                    f"failed ({type(e).__name__}: {e}). Put the model there, set HY3DGEN_MODELS, or pass "
+                    "a model directory.") from e
+        return cls(base, config=config, attention=attention)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return self.base.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.dtype
+
+    def condition_masks(self, image, masks) -> ConditionMasks:
+        """:func:`timi_torch.condition_token_masks` with this pipeline's processor and conditioner."""
+        return condition_token_masks(image, masks, self.base)
+
+    def _guided_layers(self) -> int:
+        depth = len(self.base.model.double_blocks)
+        n = self.config.guided_layers
+        if n > depth:
+            warnings.warn(f"TIMIConfig.guided_layers={n} exceeds the model's {depth} double-stream blocks; "
+                          f"guiding all {depth}.", stacklevel=3)
+        return min(n, depth)
+
+    def guide(self, latents, timestep, cond_main, tokens, momentum=None, *, step: int = 0):
+        """One ISG + SGU update (Eqs.2-7) of ``latents`` (B, L, C) -> (latents, momentum, diagnostics)."""
+        cfg = self.config
+        model_kwargs = {}
+        if getattr(self.base.model, "guidance_embed", False):
+            raise NotImplementedError("guidance-distilled DiTs (guidance_embed=True) are not supported.")
+        loss, grad = separation_loss_and_grad(self.base.model, latents, timestep, cond_main, tokens, cfg,
+                                              self._guided_layers(), self.attention, **model_kwargs)
+        z = latents.detach().to(torch.float32)
+        z_new, momentum = timi_core.sgu_update(z, grad, momentum, cfg, axes=(1,))
+        if cfg.sgu and cfg.gm:
+            g = timi_core.gaussian_smooth(grad, cfg.sigma, (1,)) if cfg.sr else grad
+            scale = timi_core.adaptive_scale(g, z, cfg.alpha, cfg.eps).flatten()
+        else:
+            scale = torch.full((z.shape[0],), cfg.alpha)
+        diag = StepDiagnostics(step, float(timestep[0]), loss.tolist(), scale.tolist(),
+                               (z_new - z).abs().flatten(1).amax(1).tolist())
+        return z_new.to(latents.dtype), momentum, diag
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(self, image, masks, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                 generator=None, output_type: str = "trimesh", callback: Optional[Callable] = None,
+                 callback_steps: int = 1, sigmas=None, box_v: float = 1.01, octree_resolution: int = 384,
+                 mc_level: float = 0.0, mc_algo=None, num_chunks: int = 8000, enable_pbar: bool = True,
+                 latents: Optional[torch.Tensor] = None):
+        """Sample 3D shapes of ``image`` with its instances kept apart (TIMI).
+
+        ``image``: a path, PIL image or (H, W, 3|4) array (or a list of them, a batch);
+        ``masks``: its instance masks, see :func:`timi_torch.condition_token_masks` (a list, one per
+        image, for a batch). Other arguments as in hy3dgen's ``Hunyuan3DDiTFlowMatchingPipeline``;
+        ``callback(step, t, scheduler_output)`` is called every ``callback_steps`` steps.
+        ``output_type``: ``"trimesh"`` (list of meshes), ``"mesh"`` (hy3dgen's raw outputs) or
+        ``"latent"`` (the (B, L, C) latents).
+        """
+        from hy3dgen.shapegen.pipelines import retrieve_timesteps
+
+        if output_type not in ("trimesh", "mesh", "latent"):
+            raise ValueError(f"output_type={output_type!r} must be 'trimesh', 'mesh' or 'latent'.")
+        base, cfg = self.base, self.config
+        base.set_surface_extractor(mc_algo)
+        images, mask_sets = (image, masks) if isinstance(image, (list, tuple)) else ([image], [masks])
+        if len(mask_sets) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(mask_sets)} mask sets; pass one per image.")
+        cond_masks = [self.condition_masks(im, ms) for im, ms in zip(images, mask_sets)]
+
+        device, dtype = base.device, base.dtype
+        do_cfg = guidance_scale >= 0 and not getattr(base.model, "guidance_embed", False)
+        cond_inputs = base.prepare_image([cm.image for cm in cond_masks])
+        image_tensor = cond_inputs.pop("image")
+        cond = base.encode_cond(image=image_tensor, additional_cond_inputs=cond_inputs,
+                                do_classifier_free_guidance=do_cfg, dual_guidance=False)
+        batch_size = image_tensor.shape[0]
+        tokens = self._stack_tokens(cond_masks, device)
+        cond_main = cond["main"][:batch_size]                                 # conditional branch
+
+        sigmas = np.linspace(0, 1, num_inference_steps) if sigmas is None else sigmas
+        timesteps, num_inference_steps = retrieve_timesteps(base.scheduler, num_inference_steps, device,
+                                                            sigmas=sigmas)
+        if latents is None:
+            latents = base.prepare_latents(batch_size, dtype, device, generator)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        guidance = None
+        if getattr(base.model, "guidance_embed", False):
+            guidance = torch.tensor([guidance_scale] * batch_size, device=device, dtype=dtype)
+
+        self.diagnostics = []
+        momentum = None
+        for i, t in enumerate(tqdm(timesteps, disable=not enable_pbar, desc="TIMI sampling")):
+            timestep = t.expand(batch_size).to(latents.dtype) / base.scheduler.config.num_train_timesteps
+            if cfg.guidance_active(i):
+                latents, momentum, diag = self.guide(latents, timestep, cond_main, tokens, momentum, step=i)
+                self.diagnostics.append(diag)
+
+            latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+            timestep = t.expand(latent_model_input.shape[0]).to(latents.dtype) / base.scheduler.config.num_train_timesteps
+            noise_pred = base.model(latent_model_input, timestep, cond, guidance=guidance)
+            if do_cfg:
+                noise_pred_cond, noise_pred_uncond = noise_pred.chunk(2)
+                noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
+            outputs = base.scheduler.step(noise_pred, t, latents)
+            latents = outputs.prev_sample
+            if callback is not None and i % callback_steps == 0:
+                callback(i // getattr(base.scheduler, "order", 1), t, outputs)
+
+        if output_type == "latent":
+            return latents
+        meshes = base._export(latents, "trimesh" if output_type == "trimesh" else "mesh", box_v, mc_level,
+                              num_chunks, octree_resolution, mc_algo, enable_pbar=enable_pbar)
+        failed = [b for b, m in enumerate(meshes) if m is None]
+        if failed:
+            raise RuntimeError(f"surface extraction found no surface for sample(s) {failed} at mc_level={mc_level} "
+                               f"(octree_resolution={octree_resolution}); try another mc_level or seed.")
+        return meshes
+
+    @staticmethod
+    def _stack_tokens(cond_masks: list[ConditionMasks], device) -> torch.Tensor:
+        """(B, K_max, M) float32; samples with fewer instances get all-zero masks, which add exactly
+        0 to Eq.4 (W = 0 there) and 0 to its gradient."""
+        k_max = max(cm.num_instances for cm in cond_masks)
+        out = torch.zeros(len(cond_masks), k_max, cond_masks[0].tokens.shape[1])
+        for b, cm in enumerate(cond_masks):
+            out[b, : cm.num_instances] = cm.tokens
+        return out.to(device)
