@@ -1,0 +1,262 @@
+"""Per-instance meshes: split the generated geometry into connected parts and give each part to the
+instance whose mask it lands in when seen from the input view.
+
+TIMI (like hy3dgen) returns one mesh for the whole scene. MIDI returns one mesh per instance; to
+offer the same we split the scene mesh into connected components (``trimesh``) and assign each
+component by projecting it into the input image's instance masks.
+
+Mesh frame -> image pixels (the "front view")
+---------------------------------------------
+hy3dgen meshes are in a right-handed frame with **+y up**, the input view looking from **+z**
+towards -z, and image column ``u`` growing with +x (hy3dgen's texture renderer uses elevation 0,
+azimuth 0 for that front view; the testbed renders with the same convention, see
+:mod:`timi.testbed.render`). The projection is orthographic: ``u = u0 + s * x``,
+``v = v0 - s * y`` (pixel units, pixel centres at ``+0.5``).
+
+The scale ``s`` and offset ``(u0, v0)`` depend on hy3dgen's preprocessing: the image is cropped to
+its foreground bounding box (alpha, or the union of the masks when there is no alpha), recentred
+with a border and resized, and the DiT generates the object normalised into its box
+(``bounds`` 1.01), so the mesh's front silhouette corresponds to the image's foreground box up to
+one unknown uniform scale. :meth:`FrontView.fit` therefore maps the mesh's x/y bounding box onto the
+foreground's pixel bounding box (same centre, longer sides equal). When the camera is known (the
+testbed's renders), :meth:`FrontView.from_extent` gives the exact mapping instead.
+
+Assignment
+----------
+Each part is sampled on its surface; a z-buffer over all samples keeps the points nearest to the
+camera at each pixel (other points are hidden behind something), and the visible points of a part
+vote with the label under them. The part goes to the instance with most votes when that instance
+holds at least ``min_share`` of the part's votes inside the image (background pixels vote for
+"nobody"); otherwise the part is *unclaimed* and reported. A part hidden entirely behind others
+votes with all its points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import trimesh
+
+from .masks_io import label_map_from_masks
+
+__all__ = [
+    "FrontView",
+    "PartAssignment",
+    "InstanceSplit",
+    "split_parts",
+    "assign_parts",
+    "split_instances",
+    "instance_scene",
+    "instance_colors",
+    "node_names",
+]
+
+
+@dataclass(frozen=True)
+class FrontView:
+    """Orthographic front camera: ``u = u0 + scale * x``, ``v = v0 - scale * y`` (pixels), depth = +z."""
+
+    scale: float
+    u0: float
+    v0: float
+    height: int
+    width: int
+
+    @classmethod
+    def from_extent(cls, height: int, width: int, extent: float = 1.0) -> "FrontView":
+        """The testbed camera: the image covers ``[-extent, extent]`` in x and y."""
+        return cls(scale=width / (2.0 * extent), u0=width / 2.0, v0=height / 2.0, height=height, width=width)
+
+    @classmethod
+    def fit(cls, vertices: np.ndarray, foreground: np.ndarray) -> "FrontView":
+        """Map the x/y bounding box of ``vertices`` onto the pixel bounding box of ``foreground`` (H, W)."""
+        foreground = np.asarray(foreground, dtype=bool)
+        if not foreground.any():
+            raise ValueError("FrontView.fit: the foreground is empty; pass the masks' union or the alpha mask.")
+        rows, cols = np.nonzero(foreground)
+        v_lo, v_hi = rows.min(), rows.max() + 1.0
+        u_lo, u_hi = cols.min(), cols.max() + 1.0
+        lo, hi = np.asarray(vertices)[:, :2].min(0), np.asarray(vertices)[:, :2].max(0)
+        ext = hi - lo
+        if not np.all(np.isfinite(ext)) or ext.max() <= 0:
+            raise ValueError("FrontView.fit: the mesh has no extent in x/y.")
+        scale = max(u_hi - u_lo, v_hi - v_lo) / ext.max()
+        cx, cy = (lo + hi) / 2.0
+        u0 = (u_lo + u_hi) / 2.0 - scale * cx
+        v0 = (v_lo + v_hi) / 2.0 + scale * cy
+        return cls(float(scale), float(u0), float(v0), foreground.shape[0], foreground.shape[1])
+
+    def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 3) points -> integer pixel (row, col) of each point; may fall outside the image."""
+        points = np.asarray(points, dtype=np.float64)
+        u = self.u0 + self.scale * points[:, 0]
+        v = self.v0 - self.scale * points[:, 1]
+        return np.floor(v).astype(np.int64), np.floor(u).astype(np.int64)
+
+
+@dataclass
+class PartAssignment:
+    """One connected part: its instance (index into the masks, or -1 when unclaimed) and its votes."""
+
+    index: int
+    instance: int
+    faces: int
+    votes: np.ndarray  # (K + 1,) votes: background, instance 0, ..., instance K-1
+    visible: bool
+
+    @property
+    def share(self) -> float:
+        total = self.votes.sum()
+        return float(self.votes[self.instance + 1] / total) if total and self.instance >= 0 else 0.0
+
+
+@dataclass
+class InstanceSplit:
+    """The result of :func:`split_instances`: one mesh per instance (None when it got no part)."""
+
+    meshes: list[trimesh.Trimesh | None]
+    names: list[str]
+    parts: list[trimesh.Trimesh]
+    assignments: list[PartAssignment]
+    unclaimed: list[int] = field(default_factory=list)
+
+    @property
+    def found(self) -> int:
+        """How many instances received geometry."""
+        return sum(m is not None for m in self.meshes)
+
+    def summary(self) -> str:
+        lines = []
+        for k, (name, mesh) in enumerate(zip(self.names, self.meshes)):
+            n_parts = sum(a.instance == k for a in self.assignments)
+            faces = 0 if mesh is None else len(mesh.faces)
+            lines.append(f"instance {k} ({name}): {n_parts} part(s), {faces} faces" + ("" if mesh is not None else "  <- no geometry"))
+        if self.unclaimed:
+            faces = sum(self.assignments[i].faces for i in self.unclaimed)
+            lines.append(f"unclaimed: {len(self.unclaimed)} part(s), {faces} faces (outside every mask)")
+        return "\n".join(lines)
+
+
+def split_parts(mesh: trimesh.Trimesh) -> list[trimesh.Trimesh]:
+    """Connected components of a mesh (faces sharing an edge), largest first."""
+    parts = mesh.split(only_watertight=False)
+    return sorted(parts, key=lambda p: -len(p.faces))
+
+
+def _surface_points(part: trimesh.Trimesh, count: int, seed: int) -> np.ndarray:
+    if part.area > 0:
+        pts, _ = trimesh.sample.sample_surface(part, count, seed=seed)
+        return np.concatenate([pts, part.vertices], axis=0)
+    return np.asarray(part.vertices)
+
+
+def assign_parts(
+    parts: Sequence[trimesh.Trimesh],
+    masks: np.ndarray,
+    view: FrontView,
+    *,
+    samples_per_part: int = 4000,
+    min_share: float = 0.5,
+    depth_tolerance_px: float = 2.0,
+    seed: int = 0,
+) -> list[PartAssignment]:
+    """Assign each part to an instance by visible-point votes in the front view (see module doc)."""
+    masks = np.asarray(masks, dtype=bool)
+    K, H, W = masks.shape
+    if (H, W) != (view.height, view.width):
+        raise ValueError(f"assign_parts: masks are {W}x{H} but the view is {view.width}x{view.height}.")
+    labels = label_map_from_masks(masks)
+    points = [_surface_points(p, samples_per_part, seed + i) for i, p in enumerate(parts)]
+    owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(points)]) if points else np.zeros(0, int)
+    allpts = np.concatenate(points, axis=0) if points else np.zeros((0, 3))
+    rows, cols = view.project(allpts)
+    inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+    # z-buffer: the largest z (nearest to the camera on +z) at each pixel
+    zbuf = np.full(H * W, -np.inf)
+    flat = rows[inside] * W + cols[inside]
+    np.maximum.at(zbuf, flat, allpts[inside, 2])
+    visible = np.zeros(len(allpts), dtype=bool)
+    visible[inside] = allpts[inside, 2] >= zbuf[flat] - depth_tolerance_px / view.scale
+    out = []
+    for i, part in enumerate(parts):
+        mine = owner == i
+        use = mine & visible
+        seen = bool(use.any())
+        if not seen:
+            use = mine & inside
+        votes = np.bincount(labels[rows[use], cols[use]], minlength=K + 1).astype(np.int64)
+        best = int(np.argmax(votes[1:])) if K else -1
+        total = votes.sum()
+        claimed = total > 0 and votes[best + 1] > 0 and votes[best + 1] >= min_share * total
+        out.append(PartAssignment(i, best if claimed else -1, len(part.faces), votes, seen))
+    return out
+
+
+def instance_colors(k: int) -> np.ndarray:
+    """(k, 4) uint8 RGBA colours, distinct for up to 20 instances (matplotlib's tab20 order)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"] if k <= 10 else colormaps["tab20"]
+    return (np.asarray([cmap(i % cmap.N) for i in range(k)]) * 255).round().astype(np.uint8)
+
+
+def split_instances(
+    mesh: trimesh.Trimesh,
+    masks: np.ndarray,
+    *,
+    names: Sequence[str] | None = None,
+    view: FrontView | None = None,
+    foreground: np.ndarray | None = None,
+    **assign_kw,
+) -> InstanceSplit:
+    """Split ``mesh`` into one mesh per instance of ``masks`` (K, H, W) in the input image's frame.
+
+    ``view`` defaults to :meth:`FrontView.fit` on ``foreground`` (default: the masks' union).
+    """
+    masks = np.asarray(masks, dtype=bool)
+    K = masks.shape[0]
+    names = list(names) if names is not None else [f"instance_{k + 1:02d}" for k in range(K)]
+    if view is None:
+        view = FrontView.fit(mesh.vertices, masks.any(0) if foreground is None else foreground)
+    parts = split_parts(mesh)
+    assignments = assign_parts(parts, masks, view, **assign_kw)
+    meshes: list[trimesh.Trimesh | None] = []
+    for k in range(K):
+        mine = [parts[a.index] for a in assignments if a.instance == k]
+        meshes.append(trimesh.util.concatenate(mine) if mine else None)
+    unclaimed = [a.index for a in assignments if a.instance < 0]
+    return InstanceSplit(meshes, names, list(parts), assignments, unclaimed)
+
+
+def instance_scene(split: InstanceSplit, *, include_unclaimed: bool = True, colored: bool = True) -> trimesh.Scene:
+    """A scene with one named node per instance that got geometry (plus ``unclaimed`` if any)."""
+    scene = trimesh.Scene()
+    colors = instance_colors(len(split.names))
+    for k, (name, mesh) in enumerate(zip(split.names, split.meshes)):
+        if mesh is None:
+            continue
+        mesh = mesh.copy()
+        if colored:
+            mesh.visual.face_colors = colors[k]
+        node = node_names(split.names)[k]
+        scene.add_geometry(mesh, node_name=node, geom_name=node)
+    if include_unclaimed and split.unclaimed:
+        rest = trimesh.util.concatenate([split.parts[i] for i in split.unclaimed])
+        if colored:
+            rest.visual.face_colors = (160, 160, 160, 255)
+        scene.add_geometry(rest, node_name="unclaimed", geom_name="unclaimed")
+    return scene
+
+
+def node_names(names: Sequence[str]) -> list[str]:
+    """Scene-node names for instances: file-safe, unique (a repeated name gets ``_2``, ``_3`` ...)."""
+    out: list[str] = []
+    for k, name in enumerate(names):
+        clean = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("_") or f"instance_{k + 1:02d}"
+        base, n = clean, 2
+        while clean in out or clean == "unclaimed":
+            clean, n = f"{base}_{n}", n + 1
+        out.append(clean)
+    return out

@@ -1,0 +1,89 @@
+"""Atomic output files: a result appears complete under its name or not at all.
+
+Every writer here writes to a temporary file in the destination folder and moves it into place
+with :func:`os.replace` (atomic on POSIX and Windows within one file system). If anything fails on
+the way, the temporary file is removed and an existing file of that name is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import trimesh
+
+__all__ = ["MESH_FORMATS", "OutputError", "atomic_path", "write_mesh", "write_bytes", "write_text", "check_mesh_path"]
+
+#: Extensions the mesh writer accepts, mapped to trimesh's file types.
+MESH_FORMATS = {".glb": "glb", ".obj": "obj", ".ply": "ply", ".stl": "stl"}
+
+
+class OutputError(ValueError):
+    """A bad output path (unknown extension, missing folder); one line naming the path and the fix."""
+
+
+def check_mesh_path(path: str | Path) -> Path:
+    """Validate an output mesh path before spending time on generation."""
+    path = Path(path)
+    if path.suffix.lower() not in MESH_FORMATS:
+        raise OutputError(
+            f"{path}: unknown mesh format '{path.suffix}'; use one of {', '.join(MESH_FORMATS)} (chosen by extension)."
+        )
+    if path.exists() and path.is_dir():
+        raise OutputError(f"{path}: is a folder; pass a file name such as {path / 'scene.glb'}.")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it onto ``path``, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix if suffix is not None else path.suffix) + ".tmp",
+                               dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def _write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes atomically."""
+    return _write_with(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write text (UTF-8) atomically."""
+    return _write_with(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_mesh(mesh: trimesh.Trimesh | trimesh.Scene, path: str | Path) -> Path:
+    """Export a mesh or scene by the path's extension (GLB/OBJ/PLY/STL), atomically.
+
+    GLB keeps a scene's named nodes; OBJ keeps them as groups (``o`` lines); PLY and STL hold a
+    single mesh, so a scene is flattened into one (node transforms applied).
+    """
+    path = check_mesh_path(path)
+    file_type = MESH_FORMATS[path.suffix.lower()]
+    if isinstance(mesh, trimesh.Scene) and file_type in ("ply", "stl"):
+        mesh = mesh.to_mesh()
+    if isinstance(mesh, trimesh.Trimesh) and len(mesh.faces) == 0:
+        raise OutputError(f"{path}: the mesh has no faces, nothing to write; check the generation log.")
+    data = mesh.export(file_type=file_type)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return write_bytes(path, data)
