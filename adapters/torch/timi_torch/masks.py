@@ -184,13 +184,20 @@ def recenter_layout(alpha: np.ndarray, border_ratio: float) -> RecenterLayout:
                           (x2, x2 + h2, y2, y2 + w2))
 
 
+def _resize(arr: np.ndarray, size_wh: tuple[int, int], interpolation) -> np.ndarray:
+    """``cv2.resize`` for any channel count (OpenCV's area resize takes at most 4 channels)."""
+    if arr.ndim == 3 and arr.shape[2] > 4:
+        return np.stack([cv2.resize(arr[..., c], size_wh, interpolation=interpolation)
+                         for c in range(arr.shape[2])], axis=-1)
+    return cv2.resize(arr, size_wh, interpolation=interpolation)
+
+
 def recenter(arr: np.ndarray, layout: RecenterLayout, interpolation=cv2.INTER_AREA) -> np.ndarray:
     """Place ``arr`` (H, W[, C]) on the recentred square canvas exactly as hy3dgen places the image."""
     x_min, x_max, y_min, y_max = layout.box
     x2_min, x2_max, y2_min, y2_max = layout.target
     out = np.zeros((layout.size, layout.size) + arr.shape[2:], dtype=arr.dtype)
-    resized = cv2.resize(arr[x_min:x_max, y_min:y_max], (y2_max - y2_min, x2_max - x2_min),
-                         interpolation=interpolation)
+    resized = _resize(arr[x_min:x_max, y_min:y_max], (y2_max - y2_min, x2_max - x2_min), interpolation)
     out[x2_min:x2_max, y2_min:y2_max] = resized.reshape(out[x2_min:x2_max, y2_min:y2_max].shape)
     return out
 
@@ -262,7 +269,7 @@ def condition_token_masks(image, masks, pipeline) -> ConditionMasks:
     layout = recenter_layout(np.asarray(rgba)[..., 3], border)
     soft = recenter(np.ascontiguousarray(m.transpose(1, 2, 0), dtype=np.float32), layout)
     soft = soft.reshape(layout.size, layout.size, K)
-    soft = cv2.resize(soft, (processor.size, processor.size), interpolation=cv2.INTER_LINEAR)
+    soft = _resize(soft, (processor.size, processor.size), cv2.INTER_LINEAR)
     soft = torch.from_numpy(soft.reshape(processor.size, processor.size, K)).permute(2, 0, 1)
     geo = _resize_crop(encoder)
     soft = geo(soft).clamp(0, 1)                                            # (K, S, S)
