@@ -46,6 +46,9 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
                                dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the result the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)

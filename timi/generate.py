@@ -1,0 +1,374 @@
+"""``timi generate``: image + instance masks -> 3D scene file (and per-instance meshes, and a report).
+
+The Python entry point is :func:`generate`; the ``timi generate`` command parses its options into
+:class:`GenerateOptions` and calls it. Stages (each timed in the end summary): read inputs, load
+the model, map the masks onto the condition tokens, denoise (TIMI-guided, progress bar), mesh
+(hy3dgen's volume decoding + marching cubes, progress bar), split into instances, write, report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from .io import OutputError, check_mesh_path, write_mesh
+from .masks_io import InstanceMasks, MaskInputError, load_instance_masks, read_image_size
+
+__all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "ModelNotFoundError"]
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+BACKENDS = ("torch", "jax")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """No model to load; the message says where it was looked for and what to pass."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this command; the message says which one can."""
+
+
+@dataclasses.dataclass
+class GenerateOptions:
+    """Everything ``timi generate`` accepts (see ``timi generate --help``)."""
+
+    image: Path
+    masks: list[Path]
+    out: Path
+    model: Optional[str] = None
+    backend: str = "torch"
+    steps: int = 50
+    guidance_scale: float = 5.0
+    seed: int = 0
+    alpha: float = 0.1
+    sigma: float = 1.5
+    guided_layers: int = 4
+    guided_steps: int = 15
+    timi: bool = True
+    octree_resolution: int = 384
+    device: Optional[str] = None
+    dtype: str = "auto"
+    split_instances: bool = False
+    report: Optional[Path] = None
+    overlap: str = "error"
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    out: Path
+    mesh: object                       # trimesh.Trimesh of the whole scene
+    masks: InstanceMasks
+    timings: dict[str, float]
+    diagnostics: list
+    split: object = None               # timi.instances.InstanceSplit when split_instances / report
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    report_files: list[Path] = dataclasses.field(default_factory=list)
+
+
+def resolve_model(model: Optional[str]) -> str:
+    """``--model`` or, when not given, the model shipped with the project (``timi.testbed``)."""
+    if model:
+        return str(model)
+    try:
+        from timi.testbed import default_model_path  # provided by the testbed issue
+    except ImportError:
+        default_model_path = None
+    if default_model_path is not None:
+        try:
+            path = default_model_path()
+        except Exception as e:  # the helper exists but cannot find/build its files
+            raise ModelNotFoundError(f"the shipped model is not available ({e}); pass --model DIR_OR_ID.") from None
+        if path is not None and Path(path).exists():
+            return str(path)
+    raise ModelNotFoundError(
+        "no --model given and no shipped default model is installed; pass --model with a hy3dgen model "
+        "directory (config.yaml + model*.safetensors) or an id such as tencent/Hunyuan3D-2 (looked up under $HY3DGEN_MODELS)."
+    )
+
+
+def _torch_dtype(name: str, device: str):
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}.")
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def _device(name: Optional[str]) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
+    return name
+
+
+class _Clock:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+
+
+def _geometry_checks(opts: GenerateOptions, model: str):
+    """Masks -> condition tokens with the model's geometry, before loading any weights."""
+    import timi_torch
+
+    from .inspect_cmd import coverage_warnings, geometry_pipeline, grid_tokens, token_coverage
+
+    geo_pipe = geometry_pipeline(model)
+    found = load_instance_masks(opts.masks, image=opts.image, overlap=opts.overlap,
+                                max_instances=grid_tokens(geo_pipe.geometry))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            cond = timi_torch.condition_token_masks(str(opts.image), found.masks, geo_pipe)
+        except ValueError as e:
+            raise MaskInputError(f"{found.sources[0]}: {e}") from None
+    msgs = coverage_warnings(token_coverage(cond.tokens, cond.prefix_tokens), found.names, cond.grid)
+    if found.count == 1 and opts.timi:
+        msgs.append("only one instance mask: TIMI's separation loss has nothing to separate (Eq.4); pass one mask per object.")
+    return found, cond, msgs
+
+
+def _config(opts: GenerateOptions):
+    from timi_core import TIMIConfig
+
+    cfg = TIMIConfig(alpha=opts.alpha, sigma=opts.sigma, guided_layers=opts.guided_layers, guided_steps=opts.guided_steps)
+    return cfg if opts.timi else cfg.replace(isg=False)
+
+
+def generate(opts: GenerateOptions, log=print) -> GenerateResult:
+    """Run the whole command. Raises :class:`MaskInputError`, :class:`OutputError`,
+    :class:`ModelNotFoundError`, ``ValueError`` for bad input (before any heavy work where possible)."""
+    clock = _Clock()
+    if opts.backend not in BACKENDS:
+        raise ValueError(f"--backend {opts.backend!r}: choose one of {', '.join(BACKENDS)}.")
+    if opts.backend == "jax":
+        raise BackendUnavailableError(
+            "--backend jax: the JAX adapter has no hy3dgen model loader and mesher for this command yet; "
+            "use --backend torch (the default)."
+        )
+    for name, value, lo in (("--steps", opts.steps, 1), ("--octree-resolution", opts.octree_resolution, 8),
+                            ("--guided-layers", opts.guided_layers, 1), ("--guided-steps", opts.guided_steps, 0)):
+        if value < lo:
+            raise ValueError(f"{name} {value}: must be at least {lo}.")
+    out = check_mesh_path(opts.out)
+    if opts.report is not None and Path(opts.report).exists() and not Path(opts.report).is_dir():
+        raise OutputError(f"{opts.report}: --report needs a folder, and this is a file; pass a folder name.")
+    read_image_size(opts.image)
+    model = resolve_model(opts.model)
+
+    with clock.stage("inputs"):
+        found, cond_preview, notes = _geometry_checks(opts, model)
+    for n in notes:
+        log(f"warning: {n}")
+    log(f"{found.count} instance(s): " + ", ".join(found.names) + f"; condition grid {cond_preview.grid[0]}x{cond_preview.grid[1]}")
+
+    import torch
+    import timi_torch
+
+    device = _device(opts.device)
+    dtype = _torch_dtype(opts.dtype, device)
+    with clock.stage("load model"):
+        pipe = timi_torch.TIMIPipeline.from_pretrained(model, _config(opts), device=device, dtype=dtype)
+    cond = pipe.condition_masks(str(opts.image), found.masks)
+
+    depth = len(pipe.base.model.double_blocks)
+    if opts.timi and opts.guided_layers > depth:
+        notes.append(f"--guided-layers {opts.guided_layers} exceeds the model's {depth} double-stream blocks; guiding all {depth}.")
+    recorder = None
+    if opts.report is not None:
+        from .report import AttentionRecorder
+
+        layers = min(opts.guided_layers, depth)
+        recorder = AttentionRecorder(pipe, cond.tokens, layers=layers, steps=max(opts.guided_steps, 1))
+    generator = torch.Generator(device=device).manual_seed(opts.seed)
+    with clock.stage("denoise"), (recorder() if recorder else nullcontext()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*guided_layers.*exceeds.*")
+        warnings.filterwarnings("ignore", message=".*only one instance mask.*")
+        latents = pipe(str(opts.image), found.masks, num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
+                       generator=generator, output_type="latent", enable_pbar=opts.progress)
+    with clock.stage("mesh"), torch.no_grad():
+        meshes = pipe.base._export(latents, "trimesh", 1.01, 0.0, 8000, opts.octree_resolution, None,
+                                   enable_pbar=opts.progress)
+        mesh = meshes[0] if meshes else None
+        if mesh is None or len(mesh.faces) == 0:
+            raise RuntimeError(
+                f"surface extraction found no surface (octree resolution {opts.octree_resolution}); "
+                "try another --seed or a higher --octree-resolution."
+            )
+
+    split = None
+    if opts.split_instances or opts.report is not None:
+        from .instances import split_instances
+
+        with clock.stage("split"):
+            split = split_instances(mesh, found.masks, names=found.names, foreground=np.asarray(cond.image)[..., 3] > 127)
+    with clock.stage("write"):
+        if opts.split_instances:
+            from .instances import instance_scene
+
+            if out.suffix.lower() in (".ply", ".stl"):
+                notes.append(f"{out.suffix} holds one mesh, so the instance nodes are merged; use .glb or .obj to keep them.")
+            write_mesh(instance_scene(split), out)
+        else:
+            write_mesh(mesh, out)
+    result = GenerateResult(out, mesh, found, clock.timings, list(pipe.diagnostics), split, notes)
+    if opts.report is not None:
+        with clock.stage("report"):
+            result.report_files = write_report(Path(opts.report), opts, result, cond, recorder)
+    return result
+
+
+def write_report(folder: Path, opts: GenerateOptions, result: GenerateResult, cond, recorder) -> list[Path]:
+    """All report PNGs and ``summary.json`` (see :mod:`timi.report`)."""
+    from PIL import Image
+
+    from . import report
+    from .inspect_cmd import overlay_figure, save_figure
+    from .instances import instance_colors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = result.masks.names
+    files = [save_figure(overlay_figure(cond, names, title=str(opts.image)), folder / "masks_on_tokens.png")]
+    records = recorder.records if recorder else []
+    for layer in sorted({r.layer for r in records}):
+        fig = report.plot_instance_maps(records, cond, names, layer)
+        files.append(save_figure(fig, folder / f"instance_maps_layer{layer}.png"))
+    files.append(save_figure(report.plot_guidance(result.diagnostics, records, names), folder / "guidance.png"))
+    split = result.split
+    colors = instance_colors(len(names)) / 255.0
+    meshes = list(split.meshes) + ([_concat([split.parts[i] for i in split.unclaimed])] if split.unclaimed else [])
+    cols = list(colors) + ([np.array([0.6, 0.6, 0.6, 1.0])] if split.unclaimed else [])
+    labels = list(names) + (["unclaimed"] if split.unclaimed else [])
+    views = report.render_views(meshes, np.asarray(cols))
+    image = np.asarray(Image.open(opts.image).convert("RGB"))
+    mode = "TIMI" if opts.timi else "no TIMI"
+    files.append(save_figure(report.plot_views(views, labels, cols, image=image,
+                                               title=f"{mode}, seed {opts.seed}, {opts.steps} steps"), folder / "views.png"))
+    summary = {
+        "image": str(opts.image), "masks": [str(m) for m in opts.masks], "out": str(result.out),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()
+                    if k not in ("image", "masks", "out")},
+        "instances": names,
+        "timings_s": result.timings,
+        "diagnostics": [dataclasses.asdict(d) for d in result.diagnostics],
+        "purity": [{"step": r.step, "layer": r.layer, "purity": r.purity} for r in records],
+        "split": split.summary().splitlines(),
+        "warnings": result.warnings,
+    }
+    files.append(report.write_summary(folder / "summary.json", summary))
+    return files
+
+
+def _concat(parts):
+    import trimesh
+
+    return trimesh.util.concatenate(parts)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def summary_table(result: GenerateResult):
+    """A rich table: time per stage, instances found, unclaimed parts, L_sep first -> last."""
+    from rich.table import Table
+
+    t = Table(title=f"timi generate -> {result.out}", show_header=True)
+    t.add_column("stage")
+    t.add_column("time", justify="right")
+    for name, sec in result.timings.items():
+        t.add_row(name, f"{sec:.2f} s")
+    t.add_row("total", f"{sum(result.timings.values()):.2f} s", style="bold")
+    lines = [f"instances given: {result.masks.count} ({', '.join(result.masks.names)})",
+             f"mesh: {len(result.mesh.vertices)} vertices, {len(result.mesh.faces)} faces"]
+    if result.split is not None:
+        lines.append(f"instances found: {result.split.found}/{result.masks.count} "
+                     f"({len(result.split.parts)} connected parts, {len(result.split.unclaimed)} unclaimed)")
+    if result.diagnostics:
+        d0, d1 = result.diagnostics[0], result.diagnostics[-1]
+        lines.append(f"L_sep: {d0.loss[0]:.4f} (step {d0.step}) -> {d1.loss[0]:.4f} (step {d1.step}), "
+                     f"{len(result.diagnostics)} guided steps")
+    else:
+        lines.append("TIMI guidance: off")
+    return t, lines
+
+
+def generate_command(
+    image: Path = typer.Argument(..., help="Input picture (PNG/JPEG; RGBA alpha = foreground, else the masks' union)."),
+    masks: list[Path] = typer.Option(..., "--masks", "-m", help="Label-map PNG, folder or list of mask PNGs, (K,H,W) .npy, or SAM/Grounded-SAM RLE .json. Repeat for several files."),
+    out: Path = typer.Option(..., "--out", "-o", help="Scene mesh to write: .glb, .obj or .ply (atomic)."),
+    model: Optional[str] = typer.Option(None, help="hy3dgen model directory or id (e.g. tencent/Hunyuan3D-2 under $HY3DGEN_MODELS); default: the shipped model."),
+    backend: str = typer.Option("torch", help="torch (hy3dgen) or jax."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    guidance_scale: float = typer.Option(5.0, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, help="Random seed of the initial noise."),
+    alpha: float = typer.Option(0.1, help="TIMI update size alpha (Eq.6)."),
+    sigma: float = typer.Option(1.5, help="Gaussian smoothing sigma of the gradient (Eq.5)."),
+    guided_layers: int = typer.Option(4, help="Guide the first N double-stream blocks."),
+    guided_steps: int = typer.Option(15, help="Guide the first N denoising steps."),
+    no_timi: bool = typer.Option(False, "--no-timi", help="Plain hy3dgen sampling (no guidance), for comparison."),
+    octree_resolution: int = typer.Option(384, help="Marching-cubes grid resolution."),
+    device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
+    dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16 (auto: fp16 on cuda, fp32 on cpu)."),
+    split_instances: bool = typer.Option(False, "--split-instances", help="Write one named node per instance (connected parts assigned by the masks)."),
+    report: Optional[Path] = typer.Option(None, help="Folder for report PNGs (instance maps, L_sep/lambda, coloured views)."),
+    overlap: str = typer.Option("error", help="Overlapping masks: error, first or last (which mask keeps a shared pixel)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Generate a 3D scene from IMAGE and its instance masks with TIMI guidance."""
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    opts = GenerateOptions(image=image, masks=list(masks), out=out, model=model, backend=backend, steps=steps,
+                           guidance_scale=guidance_scale, seed=seed, alpha=alpha, sigma=sigma,
+                           guided_layers=guided_layers, guided_steps=guided_steps, timi=not no_timi,
+                           octree_resolution=octree_resolution, device=device, dtype=dtype,
+                           split_instances=split_instances, report=report, overlap=overlap, progress=not quiet)
+    result = run_cli(lambda: generate(opts, log=lambda m: err.print(m, markup=False, highlight=False)), err)
+    table, lines = summary_table(result)
+    console = Console()
+    console.print(table)
+    for line in lines:
+        console.print(line, markup=False, highlight=False)
+    for w in result.warnings:
+        err.print(f"warning: {w}", markup=False, highlight=False)
+    if result.split is not None:
+        console.print(result.split.summary(), markup=False, highlight=False)
+    if result.report_files:
+        console.print(f"report: {len(result.report_files)} files in {opts.report}", markup=False, highlight=False)
+
+
+#: Exit status for bad input (as click/typer use for usage errors); 1 for failures while running.
+EXIT_BAD_INPUT = 2
+
+
+def run_cli(fn, err):
+    """Run ``fn``; bad input -> one ``error:`` line and exit 2, other failures -> exit 1."""
+    try:
+        return fn()
+    except (MaskInputError, OutputError, ModelNotFoundError, BackendUnavailableError, FileNotFoundError, ValueError) as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    except RuntimeError as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)

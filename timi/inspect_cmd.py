@@ -1,0 +1,226 @@
+"""``timi inspect``: how instance masks land on the condition tokens, without running the model.
+
+The masks follow exactly the geometry the image goes through in hy3dgen (foreground crop,
+recentring with a border, resize to 512, the conditioner's Resize + CenterCrop to 518 and DINOv2's
+14-px patches: a 37 x 37 token grid after one CLS token for Hunyuan3D 2.0), computed by
+:func:`timi_torch.condition_token_masks`. Here that function runs on a *geometry-only* stand-in for
+the pipeline, built from the model's ``config.yaml`` (or Hunyuan3D 2.0's defaults), so no weights
+are loaded. An instance that covers less than one token in total, or is the majority of no token,
+is reported: average pooling onto the token grid (paper Eq.2's ``M``) can wash it out.
+"""
+
+from __future__ import annotations
+
+import io
+import types
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import typer
+import yaml
+
+__all__ = ["geometry_pipeline", "TokenCoverage", "token_coverage", "coverage_warnings", "overlay_figure", "save_figure"]
+
+#: Hunyuan3D 2.0's conditioner and image processor settings (used when no config.yaml is found).
+DEFAULT_GEOMETRY = {"image_size": 518, "patch_size": 14, "use_cls_token": True, "processor_size": 512, "border_ratio": 0.15}
+#: An instance must cover at least this many tokens' worth of area to be reliably separable.
+MIN_TOKEN_AREA = 1.0
+
+
+def _model_config(model: str | Path | None) -> dict | None:
+    if model is None:
+        return None
+    p = Path(str(model)).expanduser()
+    for cand in (p / "config.yaml", p.parent / "config.yaml" if p.is_file() else None):
+        if cand is not None and cand.is_file():
+            return yaml.safe_load(cand.read_text())
+    return None
+
+
+def geometry_from_config(config: dict | None) -> dict:
+    """The geometry settings (see :data:`DEFAULT_GEOMETRY`) read from a hy3dgen ``config.yaml``."""
+    geo = dict(DEFAULT_GEOMETRY)
+    if not config:
+        return geo
+    enc = config.get("conditioner", {}).get("params", {}).get("main_image_encoder", {}).get("kwargs", {})
+    geo["image_size"] = int(enc.get("image_size", 224))  # hy3dgen's ImageEncoder default
+    geo["use_cls_token"] = bool(enc.get("use_cls_token", True))
+    geo["patch_size"] = int((enc.get("config") or {}).get("patch_size", 14))
+    proc = config.get("image_processor", {}).get("params", {})
+    geo["processor_size"] = int(proc.get("size", 512))
+    if proc.get("border_ratio") is not None:
+        geo["border_ratio"] = float(proc["border_ratio"])
+    return geo
+
+
+def geometry_pipeline(model: str | Path | None = None, geometry: dict | None = None):
+    """A stand-in with the attributes :func:`timi_torch.condition_token_masks` reads (hy3dgen's real
+    ``ImageProcessorV2`` and the conditioner's torchvision transform) and no network weights."""
+    from hy3dgen.shapegen.preprocessors import ImageProcessorV2
+    from torchvision import transforms
+
+    geo = geometry or geometry_from_config(_model_config(model))
+    S, patch = geo["image_size"], geo["patch_size"]
+    processor = ImageProcessorV2(size=geo["processor_size"], border_ratio=geo["border_ratio"])
+    encoder = types.SimpleNamespace(
+        transform=transforms.Compose([
+            transforms.Resize(S, transforms.InterpolationMode.BILINEAR, antialias=True),
+            transforms.CenterCrop(S),
+        ]),
+        model=types.SimpleNamespace(config=types.SimpleNamespace(patch_size=patch)),
+        use_cls_token=geo["use_cls_token"],
+        num_patches=(S // patch) ** 2 + int(geo["use_cls_token"]),
+    )
+
+    def prepare_image(image):
+        return processor(image)
+
+    return types.SimpleNamespace(
+        image_processor=processor,
+        conditioner=types.SimpleNamespace(main_image_encoder=encoder),
+        prepare_image=prepare_image,
+        geometry=geo,
+    )
+
+
+def grid_tokens(geometry: dict) -> int:
+    """Number of patch tokens (the most instances the grid can hold)."""
+    g = geometry["image_size"] // geometry["patch_size"]
+    return g * g
+
+
+@dataclass
+class TokenCoverage:
+    """Per instance: total covered area in tokens, tokens where it is the majority, its best token."""
+
+    area: np.ndarray       # (K,) sum over tokens of the covered fraction
+    majority: np.ndarray   # (K,) tokens covered more than half by this instance
+    peak: np.ndarray       # (K,) largest covered fraction of any single token
+
+
+def token_coverage(tokens, prefix_tokens: int = 0) -> TokenCoverage:
+    t = np.asarray(tokens.detach().cpu() if hasattr(tokens, "detach") else tokens, dtype=np.float64)[:, prefix_tokens:]
+    return TokenCoverage(t.sum(1), (t > 0.5).sum(1), t.max(1))
+
+
+def coverage_warnings(cov: TokenCoverage, names: Sequence[str], grid: tuple[int, int]) -> list[str]:
+    out = []
+    for k, name in enumerate(names):
+        if cov.area[k] < MIN_TOKEN_AREA or cov.majority[k] == 0:
+            out.append(
+                f"instance {k} ({name}) covers {cov.area[k]:.2f} token(s) of the {grid[0]}x{grid[1]} grid "
+                f"and is the majority of {int(cov.majority[k])}; it may not survive pooling - "
+                "crop the image closer or merge it with a neighbour."
+            )
+    return out
+
+
+def overlay_figure(cond, names: Sequence[str], title: str = ""):
+    """Matplotlib figure: the conditioner's view with the masks, and the token grid coloured by
+    instance (opacity = covered fraction), with the 14-px patch grid drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from .instances import instance_colors
+
+    K = cond.num_instances
+    gh, gw = cond.grid
+    colors = instance_colors(K)[:, :3] / 255.0
+    S = cond.frame_image.shape[0]
+    t = np.asarray(cond.tokens.detach().cpu(), dtype=np.float64)[:, cond.prefix_tokens:].reshape(K, gh, gw)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
+    img = cond.frame_image.astype(np.float64) / 255.0
+    tint = img.copy()
+    for k in range(K):
+        tint[cond.frame_masks[k]] = 0.45 * img[cond.frame_masks[k]] + 0.55 * colors[k]
+    axes[0].imshow(tint)
+    axes[0].set_title(f"conditioner input ({S}x{S}) with masks")
+    tokimg = np.ones((gh, gw, 3))
+    owner = t.argmax(0)
+    frac = t.max(0)
+    for k in range(K):
+        sel = owner == k
+        tokimg[sel] = 1 - frac[sel, None] * (1 - colors[k])
+    axes[1].imshow(tokimg, interpolation="nearest", extent=(0, gw, gh, 0))
+    axes[1].set_title(f"condition tokens ({gh}x{gw}; opacity = covered fraction)")
+    for ax, n, step in ((axes[0], gh, S / gh), (axes[1], gh, 1.0)):
+        for i in range(n + 1):
+            ax.axhline(i * step, color="k", lw=0.15, alpha=0.5)
+            ax.axvline(i * step, color="k", lw=0.15, alpha=0.5)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    cov = token_coverage(cond.tokens, cond.prefix_tokens)
+    handles = [Patch(color=colors[k], label=f"{k}: {names[k]} ({cov.area[k]:.1f} tok)") for k in range(K)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(K, 5), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95 if title else 1))
+    return fig
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    from .io import write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return write_bytes(path, buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def inspect_command(
+    image: Path = typer.Argument(..., help="Input picture (PNG/JPEG)."),
+    masks: list[Path] = typer.Option(..., "--masks", "-m", help="Label-map PNG, folder or list of mask PNGs, (K,H,W) .npy, or RLE .json."),
+    out: Path = typer.Option(Path("masks_on_tokens.png"), "--out", "-o", help="Overlay PNG to write."),
+    model: Optional[str] = typer.Option(None, help="hy3dgen model directory whose config.yaml sets the geometry (default: Hunyuan3D 2.0's)."),
+    overlap: str = typer.Option("error", help="Overlapping masks: error, first or last."),
+) -> None:
+    """Show how the masks land on the condition tokens (overlay PNG); warn about instances too small
+    to survive the pooling. Loads no model weights."""
+    from rich.console import Console
+
+    import timi_torch
+
+    from .generate import run_cli
+    from .io import OutputError
+    from .masks_io import MaskInputError, load_instance_masks
+
+    err = Console(stderr=True)
+
+    def run():
+        if Path(out).suffix.lower() != ".png":
+            raise OutputError(f"{out}: the overlay is a PNG; pass --out NAME.png.")
+        geo = geometry_pipeline(model)
+        found = load_instance_masks(masks, image=image, overlap=overlap, max_instances=grid_tokens(geo.geometry))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                cond = timi_torch.condition_token_masks(str(image), found.masks, geo)
+            except ValueError as e:
+                raise MaskInputError(f"{found.sources[0]}: {e}") from None
+        cov = token_coverage(cond.tokens, cond.prefix_tokens)
+        save_figure(overlay_figure(cond, found.names, title=f"{image} - {found.count} instances"), out)
+        return found, cond, cov
+
+    found, cond, cov = run_cli(run, err)
+    console = Console()
+    gh, gw = cond.grid
+    console.print(f"{found.count} instance(s) on a {gh}x{gw} token grid (+{cond.prefix_tokens} CLS); overlay: {out}",
+                  markup=False, highlight=False)
+    for k, name in enumerate(found.names):
+        console.print(f"  {k}: {name:<20} {cov.area[k]:8.2f} tokens of area, majority of {int(cov.majority[k]):4d}, "
+                      f"peak {cov.peak[k]:.2f}", markup=False, highlight=False)
+    for w in coverage_warnings(cov, found.names, cond.grid):
+        err.print(f"warning: {w}", markup=False, highlight=False)

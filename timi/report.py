@@ -1,0 +1,335 @@
+"""``--report DIR``: pictures that show what the guidance did (all headless, CPU, matplotlib).
+
+* ``instance_maps_layer<l>.png`` - for each recorded denoising step (rows) and instance (columns):
+  where the 3D latent tokens that belong to instance ``k`` look in the image. With ``A_zc`` the
+  head-averaged 3D-to-image attention of guided layer ``l`` (paper Eq.1), ``P = A_zc M^T`` (Eq.2)
+  and ``W`` its token weights (Eq.3, normalised over the latent tokens), the map is
+  ``R_k = W_{:,k}^T A_zc`` over the condition tokens, drawn on the conditioner's view of the image
+  with the instance's mask outlined. Its *purity* is the share of ``R_k``'s mass on masked tokens
+  that falls on instance ``k``'s own tokens: 1 means instance-k tokens only look at instance k.
+  They are recorded from the denoiser's own conditional forward at each step (after TIMI's update
+  on guided steps), so a ``--no-timi`` run records the same pictures for comparison.
+* ``guidance.png`` - ``L_sep`` (Eq.4), lambda (Eq.6) and the max latent update per guided step,
+  and the purity of every recorded step and layer.
+* ``views.png`` - the result seen from the front (the input view), the side, the top and a
+  three-quarter view, coloured by instance (grey: parts no mask claims), rendered by z-buffered
+  surface-point splatting.
+* ``masks_on_tokens.png`` - the masks on the condition-token grid (as ``timi inspect``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import trimesh
+
+__all__ = ["AttentionRecorder", "instance_image_maps", "plot_instance_maps", "plot_guidance", "render_views",
+           "plot_views", "write_summary"]
+
+
+# -------------------------------------------------------------------------------- recording
+
+
+def instance_image_maps(q_z, k, tokens, eps: float = 1e-6, head_chunk: int = 4):
+    """Image-space instance maps ``R`` (K, M) and ``P`` (L, K) from one block's queries/keys.
+
+    ``q_z`` (H, L, D) latent queries, ``k`` (H, M + L, D) keys, ``tokens`` (K, M) masks. The
+    attention is the softmax over the whole joint sequence (Eq.1), averaged over heads (in chunks
+    of ``head_chunk`` heads to bound memory).
+    """
+    import torch
+
+    import timi_core
+
+    H, L, D = q_z.shape
+    M = tokens.shape[-1]
+    a_zc = torch.zeros(L, M, dtype=torch.float32, device=q_z.device)
+    for h in range(0, H, head_chunk):
+        s = torch.matmul(q_z[h:h + head_chunk].float(), k[h:h + head_chunk].float().transpose(-1, -2)) * D ** -0.5
+        a_zc += s.softmax(dim=-1)[..., :M].sum(0)
+    a_zc /= H
+    P = timi_core.instance_probability(a_zc, tokens.to(a_zc))           # (L, K), Eq.2
+    W = timi_core.spatial_weights(P, eps)                                 # (L, K), Eq.3
+    R = W.transpose(0, 1) @ a_zc                                          # (K, M)
+    return R, P
+
+
+def purity(R: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """(K,) share of each instance map's mass on masked tokens that lies on its own mask."""
+    own = (R * tokens).sum(1)
+    any_mask = (R * tokens.sum(0, keepdims=True)).sum(1)
+    return own / np.maximum(any_mask, 1e-12)
+
+
+@dataclasses.dataclass
+class StepMaps:
+    step: int
+    layer: int
+    maps: np.ndarray     # (K, M) R over the condition tokens (prefix tokens included)
+    purity: np.ndarray   # (K,)
+
+
+class AttentionRecorder:
+    """Records :func:`instance_image_maps` from the first ``layers`` double-stream blocks of the
+    denoiser's conditional forward at the first ``steps`` denoising steps of a ``TIMIPipeline`` call.
+
+    Wraps, for the duration of the ``with`` block only, hy3dgen's module-level ``attention`` (which
+    every DiT block calls on ``[condition; latent]`` tokens), the DiT's ``forward`` (to count the
+    steps) and the pipeline's ``guide`` (its forward passes are not denoising steps). One image
+    per call (batch 1); the conditional half of the CFG batch is the first sample.
+    """
+
+    def __init__(self, pipe, tokens, layers: int, steps: int):
+        self.pipe, self.layers, self.steps = pipe, int(layers), int(steps)
+        self.tokens = tokens.detach().float()
+        self.records: list[StepMaps] = []
+        self._step = -1
+        self._layer = 0
+        self._in_guide = False
+
+    @contextlib.contextmanager
+    def __call__(self):
+        from hy3dgen.shapegen.models.denoisers import hunyuan3ddit
+
+        model = self.pipe.base.model
+        original_attention = hunyuan3ddit.attention
+        original_forward = model.forward
+        original_guide = self.pipe.guide
+        tokens_np = self.tokens.cpu().numpy()
+        M = self.tokens.shape[-1]
+
+        def attention(q, k, v, **kw):
+            if not self._in_guide and 0 <= self._step < self.steps and self._layer < self.layers:
+                R, _ = instance_image_maps(q[0, :, M:], k[0], self.tokens.to(q.device))
+                R = R.cpu().numpy().astype(np.float64)
+                self.records.append(StepMaps(self._step, self._layer, R, purity(R, tokens_np)))
+            self._layer += 1
+            return original_attention(q, k, v, **kw)
+
+        def forward(*a, **kw):
+            if not self._in_guide:
+                self._step += 1
+            self._layer = 0
+            return original_forward(*a, **kw)
+
+        def guide(*a, **kw):
+            self._in_guide = True
+            try:
+                return original_guide(*a, **kw)
+            finally:
+                self._in_guide = False
+
+        hunyuan3ddit.attention = attention
+        model.forward = forward
+        self.pipe.guide = guide
+        try:
+            yield self
+        finally:
+            hunyuan3ddit.attention = original_attention
+            del model.forward
+            del self.pipe.guide
+
+
+# -------------------------------------------------------------------------------- plotting
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _pick_steps(steps: Sequence[int], n: int) -> list[int]:
+    steps = sorted(set(steps))
+    if len(steps) <= n:
+        return steps
+    idx = np.unique(np.round(np.linspace(0, len(steps) - 1, n)).astype(int))
+    return [steps[i] for i in idx]
+
+
+def plot_instance_maps(records: Sequence[StepMaps], cond, names: Sequence[str], layer: int, max_rows: int = 6):
+    """One figure for one layer: rows = steps, columns = instances (see module doc)."""
+    from skimage.segmentation import find_boundaries
+
+    from .instances import instance_colors
+
+    plt = _plt()
+    recs = {r.step: r for r in records if r.layer == layer}
+    steps = _pick_steps(list(recs), max_rows)
+    K = cond.num_instances
+    gh, gw = cond.grid
+    pre = cond.prefix_tokens
+    S = cond.frame_image.shape[0]
+    grey = cond.frame_image.astype(np.float64).mean(-1) / 255.0
+    colors = instance_colors(K)[:, :3] / 255.0
+    crop = gh * (S // gh)
+    fig, axes = plt.subplots(len(steps), K, figsize=(2.4 * K + 0.6, 2.4 * len(steps) + 0.5), squeeze=False)
+    for row, step in enumerate(steps):
+        rec = recs[step]
+        vmax = rec.maps[:, pre:].max() or 1.0
+        for k in range(K):
+            ax = axes[row, k]
+            ax.imshow(grey, cmap="gray", vmin=0, vmax=1.6, extent=(0, S, S, 0))
+            heat = rec.maps[k, pre:].reshape(gh, gw)
+            ax.imshow(heat, cmap="magma", alpha=0.75, vmin=0, vmax=vmax, extent=(0, crop, crop, 0), interpolation="nearest")
+            edge = find_boundaries(cond.frame_masks[k], mode="inner")
+            overlay = np.zeros((S, S, 4))
+            overlay[edge, :3] = colors[k]
+            overlay[edge, 3] = 1.0
+            ax.imshow(overlay, extent=(0, S, S, 0))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlim(0, S)
+            ax.set_ylim(S, 0)
+            ax.set_title(f"{names[k]}  purity {rec.purity[k]:.2f}", fontsize=8, color=colors[k])
+            if k == 0:
+                ax.set_ylabel(f"step {step}", fontsize=9)
+    fig.suptitle(f"where instance-k 3D tokens look in the image (W^T A_zc), guided layer {layer}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_guidance(diagnostics, records: Sequence[StepMaps], names: Sequence[str]):
+    """L_sep, lambda and max update per guided step; mean purity per recorded step and layer."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    if diagnostics:
+        steps = [d.step for d in diagnostics]
+        axes[0].plot(steps, [d.loss[0] for d in diagnostics], "o-")
+        axes[1].plot(steps, [d.scale[0] for d in diagnostics], "o-", color="tab:orange")
+        axes[2].plot(steps, [d.max_update[0] for d in diagnostics], "o-", color="tab:green")
+    else:
+        for ax in axes[:3]:
+            ax.text(0.5, 0.5, "no guided steps\n(--no-timi or guided-steps 0)", ha="center", va="center", transform=ax.transAxes)
+    axes[0].set_title("L_sep (Eq.4), mean over guided layers")
+    axes[1].set_title("lambda (Eq.6)")
+    axes[2].set_title("max |update| of z (Eq.7)")
+    for layer in sorted({r.layer for r in records}):
+        rs = sorted((r for r in records if r.layer == layer), key=lambda r: r.step)
+        axes[3].plot([r.step for r in rs], [float(np.mean(r.purity)) for r in rs], "o-", label=f"layer {layer}")
+    axes[3].set_title("mean instance purity of the maps")
+    axes[3].set_ylim(0, 1.02)
+    if records:
+        axes[3].legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.set_xlabel("denoising step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------- views
+
+VIEWS = {  # name: (azimuth about +y in degrees, elevation in degrees); front = the input view (+z)
+    "front (input view)": (0.0, 0.0),
+    "right side": (90.0, 0.0),
+    "top": (0.0, 89.9),
+    "three-quarter": (-40.0, 25.0),
+}
+
+
+def _view_rotation(azimuth: float, elevation: float) -> np.ndarray:
+    """Rotation taking world points into a camera frame looking along -z (x right, y up)."""
+    a, e = np.radians(azimuth), np.radians(elevation)
+    ry = np.array([[np.cos(a), 0, -np.sin(a)], [0, 1, 0], [np.sin(a), 0, np.cos(a)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(e), -np.sin(e)], [0, np.sin(e), np.cos(e)]])
+    return rx @ ry
+
+
+def render_views(
+    meshes: Sequence[trimesh.Trimesh | None],
+    colors: np.ndarray,
+    *,
+    resolution: int = 256,
+    samples: int = 300_000,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """(resolution, resolution, 3) float images of the coloured meshes from :data:`VIEWS`.
+
+    Surface points (area-weighted) are splatted into a z-buffer; Lambert shading from each point's
+    face normal. All views share one scale so sizes compare.
+    """
+    present = [(m, c) for m, c in zip(meshes, colors) if m is not None and len(m.faces)]
+    if not present:
+        raise ValueError("render_views: no geometry to render.")
+    total_area = sum(m.area for m, _ in present)
+    pts, nrm, col = [], [], []
+    for i, (m, c) in enumerate(present):
+        n = max(2000, int(samples * m.area / max(total_area, 1e-12)))
+        p, f = trimesh.sample.sample_surface(m, n, seed=seed + i)
+        pts.append(p)
+        nrm.append(m.face_normals[f])
+        col.append(np.broadcast_to(np.asarray(c, dtype=np.float64)[:3], (len(p), 3)))
+    pts, nrm, col = np.concatenate(pts), np.concatenate(nrm), np.concatenate(col)
+    centre = (pts.min(0) + pts.max(0)) / 2
+    radius = np.linalg.norm(pts - centre, axis=1).max() * 1.05
+    light = np.array([-0.35, 0.5, 0.8]) / np.linalg.norm([-0.35, 0.5, 0.8])
+    out = {}
+    for name, (az, el) in VIEWS.items():
+        R = _view_rotation(az, el)
+        p = (pts - centre) @ R.T
+        n = nrm @ R.T
+        u = ((p[:, 0] / radius + 1) / 2 * resolution).astype(np.int64)
+        v = ((1 - (p[:, 1] / radius + 1) / 2) * resolution).astype(np.int64)
+        ok = (u >= 0) & (u < resolution) & (v >= 0) & (v < resolution)
+        pix = v[ok] * resolution + u[ok]
+        depth = p[ok, 2]
+        order = np.lexsort((-depth, pix))                 # per pixel, nearest (largest z) first
+        first = np.unique(pix[order], return_index=True)[1]
+        chosen = np.flatnonzero(ok)[order[first]]
+        shade = 0.35 + 0.65 * np.clip(np.abs(n[chosen] @ light), 0, 1)
+        img = np.ones((resolution * resolution, 3))
+        img[pix[order[first]]] = col[chosen] * shade[:, None]
+        out[name] = img.reshape(resolution, resolution, 3)
+    return out
+
+
+def plot_views(views: dict[str, np.ndarray], names: Sequence[str], colors: np.ndarray, image=None, title: str = ""):
+    from matplotlib.patches import Patch
+
+    plt = _plt()
+    n = len(views) + (image is not None)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.8))
+    i = 0
+    if image is not None:
+        axes[0].imshow(image)
+        axes[0].set_title("input image", fontsize=9)
+        i = 1
+    for ax, (name, img) in zip(axes[i:], views.items()):
+        ax.imshow(img)
+        ax.set_title(name, fontsize=9)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles = [Patch(color=np.asarray(c)[:3], label=str(nm)) for nm, c in zip(names, colors)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def write_summary(path: str | Path, data: dict) -> Path:
+    from .io import write_text
+
+    def default(o):
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, (np.floating, np.integer)):
+            return o.item()
+        if dataclasses.is_dataclass(o):
+            return dataclasses.asdict(o)
+        return str(o)
+
+    return write_text(path, json.dumps(data, indent=1, default=default))
