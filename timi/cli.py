@@ -22,6 +22,14 @@ def _root() -> None:
 from timi.testbed.cli import app as _testbed_app  # noqa: E402
 
 app.add_typer(_testbed_app, name="testbed")
+from timi.generate import generate_command as _generate_command  # noqa: E402
+from timi.inspect_cmd import inspect_command as _inspect_command  # noqa: E402
+
+app.command("generate")(_generate_command)
+app.command("inspect")(_inspect_command)
+from timi.evaluation.cli import eval_command as _eval_command  # noqa: E402
+
+app.command("eval")(_eval_command)
 
 
 def main() -> None:

@@ -1,0 +1,258 @@
+"""Tests of the evaluation harness (timi.evaluation) with a fake generator: tables, caching, resume,
+skip-and-report of bad scenes, ablation/sweep planning, the `timi eval` command."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+from typer.testing import CliRunner
+
+from timi.cli import app
+from timi.evaluation import Evaluator, MetricSettings, SceneError, load_scene, plan_runs, write_report
+from timi.evaluation.runs import ablation_runs, sweep_runs
+from timi.metrics import score_scene
+from timi_core import TIMIConfig
+
+POINTS = 400
+FAST = MetricSettings(points_per_object=POINTS)
+REPO = Path(__file__).resolve().parents[1]
+
+# image hash -> ground-truth meshes, so the fake generator can "see" the answer
+_GT_BY_IMAGE: dict[str, list[trimesh.Trimesh]] = {}
+_FAIL_IMAGES: set[str] = set()
+_EMPTY_IMAGES: set[str] = set()
+
+
+def _key(image: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+
+
+def fake_generate(image, masks, config: TIMIConfig, seed: int):
+    """The ground truth with instance k moved by ``config.alpha`` along its own direction (so the
+    metrics worsen with alpha); the base model (isg off) moves every instance by 0.3 instead."""
+    key = _key(image)
+    if key in _FAIL_IMAGES:
+        raise RuntimeError("out of memory (simulated)")
+    if key in _EMPTY_IMAGES:
+        return trimesh.Trimesh(), None, 0.1
+    gt = _GT_BY_IMAGE[key]
+    assert masks.shape[0] == len(gt)
+    shift = config.alpha if config.isg else 0.3
+    directions = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, 0, 0]])
+    moved = [m.copy().apply_translation(shift * directions[k % 4]) for k, m in enumerate(gt)]
+    return trimesh.util.concatenate(moved), None, 1.0 + 0.1 * len(gt)
+
+
+class CountingGenerator:
+    """Wraps ``fake_generate``; counts calls and can be told to stop (KeyboardInterrupt) after N."""
+
+    identity = {"generator": "counting-fake"}
+
+    def __init__(self, stop_after: int | None = None):
+        self.calls = 0
+        self.stop_after = stop_after
+
+    def __call__(self, image, masks, config, seed):
+        if self.stop_after is not None and self.calls >= self.stop_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        return fake_generate(image, masks, config, seed)
+
+
+def _scene_meshes(i: int) -> list[trimesh.Trimesh]:
+    return [trimesh.creation.box((0.4, 0.4, 0.4)).apply_translation((-0.5, 0, 0)),
+            trimesh.creation.icosphere(subdivisions=2, radius=0.2 + 0.02 * i).apply_translation((0.5, 0, 0)),
+            trimesh.creation.cylinder(radius=0.15, height=0.4).apply_translation((0, 0.6, 0))][: 2 + i % 2]
+
+
+def write_scene(root: Path, i: int, *, masks_format: str = "png") -> Path:
+    folder = root / f"scene_{i:02d}"
+    (folder / "gt").mkdir(parents=True)
+    gt = _scene_meshes(i)
+    labels = np.zeros((24, 24), np.uint8)
+    for k in range(len(gt)):
+        labels[2 + 7 * k: 8 + 7 * k, 3 + i: 12 + i] = k + 1
+    image = np.full((24, 24, 4), 255, np.uint8)
+    image[..., 3] = np.where(labels > 0, 255, 0)
+    image[..., 0] = labels * 60 + i
+    Image.fromarray(image, "RGBA").save(folder / "image.png")
+    if masks_format == "png":
+        Image.fromarray(labels, "L").save(folder / "masks.png")
+    else:
+        np.save(folder / "masks.npy", np.stack([labels == k + 1 for k in range(len(gt))]))
+    for k, m in enumerate(gt, start=1):
+        m.export(folder / "gt" / f"instance_{k:02d}.{('ply', 'obj', 'glb')[k % 3]}")
+    _GT_BY_IMAGE[_key(np.asarray(Image.open(folder / "image.png").convert("RGBA")))] = gt
+    return folder
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    root = tmp_path / "data"
+    for i in range(3):
+        write_scene(root, i, masks_format="png" if i != 1 else "npy")
+    return root
+
+
+def _read_csv(path: Path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+# ---------------------------------------------------------------- tables and values
+def test_tables_and_plot_written_with_correct_values(dataset, tmp_path):
+    out = tmp_path / "out"
+    runs = plan_runs(with_baseline=True, sweeps=["alpha=0,0.05,0.1"])
+    summaries = Evaluator(dataset, fake_generate, out, metrics=FAST, progress=False).evaluate(runs)
+    paths = write_report(summaries, out, title="test")
+    rows = {r["run"]: r for r in _read_csv(paths["csv"])}
+    assert set(rows) == {"Hunyuan3D 2.0 (no TIMI)", "alpha=0.0", "alpha=0.05", "alpha=0.1"}
+    assert all(r["scenes_ok"] == "3" for r in rows.values())
+    # alpha = 0 reproduces the ground truth: perfect scores
+    assert float(rows["alpha=0.0"]["cd_s"]) < 1e-12 and float(rows["alpha=0.0"]["fs_s"]) == 1.0
+    assert float(rows["alpha=0.0"]["ssr"]) == 1.0 and float(rows["alpha=0.0"]["lcd"]) < 1e-6
+    # larger displacement -> larger layout error
+    lcd = [float(rows[f"alpha={a}"]["lcd"]) for a in ("0.0", "0.05", "0.1")]
+    assert lcd[0] < lcd[1] < lcd[2] < float(rows["Hunyuan3D 2.0 (no TIMI)"]["lcd"])
+    # seconds per scene = mean of what the generator reported: (1.2 + 1.3 + 1.2) / 3
+    assert float(rows["alpha=0.1"]["seconds_per_scene"]) == pytest.approx(3.7 / 3, rel=1e-3)
+    # a table mean equals the mean of score_scene on each scene (independent recomputation)
+    per_scene = []
+    for i in range(3):
+        scene = load_scene(dataset / f"scene_{i:02d}")
+        pred, _, _ = fake_generate(scene.image, scene.masks, TIMIConfig(alpha=0.05), 0)
+        per_scene.append(score_scene(pred, scene.gt_meshes, points_per_object=POINTS).fs_o)
+    assert float(rows["alpha=0.05"]["fs_o"]) == pytest.approx(np.mean(per_scene), rel=1e-4)
+    md = paths["markdown"].read_text()
+    assert "| LCD ↓ | CD-S ↓ | FS-S ↑ | SSR ↑ | CD-O ↓ | FS-O ↑ |" in md.replace("Run | ", "")
+    assert "## sweep: alpha" in md and "| alpha=0.05 |" in md
+    png = out / "plots" / "sweep_alpha.png"
+    assert png.stat().st_size > 10_000 and Image.open(png).size[0] > 800
+    assert len(_read_csv(paths["per_scene"])) == 12
+
+
+# ---------------------------------------------------------------- caching and resume
+def test_second_call_uses_the_cache(dataset, tmp_path):
+    out = tmp_path / "out"
+    runs = plan_runs(with_baseline=True)
+    gen = CountingGenerator()
+    first = Evaluator(dataset, gen, out, metrics=FAST, progress=False).evaluate(runs)
+    assert gen.calls == 6
+    again = CountingGenerator()
+    second = Evaluator(dataset, again, out, metrics=FAST, progress=False).evaluate(runs)
+    assert again.calls == 0
+    assert [s.means for s in first] == [s.means for s in second]
+    # other metric settings: scores recomputed from the cached meshes, still no generation
+    third = Evaluator(dataset, again, out, metrics=MetricSettings(points_per_object=POINTS, threshold=0.05),
+                      progress=False).evaluate(runs)
+    assert again.calls == 0 and third[1].means["fs_s"] <= first[1].means["fs_s"]
+    # the same configuration under another label shares the cache
+    relabelled = [r.__class__(f"my label {i}", r.config) for i, r in enumerate(runs)]
+    Evaluator(dataset, again, out, metrics=FAST, progress=False).evaluate(relabelled)
+    assert again.calls == 0
+
+
+def test_resume_after_interruption_gives_the_same_table(dataset, tmp_path):
+    runs = plan_runs(ablations=["sgu-parts"])  # 3 runs x 3 scenes
+    reference = Evaluator(dataset, CountingGenerator(), tmp_path / "ref", metrics=FAST, progress=False).evaluate(runs)
+    out = tmp_path / "out"
+    stopped = CountingGenerator(stop_after=4)
+    with pytest.raises(KeyboardInterrupt):
+        Evaluator(dataset, stopped, out, metrics=FAST, progress=False).evaluate(runs)
+    assert stopped.calls == 4
+    assert not list(out.rglob("*.tmp"))  # no half-written file
+    rest = CountingGenerator()
+    resumed = Evaluator(dataset, rest, out, metrics=FAST, progress=False).evaluate(runs)
+    assert rest.calls == 9 - 4
+    assert [s.means for s in resumed] == [s.means for s in reference]
+
+
+# ---------------------------------------------------------------- bad scenes
+def test_bad_scenes_are_skipped_and_reported(dataset, tmp_path):
+    shutil.rmtree(dataset / "scene_00" / "gt")                                  # no ground truth
+    (dataset / "scene_02" / "gt" / "instance_02.glb").rename(dataset / "scene_02" / "gt" / "instance_07.glb")
+    fail = write_scene(dataset, 3)                                             # generation raises
+    _FAIL_IMAGES.add(_key(np.asarray(Image.open(fail / "image.png").convert("RGBA"))))
+    empty = write_scene(dataset, 4)                                            # generator returns nothing
+    _EMPTY_IMAGES.add(_key(np.asarray(Image.open(empty / "image.png").convert("RGBA"))))
+    (dataset / "scene_05").mkdir()                                             # empty folder
+    out = tmp_path / "out"
+    summaries = Evaluator(dataset, fake_generate, out, metrics=FAST, progress=False, log=lambda m: None).evaluate(
+        plan_runs())
+    status = {r.scene_id: (r.status, r.error) for r in summaries[0].results}
+    assert status["scene_01"][0] == "ok" and summaries[0].n_ok == 1 and summaries[0].n_scenes == 6
+    assert status["scene_00"][0] == "bad-scene" and "gt" in status["scene_00"][1] and "missing" in status["scene_00"][1]
+    assert status["scene_02"][0] == "bad-scene" and "[1, 7]" in status["scene_02"][1]
+    assert status["scene_03"] == ("failed", "generation: RuntimeError: out of memory (simulated)")
+    assert status["scene_04"][0] == "failed" and "no triangles" in status["scene_04"][1]
+    assert status["scene_05"][0] == "bad-scene" and "image.png" in status["scene_05"][1]
+    md = write_report(summaries, out)["markdown"].read_text()
+    assert "## Skipped scenes" in md and "scene_03" in md and "| 1/6 |" in md
+    assert (out / "logs").is_dir()
+
+
+def test_scene_loading_errors_name_the_problem(tmp_path):
+    folder = write_scene(tmp_path, 0)
+    with pytest.raises(SceneError, match="no scene folders"):
+        from timi.evaluation import discover_scenes
+        discover_scenes(tmp_path / "scene_00" / "gt")
+    (folder / "masks.png").unlink()
+    with pytest.raises(SceneError, match="no masks.png or masks.npy"):
+        load_scene(folder)
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(folder / "masks.png")
+    with pytest.raises(SceneError, match="masks.png"):
+        load_scene(folder)
+
+
+def test_loads_the_testbed_example_scene():
+    scene = load_scene(REPO / "timi" / "assets" / "example")
+    assert scene.masks.shape[0] == len(scene.gt_meshes) >= 1
+    assert scene.image.shape[:2] == scene.masks.shape[1:] and scene.image.shape[2] == 4
+
+
+# ---------------------------------------------------------------- run planning
+def test_ablations_map_to_timi_config_fields():
+    comp = ablation_runs("table2")
+    assert [(r.config.isg, r.config.sgu) for r in comp] == [(False, False), (True, False), (True, True)]
+    parts = ablation_runs("sgu-parts")
+    assert [(r.config.gm, r.config.sr) for r in parts] == [(False, False), (True, False), (True, True)]
+    assert [r.config.guided_layers for r in ablation_runs("layers")] == [1, 2, 3, 4, 5, 8]
+    assert [r.config.guided_steps for r in ablation_runs("table4")] == [5, 10, 15, 20, 25]
+    assert [r.config.alpha for r in ablation_runs("alpha")] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    assert [r.value for r in ablation_runs("sigma")] == [0.5, 1.0, 1.5, 2.0, 2.5]
+    assert [r.config.guided_steps for r in sweep_runs("guided-steps=3,7")] == [3, 7]
+    assert [r.config.sr for r in sweep_runs("sr=off,on")] == [False, True]
+    assert [r.label for r in plan_runs()] == ["TIMI"]
+    assert [r.config.isg for r in plan_runs(no_timi=True)] == [False]
+    for bad, msg in (("gamma=1", "not a TIMIConfig field"), ("alpha", "FIELD=v1"), ("alpha=x", "not a number"),
+                     ("alpha=-1", r"alpha=-1.0 is invalid"), ("guided_layers=1.5", "not an integer")):
+        with pytest.raises(ValueError, match=msg):
+            sweep_runs(bad)
+    with pytest.raises(ValueError, match="unknown ablation"):
+        ablation_runs("table9")
+
+
+# ---------------------------------------------------------------- the command
+def test_timi_eval_command(dataset, tmp_path):
+    out = tmp_path / "cli"
+    runner = CliRunner()
+    args = ["eval", str(dataset), "--generator", f"{__name__}:fake_generate", "--baseline",
+            "--sweep", "alpha=0,0.1", "--points", str(POINTS), "--out", str(out), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "CD-S" in result.output and (out / "results.md").is_file() and (out / "plots" / "sweep_alpha.png").is_file()
+    rows = _read_csv(out / "results.csv")
+    assert [r["run"] for r in rows] == ["Hunyuan3D 2.0 (no TIMI)", "alpha=0.0", "alpha=0.1"]
+    bad = runner.invoke(app, ["eval", str(dataset), "--generator", f"{__name__}:fake_generate", "--sweep", "alpha"])
+    assert bad.exit_code == 2 and "FIELD=v1" in bad.output
+    both = runner.invoke(app, ["eval", str(dataset), "--model", "x", "--generator", f"{__name__}:fake_generate"])
+    assert both.exit_code == 2 and "exactly one" in both.output
+    missing = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--generator", f"{__name__}:fake_generate"])
+    assert missing.exit_code == 2 and "does not exist" in missing.output

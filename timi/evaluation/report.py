@@ -1,0 +1,123 @@
+"""Tables (Markdown + CSV, the layout of the paper's Table 1) and plots of metric vs swept parameter."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+from timi.io import write_bytes, write_text
+from timi.metrics import METRIC_LABELS, METRIC_NAMES
+
+from .runner import RunSummary
+
+#: Decimals per column, as printed in the paper's tables.
+DECIMALS = {"lcd": 3, "cd_s": 4, "fs_s": 3, "ssr": 3, "cd_o": 4, "fs_o": 3}
+
+
+def _fmt(value: float, decimals: int) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.{decimals}f}"
+
+
+def markdown_table(summaries: list[RunSummary], title: str | None = None) -> str:
+    """Table-1-style Markdown: one table per group (main, each ablation / sweep), failures listed below."""
+    out = [f"# {title}\n"] if title else []
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        groups.setdefault(s.run.group, []).append(s)
+    header = ["Run", *(METRIC_LABELS[m] for m in METRIC_NAMES), "Time ↓ (s/scene)", "Scenes"]
+    for group, rows in groups.items():
+        out.append(f"## {group}\n")
+        out.append("| " + " | ".join(header) + " |")
+        out.append("|" + "---|" * len(header))
+        for s in rows:
+            cells = [s.run.label, *(_fmt(s.means[m], DECIMALS[m]) for m in METRIC_NAMES),
+                     _fmt(s.seconds, 1), f"{s.n_ok}/{s.n_scenes}"]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    failures = [r for s in summaries for r in s.results if r.status != "ok"]
+    if failures:
+        out.append("## Skipped scenes\n")
+        out.append("| Run | Scene | Status | Reason |")
+        out.append("|---|---|---|---|")
+        for r in failures:
+            reason = (r.error or "").replace("|", "\\|").replace("\n", " ")
+            out.append(f"| {r.run} | {r.scene_id} | {r.status} | {reason} |")
+        out.append("")
+    out.append("Means over the scenes that scored (column Scenes: scored/total). Metric conventions: "
+               "docs/metrics.md.\n")
+    return "\n".join(out)
+
+
+def summary_csv(summaries: list[RunSummary]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["group", "run", "param", "value", *METRIC_NAMES, "seconds_per_scene", "scenes_ok", "scenes"])
+    for s in summaries:
+        w.writerow([s.run.group, s.run.label, s.run.param or "", "" if s.run.value is None else s.run.value,
+                    *(f"{s.means[m]:.6g}" for m in METRIC_NAMES), f"{s.seconds:.4g}", s.n_ok, s.n_scenes])
+    return buf.getvalue()
+
+
+def per_scene_csv(summaries: list[RunSummary]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["run", "scene", "status", *METRIC_NAMES, "n_pred", "n_gt", "seconds", "error"])
+    for s in summaries:
+        for r in s.results:
+            vals = [f"{getattr(r.scores, m):.6g}" for m in METRIC_NAMES] if r.scores else [""] * len(METRIC_NAMES)
+            counts = [r.scores.n_pred, r.scores.n_gt] if r.scores else ["", ""]
+            w.writerow([r.run, r.scene_id, r.status, *vals, *counts,
+                        "" if r.seconds is None else f"{r.seconds:.4g}", r.error or ""])
+    return buf.getvalue()
+
+
+def plot_sweeps(summaries: list[RunSummary], out_dir: Path, baseline: RunSummary | None = None) -> list[Path]:
+    """One PNG per swept parameter: the six metrics against the parameter's value (matplotlib, Agg).
+
+    The baseline (no TIMI), when evaluated, is drawn as a dashed line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_param: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        if s.run.param is not None and not isinstance(s.run.value, bool):
+            by_param.setdefault(s.run.param, []).append(s)
+    written = []
+    for param, rows in by_param.items():
+        rows = sorted(rows, key=lambda s: s.run.value)
+        xs = [s.run.value for s in rows]
+        fig, axes = plt.subplots(2, 3, figsize=(11, 6), constrained_layout=True)
+        for ax, metric in zip(axes.flat, METRIC_NAMES):
+            ax.plot(xs, [s.means[metric] for s in rows], "o-", color="tab:blue", label="TIMI")
+            if baseline is not None and not math.isnan(baseline.means[metric]):
+                ax.axhline(baseline.means[metric], ls="--", color="tab:gray", label="no TIMI")
+            ax.set_title(METRIC_LABELS[metric])
+            ax.set_xlabel(param)
+            ax.grid(alpha=0.3)
+        axes.flat[0].legend(fontsize=8)
+        n = max(s.n_ok for s in rows)
+        fig.suptitle(f"Metrics vs {param} ({n} scenes)")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        written.append(write_bytes(Path(out_dir) / f"sweep_{param}.png", buf.getvalue()))
+    return written
+
+
+def write_report(summaries: list[RunSummary], out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
+    """results.md, results.csv, per_scene.csv and plots/sweep_<param>.png under ``out_dir``."""
+    out = Path(out_dir)
+    paths = {
+        "markdown": write_text(out / "results.md", markdown_table(summaries, title)),
+        "csv": write_text(out / "results.csv", summary_csv(summaries)),
+        "per_scene": write_text(out / "per_scene.csv", per_scene_csv(summaries)),
+    }
+    baseline = next((s for s in summaries if not s.run.config.isg), None)
+    for i, p in enumerate(plot_sweeps(summaries, out / "plots", baseline)):
+        paths[f"plot{i}"] = p
+    return paths

@@ -1,0 +1,212 @@
+"""The evaluation loop: generate every (scene, run) once, cache it, score it, resume after a stop.
+
+Cache layout under ``OUT/cache/<run key>/`` (the key hashes the ``TIMIConfig``, the seed and the
+generator's ``identity``, so the same configuration under two labels shares its outputs)::
+
+    config.json                     what the key stands for
+    <scene_id>/scene.ply            generated scene mesh
+    <scene_id>/instance_XX.ply      per-instance meshes, when the generator gives them
+    <scene_id>/generation.json      seconds; written last, so it marks a complete generation
+    <scene_id>/scores-<metric key>.json   the six numbers for one set of metric settings
+
+Every file is written atomically (:mod:`timi.io`): an interrupted run leaves no half file, and the
+next call starts where it stopped. A scene that cannot be loaded, whose generation raises, or whose
+output cannot be scored is reported and skipped; the others go on. Scores are always computed on
+the mesh read back from the cache, so a resumed evaluation gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import trimesh
+from tqdm.auto import tqdm
+
+from timi.io import write_mesh, write_text
+from timi.metrics import METRIC_NAMES, SceneScores, score_scene
+
+from .dataset import SceneError, discover_scenes, load_mesh, load_scene
+from .generators import generator_identity
+from .runs import Run
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    """Arguments of :func:`timi.metrics.score_scene` (defaults: MIDI's conventions)."""
+
+    points_per_object: int = 20480
+    threshold: float = 0.1
+    align: str = "icp"
+    icp_iterations: int = 50
+    min_area_fraction: float = 1e-3
+    seed: int = 0
+
+    def key(self) -> str:
+        return _digest(dataclasses.asdict(self))[:10]
+
+
+@dataclass
+class SceneResult:
+    """Outcome of one (run, scene): ``status`` is ``ok``, ``failed`` (generation or scoring raised)
+    or ``bad-scene`` (the scene folder could not be loaded)."""
+
+    run: str
+    scene_id: str
+    status: str
+    scores: SceneScores | None = None
+    seconds: float | None = None
+    error: str | None = None
+    generated: bool = False
+
+
+@dataclass
+class RunSummary:
+    """Means over the scenes of one run that scored (``n_ok`` of ``n_scenes``)."""
+
+    run: Run
+    means: dict[str, float]
+    seconds: float
+    n_ok: int
+    n_scenes: int
+    results: list[SceneResult] = field(default_factory=list)
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_key(run: Run, seed: int, identity: dict) -> str:
+    """Cache key of a run: hash of its TIMIConfig fields, the seed and the generator identity."""
+    return _digest({"config": dataclasses.asdict(run.config), "seed": seed, "generator": identity})[:12]
+
+
+def _short_error(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+class Evaluator:
+    """Evaluate ``generate`` on every scene of ``dataset_dir`` for each run, caching under ``out_dir``.
+
+    ``generate(image, masks, config, seed) -> (scene_mesh, instance_meshes | None, seconds)``, see
+    :mod:`timi.evaluation.generators`. ``limit`` keeps the first N scenes.
+    """
+
+    def __init__(self, dataset_dir: str | Path, generate: Callable, out_dir: str | Path, *, seed: int = 0,
+                 metrics: MetricSettings = MetricSettings(), limit: int | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None):
+        self.dataset_dir = Path(dataset_dir)
+        self.generate = generate
+        self.out_dir = Path(out_dir)
+        self.seed = int(seed)
+        self.metrics = metrics
+        self.limit = limit
+        self.progress = progress
+        self.log = log or (lambda msg: tqdm.write(msg))
+        self.identity = generator_identity(generate)
+
+    # ----------------------------------------------------------------- paths
+    def run_dir(self, run: Run) -> Path:
+        return self.out_dir / "cache" / run_key(run, self.seed, self.identity)
+
+    def _write_run_config(self, run: Run) -> None:
+        path = self.run_dir(run) / "config.json"
+        if not path.exists():
+            write_text(path, json.dumps({"config": dataclasses.asdict(run.config), "seed": self.seed,
+                                         "generator": self.identity, "first_label": run.label}, indent=1, default=str))
+
+    # ----------------------------------------------------------------- one scene
+    def _generate(self, run: Run, scene, folder: Path) -> None:
+        mesh, instances, seconds = self.generate(scene.image, scene.masks, run.config, self.seed)
+        if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
+            raise ValueError("the generator returned no triangles (empty scene mesh).")
+        write_mesh(mesh, folder / "scene.ply")
+        for k, inst in enumerate(instances or [], start=1):
+            write_mesh(inst, folder / f"instance_{k:02d}.ply")
+        write_text(folder / "generation.json", json.dumps(
+            {"seconds": float(seconds), "instances": len(instances or [])}, indent=1))
+
+    def _load_prediction(self, folder: Path):
+        info = json.loads((folder / "generation.json").read_text())
+        n = int(info.get("instances", 0))
+        if n:
+            pred = [load_mesh(folder / f"instance_{k:02d}.ply") for k in range(1, n + 1)]
+        else:
+            pred = load_mesh(folder / "scene.ply")
+        return pred, float(info["seconds"])
+
+    def evaluate_scene(self, run: Run, scene) -> SceneResult:
+        """Scores of ``run`` on a loaded scene, from the cache when possible."""
+        folder = self.run_dir(run) / scene.scene_id
+        score_path = folder / f"scores-{self.metrics.key()}.json"
+        generated = False
+        try:
+            if not (folder / "generation.json").is_file():
+                self._generate(run, scene, folder)
+                generated = True
+        except Exception as e:  # a failing generation must not stop the evaluation
+            self.log(f"[{run.label}] {scene.scene_id}: generation failed: {_short_error(e)}")
+            (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
+            write_text(self.out_dir / "logs" / f"{run_key(run, self.seed, self.identity)}_{scene.scene_id}.txt",
+                       traceback.format_exc())
+            return SceneResult(run.label, scene.scene_id, "failed", error=f"generation: {_short_error(e)}")
+        try:
+            pred, seconds = self._load_prediction(folder)
+            if score_path.is_file():
+                scores = SceneScores.from_dict(json.loads(score_path.read_text())["scores"])
+            else:
+                scores = score_scene(pred, scene.gt_meshes, **{
+                    k: v for k, v in dataclasses.asdict(self.metrics).items()})
+                write_text(score_path, json.dumps({"metrics": dataclasses.asdict(self.metrics),
+                                                   "scores": scores.as_dict()}, indent=1))
+        except Exception as e:
+            self.log(f"[{run.label}] {scene.scene_id}: scoring failed: {_short_error(e)}")
+            return SceneResult(run.label, scene.scene_id, "failed", error=f"scoring: {_short_error(e)}",
+                               generated=generated)
+        return SceneResult(run.label, scene.scene_id, "ok", scores, seconds, generated=generated)
+
+    # ----------------------------------------------------------------- everything
+    def evaluate(self, runs: Iterable[Run]) -> list[RunSummary]:
+        """All runs on all scenes (scene-major, so each scene is loaded once); returns one summary per run."""
+        runs = list(runs)
+        labels = [r.label for r in runs]
+        if len(set(labels)) != len(labels):
+            dup = sorted({l for l in labels if labels.count(l) > 1})
+            raise ValueError(f"run labels must be unique; repeated: {dup}.")
+        folders = discover_scenes(self.dataset_dir)
+        if self.limit is not None:
+            folders = folders[: self.limit]
+        for run in runs:
+            self._write_run_config(run)
+        results: dict[str, list[SceneResult]] = {r.label: [] for r in runs}
+        bar = tqdm(total=len(folders) * len(runs), desc="eval", disable=not self.progress, unit="gen")
+        for folder in folders:
+            try:
+                scene = load_scene(folder)
+            except SceneError as e:
+                self.log(f"{folder.name}: skipped, {e}")
+                for run in runs:
+                    results[run.label].append(SceneResult(run.label, folder.name, "bad-scene", error=str(e)))
+                bar.update(len(runs))
+                continue
+            for run in runs:
+                bar.set_postfix_str(f"{folder.name} | {run.label}")
+                results[run.label].append(self.evaluate_scene(run, scene))
+                bar.update(1)
+        bar.close()
+        return [summarize(run, results[run.label]) for run in runs]
+
+
+def summarize(run: Run, results: list[SceneResult]) -> RunSummary:
+    """Mean of each metric and of the seconds over the scenes that scored."""
+    ok = [r for r in results if r.status == "ok"]
+    means = {m: float(np.mean([getattr(r.scores, m) for r in ok])) if ok else float("nan") for m in METRIC_NAMES}
+    seconds = float(np.mean([r.seconds for r in ok])) if ok else float("nan")
+    return RunSummary(run, means, seconds, len(ok), len(results), results)
