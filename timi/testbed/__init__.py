@@ -1,0 +1,32 @@
+"""Testbed (issue 8): procedural multi-object scenes with exact ground truth and the small shipped model.
+
+* :mod:`timi.testbed.scenes` — scenes, renders, exact instance masks, ground-truth meshes, splits.
+* :mod:`timi.testbed.train` — the ShapeVAE + Hunyuan3DDiT training (``timi testbed train``).
+* :mod:`timi.testbed.export` — hy3dgen model directory export and loading.
+* :func:`default_model_path` — the model shipped with the project (``--model`` default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_SUBFOLDER = "hunyuan3d-dit-v2-0"
+
+
+def default_model_path() -> Path:
+    """Directory of the shipped testbed model (``config.yaml`` + ``model.fp16.safetensors``).
+
+    Its parent works with hy3dgen's resolver:
+    ``Hunyuan3DDiTFlowMatchingPipeline.from_pretrained(str(p.parent), subfolder=p.name)``.
+    """
+    path = ASSETS / "testbed_model" / DEFAULT_MODEL_SUBFOLDER
+    if not (path / "config.yaml").exists():
+        raise FileNotFoundError(f"the shipped testbed model is missing at {path}; "
+                                "reinstall timi or run `timi testbed train --export PATH`")
+    return path
+
+
+def example_scene_path() -> Path:
+    """Folder of the example scene used by the README demo (image.png, masks.png, gt/, layout.json)."""
+    return ASSETS / "example"

@@ -27,3 +27,63 @@ def scenes(
         raise typer.BadParameter(f"unknown split {split!r}; use one of {list(SPLITS)}", param_hint="--split")
     folders = make_dataset(out, n, seed=seed, split=split, start=start, num_instances=num_instances or None)
     typer.echo(f"wrote {len(folders)} scenes to {out}")
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Run folder: cache, checkpoint.pt (resumed if present), loss curve."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the training scenes, weights, batches and noise."),
+    n_train: int = typer.Option(1500, "--n-train", min=1, help="Training scenes (split 'train')."),
+    vae_steps: int = typer.Option(1500, "--vae-steps", min=0),
+    dit_steps: int = typer.Option(3000, "--dit-steps", min=0),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
+    cache: Path = typer.Option(None, "--cache", help="Training cache .npz (default: OUT/train_cache.npz)."),
+    export: Path = typer.Option(None, "--export", help="Also write the hy3dgen model directory here."),
+) -> None:
+    """Train the testbed ShapeVAE and DiT (resumable) and export an hy3dgen model directory."""
+    import torch
+
+    from .data import build_cache
+    from .export import export_model_dir
+    from .model import TestbedSizes
+    from .train import Trainer, TrainConfig
+
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(seed=seed, n_train=n_train, vae_steps=vae_steps, dit_steps=dit_steps, threads=threads)
+    sizes = TestbedSizes()
+    cache = build_cache(cache or out / "train_cache.npz", n_train, seed=seed, split="train",
+                        image_size=sizes.image_size)
+    trainer = Trainer(out, cache, cfg, sizes)
+    summary = trainer.run()
+    groups = trainer.export_state()
+    final = sizes.replace(scale_factor=trainer.state["scale_factor"])
+    for target in [out / "model"] + ([export] if export else []):
+        export_model_dir(groups, final, target, extra={"train_config": cfg.__dict__, "summary": summary})
+        typer.echo(f"exported hy3dgen model directory: {target}")
+    typer.echo(f"summary: {summary}")
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="Run folder holding checkpoint.pt (from `timi testbed train`)."),
+    out: Path = typer.Option(..., "--out", help="hy3dgen model directory to write."),
+) -> None:
+    """Export a (possibly unfinished) training checkpoint as an hy3dgen model directory (EMA weights)."""
+    import json
+
+    import torch
+
+    from .export import export_model_dir
+    from .model import TestbedSizes
+    from .train import Trainer, TrainConfig
+
+    ckpt = run / "checkpoint.pt"
+    if not ckpt.exists():
+        raise typer.BadParameter(f"{ckpt} not found; run `timi testbed train --out {run}` first", param_hint="RUN")
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+    sizes, cfg = TestbedSizes(**blob["sizes"]), TrainConfig(**blob["cfg"])
+    trainer = Trainer(run, None, cfg, sizes, progress=False)
+    st = trainer.state
+    extra = {"train_config": blob["cfg"], "vae_step": st["vae_step"], "dit_step": st["dit_step"]}
+    export_model_dir(trainer.export_state(), sizes.replace(scale_factor=st["scale_factor"]), out, extra=extra)
+    typer.echo(json.dumps({"exported": str(out), **extra["train_config"], "dit_step": st["dit_step"]}))

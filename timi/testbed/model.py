@@ -1,0 +1,120 @@
+"""The testbed model: hy3dgen's own classes at CPU size, plus our point encoder for the ShapeVAE.
+
+* ``ShapeVAE`` (hy3dgen's decoder: ``post_kl`` -> self-attention ``Transformer`` -> cross-attention
+  occupancy ``geo_decoder``), trained here on exact occupancy.
+* :class:`PointEncoder` (ours; hy3dgen ships no encoder): farthest-point-sampled surface points
+  cross-attend to all surface points (3DShape2VecSet style, built from hy3dgen's
+  ``ResidualCrossAttentionBlock``/``Transformer``) and give a diagonal Gaussian per latent token.
+* ``Hunyuan3DDiT`` (double + single stream blocks) conditioned on ``SingleImageEncoder`` /
+  ``DinoImageEncoder`` built from a small DINOv2 config, trained by flow matching.
+
+The config dict has exactly the layout of hy3dgen's ``config.yaml`` (it starts from
+:func:`timi_torch.testing.tiny_config`), so the exported directory loads with hy3dgen's own
+``Hunyuan3DDiTFlowMatchingPipeline.from_pretrained`` / ``from_single_file``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class TestbedSizes:
+    """Sizes of the shipped testbed model (small enough to train on 2 CPU cores in under an hour)."""
+
+    num_latents: int = 64
+    latent_channels: int = 8
+    vae_width: int = 64
+    vae_heads: int = 4
+    vae_layers: int = 2
+    vae_mlp_ratio: int = 2
+    encoder_layers: int = 1
+    hidden_size: int = 96
+    num_heads: int = 4
+    depth: int = 1
+    depth_single_blocks: int = 3
+    cond_width: int = 64
+    cond_heads: int = 4
+    cond_layers: int = 2
+    image_size: int = 112
+    scale_factor: float = 1.0
+
+    def replace(self, **kw) -> "TestbedSizes":
+        return TestbedSizes(**{**asdict(self), **kw})
+
+
+def hy3dgen_config(sizes: TestbedSizes) -> dict:
+    """hy3dgen ``config.yaml`` content (model / vae / conditioner / scheduler / image_processor)."""
+    from timi_torch.testing import tiny_config
+
+    cfg = copy.deepcopy(tiny_config(
+        depth=sizes.depth, depth_single_blocks=sizes.depth_single_blocks, hidden_size=sizes.hidden_size,
+        num_heads=sizes.num_heads, latent_channels=sizes.latent_channels, num_latents=sizes.num_latents,
+        cond_width=sizes.cond_width, cond_layers=sizes.cond_layers, image_size=sizes.image_size,
+        vae_width=sizes.vae_width, vae_layers=sizes.vae_layers))
+    vae = cfg["vae"]["params"]
+    vae.update(heads=sizes.vae_heads, geo_decoder_mlp_expand_ratio=sizes.vae_mlp_ratio,
+               scale_factor=float(sizes.scale_factor))
+    dino = cfg["conditioner"]["params"]["main_image_encoder"]["kwargs"]["config"]
+    dino["num_attention_heads"] = sizes.cond_heads
+    return cfg
+
+
+def build_parts(sizes: TestbedSizes) -> dict[str, nn.Module]:
+    """Instantiate ``model`` (Hunyuan3DDiT), ``vae`` (ShapeVAE) and ``conditioner`` with hy3dgen's code."""
+    from hy3dgen.shapegen.pipelines import instantiate_from_config
+
+    cfg = hy3dgen_config(sizes)
+    return {name: instantiate_from_config(copy.deepcopy(cfg[name])) for name in ("model", "vae", "conditioner")}
+
+
+def farthest_point_sample(points: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (B, k) of a farthest-point subset of ``points`` (B, N, 3), starting at index 0."""
+    b, n, _ = points.shape
+    idx = torch.zeros(b, k, dtype=torch.long, device=points.device)
+    dist = torch.full((b, n), float("inf"), device=points.device)
+    last = torch.zeros(b, dtype=torch.long, device=points.device)
+    ar = torch.arange(b, device=points.device)
+    for i in range(k):
+        idx[:, i] = last
+        d = ((points - points[ar, last][:, None]) ** 2).sum(-1)
+        dist = torch.minimum(dist, d)
+        last = dist.argmax(-1)
+    return idx
+
+
+class PointEncoder(nn.Module):
+    """Surface points (B, N, 3) -> Gaussian latent tokens (B, num_latents, C): mean and log-variance."""
+
+    def __init__(self, vae: nn.Module, sizes: TestbedSizes):
+        super().__init__()
+        from hy3dgen.shapegen.models.autoencoders.attention_blocks import (
+            FourierEmbedder, ResidualCrossAttentionBlock, Transformer)
+
+        width = sizes.vae_width
+        self.num_latents = sizes.num_latents
+        self.fourier = FourierEmbedder(num_freqs=8, include_pi=False)
+        self.input_proj = nn.Linear(self.fourier.out_dim, width)
+        self.cross = ResidualCrossAttentionBlock(width=width, heads=sizes.vae_heads, qkv_bias=False, qk_norm=True)
+        self.self_attn = Transformer(n_ctx=sizes.num_latents, width=width, layers=sizes.encoder_layers,
+                                     heads=sizes.vae_heads, qkv_bias=False, qk_norm=True)
+        self.ln = nn.LayerNorm(width)
+        self.to_moments = nn.Linear(width, 2 * sizes.latent_channels)
+
+    def forward(self, surface: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = farthest_point_sample(surface, self.num_latents)
+        queries = torch.gather(surface, 1, idx[..., None].expand(-1, -1, 3))
+        data = self.input_proj(self.fourier(surface))
+        q = self.input_proj(self.fourier(queries))
+        x = self.self_attn(self.cross(q, data))
+        mean, logvar = self.to_moments(self.ln(x)).chunk(2, dim=-1)
+        return mean, logvar.clamp(-20.0, 5.0)
+
+
+def decode_occupancy(vae: nn.Module, latents: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """Occupancy logits (B, Q) of ``queries`` (B, Q, 3) for *unscaled* latents (B, L, C), as hy3dgen decodes."""
+    return vae.geo_decoder(queries=queries, latents=vae(latents)).squeeze(-1)

@@ -1,0 +1,244 @@
+"""Training of the testbed model (``timi testbed train``): ShapeVAE on occupancy, then DiT by flow matching.
+
+Stage 1 (VAE): :class:`~timi.testbed.model.PointEncoder` + hy3dgen ``ShapeVAE`` decoder, binary
+cross-entropy on exact occupancy plus a small KL term (diagonal Gaussian per latent token).
+
+Stage 2 (latents): encoder means of every training scene; ``scale_factor = 1 / std`` so the DiT
+sees unit-variance latents, as hy3dgen's pipeline divides by ``vae.scale_factor`` before decoding.
+
+Stage 3 (DiT): hy3dgen's flow-matching convention, read from ``Hunyuan3DDiTFlowMatchingPipeline``
+and ``FlowMatchEulerDiscreteScheduler``: ``sigmas = linspace(0, 1)``, ``t = 0`` is noise and
+``t = 1`` data, ``x_t = t * x_1 + (1 - t) * x_0``, the model predicts the velocity
+``x_1 - x_0`` and receives ``t`` in [0, 1]. The DINOv2 conditioner trains with the DiT; with
+probability ``cond_drop`` a sample's condition is replaced by zeros, hy3dgen's unconditional
+embedding, so classifier-free guidance works as in hy3dgen. EMA weights are exported.
+
+Reproducible from ``seed`` (every batch and noise draw is a function of ``(seed, stage, step)``),
+resumable from ``<out>/checkpoint.pt`` (written every ``save_every`` steps and at stage ends).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import PointEncoder, TestbedSizes, build_parts, decode_occupancy
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    n_train: int = 1500
+    vae_steps: int = 1500
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-3
+    n_surface: int = 2048
+    n_query: int = 1024
+    dit_steps: int = 3000
+    dit_batch: int = 16
+    dit_lr: float = 1e-3
+    cond_drop: float = 0.1
+    ema: float = 0.999
+    warmup: int = 100
+    save_every: int = 250
+    threads: int = 2
+
+
+def flow_matching_pair(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hy3dgen's convention: ``x_t = t x_1 + (1 - t) x_0`` (t=0 noise, t=1 data) and target ``v = x_1 - x_0``."""
+    tt = t.reshape(-1, *([1] * (x1.ndim - 1)))
+    return tt * x1 + (1 - tt) * x0, x1 - x0
+
+
+def _lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _rng(cfg: TrainConfig, stage: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    ss = np.random.SeedSequence(cfg.seed, spawn_key=(stage, step))
+    return np.random.default_rng(ss), torch.Generator().manual_seed(int(ss.generate_state(1)[0]))
+
+
+class Trainer:
+    """Holds modules, optimisers and the loss history; ``run`` trains whatever is not done yet."""
+
+    def __init__(self, out: str | Path, cache: str | Path | None, cfg: TrainConfig = TrainConfig(),
+                 sizes: TestbedSizes = TestbedSizes(), progress: bool = True):
+        self.out, self.cfg, self.sizes, self.progress = Path(out), cfg, sizes, progress
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        parts = build_parts(sizes)
+        self.vae, self.dit, self.cond = parts["vae"], parts["model"], parts["conditioner"]
+        self.encoder = PointEncoder(self.vae, sizes)
+        self.cond.requires_grad_(True)
+        self.dit_ema = copy.deepcopy(self.dit).requires_grad_(False)
+        self.cond_ema = copy.deepcopy(self.cond).requires_grad_(False)
+        self.vae_opt = torch.optim.AdamW(list(self.encoder.parameters()) + list(self.vae.parameters()),
+                                         lr=cfg.vae_lr, weight_decay=0.0)
+        self.dit_opt = torch.optim.AdamW(list(self.dit.parameters()) + list(self.cond.parameters()),
+                                         lr=cfg.dit_lr, weight_decay=0.0)
+        self.state = {"vae_step": 0, "dit_step": 0, "scale_factor": None, "vae_loss": [], "dit_loss": []}
+        self.latents: torch.Tensor | None = None
+        self.data: dict[str, torch.Tensor] = {}
+        if cache is not None:  # None: only to export a checkpoint
+            with np.load(cache) as f:
+                self.data = {k: torch.from_numpy(f[k][: cfg.n_train]) for k in
+                             ("surface", "volume", "volume_occ", "near", "near_occ", "image")}
+            if len(self.data["surface"]) < cfg.n_train:
+                raise ValueError(f"cache {cache} holds {len(self.data['surface'])} scenes, n_train={cfg.n_train}")
+        self.ckpt = self.out / "checkpoint.pt"
+        if self.ckpt.exists():
+            self._load()
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def _save(self) -> None:
+        blob = {"cfg": asdict(self.cfg), "sizes": asdict(self.sizes), "state": self.state,
+                "encoder": self.encoder.state_dict(), "vae": self.vae.state_dict(),
+                "dit": self.dit.state_dict(), "cond": self.cond.state_dict(),
+                "dit_ema": self.dit_ema.state_dict(), "cond_ema": self.cond_ema.state_dict(),
+                "vae_opt": self.vae_opt.state_dict(), "dit_opt": self.dit_opt.state_dict(),
+                "latents": self.latents}
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(blob, tmp)
+        tmp.replace(self.ckpt)
+
+    def _load(self) -> None:
+        blob = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        if blob["sizes"] != asdict(self.sizes) or blob["cfg"]["seed"] != self.cfg.seed:
+            raise ValueError(f"{self.ckpt} was written with other sizes or seed; use another --out")
+        for name in ("encoder", "vae", "dit", "cond", "dit_ema", "cond_ema", "vae_opt", "dit_opt"):
+            getattr(self, name).load_state_dict(blob[name])
+        self.state, self.latents = blob["state"], blob["latents"]
+
+    # -- stage 1: VAE ---------------------------------------------------------------------------
+    def vae_step(self, step: int) -> float:
+        cfg = self.cfg
+        rng, gen = _rng(cfg, 1, step)
+        idx = torch.from_numpy(rng.choice(cfg.n_train, cfg.vae_batch, replace=False))
+        pick = lambda n, k: torch.from_numpy(rng.choice(n, k, replace=False))  # noqa: E731
+        d = self.data
+        surface = d["surface"][idx][:, pick(d["surface"].shape[1], cfg.n_surface)]
+        qv, qn = pick(d["volume"].shape[1], cfg.n_query), pick(d["near"].shape[1], cfg.n_query)
+        queries = torch.cat([d["volume"][idx][:, qv], d["near"][idx][:, qn]], 1)
+        occ = torch.cat([d["volume_occ"][idx][:, qv], d["near_occ"][idx][:, qn]], 1).float()
+        mean, logvar = self.encoder(surface)
+        z = mean + torch.randn(mean.shape, generator=gen) * (0.5 * logvar).exp()
+        logits = decode_occupancy(self.vae, z, queries)
+        bce = F.binary_cross_entropy_with_logits(logits, occ)
+        kl = 0.5 * (mean**2 + logvar.exp() - logvar - 1).mean()
+        loss = bce + cfg.kl_weight * kl
+        for g in self.vae_opt.param_groups:
+            g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.encoder.parameters()) + list(self.vae.parameters()), 1.0)
+        self.vae_opt.step()
+        return bce.item()
+
+    # -- stage 2: latents -----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_all(self) -> torch.Tensor:
+        self.encoder.eval()
+        means = [self.encoder(self.data["surface"][i:i + 64, : self.cfg.n_surface])[0]
+                 for i in range(0, self.cfg.n_train, 64)]
+        self.encoder.train()
+        return torch.cat(means)
+
+    # -- stage 3: DiT ---------------------------------------------------------------------------
+    def dit_step(self, step: int) -> float:
+        cfg = self.cfg
+        rng, gen = _rng(cfg, 3, step)
+        idx = torch.from_numpy(rng.choice(cfg.n_train, cfg.dit_batch, replace=False))
+        x1 = self.latents[idx] * self.state["scale_factor"]
+        x0 = torch.randn(x1.shape, generator=gen)
+        t = torch.rand(len(idx), generator=gen)
+        xt, target = flow_matching_pair(x1, x0, t)
+        cond = self.cond(image=self.data["image"][idx].float())["main"]
+        keep = (torch.rand(len(idx), generator=gen) >= cfg.cond_drop).float()[:, None, None]
+        cond = cond * keep  # dropped samples get zeros = hy3dgen's unconditional embedding
+        v = self.dit(xt, t, {"main": cond})
+        loss = F.mse_loss(v, target)
+        for g in self.dit_opt.param_groups:
+            g["lr"] = _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup)
+        self.dit_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.dit.parameters()) + list(self.cond.parameters()), 1.0)
+        self.dit_opt.step()
+        with torch.no_grad():
+            for ema, live in ((self.dit_ema, self.dit), (self.cond_ema, self.cond)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1.0 - cfg.ema)
+        return loss.item()
+
+    # -- driver ---------------------------------------------------------------------------------
+    def _loop(self, name: str, total: int, fn) -> None:
+        from tqdm import tqdm
+
+        key, hist = f"{name}_step", self.state[f"{name}_loss"]
+        bar = tqdm(total=total, initial=self.state[key], desc=f"train {name}", disable=not self.progress,
+                   mininterval=5.0)
+        t0 = time.time()
+        while self.state[key] < total:
+            step = self.state[key]
+            hist.append(fn(step))
+            self.state[key] = step + 1
+            bar.update(1)
+            if step % 25 == 0:
+                bar.set_postfix(loss=f"{np.mean(hist[-50:]):.4f}")
+            if (step + 1) % self.cfg.save_every == 0 or step + 1 == total:
+                self._save()
+        bar.close()
+        self.state.setdefault("seconds", {})[name] = self.state.get("seconds", {}).get(name, 0.0) + time.time() - t0
+
+    def run(self) -> dict:
+        torch.set_num_threads(self.cfg.threads)
+        self._loop("vae", self.cfg.vae_steps, self.vae_step)
+        if self.latents is None:
+            self.latents = self.encode_all()
+            self.state["scale_factor"] = float(1.0 / self.latents.std())
+            self._save()
+        self._loop("dit", self.cfg.dit_steps, self.dit_step)
+        self.plot_losses(self.out / "loss_curve.png")
+        summary = {"vae_final_bce": float(np.mean(self.state["vae_loss"][-100:])),
+                   "dit_final_mse": float(np.mean(self.state["dit_loss"][-100:])),
+                   "scale_factor": self.state["scale_factor"], "seconds": self.state.get("seconds", {})}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def plot_losses(self, path: str | Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        for ax, name, label in ((axes[0], "vae", "VAE occupancy BCE"), (axes[1], "dit", "DiT flow-matching MSE")):
+            h = np.asarray(self.state[f"{name}_loss"])
+            if h.size:
+                ax.plot(h, alpha=0.3, lw=0.5)
+                w = max(1, h.size // 50)
+                ax.plot(np.arange(w - 1, h.size), np.convolve(h, np.ones(w) / w, mode="valid"), lw=1.5)
+            ax.set_title(label)
+            ax.set_xlabel("step")
+            ax.set_yscale("log")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    def export_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """hy3dgen key groups (EMA DiT / conditioner, VAE decoder) for :func:`~timi.testbed.export.export_model_dir`."""
+        if self.state["scale_factor"] is None:
+            raise RuntimeError("the VAE stage has not finished; no scale_factor yet")
+        return {"model": self.dit_ema.state_dict(), "vae": self.vae.state_dict(),
+                "conditioner": self.cond_ema.state_dict()}
