@@ -24,6 +24,21 @@ def tiny_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fast_root(tmp_path_factory):
+    """Like ``tiny_root`` but a 112 px conditioner (8x8 patches + CLS = 65 condition tokens): fast."""
+    from timi_torch import write_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("hy3dgen_fast")
+    write_tiny_model_dir(root / MODEL_ID / SUBFOLDER, seed=0, image_size=112)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fast_dir(fast_root):
+    return fast_root / MODEL_ID / SUBFOLDER
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tiny_root):
     return tiny_root / MODEL_ID / SUBFOLDER
 
@@ -40,6 +55,11 @@ def load_base(model_dir, dtype=torch.float32):
 @pytest.fixture(scope="session")
 def tiny_base(tiny_dir):
     return load_base(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def fast_base(fast_dir):
+    return load_base(fast_dir)
 
 
 def scene(alpha: bool = True, size=(200, 300)):

@@ -251,6 +251,7 @@ def condition_token_masks(image, masks, pipeline) -> ConditionMasks:
     """
     base, encoder = _encoder(pipeline)
     m = instance_masks(masks)
+    rgba = load_rgba(image, m)                                              # checks the sizes first
     K = m.shape[0]
     for k in range(K):
         if not m[k].any():
@@ -262,7 +263,6 @@ def condition_token_masks(image, masks, pipeline) -> ConditionMasks:
     if K == 1:
         warnings.warn("condition_token_masks: only one instance mask; TIMI's separation loss (Eq.4) "
                       "has nothing to separate and only pulls attention onto that object.", stacklevel=2)
-    rgba = load_rgba(image, m)
 
     processor = base.image_processor
     border = processor.border_ratio if processor.border_ratio is not None else DEFAULT_BORDER_RATIO

@@ -1,0 +1,144 @@
+"""TIMIPipeline on a tiny random-weight model loaded by hy3dgen's real loaders (CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+
+from timi_torch import TIMIConfig, TIMIPipeline
+from torch_helpers import (MODEL_ID, SUBFOLDER, fast_base, fast_dir, fast_root, load_base, scene,  # noqa: F401  (fixtures)
+                           tiny_base, tiny_dir, tiny_root)
+
+STEPS = 5
+GUIDED = TIMIConfig(guided_layers=2, guided_steps=4)
+
+
+def _run(pipe, seed=0, image=None, masks=None, **kw):
+    img, m = scene(alpha=True)
+    kw.setdefault("output_type", "latent")
+    return pipe(img if image is None else image, m if masks is None else masks, num_inference_steps=STEPS,
+                generator=torch.Generator().manual_seed(seed), enable_pbar=False, **kw)
+
+
+@pytest.mark.parametrize("config, model", [(TIMIConfig(guided_steps=0), "tiny_base"), (TIMIConfig(isg=False), "fast_base")],
+                         ids=["steps0-518px", "isg_off-112px"])
+def test_guidance_off_equals_hy3dgen_bitwise(config, model, request):
+    tiny_base = request.getfixturevalue(model)
+    img, masks = scene(alpha=True)
+    expected = tiny_base(Image.fromarray(img), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
+                         output_type="latent", enable_pbar=False)
+    got = _run(TIMIPipeline(tiny_base, config), seed=3)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+
+
+def test_guidance_off_batch_equals_hy3dgen_bitwise(fast_base):
+    tiny_base = fast_base
+    img, masks = scene(alpha=True)
+    img2 = np.ascontiguousarray(img[:, ::-1])
+    expected = tiny_base([Image.fromarray(img), Image.fromarray(img2)], num_inference_steps=STEPS,
+                         generator=torch.Generator().manual_seed(1), output_type="latent", enable_pbar=False)
+    got = _run(TIMIPipeline(tiny_base, TIMIConfig(guided_steps=0)), seed=1, image=[img, img2],
+               masks=[masks, masks[:, :, ::-1]])
+    assert got.shape[0] == 2 and torch.equal(got, expected)
+
+
+def test_guided_run_is_deterministic_and_reports_diagnostics(fast_base):
+    tiny_base = fast_base
+    pipe = TIMIPipeline(tiny_base, GUIDED)
+    calls = []
+    a = _run(pipe, callback=lambda i, t, out: calls.append((i, float(t), out.prev_sample.shape)))
+    diag_a = pipe.diagnostics
+    b = _run(pipe)
+    plain = _run(TIMIPipeline(tiny_base, GUIDED.replace(isg=False)))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, plain)
+    assert [d.step for d in diag_a] == [0, 1, 2, 3] and pipe.diagnostics == diag_a
+    for d in diag_a:
+        assert len(d.loss) == len(d.scale) == len(d.max_update) == 1
+        assert np.isfinite(d.loss + d.scale + d.max_update).all() and d.max_update[0] > 0
+    assert [c[0] for c in calls] == list(range(STEPS)) and calls[0][2] == a.shape
+
+
+def test_guidance_lowers_separation_loss_over_guided_steps(fast_base):
+    tiny_base = fast_base
+    """L_sep along the guided trajectory is below L_sep along hy3dgen's plain trajectory."""
+    from timi_torch.guidance import separation_loss_and_grad
+
+    img, masks = scene(alpha=True)
+    pipe = TIMIPipeline(tiny_base, TIMIConfig(guided_layers=2, guided_steps=5))
+    _run(pipe)
+    guided = np.array([d.loss[0] for d in pipe.diagnostics])
+
+    states = [tiny_base.prepare_latents(1, torch.float32, "cpu", torch.Generator().manual_seed(0))]
+    _run(TIMIPipeline(tiny_base, TIMIConfig(guided_steps=0)),
+         callback=lambda i, t, out: states.append(out.prev_sample))
+    cm = pipe.condition_masks(img, masks)
+    cond = tiny_base.conditioner(tiny_base.prepare_image(cm.image)["image"])["main"]
+    times = tiny_base.scheduler.timesteps
+    plain = np.array([separation_loss_and_grad(tiny_base.model, states[i], times[i].expand(1) / 1000, cond,
+                                               cm.tokens[None], pipe.config, 2)[0].item() for i in range(5)])
+    assert guided[0] == pytest.approx(plain[0], abs=1e-5)       # same start
+    assert np.all(guided[1:] < plain[1:]), (guided, plain)
+
+
+def test_trimesh_output(fast_base):
+    tiny_base = fast_base
+    meshes = _run(TIMIPipeline(tiny_base, GUIDED), output_type="trimesh", octree_resolution=24, num_chunks=20000)
+    assert len(meshes) == 1 and isinstance(meshes[0], trimesh.Trimesh) and len(meshes[0].faces) > 0
+
+
+def test_low_precision_models_sample_with_float32_guidance(fast_dir):
+    base = load_base(fast_dir, dtype=torch.bfloat16)
+    pipe = TIMIPipeline(base, GUIDED)
+    out = _run(pipe)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert all(np.isfinite(d.loss[0]) and d.max_update[0] > 0 for d in pipe.diagnostics)
+
+
+def test_from_pretrained_through_hy3dgen_loaders(fast_root, fast_dir, monkeypatch, fast_base):
+    tiny_root, tiny_dir, tiny_base = fast_root, fast_dir, fast_base
+    monkeypatch.setenv("HY3DGEN_MODELS", str(tiny_root))
+    ref = _run(TIMIPipeline(tiny_base, TIMIConfig(guided_steps=0)))
+    by_id = TIMIPipeline.from_pretrained(MODEL_ID, TIMIConfig(guided_steps=0), device="cpu")
+    by_dir = TIMIPipeline.from_pretrained(tiny_dir, device="cpu", dtype=torch.float32)
+    by_file = TIMIPipeline.from_pretrained(tiny_dir / "model.safetensors", device="cpu",
+                                           config_path=tiny_dir / "config.yaml")
+    assert by_id.dtype == torch.float32 and by_dir.config == TIMIConfig()
+    assert torch.equal(_run(by_id), ref)
+    assert torch.equal(_run(TIMIPipeline(by_dir.base, TIMIConfig(guided_steps=0))), ref)
+    fp32 = _run(TIMIPipeline(by_file.base, TIMIConfig(guided_steps=0)))    # fp32 file: close, not equal
+    assert torch.allclose(fp32, ref, atol=5e-2)
+
+
+def test_missing_checkpoint_files_give_clear_errors(tiny_dir, tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="lacks"):
+        TIMIPipeline.from_pretrained(tiny_dir, device="cpu", variant="bf16")
+    with pytest.raises(FileNotFoundError, match="config_path"):
+        TIMIPipeline.from_pretrained(tiny_dir / "model.safetensors", device="cpu")
+    monkeypatch.setenv("HY3DGEN_MODELS", str(tmp_path))
+    (tmp_path / "acme" / "m" / SUBFOLDER).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no model.fp16.safetensors"):
+        TIMIPipeline.from_pretrained("acme/m", device="cpu")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="no local model at"):
+        TIMIPipeline.from_pretrained("acme/absent", device="cpu")
+
+
+def test_bad_inputs(fast_base):
+    tiny_base = fast_base
+    pipe = TIMIPipeline(tiny_base, GUIDED)
+    img, masks = scene(alpha=True)
+    with pytest.raises(ValueError, match="output_type"):
+        _run(pipe, output_type="glb")
+    with pytest.raises(ValueError, match="2 images but 1 mask sets"):
+        _run(pipe, image=[img, img], masks=[masks])
+    with pytest.raises(ValueError, match="masks have size"):
+        _run(pipe, masks=masks[:, :50])
+    with pytest.warns(UserWarning, match="guided_layers=4 exceeds"):
+        _run(TIMIPipeline(tiny_base, TIMIConfig(guided_steps=1)))
+    with pytest.raises(TypeError, match="hy3dgen"):
+        TIMIPipeline(object())
