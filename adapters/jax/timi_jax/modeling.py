@@ -1,0 +1,395 @@
+"""A Flax NNX reimplementation of hy3dgen's ``Hunyuan3DDiT`` (the Hunyuan3D 2.0 flow-matching DiT).
+
+Same constructor arguments, the same module names (so that :mod:`timi_jax.params` maps hy3dgen's
+state dict onto it key by key) and the same numerics:
+
+* joint attention over ``[condition; latent]`` tokens (Sec. 3, Eq.1 of the paper), no positional
+  embedding, softmax scale ``head_dim ** -0.5``;
+* QK RMSNorm computed in float32 (eps 1e-6), cast back to the value dtype;
+* affine-free LayerNorm with eps 1e-6 (half precision computed in float32, like PyTorch);
+* tanh-approximated GELU, adaLN modulation ``(1 + scale) * norm(x) + shift`` with gates;
+* the sinusoidal timestep embedding exactly as hy3dgen calls it (see :func:`timestep_embedding`).
+
+``model(x, t, cond)``: ``x`` (B, L, in_channels), ``t`` (B,) in [0, 1] as hy3dgen's pipeline passes
+it, ``cond`` (B, M, context_in_dim) -> velocity (B, L, in_channels).
+
+``param_dtype`` is the storage dtype of the weights, ``dtype`` the compute dtype (both float32 by
+default; bfloat16 / float16 work). A hy3dgen model moved to one dtype with ``.to(dtype)``
+corresponds to ``param_dtype == dtype``.
+
+TIMI's guidance pass (:meth:`Hunyuan3DDiT.instance_probabilities`) runs only the first double
+blocks and returns the head-averaged instance probability maps ``P = A_zc M^T`` (Eq.2) of each,
+obtained as an attention output whose values are the masks -- the L x M attention matrix is never
+formed as an array of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = [
+    "Hunyuan3DDiT",
+    "DoubleStreamBlock",
+    "SingleStreamBlock",
+    "timestep_embedding",
+    "layer_norm",
+    "attention",
+]
+
+_NORM_EPS = 1e-6
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
+                       time_factor: float = 1000.0) -> jax.Array:
+    """Sinusoidal embedding ``[cos(f t'), sin(f t')]`` of ``t' = time_factor * t`` (float32).
+
+    hy3dgen calls its ``timestep_embedding(t, 256, self.time_factor)``: the model's
+    ``time_factor`` (1000) lands in the *max_period* slot while the multiplier keeps its default
+    1000. :class:`Hunyuan3DDiT` calls this function the same way so the frequencies are identical.
+    """
+    t = jnp.asarray(time_factor * jnp.asarray(t), jnp.float32)  # scaled in t's dtype, as torch
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def layer_norm(x: jax.Array, eps: float = _NORM_EPS) -> jax.Array:
+    """Affine-free LayerNorm over the last axis (biased variance; half precision computed in
+    float32, like PyTorch's kernels)."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention. q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H*D), scale D**-0.5.
+
+    ``jax.nn.dot_product_attention`` (XLA, or cuDNN where it applies). XLA:CPU has no float16
+    matmul with float32 accumulation, so float16 attention on CPU is computed in float32.
+    """
+    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        out = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, v)))
+        out = out.astype(v.dtype)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
+def _split_heads(qkv: jax.Array, num_heads: int):
+    """hy3dgen's ``rearrange(qkv, 'B L (K H D) -> K B H L D', K=3)``, as (B, L, H, D) each."""
+    b, l, c = qkv.shape
+    qkv = qkv.reshape(b, l, 3, num_heads, c // (3 * num_heads))
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+class _Ctx:
+    """Constructor settings shared by all sub-modules."""
+
+    def __init__(self, dtype, param_dtype, rngs):
+        self.dtype, self.param_dtype, self.rngs = dtype, param_dtype, rngs
+
+    def linear(self, din: int, dout: int, bias: bool = True) -> nnx.Linear:
+        return nnx.Linear(din, dout, use_bias=bias, dtype=self.dtype,
+                          param_dtype=self.param_dtype, rngs=self.rngs)
+
+
+class RMSNorm(nnx.Module):
+    """``(x * rsqrt(mean(x^2) + 1e-6))`` in float32, cast back, times a learned scale."""
+
+    def __init__(self, dim: int, ctx: _Ctx):
+        self.scale = nnx.Param(jnp.ones((dim,), ctx.param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        rrms = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + _NORM_EPS)
+        y = (xf * rrms).astype(x.dtype)
+        return y * self.scale[...]
+
+
+class QKNorm(nnx.Module):
+    def __init__(self, dim: int, ctx: _Ctx):
+        self.query_norm = RMSNorm(dim, ctx)
+        self.key_norm = RMSNorm(dim, ctx)
+
+    def __call__(self, q, k, v):
+        return self.query_norm(q).astype(v.dtype), self.key_norm(k).astype(v.dtype)
+
+
+class MLPEmbedder(nnx.Module):
+    def __init__(self, in_dim: int, hidden_dim: int, ctx: _Ctx):
+        self.in_layer = ctx.linear(in_dim, hidden_dim)
+        self.out_layer = ctx.linear(hidden_dim, hidden_dim)
+
+    def __call__(self, x):
+        return self.out_layer(jax.nn.silu(self.in_layer(x)))
+
+
+class MLP(nnx.Module):
+    """hy3dgen's ``nn.Sequential(Linear, GELU(tanh), Linear)`` (torch keys ``.0`` and ``.2``)."""
+
+    def __init__(self, dim: int, hidden: int, ctx: _Ctx):
+        self.fc1 = ctx.linear(dim, hidden)
+        self.fc2 = ctx.linear(hidden, dim)
+
+    def __call__(self, x):
+        return self.fc2(gelu_tanh(self.fc1(x)))
+
+
+class SelfAttention(nnx.Module):
+    """Holds the qkv projection, QK norm and output projection of one stream."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, ctx: _Ctx):
+        self.num_heads = num_heads
+        self.qkv = ctx.linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm = QKNorm(dim // num_heads, ctx)
+        self.proj = ctx.linear(dim, dim)
+
+    def qkv_heads(self, x):
+        q, k, v = _split_heads(self.qkv(x), self.num_heads)
+        q, k = self.norm(q, k, v)
+        return q, k, v
+
+
+class Modulation(nnx.Module):
+    """adaLN modulation: ``lin(silu(vec))`` split into (shift, scale, gate) x (2 if double else 1)."""
+
+    def __init__(self, dim: int, double: bool, ctx: _Ctx):
+        self.multiplier = 6 if double else 3
+        self.lin = ctx.linear(dim, self.multiplier * dim)
+
+    def __call__(self, vec):
+        out = self.lin(jax.nn.silu(vec))[:, None, :]
+        return jnp.split(out, self.multiplier, axis=-1)
+
+
+def _modulate(x, shift, scale):
+    return (1 + scale) * layer_norm(x) + shift
+
+
+class DoubleStreamBlock(nnx.Module):
+    """Separate weights for latent (``img``) and condition (``txt``) tokens, one joint attention."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+                 ctx: _Ctx):
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.num_heads = num_heads
+        self.img_mod = Modulation(hidden_size, True, ctx)
+        self.img_attn = SelfAttention(hidden_size, num_heads, qkv_bias, ctx)
+        self.img_mlp = MLP(hidden_size, mlp_hidden, ctx)
+        self.txt_mod = Modulation(hidden_size, True, ctx)
+        self.txt_attn = SelfAttention(hidden_size, num_heads, qkv_bias, ctx)
+        self.txt_mlp = MLP(hidden_size, mlp_hidden, ctx)
+
+    def joint_qkv(self, img, txt, vec):
+        """Modulations and the joint q, k, v over ``[txt; img]`` tokens, each (B, M+L, H, D)."""
+        img_mod = self.img_mod(vec)
+        txt_mod = self.txt_mod(vec)
+        img_q, img_k, img_v = self.img_attn.qkv_heads(_modulate(img, img_mod[0], img_mod[1]))
+        txt_q, txt_k, txt_v = self.txt_attn.qkv_heads(_modulate(txt, txt_mod[0], txt_mod[1]))
+        q = jnp.concatenate([txt_q, img_q], axis=1)
+        k = jnp.concatenate([txt_k, img_k], axis=1)
+        v = jnp.concatenate([txt_v, img_v], axis=1)
+        return (img_mod, txt_mod), (q, k, v)
+
+    def finish(self, img, txt, mods, attn):
+        """Residual attention and MLP updates from the joint attention output (B, M+L, hidden)."""
+        (i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2), (t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2) = mods
+        m = txt.shape[1]
+        txt_attn, img_attn = attn[:, :m], attn[:, m:]
+        img = img + i_g1 * self.img_attn.proj(img_attn)
+        img = img + i_g2 * self.img_mlp(_modulate(img, i_sh2, i_sc2))
+        txt = txt + t_g1 * self.txt_attn.proj(txt_attn)
+        txt = txt + t_g2 * self.txt_mlp(_modulate(txt, t_sh2, t_sc2))
+        return img, txt
+
+    def __call__(self, img, txt, vec):
+        mods, (q, k, v) = self.joint_qkv(img, txt, vec)
+        return self.finish(img, txt, mods, attention(q, k, v))
+
+    def call_with_probabilities(self, img, txt, vec, mask_values):
+        """The block's outputs and the head-averaged instance probabilities of its latent tokens.
+
+        ``mask_values`` (B, M, K): pooled instance masks of the condition tokens. Eq.2,
+        ``P = A_zc M^T`` with ``A_zc`` the latent-to-condition block of the joint softmax (Eq.1),
+        equals the attention output whose values are ``[M^T; 0]`` (masks for condition keys,
+        zeros for latent keys). q and k are zero-padded by K channels and the values carry
+        ``[v, mask]``, so one attention call (scale ``D**-0.5`` kept) yields both the block's
+        attention output and P, computed in float32. Returns ``(img, txt, P)`` with P (B, L, K).
+        """
+        mods, (q, k, v) = self.joint_qkv(img, txt, vec)
+        b, n, h, d = q.shape
+        m, kk = mask_values.shape[1], mask_values.shape[2]
+        f32 = jnp.float32
+        pad = jnp.zeros((b, n, h, kk), f32)
+        mv = jnp.concatenate([mask_values.astype(f32), jnp.zeros((b, n - m, kk), f32)], axis=1)
+        v_aug = jnp.concatenate([v.astype(f32), jnp.broadcast_to(mv[:, :, None], (b, n, h, kk))], -1)
+        out = jax.nn.dot_product_attention(
+            jnp.concatenate([q.astype(f32), pad], -1), jnp.concatenate([k.astype(f32), pad], -1),
+            v_aug, scale=d ** -0.5)
+        attn = out[..., :d].astype(v.dtype).reshape(b, n, h * d)
+        probs = jnp.mean(out[:, m:, :, d:], axis=2)  # (B, L, K), head average
+        img, txt = self.finish(img, txt, mods, attn)
+        return img, txt, probs
+
+
+class SingleStreamBlock(nnx.Module):
+    """Parallel attention + MLP over the joint sequence (fused ``linear1`` / ``linear2``)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, ctx: _Ctx):
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.mlp_hidden_dim = int(hidden_size * mlp_ratio)
+        self.linear1 = ctx.linear(hidden_size, 3 * hidden_size + self.mlp_hidden_dim)
+        self.linear2 = ctx.linear(hidden_size + self.mlp_hidden_dim, hidden_size)
+        self.norm = QKNorm(hidden_size // num_heads, ctx)
+        self.modulation = Modulation(hidden_size, False, ctx)
+
+    def __call__(self, x, vec):
+        shift, scale, gate = self.modulation(vec)
+        h = self.linear1(_modulate(x, shift, scale))
+        qkv, mlp = h[..., : 3 * self.hidden_size], h[..., 3 * self.hidden_size:]
+        q, k, v = _split_heads(qkv, self.num_heads)
+        q, k = self.norm(q, k, v)
+        out = self.linear2(jnp.concatenate([attention(q, k, v), gelu_tanh(mlp)], axis=-1))
+        return x + gate * out
+
+
+class LastLayer(nnx.Module):
+    def __init__(self, hidden_size: int, out_channels: int, ctx: _Ctx):
+        self.linear = ctx.linear(hidden_size, out_channels)
+        self.adaLN_modulation = ctx.linear(hidden_size, 2 * hidden_size)  # torch: .1 after SiLU
+
+    def __call__(self, x, vec):
+        shift, scale = jnp.split(self.adaLN_modulation(jax.nn.silu(vec)), 2, axis=-1)
+        return self.linear(_modulate(x, shift[:, None], scale[:, None]))
+
+
+class Hunyuan3DDiT(nnx.Module):
+    """hy3dgen's ``Hunyuan3DDiT`` in Flax NNX (defaults: the 1.1B-parameter Hunyuan3D 2.0 model).
+
+    The positional arguments and defaults are hy3dgen's. ``ckpt_path`` loads a hy3dgen checkpoint
+    (``.ckpt``/``.pt`` or ``.safetensors``, ``model.`` prefixed keys allowed) through
+    :func:`timi_jax.params.load_into`. Keyword-only extras: ``dtype`` (compute), ``param_dtype``
+    (storage) and ``rngs`` (random initialisation; default ``nnx.Rngs(0)``).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 64,
+        context_in_dim: int = 1536,
+        hidden_size: int = 1024,
+        mlp_ratio: float = 4.0,
+        num_heads: int = 16,
+        depth: int = 16,
+        depth_single_blocks: int = 32,
+        axes_dim: Sequence[int] = (64,),
+        theta: int = 10_000,
+        qkv_bias: bool = True,
+        time_factor: float = 1000,
+        guidance_embed: bool = False,
+        ckpt_path: str | None = None,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+        **kwargs,
+    ):
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+        if sum(axes_dim) != hidden_size // num_heads:
+            raise ValueError(f"axes_dim {list(axes_dim)} must sum to the head dim "
+                             f"{hidden_size // num_heads} (hidden_size / num_heads), as in hy3dgen")
+        ctx = _Ctx(dtype, param_dtype, rngs if rngs is not None else nnx.Rngs(0))
+        self.in_channels = in_channels
+        self.out_channels = in_channels
+        self.context_in_dim = context_in_dim
+        self.hidden_size = hidden_size
+        self.mlp_ratio = mlp_ratio
+        self.num_heads = num_heads
+        self.depth = depth
+        self.depth_single_blocks = depth_single_blocks
+        self.axes_dim = tuple(axes_dim)
+        self.theta = theta
+        self.qkv_bias = qkv_bias
+        self.time_factor = time_factor
+        self.guidance_embed = guidance_embed
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+        self.latent_in = ctx.linear(in_channels, hidden_size)
+        self.time_in = MLPEmbedder(256, hidden_size, ctx)
+        self.cond_in = ctx.linear(context_in_dim, hidden_size)
+        self.guidance_in = MLPEmbedder(256, hidden_size, ctx) if guidance_embed else None
+        self.double_blocks = nnx.List(
+            [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, ctx) for _ in range(depth)])
+        self.single_blocks = nnx.List(
+            [SingleStreamBlock(hidden_size, num_heads, mlp_ratio, ctx)
+             for _ in range(depth_single_blocks)])
+        self.final_layer = LastLayer(hidden_size, self.out_channels, ctx)
+        if ckpt_path is not None:
+            from .params import load_into
+
+            load_into(self, ckpt_path)
+
+    # -- pieces of the forward, public for per-block parity tests and the guidance pass --
+    def embed(self, x, t, cond, guidance=None):
+        """Input projections and the conditioning vector: ``(latent, cond, vec)``."""
+        x = jnp.asarray(x, self.dtype)
+        cond = jnp.asarray(cond, self.dtype)
+        latent = self.latent_in(x)
+        # hy3dgen passes time_factor as max_period (see timestep_embedding)
+        vec = self.time_in(timestep_embedding(t, 256, self.time_factor).astype(latent.dtype))
+        if self.guidance_embed:
+            if guidance is None:
+                raise ValueError("This model has guidance_embed=True: pass guidance=<scale> (B,).")
+            vec = vec + self.guidance_in(
+                timestep_embedding(guidance, 256, self.time_factor).astype(latent.dtype))
+        return latent, self.cond_in(cond), vec
+
+    def __call__(self, x, t, cond, guidance=None):
+        """Velocity prediction: x (B, L, C), t (B,) in [0, 1], cond (B, M, context_in_dim)."""
+        latent, cond, vec = self.embed(x, t, cond, guidance)
+        for block in self.double_blocks:
+            latent, cond = block(latent, cond, vec)
+        m = cond.shape[1]
+        h = jnp.concatenate([cond, latent], axis=1)
+        for block in self.single_blocks:
+            h = block(h, vec)
+        return self.final_layer(h[:, m:], vec)
+
+    def instance_probabilities(self, x, t, cond, mask_tokens, num_layers: int, guidance=None):
+        """Truncated forward: P (Eq.2) of the first ``num_layers`` double blocks.
+
+        ``mask_tokens`` (B, K, M) or (K, M): instance masks pooled onto the condition tokens
+        (``timi_core.pool_masks``; the torch adapter's ``tokens``). Returns a list of
+        ``num_layers`` float32 arrays (B, L, K); no block after the last guided one is evaluated.
+        """
+        if not 0 < num_layers <= self.depth:
+            raise ValueError(f"num_layers={num_layers} must be in 1..depth={self.depth}")
+        latent, cond, vec = self.embed(x, t, cond, guidance)
+        tokens = jnp.asarray(mask_tokens, jnp.float32)
+        if tokens.ndim == 2:
+            tokens = jnp.broadcast_to(tokens, (latent.shape[0], *tokens.shape))
+        if tokens.ndim != 3 or tokens.shape[0] != latent.shape[0] or tokens.shape[2] != cond.shape[1]:
+            raise ValueError(f"mask_tokens has shape {tokens.shape}; expected (B, K, M) or (K, M) "
+                             f"with B={latent.shape[0]} and M={cond.shape[1]} condition tokens")
+        mask_values = jnp.swapaxes(tokens, 1, 2)  # (B, M, K)
+        probs = []
+        for block in self.double_blocks[:num_layers]:
+            latent, cond, p = block.call_with_probabilities(latent, cond, vec, mask_values)
+            probs.append(p)
+        return probs
