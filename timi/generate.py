@@ -338,7 +338,7 @@ def generate_command(
     """Generate a 3D scene from IMAGE and its instance masks with TIMI guidance."""
     from rich.console import Console
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     opts = GenerateOptions(image=image, masks=list(masks), out=out, model=model, backend=backend, steps=steps,
                            guidance_scale=guidance_scale, seed=seed, alpha=alpha, sigma=sigma,
                            guided_layers=guided_layers, guided_steps=guided_steps, timi=not no_timi,
@@ -346,7 +346,7 @@ def generate_command(
                            split_instances=split_instances, report=report, overlap=overlap, progress=not quiet)
     result = run_cli(lambda: generate(opts, log=lambda m: err.print(m, markup=False, highlight=False)), err)
     table, lines = summary_table(result)
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(table)
     for line in lines:
         console.print(line, markup=False, highlight=False)

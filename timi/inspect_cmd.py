@@ -197,7 +197,7 @@ def inspect_command(
     from .io import OutputError
     from .masks_io import MaskInputError, load_instance_masks
 
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
 
     def run():
         if Path(out).suffix.lower() != ".png":
@@ -215,7 +215,7 @@ def inspect_command(
         return found, cond, cov
 
     found, cond, cov = run_cli(run, err)
-    console = Console()
+    console = Console(soft_wrap=True)
     gh, gw = cond.grid
     console.print(f"{found.count} instance(s) on a {gh}x{gw} token grid (+{cond.prefix_tokens} CLS); overlay: {out}",
                   markup=False, highlight=False)

@@ -252,7 +252,7 @@ def render_views(
     colors: np.ndarray,
     *,
     resolution: int = 256,
-    samples: int = 300_000,
+    samples: int = 200_000,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """(resolution, resolution, 3) float images of the coloured meshes from :data:`VIEWS`.
@@ -285,12 +285,13 @@ def render_views(
         ok = (u >= 0) & (u < resolution) & (v >= 0) & (v < resolution)
         pix = v[ok] * resolution + u[ok]
         depth = p[ok, 2]
-        order = np.lexsort((-depth, pix))                 # per pixel, nearest (largest z) first
-        first = np.unique(pix[order], return_index=True)[1]
-        chosen = np.flatnonzero(ok)[order[first]]
+        zbuf = np.full(resolution * resolution, -np.inf)
+        np.maximum.at(zbuf, pix, depth)                   # nearest surface (largest z) per pixel
+        front = depth >= zbuf[pix]
+        chosen = np.flatnonzero(ok)[front]
         shade = 0.35 + 0.65 * np.clip(np.abs(n[chosen] @ light), 0, 1)
         img = np.ones((resolution * resolution, 3))
-        img[pix[order[first]]] = col[chosen] * shade[:, None]
+        img[pix[front]] = col[chosen] * shade[:, None]
         out[name] = img.reshape(resolution, resolution, 3)
     return out
 

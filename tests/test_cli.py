@@ -1,0 +1,270 @@
+"""``timi generate`` / ``timi inspect`` through the real entry point (typer's CliRunner on
+``timi.cli.app``) on a tiny random-weight hy3dgen model written to disk and loaded by hy3dgen."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+import hy3dgen.shapegen  # noqa: F401  (binds hy3dgen's log handler to the real stderr, not the runner's)
+from typer.testing import CliRunner
+
+from timi.cli import app
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "timi" / "assets" / "example"
+FAST = ["--steps", "2", "--guided-steps", "2", "--octree-resolution", "16", "--quiet"]
+
+pytestmark = pytest.mark.skipif(not (EXAMPLE / "masks.png").exists(), reason="example scene not present")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from timi_torch import write_tiny_model_dir
+
+    return write_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", image_size=112)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> dict:
+    """The example image and its masks in every supported format."""
+    d = tmp_path_factory.mktemp("scene")
+    shutil.copy(EXAMPLE / "image.png", d / "image.png")
+    labels = np.asarray(Image.open(EXAMPLE / "masks.png"))
+    K = int(labels.max())
+    masks = np.stack([labels == k + 1 for k in range(K)])
+    shutil.copy(EXAMPLE / "masks.png", d / "labels.png")
+    (d / "folder").mkdir()
+    for k in range(K):
+        Image.fromarray(masks[k].astype(np.uint8) * 255).save(d / "folder" / f"obj_{k + 1}.png")
+    np.save(d / "masks.npy", masks)
+    (d / "sam.json").write_text(json.dumps([{"segmentation": _rle(m)} for m in masks]))
+    rgb = d / "image_rgb.png"  # no alpha: the union of the masks is the foreground
+    Image.open(d / "image.png").convert("RGB").save(rgb)
+    return {"dir": d, "image": d / "image.png", "image_rgb": rgb, "masks": masks, "K": K}
+
+
+def _rle(mask: np.ndarray) -> dict:
+    flat = mask.T.reshape(-1).astype(np.int8)
+    change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return {"size": list(mask.shape), "counts": np.diff(np.concatenate([[0], change])).tolist()}
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output  # stdout and stderr, interleaved (click >= 8.2)
+
+
+def generate(model, image, masks, out, *extra):
+    mask_args = [x for m in (masks if isinstance(masks, list) else [masks]) for x in ("--masks", m)]
+    return run("generate", image, *mask_args, "--out", out, "--model", model, *FAST, *extra)
+
+
+# ---------------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize("fmt", ["labels.png", "folder", "list", "masks.npy", "sam.json"])
+def test_generate_accepts_each_mask_format(tiny_model, scene, tmp_path, fmt):
+    d = scene["dir"]
+    masks = sorted((d / "folder").glob("*.png")) if fmt == "list" else d / fmt
+    code, out = generate(tiny_model, scene["image"], masks, tmp_path / "scene.glb", "--steps", "1", "--guided-steps", "1")
+    assert code == 0, out
+    assert f"{scene['K']} instance(s)" in out
+    mesh = trimesh.load(tmp_path / "scene.glb", force="mesh")
+    assert len(mesh.faces) > 0
+    assert "denoise" in out and "mesh" in out and "total" in out  # the end summary's stages
+
+
+@pytest.mark.parametrize("ext", [".obj", ".ply"])
+def test_generate_rgb_image_and_other_formats(tiny_model, scene, tmp_path, ext):
+    code, out = generate(tiny_model, scene["image_rgb"], scene["dir"] / "labels.png", tmp_path / f"scene{ext}", "--no-timi")
+    assert code == 0, out
+    assert "TIMI guidance: off" in out
+    assert len(trimesh.load(tmp_path / f"scene{ext}", force="mesh").faces) > 0
+
+
+def test_same_seed_same_mesh_and_python_api(tiny_model, scene, tmp_path):
+    from timi.generate import GenerateOptions, generate as generate_py
+
+    code, out = generate(tiny_model, scene["image"], scene["dir"] / "masks.npy", tmp_path / "a.ply", "--seed", "3")
+    assert code == 0, out
+    opts = GenerateOptions(image=scene["image"], masks=[scene["dir"] / "masks.npy"], out=tmp_path / "b.ply",
+                           model=str(tiny_model), steps=2, guided_steps=2, octree_resolution=16, seed=3, progress=False)
+    result = generate_py(opts, log=lambda m: None)
+    assert len(result.diagnostics) == 2 and result.masks.count == scene["K"]
+    a, b = trimesh.load(tmp_path / "a.ply"), trimesh.load(tmp_path / "b.ply")
+    np.testing.assert_array_equal(a.vertices, b.vertices)
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def _bad(tmp_path, name, array):
+    p = tmp_path / name
+    np.save(p, array)
+    return p
+
+
+def test_bad_inputs_give_one_line_and_exit_2(tiny_model, scene, tmp_path):
+    m = scene["masks"]
+    out = tmp_path / "scene.glb"
+    cases = {
+        "size": (_bad(tmp_path, "small.npy", m[:, :-3]), "differs from image"),
+        "empty": (_bad(tmp_path, "empty.npy", np.concatenate([m, np.zeros_like(m[:1])])), "is empty"),
+        "overlap": (_bad(tmp_path, "overlap.npy", np.concatenate([m, m[:1]])), "--overlap first|last"),
+        "unreadable": (tmp_path / "broken.png", "cannot read it as an image"),
+        "missing": (tmp_path / "nothere.png", "file not found"),
+    }
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    for name, (masks, needle) in cases.items():
+        code, text = generate(tiny_model, scene["image"], masks, out)
+        assert code == 2, (name, text)
+        err_lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
+        assert len(err_lines) == 1 and needle in err_lines[0] and Path(masks).name in err_lines[0], (name, text)
+    assert not out.exists()
+
+
+def test_overlap_first_resolves(tiny_model, scene, tmp_path):
+    m = scene["masks"]
+    grown = m.copy()
+    grown[0] = np.roll(m[0], 6, axis=1) | m[0]  # instance 0 spills into its neighbours
+    assert (grown.sum(0) > 1).any()
+    p = _bad(tmp_path, "grown.npy", grown)
+    code, _ = generate(tiny_model, scene["image"], p, tmp_path / "x.glb")
+    assert code == 2
+    code, text = generate(tiny_model, scene["image"], p, tmp_path / "x.glb", "--overlap", "first")
+    assert code == 0, text
+
+
+def test_too_many_instances_for_the_token_grid(tiny_model, scene, tmp_path):
+    H, W = scene["masks"].shape[1:]
+    many = np.zeros((65, H, W), bool)  # the tiny model's grid is 8 x 8 = 64 tokens
+    for k in range(65):
+        many[k, 10 + 2 * (k // 20), 10 + 2 * (k % 20)] = True
+    code, text = generate(tiny_model, scene["image"], _bad(tmp_path, "many.npy", many), tmp_path / "x.glb")
+    assert code == 2 and "65 instances" in text and "64 tokens" in text
+
+
+def test_bad_options(tiny_model, scene, tmp_path):
+    masks = scene["dir"] / "labels.png"
+    code, text = generate(tiny_model, scene["image"], masks, tmp_path / "scene.fbx")
+    assert code == 2 and "unknown mesh format '.fbx'" in text
+    code, text = generate(tiny_model, scene["image"], masks, tmp_path / "s.glb", "--backend", "jax")
+    assert code == 2 and "--backend jax" in text
+    code, text = generate(tiny_model, tmp_path / "nope.png", masks, tmp_path / "s.glb")
+    assert code == 2 and "nope.png" in text
+    code, text = generate(tmp_path / "no_model_here", scene["image"], masks, tmp_path / "s.glb")
+    assert code == 2 and "no_model_here" in text
+    assert list(tmp_path.glob("s.glb*")) == [] and list(tmp_path.glob(".s.glb*")) == []
+
+
+def test_failed_write_leaves_previous_file(tiny_model, scene, tmp_path, monkeypatch):
+    out = tmp_path / "scene.glb"
+    out.write_bytes(b"previous")
+
+    def broken_export(self, *a, **k):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(trimesh.Trimesh, "export", broken_export)
+    code, text = generate(tiny_model, scene["image"], scene["dir"] / "labels.png", out)
+    assert code == 1 and "exporter crashed" in text
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.glb"]
+
+
+# -------------------------------------------------------------------- instances and reports
+
+
+def test_split_instances_one_node_per_instance_on_a_known_scene(tiny_model, scene, tmp_path, monkeypatch):
+    """The random tiny model's shape means nothing, so its mesher is replaced by the example's
+    ground-truth instance meshes (rendered into the image with a known camera): the CLI must then
+    give each ground-truth object to its own mask through the fitted front view."""
+    from hy3dgen.shapegen.pipelines import Hunyuan3DDiTFlowMatchingPipeline
+
+    gt = [trimesh.load(p) for p in sorted((EXAMPLE / "gt").glob("instance_*.ply"))]
+    monkeypatch.setattr(Hunyuan3DDiTFlowMatchingPipeline, "_export",
+                        lambda self, *a, **k: [trimesh.util.concatenate(gt)])
+    out = tmp_path / "scene.glb"
+    code, text = generate(tiny_model, scene["image"], scene["dir"] / "folder", out, "--split-instances")
+    assert code == 0, text
+    assert f"instances found: {scene['K']}/{scene['K']}" in text
+    loaded = trimesh.load(out)
+    assert sorted(loaded.graph.nodes_geometry) == [f"obj_{k + 1}" for k in range(scene["K"])]
+    for k, g in enumerate(gt):
+        node = loaded.geometry[f"obj_{k + 1}"]
+        np.testing.assert_allclose(node.bounds, g.bounds, atol=1e-5)
+
+
+def test_report_files(tiny_model, scene, tmp_path):
+    rep = tmp_path / "report"
+    code, text = generate(tiny_model, scene["image"], scene["dir"] / "labels.png", tmp_path / "s.glb", "--report", rep)
+    assert code == 0, text
+    names = sorted(p.name for p in rep.iterdir())
+    assert names == ["guidance.png", "instance_maps_layer0.png", "instance_maps_layer1.png",
+                     "masks_on_tokens.png", "summary.json", "views.png"]
+    for p in rep.glob("*.png"):
+        img = np.asarray(Image.open(p).convert("L"))
+        assert img.std() > 5, p  # a picture, not a blank page
+    summary = json.loads((rep / "summary.json").read_text())
+    assert len(summary["diagnostics"]) == 2
+    assert {(r["step"], r["layer"]) for r in summary["purity"]} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    for r in summary["purity"]:
+        assert len(r["purity"]) == scene["K"] and all(0 <= v <= 1 for v in r["purity"])
+
+
+def test_report_without_timi_records_the_same_maps(tiny_model, scene, tmp_path):
+    rep = tmp_path / "report"
+    code, text = generate(tiny_model, scene["image"], scene["dir"] / "labels.png", tmp_path / "s.glb",
+                          "--report", rep, "--no-timi")
+    assert code == 0, text
+    summary = json.loads((rep / "summary.json").read_text())
+    assert summary["diagnostics"] == [] and len(summary["purity"]) == 4
+
+
+# ------------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_overlay_and_small_instance_warning(tiny_model, scene, tmp_path):
+    code, text = run("inspect", scene["image"], "--masks", scene["dir"] / "labels.png", "--out", tmp_path / "o.png",
+                     "--model", tiny_model)
+    assert code == 0, text
+    assert "8x8 token grid" in text and "warning" not in text
+    assert np.asarray(Image.open(tmp_path / "o.png")).std() > 5
+
+    m = scene["masks"].copy()
+    free = ~m.any(0)
+    ys, xs = np.nonzero(free)
+    y, x = ys[len(ys) // 2], xs[len(xs) // 2]
+    small = np.zeros_like(m[0])
+    small[y:y + 8, x:x + 8] = True
+    assert not (small & ~free).any()
+    p = _bad(tmp_path, "small.npy", np.concatenate([m, small[None]]))
+    code, text = run("inspect", scene["image"], "--masks", p, "--out", tmp_path / "o2.png", "--model", tiny_model)
+    assert code == 0, text
+    assert "warning: instance 3" in text and "may not survive pooling" in text
+
+    speck = np.zeros_like(m[0])
+    speck[y, x] = True  # one pixel: gone at the conditioner's resolution -> an error, not a warning
+    p = _bad(tmp_path, "speck.npy", np.concatenate([m, speck[None]]))
+    code, text = run("inspect", scene["image"], "--masks", p, "--out", tmp_path / "o3.png", "--model", tiny_model)
+    assert code == 2 and "speck.npy" in text and "too small" in text
+
+
+def test_inspect_matches_the_loaded_pipeline(tiny_model, scene):
+    """The weight-free geometry stand-in gives exactly the tokens of the real loaded pipeline."""
+    import torch
+    import timi_torch
+
+    from timi.inspect_cmd import geometry_pipeline
+
+    pipe = timi_torch.TIMIPipeline.from_pretrained(str(tiny_model), device="cpu")
+    real = timi_torch.condition_token_masks(str(scene["image"]), scene["masks"], pipe)
+    light = timi_torch.condition_token_masks(str(scene["image"]), scene["masks"], geometry_pipeline(tiny_model))
+    assert torch.equal(real.tokens, light.tokens) and light.grid == (8, 8)
+    default = geometry_pipeline(None).geometry
+    assert (default["image_size"], default["patch_size"]) == (518, 14)  # Hunyuan3D 2.0's 37 x 37 grid
