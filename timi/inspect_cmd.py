@@ -56,6 +56,15 @@ def geometry_from_config(config: dict | None) -> dict:
     return geo
 
 
+def _default_model_or_none():
+    from .generate import ModelNotFoundError, resolve_model
+
+    try:
+        return resolve_model(None)
+    except ModelNotFoundError:
+        return None  # Hunyuan3D 2.0's geometry
+
+
 def geometry_pipeline(model: str | Path | None = None, geometry: dict | None = None):
     """A stand-in with the attributes :func:`timi_torch.condition_token_masks` reads (hy3dgen's real
     ``ImageProcessorV2`` and the conditioner's torchvision transform) and no network weights."""
@@ -184,7 +193,7 @@ def inspect_command(
     image: Path = typer.Argument(..., help="Input picture (PNG/JPEG)."),
     masks: list[Path] = typer.Option(..., "--masks", "-m", help="Label-map PNG, folder or list of mask PNGs, (K,H,W) .npy, or RLE .json."),
     out: Path = typer.Option(Path("masks_on_tokens.png"), "--out", "-o", help="Overlay PNG to write."),
-    model: Optional[str] = typer.Option(None, help="hy3dgen model directory whose config.yaml sets the geometry (default: Hunyuan3D 2.0's)."),
+    model: Optional[str] = typer.Option(None, help="hy3dgen model directory whose config.yaml sets the geometry (default: the shipped model's, else Hunyuan3D 2.0's)."),
     overlap: str = typer.Option("error", help="Overlapping masks: error, first or last."),
 ) -> None:
     """Show how the masks land on the condition tokens (overlay PNG); warn about instances too small
@@ -202,7 +211,7 @@ def inspect_command(
     def run():
         if Path(out).suffix.lower() != ".png":
             raise OutputError(f"{out}: the overlay is a PNG; pass --out NAME.png.")
-        geo = geometry_pipeline(model)
+        geo = geometry_pipeline(model if model else _default_model_or_none())
         found = load_instance_masks(masks, image=image, overlap=overlap, max_instances=grid_tokens(geo.geometry))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
