@@ -35,8 +35,8 @@ class TestbedSizes:
     encoder_layers: int = 1
     hidden_size: int = 96
     num_heads: int = 4
-    depth: int = 1
-    depth_single_blocks: int = 3
+    depth: int = 4
+    depth_single_blocks: int = 1
     cond_width: int = 64
     cond_heads: int = 4
     cond_layers: int = 2
