@@ -1,0 +1,223 @@
+"""hy3dgen's flow-matching Euler sampler with classifier-free guidance and TIMI, as one XLA program.
+
+Schedule (``Hunyuan3DDiTFlowMatchingPipeline`` + ``FlowMatchEulerDiscreteScheduler``, hy3dgen
+2.0.2): ``sigmas = linspace(0, 1, N)`` (t = 0 is noise, t = 1 data), shifted by
+``shift * s / (1 + (shift - 1) * s)``, cast to float32; ``timesteps = sigmas * 1000``; the model
+gets ``t = timesteps[i] / 1000`` in the latent dtype; a final sigma 1 is appended, so the Euler step
+``x <- x + (sigma[i+1] - sigma[i]) * v`` of the last step has ``dt = 0``. CFG runs the batch
+``[cond; uncond]`` and mixes ``v = v_u + w (v_c - v_u)``; guidance-distilled models
+(``guidance_embed``) get ``guidance = w`` and no CFG, as in hy3dgen.
+
+TIMI (paper Sec. 4): at step ``i < guided_steps``, before the CFG step and on the conditional branch
+only, ``jax.value_and_grad`` of ``L_sep`` (Eqs.2-4, ``timi_core.instance_separation_loss``, mean
+over the first ``guided_layers`` double blocks, summed over independent samples) through the
+forward truncated after those blocks (:meth:`Hunyuan3DDiT.instance_probabilities`, P as an
+attention output with the masks as values), then ``timi_core.sgu_update(axes=(1,))`` (Eqs.5-7,
+smoothing along hy3dgen's latent-token axis, momentum carried across steps). Loss, gradient and
+update are float32 whatever the model's dtype. The step loop is ``lax.scan`` and the guided/plain
+choice ``lax.cond`` on the step index, so the whole run is compiled once.
+
+Batches of seeds or scenes can be sharded data-parallel over devices (:func:`data_parallel_mesh`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import timi_core
+from timi_core import TIMIConfig
+
+from .modeling import Hunyuan3DDiT
+
+__all__ = ["flow_matching_schedule", "sample", "SampleOutput", "data_parallel_mesh",
+           "separation_loss_and_grad"]
+
+
+def flow_matching_schedule(num_inference_steps: int, *, num_train_timesteps: int = 1000,
+                           shift: float = 1.0, sigmas=None):
+    """``(timesteps (N,), sigmas (N+1,))`` float32, exactly as hy3dgen's scheduler sets them."""
+    if sigmas is None:
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
+        sigmas = np.linspace(0, 1, num_inference_steps)
+    s = np.asarray(sigmas, dtype=np.float64)
+    s = (shift * s / (1 + (shift - 1) * s)).astype(np.float32)
+    timesteps = s * np.float32(num_train_timesteps)
+    return timesteps, np.concatenate([s, np.ones(1, np.float32)])
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+    """``latents`` (B, L, C); ``losses`` (N, B) float32: ``L_sep`` before each guided step's
+    update (0 for unguided steps)."""
+
+    latents: jax.Array
+    losses: jax.Array
+
+
+def _guidance_vector(model: Hunyuan3DDiT, batch: int, guidance_scale, dtype):
+    return jnp.full((batch,), guidance_scale, dtype) if model.guidance_embed else None
+
+
+def _loss_and_grad(model: Hunyuan3DDiT, z, t, cond, tokens, config: TIMIConfig, num_layers: int,
+                   guidance=None):
+    def total(zf):
+        probs = model.instance_probabilities(zf.astype(model.dtype), t, cond, tokens, num_layers,
+                                             guidance)
+        per_layer = jnp.stack([timi_core.instance_separation_loss(p, config.eps,
+                                                                  config.detach_weights)
+                               for p in probs])  # (layers, B)
+        loss = jnp.mean(per_layer, axis=0)
+        return jnp.sum(loss), loss  # samples are independent: d(sum)/dz_b = dL_b/dz_b
+
+    (_, loss), grad = jax.value_and_grad(total, has_aux=True)(z.astype(jnp.float32))
+    return loss, grad
+
+
+def separation_loss_and_grad(model: Hunyuan3DDiT, latents, t, cond, mask_tokens,
+                             config: TIMIConfig = TIMIConfig(), num_layers: int | None = None):
+    """Per-sample ``L_sep`` (B,) (mean over the guided layers of Eq.4) and ``dL_sep/dz`` float32.
+
+    The counterpart of ``timi_torch.guidance.separation_loss_and_grad``; ``t`` (B,) in [0, 1],
+    ``cond`` the conditional tokens (B, M, D), ``mask_tokens`` (B, K, M) or (K, M).
+    """
+    num_layers = _num_layers(model, config) if num_layers is None else num_layers
+    graphdef, state = nnx.split(model)
+    return _loss_and_grad_jit(graphdef, state, latents, jnp.asarray(t), cond, mask_tokens,
+                              config=config, num_layers=num_layers)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "config", "num_layers"))
+def _loss_and_grad_jit(graphdef, state, latents, t, cond, tokens, *, config, num_layers):
+    return _loss_and_grad(nnx.merge(graphdef, state), latents, t, cond, tokens, config, num_layers)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "config", "num_layers", "do_cfg"))
+def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, sigmas, guidance_scale,
+                    *, config: TIMIConfig, num_layers: int, do_cfg: bool):
+    model = nnx.merge(graphdef, state)
+    batch = noise.shape[0]
+    guidance = _guidance_vector(model, batch, guidance_scale, model.dtype)
+    cond_in = jnp.concatenate([cond, uncond], axis=0) if do_cfg else cond
+    no_loss = jnp.zeros((batch,), jnp.float32)
+
+    def velocity(z, t):
+        if do_cfg:
+            v = model(jnp.concatenate([z, z], axis=0), jnp.full((2 * batch,), t), cond_in)
+            v_cond, v_uncond = jnp.split(v, 2, axis=0)
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return model(z, jnp.full((batch,), t), cond_in, guidance)
+
+    def guide(z, m, t):  # ISG (Eqs.2-4) + SGU (Eqs.5-7), float32
+        loss, grad = _loss_and_grad(model, z, jnp.full((batch,), t), cond, tokens, config,
+                                    num_layers, guidance)
+        z_new, m_new = timi_core.sgu_update(z.astype(jnp.float32), grad, m, config, axes=(1,))
+        return z_new.astype(z.dtype), m_new, loss
+
+    def step(carry, xs):
+        z, m = carry
+        i, t, sigma, sigma_next = xs
+        if config.enabled:
+            z, m, loss = jax.lax.cond(i < config.guided_steps, guide,
+                                      lambda z, m, t: (z, m, no_loss), z, m, t)
+        else:
+            loss = no_loss
+        v = velocity(z, t)
+        # scheduler.step: float32 sample + (sigma_next - sigma) * v, cast to v's dtype
+        z = (z.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(v.dtype)
+        return (z, m), loss
+
+    n = t_model.shape[0]
+    carry = (noise, jnp.zeros(noise.shape, jnp.float32))
+    (latents, _), losses = jax.lax.scan(
+        step, carry, (jnp.arange(n), t_model, sigmas[:-1], sigmas[1:]))
+    return latents, losses
+
+
+def _num_layers(model: Hunyuan3DDiT, config: TIMIConfig) -> int:
+    if config.guided_layers > model.depth:
+        warnings.warn(f"TIMIConfig.guided_layers={config.guided_layers} exceeds the model's "
+                      f"{model.depth} double-stream blocks; guiding all {model.depth}.",
+                      stacklevel=3)
+    return min(config.guided_layers, model.depth)
+
+
+def data_parallel_mesh(devices=None, axis_name: str = "data") -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all) for :func:`sample`'s ``mesh`` argument."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (axis_name,))
+
+
+def sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
+           num_inference_steps: int = 50, guidance_scale: float = 5.0,
+           config: TIMIConfig | None = TIMIConfig(), num_train_timesteps: int = 1000,
+           shift: float = 1.0, sigmas=None, mesh: Mesh | None = None) -> SampleOutput:
+    """Sample latents with hy3dgen's schedule and CFG, with TIMI guidance when ``config`` says so.
+
+    ``noise`` (B, L, C): the initial latents (hy3dgen's ``prepare_latents``; cast to the model's
+    dtype). ``cond`` (B, M, D): conditional tokens; ``uncond``: the unconditional ones (default
+    zeros, hy3dgen's unconditional embedding for the DINOv2 conditioner). ``mask_tokens``
+    (B, K, M) or (K, M): instance masks pooled onto the condition tokens (``timi_core.pool_masks``),
+    needed when guidance is on. ``config=None`` or ``TIMIConfig(isg=False)``: plain hy3dgen
+    sampling. ``mesh``: shard the batch over the mesh's first axis (data parallel; B must be a
+    multiple of its size) with the weights replicated.
+
+    One compiled program per (model structure, shapes, dtypes, config, step count); later calls
+    with new noise, conditions or masks reuse it.
+    """
+    config = TIMIConfig(isg=False) if config is None else config
+    dtype = model.dtype
+    noise = jnp.asarray(noise, dtype)
+    cond = jnp.asarray(cond, dtype)
+    if noise.ndim != 3 or cond.ndim != 3 or cond.shape[0] != noise.shape[0]:
+        raise ValueError(f"noise {noise.shape} and cond {cond.shape} must be (B, L, C) and "
+                         "(B, M, D) with the same batch size B")
+    uncond = jnp.zeros_like(cond) if uncond is None else jnp.asarray(uncond, dtype)
+    if uncond.shape != cond.shape:
+        raise ValueError(f"uncond {uncond.shape} must have cond's shape {cond.shape}")
+    num_layers = 0
+    if config.enabled:
+        if mask_tokens is None:
+            raise ValueError("TIMI guidance is on: pass mask_tokens (B, K, M) or (K, M) from "
+                             "timi_core.pool_masks, or config=None for plain sampling")
+        num_layers = _num_layers(model, config)
+        tokens = jnp.asarray(mask_tokens, jnp.float32)
+        if tokens.ndim == 2:
+            tokens = jnp.broadcast_to(tokens, (noise.shape[0], *tokens.shape))
+        if tokens.ndim != 3 or tokens.shape[0] != noise.shape[0] or tokens.shape[2] != cond.shape[1]:
+            raise ValueError(f"mask_tokens {tuple(tokens.shape)} must be (B, K, M) or (K, M) with "
+                             f"B={noise.shape[0]}, M={cond.shape[1]} condition tokens")
+        if config.enabled and config.guided_steps > 0 and model.depth == 0:
+            raise ValueError("the model has no double-stream blocks to guide")
+    else:
+        tokens = None
+    timesteps, sig = flow_matching_schedule(num_inference_steps,
+                                            num_train_timesteps=num_train_timesteps, shift=shift,
+                                            sigmas=sigmas)
+    t_model = jnp.asarray(timesteps).astype(dtype) / num_train_timesteps
+    do_cfg = guidance_scale >= 0 and not model.guidance_embed
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+        n_dev = mesh.devices.size
+        if noise.shape[0] % n_dev:
+            raise ValueError(f"batch {noise.shape[0]} is not a multiple of the {n_dev} devices of "
+                             "the mesh: pad the batch or use fewer devices")
+        batch_spec = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        noise, cond, uncond = (jax.device_put(a, batch_spec) for a in (noise, cond, uncond))
+        if tokens is not None:
+            tokens = jax.device_put(tokens, batch_spec)
+        state = jax.device_put(state, replicated)
+    latents, losses = _sample_program(
+        graphdef, state, noise, cond, uncond, tokens, t_model, jnp.asarray(sig),
+        jnp.asarray(guidance_scale, jnp.float32), config=config, num_layers=num_layers,
+        do_cfg=do_cfg)
+    return SampleOutput(latents, losses)

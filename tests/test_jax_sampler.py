@@ -1,0 +1,155 @@
+"""timi_jax's compiled sampler against hy3dgen's pipeline and the PyTorch adapter (tiny model).
+
+The tiny model is written in hy3dgen's on-disk format and loaded by hy3dgen's own loader
+(``torch_helpers.fast_base``: 112 px conditioner, 65 condition tokens); its DiT weights go to JAX
+with ``timi_jax.from_torch``; the noise, condition tokens and mask tokens are the torch pipeline's.
+Tolerances (float32): guidance-off latents vs hy3dgen's pipeline, and guided latents vs
+``timi_torch.TIMIPipeline``, within 1e-5 of the latents' scale; P, L_sep and dL_sep/dz vs the torch
+adapter within 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+from flax import nnx  # noqa: E402
+
+import timi_jax  # noqa: E402
+from timi_core import TIMIConfig  # noqa: E402
+from timi_jax.sampler import _sample_program, flow_matching_schedule  # noqa: E402
+from torch_helpers import fast_base, fast_dir, fast_root, scene  # noqa: E402, F401  (fixtures)
+
+STEPS = 5
+GUIDED = TIMIConfig(guided_layers=2, guided_steps=3)
+
+
+def rel_err(out, ref) -> float:
+    out = np.asarray(out, np.float64)
+    ref = ref.detach().double().numpy() if hasattr(ref, "detach") else np.asarray(ref, np.float64)
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+@pytest.fixture(scope="module")
+def setup(fast_base):
+    """The torch pipeline's noise, [cond; uncond] tokens and mask tokens for the test scene."""
+    from timi_torch import TIMIPipeline
+
+    img, masks = scene(alpha=True)
+    cm = TIMIPipeline(fast_base).condition_masks(img, masks)
+    with torch.no_grad():
+        inputs = fast_base.prepare_image([cm.image])
+        image = inputs.pop("image")
+        cond = fast_base.encode_cond(image=image, additional_cond_inputs=inputs,
+                                     do_classifier_free_guidance=True, dual_guidance=False)["main"]
+    noise = fast_base.prepare_latents(1, torch.float32, "cpu", torch.Generator().manual_seed(3))
+    return dict(img=img, masks=masks, cond=cond[:1], uncond=cond[1:], tokens=cm.tokens[None],
+                noise=noise, jax_model=timi_jax.from_torch(fast_base.model))
+
+
+probabilities = nnx.jit(lambda m, *a: m.instance_probabilities(*a, num_layers=2))
+
+
+def jx(t):
+    return jnp.asarray(t.detach().numpy())
+
+
+def test_schedule_is_hy3dgen_schedulers():
+    from hy3dgen.shapegen.schedulers import FlowMatchEulerDiscreteScheduler
+
+    for n, shift in [(1, 1.0), (5, 1.0), (50, 1.0), (7, 3.0)]:
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        sched.set_timesteps(sigmas=np.linspace(0, 1, n), device="cpu")
+        timesteps, sigmas = flow_matching_schedule(n, shift=shift)
+        np.testing.assert_array_equal(timesteps, sched.timesteps.numpy())
+        np.testing.assert_array_equal(sigmas, sched.sigmas.numpy())
+        assert sigmas[-1] == 1.0 and (n == 1 or sigmas[-2] == 1.0)  # last step: dt = 0 (n > 1)
+
+
+def test_guidance_off_matches_hy3dgen_pipeline(fast_base, setup):
+    from PIL import Image
+
+    with torch.no_grad():
+        expected = fast_base(Image.fromarray(setup["img"]), num_inference_steps=STEPS,
+                             generator=torch.Generator().manual_seed(3), output_type="latent",
+                             enable_pbar=False)
+    out = timi_jax.sample(setup["jax_model"], jx(setup["noise"]), jx(setup["cond"]),
+                          jx(setup["uncond"]), num_inference_steps=STEPS, guidance_scale=5.0,
+                          config=None)
+    assert out.latents.shape == expected.shape and out.latents.dtype == jnp.float32
+    assert rel_err(out.latents, expected) < 1e-5
+    assert not np.any(np.asarray(out.losses))  # no guided step
+
+
+def test_probabilities_loss_and_gradient_match_torch_adapter(fast_base, setup):
+    from timi_torch.guidance import guided_probabilities, separation_loss_and_grad
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(2, *setup["noise"].shape[1:], generator=g)
+    t = torch.tensor([0.25, 0.75])
+    cond = torch.cat([setup["cond"], setup["cond"].flip(1)])  # two different scenes
+    tokens = torch.cat([setup["tokens"], setup["tokens"].flip(-1)])
+    jm = setup["jax_model"]
+    for mode in ("fused", "explicit"):
+        with torch.no_grad():
+            ref_p = guided_probabilities(fast_base.model, z, t, cond, tokens, 2, mode)
+        got_p = probabilities(jm, jx(z), jx(t), jx(cond), jx(tokens))
+        for a, b in zip(got_p, ref_p):
+            assert a.shape == b.shape and rel_err(a, b) < 1e-5
+    for cfg in (GUIDED, GUIDED.replace(detach_weights=True)):
+        ref_loss, ref_grad = separation_loss_and_grad(fast_base.model, z, t, cond, tokens, cfg, 2)
+        loss, grad = timi_jax.separation_loss_and_grad(jm, jx(z), jx(t), jx(cond), jx(tokens), cfg)
+        assert loss.shape == (2,) and grad.dtype == jnp.float32
+        assert rel_err(loss, ref_loss) < 1e-5
+        assert rel_err(grad, ref_grad) < 1e-4 and rel_err(grad[1], ref_grad[1]) < 1e-4
+
+
+@pytest.mark.parametrize("config", [GUIDED, GUIDED.replace(gm=False, sr=False, beta=0.5)],
+                         ids=["paper-sgu", "no-gm-no-sr"])
+def test_guided_run_matches_timi_torch_pipeline(fast_base, setup, config):
+    from timi_torch import TIMIPipeline
+
+    pipe = TIMIPipeline(fast_base, config)
+    expected = pipe(setup["img"], setup["masks"], num_inference_steps=STEPS, output_type="latent",
+                    latents=setup["noise"].clone(), enable_pbar=False)
+    out = timi_jax.sample(setup["jax_model"], jx(setup["noise"]), jx(setup["cond"]),
+                          jx(setup["uncond"]), jx(setup["tokens"]), num_inference_steps=STEPS,
+                          guidance_scale=5.0, config=config)
+    assert rel_err(out.latents, expected) < 1e-5
+    losses = np.asarray(out.losses)
+    ref_losses = np.array([d.loss for d in pipe.diagnostics])
+    assert losses.shape == (STEPS, 1) and not losses[config.guided_steps:].any()
+    np.testing.assert_allclose(losses[: config.guided_steps], ref_losses, rtol=1e-5)
+    plain = timi_jax.sample(setup["jax_model"], jx(setup["noise"]), jx(setup["cond"]),
+                            jx(setup["uncond"]), num_inference_steps=STEPS, config=None)
+    assert rel_err(out.latents, plain.latents) > 1e-4  # the guidance did move the latents
+
+
+def test_compiled_once_for_new_inputs(setup):
+    jm = setup["jax_model"]
+    args = (jx(setup["cond"]), jx(setup["uncond"]), jx(setup["tokens"]))
+    cfg = GUIDED.replace(guided_steps=2)
+    timi_jax.sample(jm, jnp.zeros_like(jx(setup["noise"])), *args, num_inference_steps=3, config=cfg)
+    before = _sample_program._cache_size()
+    outs = [timi_jax.sample(jm, jax.random.normal(jax.random.key(s), setup["noise"].shape), *args,
+                            num_inference_steps=3, config=cfg).latents for s in range(2)]
+    assert _sample_program._cache_size() == before
+    assert not np.allclose(outs[0], outs[1])
+
+
+def test_bad_inputs(setup):
+    jm = setup["jax_model"]
+    noise, cond = jx(setup["noise"]), jx(setup["cond"])
+    with pytest.raises(ValueError, match="mask_tokens"):
+        timi_jax.sample(jm, noise, cond, num_inference_steps=2)
+    with pytest.raises(ValueError, match="mask_tokens"):
+        timi_jax.sample(jm, noise, cond, mask_tokens=jnp.ones((2, 7)), num_inference_steps=2)
+    with pytest.raises(ValueError, match="same batch"):
+        timi_jax.sample(jm, noise, jnp.concatenate([cond, cond]), config=None)
+    with pytest.warns(UserWarning, match="guided_layers"):
+        timi_jax.separation_loss_and_grad(jm, noise, jnp.zeros(1), cond, jx(setup["tokens"]),
+                                          TIMIConfig(guided_layers=9))
