@@ -1,0 +1,133 @@
+"""ISG on hy3dgen's DiT: fused SDPA vs explicit softmax P, truncation, float32, independence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import rearrange
+
+import timi_core
+from timi_core import TIMIConfig
+from timi_torch import TIMIPipeline
+from timi_torch.guidance import guided_probabilities, separation_loss_and_grad
+from torch_helpers import fast_base, fast_dir, fast_root, load_base, scene  # noqa: F401  (fixtures)
+
+CFG = TIMIConfig(guided_layers=2, guided_steps=3)
+
+
+def _inputs(base, batch=2, seed=0):
+    """Latents, timestep, conditional embedding and (B, K, M) token masks of the two-object scene."""
+    img, masks = scene(alpha=True)
+    cm = TIMIPipeline(base).condition_masks(img, masks)
+    cond = base.conditioner(base.prepare_image([cm.image] * batch)["image"])["main"]
+    z = torch.randn((batch, *base.vae.latent_shape), generator=torch.Generator().manual_seed(seed))
+    t = torch.full((batch,), 0.3)
+    tokens = cm.tokens[None].repeat(batch, 1, 1)
+    return z, t, cond, tokens
+
+
+def _grad(base, z, t, cond, tokens, mode, config=CFG):
+    return separation_loss_and_grad(base.model, z, t, cond, tokens, config, config.guided_layers, mode)
+
+
+def test_fused_and_explicit_give_the_same_P_and_gradient(fast_base):
+    z, t, cond, tokens = _inputs(fast_base)
+    tokens[1, 0] = 0.5 * tokens[1, 0]                 # a different mask set for sample 1
+    with torch.no_grad():
+        P_f = guided_probabilities(fast_base.model, z, t, cond, tokens, 2, "fused")
+        P_e = guided_probabilities(fast_base.model, z, t, cond, tokens, 2, "explicit")
+    for a, b in zip(P_f, P_e):
+        assert a.shape == (2, 64, 2) and a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    loss_f, g_f = _grad(fast_base, z, t, cond, tokens, "fused")
+    loss_e, g_e = _grad(fast_base, z, t, cond, tokens, "explicit")
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_f, g_e, rtol=1e-4, atol=1e-7)
+    assert g_f.abs().max() > 0
+
+
+def test_P_of_the_first_block_matches_an_independent_computation(fast_base):
+    """Rebuild block 0's attention from its weights (token order [cond; latent], RMS QK-norm)."""
+    model = fast_base.model
+    z, t, cond, tokens = _inputs(fast_base, batch=1)
+    with torch.no_grad():
+        (P,) = guided_probabilities(model, z, t, cond, tokens, 1, "fused")
+        from hy3dgen.shapegen.models.denoisers.hunyuan3ddit import timestep_embedding
+        block = model.double_blocks[0]
+        vec = model.time_in(timestep_embedding(t, 256, model.time_factor))
+
+        def qk(stream, x):
+            mod, _ = getattr(block, f"{stream}_mod")(vec)
+            h = (1 + mod.scale) * getattr(block, f"{stream}_norm1")(x) + mod.shift
+            q, k, _ = rearrange(getattr(block, f"{stream}_attn").qkv(h), "B L (K H D) -> K B H L D", K=3,
+                                H=block.num_heads)
+            norm = getattr(block, f"{stream}_attn").norm
+            return norm.query_norm(q), norm.key_norm(k)
+
+        q_img, k_img = qk("img", model.latent_in(z))
+        _, k_txt = qk("txt", model.cond_in(cond))
+        keys = torch.cat([k_txt, k_img], dim=2)
+        attn = torch.softmax(q_img @ keys.transpose(-1, -2) / q_img.shape[-1] ** 0.5, dim=-1).mean(1)
+        expected = timi_core.instance_probability(attn[0, :, : cond.shape[1]], tokens[0])
+    torch.testing.assert_close(P[0], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_forward_stops_after_the_last_guided_block(fast_base):
+    z, t, cond, tokens = _inputs(fast_base, batch=1)
+    model = fast_base.model
+    called = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: called.append(name))
+             for name, m in [("double0", model.double_blocks[0]), ("double1", model.double_blocks[1]),
+                             ("single0", model.single_blocks[0]), ("final", model.final_layer)]]
+    try:
+        _grad(fast_base, z, t, cond, tokens, "fused", CFG.replace(guided_layers=1))
+        with torch.no_grad():
+            guided_probabilities(model, z, t, cond, tokens, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert called == ["double0", "double0"]
+    from hy3dgen.shapegen.models.denoisers import hunyuan3ddit
+    assert hunyuan3ddit.attention.__name__ == "attention" and hunyuan3ddit.attention.__module__ == hunyuan3ddit.__name__
+
+
+def test_samples_are_independent_and_padding_is_exact(fast_base):
+    z, t, cond, tokens = _inputs(fast_base, batch=2)
+    loss2, g2 = _grad(fast_base, z, t, cond, tokens, "fused")
+    loss1, g1 = _grad(fast_base, z[:1], t[:1], cond[:1], tokens[:1], "fused")
+    torch.testing.assert_close(loss2[:1], loss1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g2[:1], g1, rtol=1e-4, atol=1e-7)
+    # one instance, alone vs padded with an all-zero mask next to a two-instance sample
+    single = tokens[:1, :1]
+    loss_a, g_a = _grad(fast_base, z[:1], t[:1], cond[:1], single, "fused")
+    padded = torch.cat([single, torch.zeros_like(single)], dim=1)
+    loss_b, g_b = _grad(fast_base, z[:1], t[:1], cond[:1], padded, "fused")
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(g_a, g_b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_gives_float32_loss_and_gradient(fast_dir, fast_base, dtype):
+    z, t, cond, tokens = _inputs(fast_base, batch=1)
+    ref_loss, ref_g = _grad(fast_base, z, t, cond, tokens, "fused")
+    low = load_base(fast_dir, dtype=dtype)
+    loss, g = _grad(low, z.to(dtype), t.to(dtype), cond.to(dtype), tokens, "fused")
+    assert loss.dtype == torch.float32 and g.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=0)
+    cos = torch.nn.functional.cosine_similarity(g.flatten(), ref_g.flatten(), dim=0)
+    assert cos > 0.9, float(cos)
+
+
+def test_one_guided_update_lowers_the_loss(fast_base):
+    z, t, cond, tokens = _inputs(fast_base, batch=2)
+    pipe = TIMIPipeline(fast_base, CFG.replace(beta=0.0))
+    z_new, m, diag = pipe.guide(z, t, cond, tokens)
+    before, _ = _grad(fast_base, z, t, cond, tokens, "fused")
+    after, _ = _grad(fast_base, z_new, t, cond, tokens, "fused")
+    assert torch.all(after < before), (before, after)
+    torch.testing.assert_close(z - z_new, m)
+    assert diag.loss == pytest.approx(before.tolist())
+    # GM (Eq.6): the largest update of each sample is alpha * std(z_t) (up to eps / max|g|)
+    bound = CFG.alpha * z.flatten(1).std(1, correction=0)
+    got = torch.tensor(diag.max_update)
+    assert torch.all(got <= bound * (1 + 1e-6)) and torch.all(got >= bound * (1 - 1e-3)), (got, bound)
