@@ -72,6 +72,7 @@ class GenerateResult:
     split: object = None               # timi.instances.InstanceSplit when split_instances / report
     warnings: list[str] = dataclasses.field(default_factory=list)
     report_files: list[Path] = dataclasses.field(default_factory=list)
+    latents: object = None             # (1, L, C) torch tensor the mesh was decoded from
 
 
 def resolve_model(model: Optional[str]) -> str:
@@ -163,10 +164,7 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
     if opts.backend not in BACKENDS:
         raise ValueError(f"--backend {opts.backend!r}: choose one of {', '.join(BACKENDS)}.")
     if opts.backend == "jax":
-        raise BackendUnavailableError(
-            "--backend jax: the JAX adapter has no hy3dgen model loader and mesher for this command yet; "
-            "use --backend torch (the default)."
-        )
+        _jax_sampler()  # fail early when the JAX adapter cannot sample
     for name, value, lo in (("--steps", opts.steps, 1), ("--octree-resolution", opts.octree_resolution, 8),
                             ("--guided-layers", opts.guided_layers, 1), ("--guided-steps", opts.guided_steps, 0)):
         if value < lo:
@@ -202,11 +200,21 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
         layers = min(opts.guided_layers, depth)
         recorder = AttentionRecorder(pipe, cond.tokens, layers=layers, steps=max(opts.guided_steps, 1))
     generator = torch.Generator(device=device).manual_seed(opts.seed)
-    with clock.stage("denoise"), (recorder() if recorder else nullcontext()), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*guided_layers.*exceeds.*")
-        warnings.filterwarnings("ignore", message=".*only one instance mask.*")
-        latents = pipe(str(opts.image), found.masks, num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
-                       generator=generator, output_type="latent", enable_pbar=opts.progress)
+    if opts.backend == "jax":
+        if recorder is not None:
+            notes.append("--backend jax: the report has no instance maps (they are recorded from the torch DiT).")
+            recorder = None
+        with clock.stage("denoise"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*guided_layers.*exceeds.*")
+            latents, diagnostics = _sample_jax(pipe, cond, opts, generator)
+    else:
+        with clock.stage("denoise"), (recorder() if recorder else nullcontext()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*guided_layers.*exceeds.*")
+            warnings.filterwarnings("ignore", message=".*only one instance mask.*")
+            latents = pipe(str(opts.image), found.masks, num_inference_steps=opts.steps,
+                           guidance_scale=opts.guidance_scale, generator=generator, output_type="latent",
+                           enable_pbar=opts.progress)
+        diagnostics = list(pipe.diagnostics)
     with clock.stage("mesh"), torch.no_grad():
         meshes = pipe.base._export(latents, "trimesh", 1.01, 0.0, 8000, opts.octree_resolution, None,
                                    enable_pbar=opts.progress)
@@ -232,11 +240,49 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
             write_mesh(instance_scene(split), out)
         else:
             write_mesh(mesh, out)
-    result = GenerateResult(out, mesh, found, clock.timings, list(pipe.diagnostics), split, notes)
+    result = GenerateResult(out, mesh, found, clock.timings, diagnostics, split, notes, latents=latents)
     if opts.report is not None:
         with clock.stage("report"):
             result.report_files = write_report(Path(opts.report), opts, result, cond, recorder)
     return result
+
+
+def _jax_sampler():
+    try:
+        from timi_jax import from_torch, sample
+    except ImportError as e:
+        raise BackendUnavailableError(f"--backend jax: the JAX adapter cannot sample here ({e}); use --backend torch.") from None
+    return from_torch, sample
+
+
+def _sample_jax(pipe, cond, opts: GenerateOptions, generator):
+    """Denoise with ``timi_jax.sample`` (one compiled program); the torch pipeline supplies the
+    DINOv2 condition, the initial noise (same seed, same noise as the torch backend) and, after,
+    the ShapeVAE decoding. Returns torch latents and per-guided-step diagnostics (``L_sep`` only)."""
+    import jax.numpy as jnp
+    import torch
+    from timi_torch import StepDiagnostics
+
+    from_torch, sample = _jax_sampler()
+    base = pipe.base
+    jdtype = {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16}[base.dtype]
+    dit = from_torch(base.model, dtype=jdtype)
+    with torch.no_grad():
+        inputs = base.prepare_image([cond.image])
+        image = inputs.pop("image")
+        c = base.encode_cond(image=image, additional_cond_inputs=inputs, do_classifier_free_guidance=True,
+                             dual_guidance=False)["main"]
+        noise = base.prepare_latents(1, base.dtype, base.device, generator)
+    as_np = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
+    out = sample(dit, as_np(noise), as_np(c[:1]), as_np(c[1:]), as_np(cond.tokens)[None],
+                 num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale, config=_config(opts))
+    latents = torch.from_numpy(np.array(out.latents, dtype=np.float32)).to(base.device, base.dtype)
+    losses = np.asarray(out.losses, dtype=np.float64)
+    cfg = _config(opts)
+    nan = float("nan")
+    diagnostics = [StepDiagnostics(i, i / max(opts.steps - 1, 1), [float(losses[i, 0])], [nan], [nan])
+                   for i in range(opts.steps) if cfg.guidance_active(i)]
+    return latents, diagnostics
 
 
 def write_report(folder: Path, opts: GenerateOptions, result: GenerateResult, cond, recorder) -> list[Path]:
