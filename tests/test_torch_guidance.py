@@ -131,3 +131,17 @@ def test_one_guided_update_lowers_the_loss(fast_base):
     bound = CFG.alpha * z.flatten(1).std(1, correction=0)
     got = torch.tensor(diag.max_update)
     assert torch.all(got <= bound * (1 + 1e-6)) and torch.all(got >= bound * (1 - 1e-3)), (got, bound)
+
+
+def test_update_smooths_along_the_token_axis_like_scipy(fast_base):
+    """SGU with beta=0: dz = lambda * gaussian_filter1d(dL/dz, sigma, axis=1) (Eqs.5-6, SciPy reference)."""
+    from scipy.ndimage import gaussian_filter1d
+
+    z, t, cond, tokens = _inputs(fast_base, batch=2)
+    cfg = CFG.replace(beta=0.0)
+    z_new, m, _ = TIMIPipeline(fast_base, cfg).guide(z, t, cond, tokens)
+    _, g = _grad(fast_base, z, t, cond, tokens, "fused")
+    g_reg = gaussian_filter1d(g.double().numpy(), cfg.sigma, axis=1, mode="reflect", truncate=4.0)
+    zd = z.double().numpy()
+    lam = cfg.alpha * zd.std(axis=(1, 2), keepdims=True) / (abs(g_reg).max(axis=(1, 2), keepdims=True) + cfg.eps)
+    torch.testing.assert_close(m.double(), torch.from_numpy(lam * g_reg), rtol=1e-4, atol=1e-7)

@@ -50,6 +50,17 @@ class StepDiagnostics:
     max_update: list[float]
 
 
+def smoothing_axes(latents: torch.Tensor) -> tuple[int, ...]:
+    """Axes of Eq.5's Gaussian: the token axis of (B, L, C) token latents (hy3dgen's ShapeVAE), or
+    the three spatial axes of a (B, C, D, H, W) grid latent."""
+    if latents.ndim == 3:
+        return (1,)
+    if latents.ndim == 5:
+        return (2, 3, 4)
+    raise ValueError(f"latents of shape {tuple(latents.shape)} are neither (B, L, C) tokens nor a "
+                     "(B, C, D, H, W) grid; cannot choose the smoothing axes of Eq.5.")
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -165,9 +176,10 @@ class TIMIPipeline:
         loss, grad = separation_loss_and_grad(self.base.model, latents, timestep, cond_main, tokens, cfg,
                                               self._guided_layers(), self.attention, **model_kwargs)
         z = latents.detach().to(torch.float32)
-        z_new, momentum = timi_core.sgu_update(z, grad, momentum, cfg, axes=(1,))
+        axes = smoothing_axes(z)
+        z_new, momentum = timi_core.sgu_update(z, grad, momentum, cfg, axes=axes)
         if cfg.sgu and cfg.gm:
-            g = timi_core.gaussian_smooth(grad, cfg.sigma, (1,)) if cfg.sr else grad
+            g = timi_core.gaussian_smooth(grad, cfg.sigma, axes) if cfg.sr else grad
             scale = timi_core.adaptive_scale(g, z, cfg.alpha, cfg.eps).flatten()
         else:
             scale = torch.full((z.shape[0],), cfg.alpha)
