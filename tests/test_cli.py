@@ -88,6 +88,16 @@ def test_generate_rgb_image_and_other_formats(tiny_model, scene, tmp_path, ext):
     assert len(trimesh.load(tmp_path / f"scene{ext}", force="mesh").faces) > 0
 
 
+def test_model_by_hy3dgen_id_under_hy3dgen_models(tiny_model, scene, tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    shutil.copytree(tiny_model, root / "acme" / "Tiny-3D" / "hunyuan3d-dit-v2-0")
+    monkeypatch.setenv("HY3DGEN_MODELS", str(root))
+    code, out = run("generate", scene["image"], "--masks", scene["dir"] / "labels.png", "--out", tmp_path / "s.glb",
+                    "--model", "acme/Tiny-3D", *FAST, "--steps", "1", "--guided-steps", "1")
+    assert code == 0, out
+    assert "condition grid 8x8" in out  # the geometry came from the id's config.yaml, not the 37x37 default
+
+
 def test_same_seed_same_mesh_and_python_api(tiny_model, scene, tmp_path):
     from timi.generate import GenerateOptions, generate as generate_py
 

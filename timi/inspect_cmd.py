@@ -31,10 +31,17 @@ MIN_TOKEN_AREA = 1.0
 
 
 def _model_config(model: str | Path | None) -> dict | None:
+    """The model's ``config.yaml``: in a model directory, beside a checkpoint file, or for a hy3dgen
+    id under ``$HY3DGEN_MODELS/<id>/hunyuan3d-dit-v2-0`` (hy3dgen's local resolution)."""
+    import os
+
     if model is None:
         return None
     p = Path(str(model)).expanduser()
-    for cand in (p / "config.yaml", p.parent / "config.yaml" if p.is_file() else None):
+    root = Path(os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")).expanduser()
+    candidates = [p / "config.yaml", p.parent / "config.yaml" if p.is_file() else None,
+                  root / str(model) / "hunyuan3d-dit-v2-0" / "config.yaml"]
+    for cand in candidates:
         if cand is not None and cand.is_file():
             return yaml.safe_load(cand.read_text())
     return None
