@@ -104,6 +104,8 @@ class PointEncoder(nn.Module):
                                      heads=sizes.vae_heads, qkv_bias=False, qk_norm=True)
         self.ln = nn.LayerNorm(width)
         self.to_moments = nn.Linear(width, 2 * sizes.latent_channels)
+        with torch.no_grad():  # start with a small posterior noise (std e^-2.5) so the decoder can read the mean
+            self.to_moments.bias[sizes.latent_channels:] = -5.0
 
     def forward(self, surface: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = farthest_point_sample(surface, self.num_latents)

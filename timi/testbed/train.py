@@ -37,13 +37,13 @@ from .model import PointEncoder, TestbedSizes, build_parts, decode_occupancy
 class TrainConfig:
     seed: int = 0
     n_train: int = 1500
-    vae_steps: int = 800
+    vae_steps: int = 3000
     vae_batch: int = 8
     vae_lr: float = 1e-3
-    kl_weight: float = 1e-3
+    kl_weight: float = 1e-4
     n_surface: int = 1024
     n_query: int = 512
-    dit_steps: int = 2000
+    dit_steps: int = 3000
     dit_batch: int = 16
     dit_lr: float = 1e-3
     cond_drop: float = 0.1
