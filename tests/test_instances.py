@@ -88,6 +88,17 @@ def test_fit_recovers_unknown_scale_and_offset():
     assert split.meshes[0].volume == pytest.approx(0.7 * 0.8 * 0.4 * 0.63**3, rel=1e-6)
 
 
+def test_fit_ignores_a_far_floater():
+    """A speck outside everything (not in the image's foreground) must not stretch the fitted box."""
+    mesh, masks, view = occluded_scene()
+    speck = box((1.4, 1.4, 0.0), (1.43, 1.43, 0.03))
+    alpha = masks.any(0) | rect_mask((-0.9, 0.75), (-0.8, 0.85), view)  # the image shows the floater F, not the speck
+    split = split_instances(trimesh.util.concatenate([mesh, speck]), masks, foreground=alpha)
+    assert [m is not None for m in split.meshes] == [True, True, True]
+    assert split.meshes[1].volume == pytest.approx(0.8 * 0.9 * 0.5, rel=1e-6)
+    assert len(split.unclaimed) == 2  # the background floater and the speck
+
+
 def test_instance_scene_has_one_named_node_per_instance(tmp_path):
     mesh, masks, view = occluded_scene()
     split = split_instances(mesh, masks, names=["cup", "cup", "ball"], view=view)

@@ -18,7 +18,8 @@ its foreground bounding box (alpha, or the union of the masks when there is no a
 with a border and resized, and the DiT generates the object normalised into its box
 (``bounds`` 1.01), so the mesh's front silhouette corresponds to the image's foreground box up to
 one unknown uniform scale. :meth:`FrontView.fit` therefore maps the mesh's x/y bounding box onto the
-foreground's pixel bounding box (same centre, longer sides equal). When the camera is known (the
+foreground's pixel bounding box (same centre, longer sides equal); parts under 0.5 % of the surface
+area (marching-cubes floaters) are left out of that box. When the camera is known (the
 testbed's renders), :meth:`FrontView.from_extent` gives the exact mapping instead.
 
 Assignment
@@ -146,10 +147,14 @@ def split_parts(mesh: trimesh.Trimesh) -> list[trimesh.Trimesh]:
 
 
 def _surface_points(part: trimesh.Trimesh, count: int, seed: int) -> np.ndarray:
+    """Area-weighted surface samples plus (up to ``count``) vertices, so tiny parts get points too."""
+    verts = np.asarray(part.vertices)
+    if len(verts) > count:
+        verts = verts[np.random.default_rng(seed).choice(len(verts), count, replace=False)]
     if part.area > 0:
         pts, _ = trimesh.sample.sample_surface(part, count, seed=seed)
-        return np.concatenate([pts, part.vertices], axis=0)
-    return np.asarray(part.vertices)
+        return np.concatenate([pts, verts], axis=0)
+    return verts
 
 
 def assign_parts(
@@ -167,10 +172,13 @@ def assign_parts(
     K, H, W = masks.shape
     if (H, W) != (view.height, view.width):
         raise ValueError(f"assign_parts: masks are {W}x{H} but the view is {view.width}x{view.height}.")
+    n = len(parts)
+    if n == 0:
+        return []
     labels = label_map_from_masks(masks)
     points = [_surface_points(p, samples_per_part, seed + i) for i, p in enumerate(parts)]
-    owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(points)]) if points else np.zeros(0, int)
-    allpts = np.concatenate(points, axis=0) if points else np.zeros((0, 3))
+    owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(points)])
+    allpts = np.concatenate(points, axis=0)
     rows, cols = view.project(allpts)
     inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
     # z-buffer: the largest z (nearest to the camera on +z) at each pixel
@@ -179,19 +187,31 @@ def assign_parts(
     np.maximum.at(zbuf, flat, allpts[inside, 2])
     visible = np.zeros(len(allpts), dtype=bool)
     visible[inside] = allpts[inside, 2] >= zbuf[flat] - depth_tolerance_px / view.scale
+    label = np.zeros(len(allpts), dtype=np.int64)
+    label[inside] = labels[rows[inside], cols[inside]]
+
+    def votes(sel):  # (parts, K + 1) label counts of the selected points
+        return np.bincount(owner[sel] * (K + 1) + label[sel], minlength=n * (K + 1)).reshape(n, K + 1)
+
+    seen = votes(visible)
+    hidden = votes(inside)
     out = []
     for i, part in enumerate(parts):
-        mine = owner == i
-        use = mine & visible
-        seen = bool(use.any())
-        if not seen:
-            use = mine & inside
-        votes = np.bincount(labels[rows[use], cols[use]], minlength=K + 1).astype(np.int64)
-        best = int(np.argmax(votes[1:])) if K else -1
-        total = votes.sum()
-        claimed = total > 0 and votes[best + 1] > 0 and votes[best + 1] >= min_share * total
-        out.append(PartAssignment(i, best if claimed else -1, len(part.faces), votes, seen))
+        was_seen = bool(seen[i].sum() > 0)
+        v = seen[i] if was_seen else hidden[i]   # a part hidden behind others votes with all its points
+        best = int(np.argmax(v[1:])) if K else -1
+        total = v.sum()
+        claimed = total > 0 and v[best + 1] > 0 and v[best + 1] >= min_share * total
+        out.append(PartAssignment(i, best if claimed else -1, len(part.faces), v.astype(np.int64), was_seen))
     return out
+
+
+def _body_vertices(parts: Sequence[trimesh.Trimesh], min_area_fraction: float = 0.005) -> np.ndarray:
+    """Vertices of the parts that make up the shape, leaving out floaters (parts under 0.5 % of the
+    total area), which marching cubes leaves around and which would stretch the fitted box."""
+    areas = np.array([p.area for p in parts])
+    keep = [p for p, a in zip(parts, areas) if a >= min_area_fraction * areas.sum()] or list(parts)
+    return np.concatenate([p.vertices for p in keep], axis=0)
 
 
 def instance_colors(k: int) -> np.ndarray:
@@ -218,9 +238,9 @@ def split_instances(
     masks = np.asarray(masks, dtype=bool)
     K = masks.shape[0]
     names = list(names) if names is not None else [f"instance_{k + 1:02d}" for k in range(K)]
-    if view is None:
-        view = FrontView.fit(mesh.vertices, masks.any(0) if foreground is None else foreground)
     parts = split_parts(mesh)
+    if view is None:
+        view = FrontView.fit(_body_vertices(parts), masks.any(0) if foreground is None else foreground)
     assignments = assign_parts(parts, masks, view, **assign_kw)
     meshes: list[trimesh.Trimesh | None] = []
     for k in range(K):
