@@ -72,7 +72,11 @@ def generate(model, image, masks, out, *extra):
 def test_generate_accepts_each_mask_format(tiny_model, scene, tmp_path, fmt):
     d = scene["dir"]
     masks = sorted((d / "folder").glob("*.png")) if fmt == "list" else d / fmt
-    code, out = generate(tiny_model, scene["image"], masks, tmp_path / "scene.glb", "--steps", "1", "--guided-steps", "1")
+    if fmt == "list":  # `--masks a.png b.png c.png`, as people type it
+        code, out = run("generate", scene["image"], "--masks", *masks, "--out", tmp_path / "scene.glb", "--model",
+                        tiny_model, *FAST, "--steps", "1", "--guided-steps", "1")
+    else:
+        code, out = generate(tiny_model, scene["image"], masks, tmp_path / "scene.glb", "--steps", "1", "--guided-steps", "1")
     assert code == 0, out
     assert f"{scene['K']} instance(s)" in out
     mesh = trimesh.load(tmp_path / "scene.glb", force="mesh")

@@ -360,7 +360,7 @@ def summary_table(result: GenerateResult):
 
 
 def generate_command(
-    image: Path = typer.Argument(..., help="Input picture (PNG/JPEG; RGBA alpha = foreground, else the masks' union)."),
+    image_and_masks: list[Path] = typer.Argument(..., metavar="IMAGE", help="Input picture (PNG/JPEG; RGBA alpha = foreground, else the masks' union). Paths after the first one are more mask files, so `--masks a.png b.png` works."),
     masks: list[Path] = typer.Option(..., "--masks", "-m", help="Label-map PNG, folder or list of mask PNGs, (K,H,W) .npy, or SAM/Grounded-SAM RLE .json. Repeat for several files."),
     out: Path = typer.Option(..., "--out", "-o", help="Scene mesh to write: .glb, .obj or .ply (atomic)."),
     model: Optional[str] = typer.Option(None, help="hy3dgen model directory or id (e.g. tencent/Hunyuan3D-2 under $HY3DGEN_MODELS); default: the shipped model."),
@@ -385,7 +385,8 @@ def generate_command(
     from rich.console import Console
 
     err = Console(stderr=True, soft_wrap=True)
-    opts = GenerateOptions(image=image, masks=list(masks), out=out, model=model, backend=backend, steps=steps,
+    image, masks = split_image_and_masks(image_and_masks, masks)
+    opts = GenerateOptions(image=image, masks=masks, out=out, model=model, backend=backend, steps=steps,
                            guidance_scale=guidance_scale, seed=seed, alpha=alpha, sigma=sigma,
                            guided_layers=guided_layers, guided_steps=guided_steps, timi=not no_timi,
                            octree_resolution=octree_resolution, device=device, dtype=dtype,
@@ -402,6 +403,12 @@ def generate_command(
         console.print(result.split.summary(), markup=False, highlight=False)
     if result.report_files:
         console.print(f"report: {len(result.report_files)} files in {opts.report}", markup=False, highlight=False)
+
+
+def split_image_and_masks(paths: list[Path], masks: list[Path]) -> tuple[Path, list[Path]]:
+    """``timi CMD IMAGE --masks A B C`` parses as IMAGE, B, C positional and A as --masks: the image is
+    the first positional path, the others are masks following those given with --masks."""
+    return paths[0], list(masks) + list(paths[1:])
 
 
 #: Exit status for bad input (as click/typer use for usage errors); 1 for failures while running.

@@ -197,7 +197,7 @@ def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
 
 
 def inspect_command(
-    image: Path = typer.Argument(..., help="Input picture (PNG/JPEG)."),
+    image_and_masks: list[Path] = typer.Argument(..., metavar="IMAGE", help="Input picture (PNG/JPEG); paths after it are more mask files (`--masks a.png b.png`)."),
     masks: list[Path] = typer.Option(..., "--masks", "-m", help="Label-map PNG, folder or list of mask PNGs, (K,H,W) .npy, or RLE .json."),
     out: Path = typer.Option(Path("masks_on_tokens.png"), "--out", "-o", help="Overlay PNG to write."),
     model: Optional[str] = typer.Option(None, help="hy3dgen model directory whose config.yaml sets the geometry (default: the shipped model's, else Hunyuan3D 2.0's)."),
@@ -209,11 +209,12 @@ def inspect_command(
 
     import timi_torch
 
-    from .generate import run_cli
+    from .generate import run_cli, split_image_and_masks
     from .io import OutputError
     from .masks_io import MaskInputError, load_instance_masks
 
     err = Console(stderr=True, soft_wrap=True)
+    image, masks = split_image_and_masks(image_and_masks, masks)
 
     def run():
         if Path(out).suffix.lower() != ".png":
