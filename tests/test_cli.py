@@ -193,6 +193,9 @@ def test_bad_options(tiny_model, scene, tmp_path):
     assert code == 2 and "--backend 'tf'" in text
     code, text = generate(tiny_model, tmp_path / "nope.png", masks, tmp_path / "s.glb")
     assert code == 2 and "nope.png" in text
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    code, text = generate(tiny_model, tmp_path / "broken.jpg", masks, tmp_path / "s.glb")
+    assert code == 2 and "broken.jpg: cannot read the image" in text
     code, text = generate(tmp_path / "no_model_here", scene["image"], masks, tmp_path / "s.glb")
     assert code == 2 and "no_model_here" in text
     assert list(tmp_path.glob("s.glb*")) == [] and list(tmp_path.glob(".s.glb*")) == []

@@ -188,7 +188,9 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
     dtype = _torch_dtype(opts.dtype, device)
     with clock.stage("load model"):
         pipe = timi_torch.TIMIPipeline.from_pretrained(model, _config(opts), device=device, dtype=dtype)
-    cond = pipe.condition_masks(str(opts.image), found.masks)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*only one instance mask.*")  # already in the notes
+        cond = pipe.condition_masks(str(opts.image), found.masks)
 
     depth = len(pipe.base.model.double_blocks)
     if opts.timi and opts.guided_layers > depth:
