@@ -134,6 +134,10 @@ def test_icp_recovers_a_known_rigid_transform():
     result = icp_align(source, target)
     np.testing.assert_allclose(result.matrix, np.linalg.inv(known), atol=1e-6)
     np.testing.assert_allclose(result.points, target, atol=1e-6)
+    # fitted on a subset, applied to all points
+    subset = icp_align(source, target, max_points=500, seed=3)
+    np.testing.assert_allclose(subset.matrix, np.linalg.inv(known), atol=1e-6)
+    assert subset.points.shape == source.shape
 
 
 def test_icp_search_recovers_a_half_turn():

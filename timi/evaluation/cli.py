@@ -51,6 +51,8 @@ def eval_command(
     points: int = typer.Option(20480, "--points", min=1, help="Surface points per object (MIDI: 20480)."),
     threshold: float = typer.Option(0.1, "--fscore-threshold", help="F-score distance threshold (MIDI: 0.1)."),
     align: str = typer.Option("icp", "--align", help="icp | icp-search | none (docs/metrics.md)."),
+    icp_points: Optional[int] = typer.Option(None, "--icp-points", min=3,
+                                             help="Fit ICP on N points per cloud (faster; default all, as MIDI)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N scenes."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -84,7 +86,8 @@ def eval_command(
     else:
         generate = TIMITorchGenerator(model, device=device, dtype=dtype, steps=steps, guidance_scale=guidance_scale,
                                       octree_resolution=octree_resolution)
-    metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=seed)
+    metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=seed,
+                             icp_points=icp_points)
     evaluator = Evaluator(dataset_dir, generate, out, seed=seed, metrics=metrics, limit=limit, progress=not quiet,
                           log=typer.echo if quiet else None)
     summaries = evaluator.evaluate(runs)

@@ -47,6 +47,7 @@ class MetricSettings:
     icp_iterations: int = 50
     min_area_fraction: float = 1e-3
     seed: int = 0
+    icp_points: int | None = None
 
     def key(self) -> str:
         return _digest(dataclasses.asdict(self))[:10]
