@@ -145,3 +145,16 @@ def test_update_smooths_along_the_token_axis_like_scipy(fast_base):
     zd = z.double().numpy()
     lam = cfg.alpha * zd.std(axis=(1, 2), keepdims=True) / (abs(g_reg).max(axis=(1, 2), keepdims=True) + cfg.eps)
     torch.testing.assert_close(m.double(), torch.from_numpy(lam * g_reg), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("K", [1, 3, 16, 37])
+def test_fused_probability_for_any_number_of_instances(K):
+    """Masks are padded / chunked to the head width (16 here); P equals the explicit softmax's."""
+    from timi_torch.guidance import explicit_probability, fused_probability
+
+    g = torch.Generator().manual_seed(K)
+    q = torch.randn(2, 3, 40, 16, generator=g, dtype=torch.float64).float()
+    k = torch.randn(2, 3, 90, 16, generator=g, dtype=torch.float64).float()
+    tokens = torch.rand(2, K, 50, generator=g)
+    torch.testing.assert_close(fused_probability(q, k, tokens), explicit_probability(q, k, tokens),
+                               rtol=1e-5, atol=1e-7)

@@ -44,12 +44,24 @@ def _dit_module():
 
 
 def fused_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Eq.2 via SDPA: q_z (B, H, L, D), k (B, H, M+L, D), tokens (B, K, M) -> P (B, L, K)."""
-    B, H, S, _ = k.shape
-    M = tokens.shape[-1]
-    values = torch.cat([tokens.transpose(1, 2), tokens.new_zeros(B, S - M, tokens.shape[1])], dim=1)
-    values = values[:, None].expand(B, H, S, tokens.shape[1])
-    return F.scaled_dot_product_attention(q_z.float(), k.float(), values).mean(dim=1)
+    """Eq.2 via SDPA: q_z (B, H, L, D), k (B, H, M+L, D), tokens (B, K, M) -> P (B, L, K).
+
+    The values are the masks for the condition keys and 0 for the latent keys, zero-padded to the
+    head width D (in chunks of D instances when K > D) so that PyTorch picks its fused
+    (flash / memory-efficient) kernels, which need equal q/k/v widths; the padding columns are
+    dropped from the output.
+    """
+    B, H, S, D = k.shape
+    K, M = tokens.shape[1], tokens.shape[2]
+    q_z, k = q_z.float(), k.float()
+    out = []
+    for start in range(0, K, D):
+        chunk = tokens[:, start:start + D].transpose(1, 2)                       # (B, M, k<=D)
+        values = tokens.new_zeros(B, S, D)
+        values[:, :M, : chunk.shape[2]] = chunk
+        values = values[:, None].expand(B, H, S, D)
+        out.append(F.scaled_dot_product_attention(q_z, k, values)[..., : chunk.shape[2]])
+    return torch.cat(out, dim=-1).mean(dim=1)
 
 
 def explicit_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -120,6 +132,20 @@ def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode
     return state.probabilities
 
 
+@contextlib.contextmanager
+def _frozen(model):
+    """Parameters temporarily excluded from autograd (hy3dgen leaves ``requires_grad=True`` on the
+    DiT): the backward then keeps and computes only what ``dL/dz`` needs."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def separation_loss_and_grad(model, latents, timestep, cond_main, tokens, config: timi_core.TIMIConfig,
                              num_layers: int, mode: str = "fused", **model_kwargs):
     """Per-sample ``L_sep`` (B,) (mean over guided layers of Eq.4) and ``dL_sep/dz`` (float32).
@@ -129,7 +155,7 @@ def separation_loss_and_grad(model, latents, timestep, cond_main, tokens, config
     gradient is that of the *sum* of the per-sample losses.
     """
     dtype = next(model.parameters()).dtype
-    with torch.enable_grad():
+    with torch.enable_grad(), _frozen(model):
         z = latents.detach().to(torch.float32).clone().requires_grad_(True)
         Ps = guided_probabilities(model, z.to(dtype), timestep, cond_main, tokens, num_layers, mode, **model_kwargs)
         per_layer = torch.stack([timi_core.instance_separation_loss(P, config.eps, config.detach_weights)
