@@ -1,0 +1,70 @@
+"""The theoretical floor of TIMI's overhead, from FLOP counts of the Hunyuan3D-DiT config.
+
+Counting 2 FLOPs per multiply-add and the matmuls only (norms, activations and the scheduler are
+<1% here), per sample with ``S = L + M`` joint tokens, width ``h``, latent channels ``C``,
+condition width ``c``:
+
+* double-stream block: ``2*12*h^2*(L + M)`` (qkv, proj and the 4x MLP of both streams)
+  ``+ 4*S^2*h`` (joint attention: ``Q K^T`` and ``A V``) ``+ 2*12*h^2`` (two 6h modulations);
+* single-stream block: ``2*12*h^2*S`` (linear1 ``h -> 7h``, linear2 ``5h -> h``) ``+ 4*S^2*h + 2*3*h^2``;
+* embeddings: ``2*(L*C*h + M*c*h + 256*h + h^2)``; final layer ``2*(L*h*C + 2*h^2)``.
+
+Plain sampling costs ``T`` steps of ``2`` CFG branches of a full forward ``F_full``. TIMI adds, on
+``t`` of the ``T`` steps, one forward + backward through the embeddings and the first ``l`` double
+blocks on one branch (``F_guide``); with the usual "backward = 2 x forward" rule
+
+    floor = 1 + (t / T) * (1 + 2) * F_guide / (2 * F_full)
+
+(issue 7's "about 4%" for l=4 of 48 blocks, t=15 of 50 steps). Only input gradients are needed
+(the weights are frozen), for which backward ~ 1 x forward on the linear layers: ``floor_input_grad``
+uses ``1 + 1`` instead of ``1 + 2``, a lower bound.
+"""
+
+from __future__ import annotations
+
+from .config import BenchConfig
+
+__all__ = ["forward_flops", "overhead_floor"]
+
+
+def _double_block(h: int, L: int, M: int) -> float:
+    S = L + M
+    return 2 * 12 * h * h * (L + M) + 4 * S * S * h + 2 * 12 * h * h
+
+
+def _single_block(h: int, L: int, M: int) -> float:
+    S = L + M
+    return 2 * 12 * h * h * S + 4 * S * S * h + 2 * 3 * h * h
+
+
+def _embeddings(cfg: BenchConfig) -> float:
+    h = cfg.hidden_size
+    return 2 * (cfg.num_latents * cfg.latent_channels * h + cfg.num_cond_tokens * cfg.context_dim * h
+                + 256 * h + h * h)
+
+
+def forward_flops(cfg: BenchConfig, double_blocks: int | None = None, single_blocks: int | None = None,
+                  final: bool = True) -> float:
+    """FLOPs of one forward of one sample (all blocks by default)."""
+    h, L, M = cfg.hidden_size, cfg.num_latents, cfg.num_cond_tokens
+    nd = cfg.depth if double_blocks is None else double_blocks
+    ns = cfg.depth_single_blocks if single_blocks is None else single_blocks
+    total = _embeddings(cfg) + nd * _double_block(h, L, M) + ns * _single_block(h, L, M)
+    if final:
+        total += 2 * (L * h * cfg.latent_channels + 2 * h * h)
+    return float(total)
+
+
+def overhead_floor(cfg: BenchConfig) -> dict:
+    """``floor`` (backward = 2x forward) and ``floor_input_grad`` (backward = 1x forward), plus the
+    FLOP counts they come from; see the module docstring for the formula."""
+    full = forward_flops(cfg)
+    guide = forward_flops(cfg, double_blocks=cfg.guided_layers, single_blocks=0, final=False)
+    frac = cfg.guided_steps / cfg.steps
+    return {
+        "floor": 1 + frac * 3 * guide / (2 * full),
+        "floor_input_grad": 1 + frac * 2 * guide / (2 * full),
+        "forward_gflops_per_sample": full / 1e9,
+        "guided_forward_gflops_per_sample": guide / 1e9,
+        "formula": "1 + (t/T) * (1 + b) * F_guide / (2 * F_full), b = 2 (floor) or 1 (floor_input_grad)",
+    }

@@ -1,0 +1,54 @@
+"""The JAX side: ``timi_jax.sample`` (one jitted ``lax.scan`` program) on the *same* random weights,
+noise, condition tokens and masks as the PyTorch :class:`~timi.bench.torch_backend.BenchModel`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from timi_core import TIMIConfig
+
+from .torch_backend import BenchModel
+
+__all__ = ["JaxSampler", "jax_available"]
+
+
+def jax_available() -> str | None:
+    """None when ``timi_jax.sample`` can be imported, else the reason it cannot."""
+    try:
+        import timi_jax
+    except Exception as e:  # pragma: no cover - environment dependent
+        return f"JAX sampler not available: import timi_jax failed ({type(e).__name__}: {e})"
+    if not hasattr(timi_jax, "sample"):  # pragma: no cover
+        return "JAX sampler not available: timi_jax has no `sample` function"
+    return None
+
+
+class JaxSampler:
+    """Plain / TIMI sampling with ``timi_jax.sample``; ``run(guided)`` blocks until the latents exist."""
+
+    def __init__(self, bench: BenchModel):
+        import jax
+        import jax.numpy as jnp
+        import timi_jax
+
+        why = jax_available()
+        if why:
+            raise RuntimeError(why)
+        cfg = bench.cfg
+        self.cfg = cfg
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[cfg.dtype]
+        self.model = timi_jax.from_torch(bench.model, dtype=dtype)
+        B = cfg.batch_size
+        self.noise = jnp.asarray(bench.noise().float().numpy())
+        self.cond = jnp.asarray(np.broadcast_to(bench.cond.float().numpy(), (B, *bench.cond.shape[1:])))
+        self.tokens = jnp.asarray(np.broadcast_to(bench.tokens.numpy(), (B, *bench.tokens.shape)))
+        timi_cfg = TIMIConfig(guided_layers=cfg.guided_layers, guided_steps=cfg.guided_steps)
+        self.configs = {True: timi_cfg, False: timi_cfg.replace(isg=False)}
+        self._sample = timi_jax.sample
+        self.device = str(jax.devices()[0])
+
+    def run(self, guided: bool):
+        out = self._sample(self.model, self.noise, self.cond, None, self.tokens if guided else None,
+                           num_inference_steps=self.cfg.steps, guidance_scale=self.cfg.guidance_scale,
+                           config=self.configs[guided])
+        return out.latents.block_until_ready()

@@ -1,0 +1,155 @@
+"""``overhead``, ``scaling`` and ``backends``: whole-sampler timings (plain vs TIMI, torch vs JAX).
+
+All timings are wall-clock medians of interleaved repeats in one process (:func:`timing.interleaved`),
+after ``warmup`` untimed calls of each variant (for JAX the first call compiles; its time is
+reported apart as ``compile_s``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import BenchConfig
+from .floor import overhead_floor
+from .timing import interleaved, machine_info, timed
+
+__all__ = ["overhead", "scaling", "backends", "OVERHEAD_TARGET"]
+
+OVERHEAD_TARGET = 1.05
+
+
+def _samplers(cfg: BenchConfig, backend: str):
+    """(plain_fn, timi_fn, extras) for one backend, built on the same weights and inputs."""
+    from .torch_backend import BenchModel
+
+    bench = BenchModel(cfg)
+    if backend == "torch":
+        return (lambda: bench.sample(False)), (lambda: bench.sample(True)), bench
+    if backend == "jax":
+        from .jax_backend import JaxSampler
+
+        js = JaxSampler(bench)
+        return (lambda: js.run(False)), (lambda: js.run(True)), js
+    raise ValueError(f"backend={backend!r} must be 'torch' or 'jax'.")
+
+
+def _latent_diff(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).max())
+
+
+def _as_numpy(x):
+    return x.float().numpy() if hasattr(x, "numpy") and hasattr(x, "float") else np.asarray(x)
+
+
+def overhead(cfg: BenchConfig, backend: str = "torch", repeats: int = 3, warmup: int = 1,
+             _machine: bool = True) -> dict:
+    """Plain vs TIMI sampling, same model / seed / schedule: medians and ``ratio = timi_s / plain_s``,
+    next to the FLOP floor (:func:`timi.bench.floor.overhead_floor`)."""
+    plain, timi, holder = _samplers(cfg, backend)
+    first = {}
+    if backend == "jax":  # compile both programs first, timed apart
+        first["plain"], _ = timed(plain)
+        first["timi"], _ = timed(timi)
+    res = interleaved({"plain": plain, "timi": timi}, repeats=repeats, warmup=warmup)
+    plain_s, timi_s = res["plain"]["median_s"], res["timi"]["median_s"]
+    out = {
+        "benchmark": "overhead",
+        "backend": backend,
+        "plain_s": plain_s,
+        "timi_s": timi_s,
+        "ratio": timi_s / plain_s,
+        "target_ratio": OVERHEAD_TARGET,
+        **overhead_floor(cfg),
+        "plain_runs_s": res["plain"]["runs_s"],
+        "timi_runs_s": res["timi"]["runs_s"],
+        "warmup_s": {k: v["warmup_s"] for k, v in res.items()},
+        "repeats": repeats,
+        "config": cfg.as_dict(),
+    }
+    if backend == "jax":
+        out["first_call_s"] = first
+        out["compile_s"] = {k: max(first[k] - res[k]["median_s"], 0.0) for k in first}
+    else:  # where the extra time goes: wall time inside TIMIPipeline.guide (ISG + SGU) per run
+        guide_s = holder.pipelines[True].guide_seconds
+        out["guide_s_last_run"] = guide_s
+        out["guide_s_per_guided_step"] = guide_s / max(cfg.guided_steps, 1)
+        out["plain_step_s"] = plain_s / cfg.steps
+    # sanity: guidance changed the sample, plain sampling is deterministic
+    out["max_abs_latent_diff_timi_vs_plain"] = _latent_diff(_as_numpy(plain()), _as_numpy(timi()))
+    if _machine:
+        out["machine"] = machine_info()
+    return out
+
+
+def scaling(cfg: BenchConfig, backend: str = "torch", ks=(1, 2, 4, 8), ls=(256, 512, 1024, 3072),
+            repeats: int = 1, warmup: int = 0) -> dict:
+    """Overhead ratio over K instances (at ``cfg.num_latents``) and over L latent tokens (at
+    ``cfg.num_instances``); one :func:`overhead` run per point."""
+    rows = []
+    for sweep, values in (("K", ks), ("L", ls)):
+        for v in values:
+            point = cfg.replace(num_instances=v) if sweep == "K" else cfg.replace(num_latents=v)
+            r = overhead(point, backend, repeats=repeats, warmup=warmup, _machine=False)
+            rows.append({"sweep": sweep, "K": point.num_instances, "L": point.num_latents,
+                         "plain_s": r["plain_s"], "timi_s": r["timi_s"], "ratio": r["ratio"],
+                         "floor": r["floor"], "floor_input_grad": r["floor_input_grad"]})
+    k_rows = [r for r in rows if r["sweep"] == "K"]
+    l_rows = [r for r in rows if r["sweep"] == "L"]
+    return {
+        "benchmark": "scaling",
+        "backend": backend,
+        "rows": rows,
+        "plain_s": [r["plain_s"] for r in rows],
+        "timi_s": [r["timi_s"] for r in rows],
+        "ratio": [r["ratio"] for r in rows],
+        "ratio_spread_over_K": max(r["ratio"] for r in k_rows) - min(r["ratio"] for r in k_rows) if k_rows else None,
+        # extra seconds of TIMI per plain second is what "no worse than linear in L" is about:
+        "extra_s_over_L": [r["timi_s"] - r["plain_s"] for r in l_rows],
+        "repeats": repeats,
+        "config": cfg.as_dict(),
+        "machine": machine_info(),
+    }
+
+
+def backends(cfg: BenchConfig, repeats: int = 3, guided: bool = True) -> dict:
+    """The whole (guided) sampler: ``timi_jax.sample`` (compiled) vs ``TIMIPipeline`` on the same
+    weights, noise, conditions and masks. ``ratio = jax_s / torch_s`` (< 1: JAX faster)."""
+    from .jax_backend import JaxSampler, jax_available
+    from .torch_backend import BenchModel
+
+    why = jax_available()
+    if why:
+        raise RuntimeError(why)
+    bench = BenchModel(cfg)
+    js = JaxSampler(bench)
+    first_s, _ = timed(lambda: js.run(guided))
+    res = interleaved({"torch": lambda: bench.sample(guided), "jax": lambda: js.run(guided)},
+                      repeats=repeats, warmup=1)
+    torch_s, jax_s = res["torch"]["median_s"], res["jax"]["median_s"]
+    diff = _latent_diff(_as_numpy(bench.sample(guided)), _as_numpy(js.run(guided)))
+    return {
+        "benchmark": "backends",
+        "backend": "torch+jax",
+        "guided": guided,
+        "torch_s": torch_s,
+        "jax_s": jax_s,
+        "plain_s": None,
+        "timi_s": {"torch": torch_s, "jax": jax_s},
+        "ratio": jax_s / torch_s,
+        "speedup_jax_over_torch": torch_s / jax_s,
+        "jax_first_call_s": first_s,
+        "jax_compile_s": max(first_s - jax_s, 0.0),
+        "torch_runs_s": res["torch"]["runs_s"],
+        "jax_runs_s": res["jax"]["runs_s"],
+        "max_abs_latent_diff_jax_vs_torch": diff,
+        "jax_device": js.device,
+        "repeats": repeats,
+        "config": cfg.as_dict(),
+        "machine": machine_info(),
+    }
+
+
+def finite_positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
