@@ -256,3 +256,44 @@ def test_timi_eval_command(dataset, tmp_path):
     assert both.exit_code == 2 and "exactly one" in both.output
     missing = runner.invoke(app, ["eval", str(tmp_path / "nope"), "--generator", f"{__name__}:fake_generate"])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_changed_scene_inputs_are_generated_again(dataset, tmp_path):
+    out = tmp_path / "out"
+    runs = plan_runs()
+    Evaluator(dataset, CountingGenerator(), out, metrics=FAST, progress=False).evaluate(runs)
+    image_path = dataset / "scene_01" / "image.png"
+    image = np.asarray(Image.open(image_path).convert("RGBA")).copy()
+    image[0, 0, :3] = 7  # another input under the same scene id
+    Image.fromarray(image, "RGBA").save(image_path)
+    _GT_BY_IMAGE[_key(image)] = _scene_meshes(1)
+    gen = CountingGenerator()
+    Evaluator(dataset, gen, out, metrics=FAST, progress=False, log=lambda m: None).evaluate(runs)
+    assert gen.calls == 1
+
+
+def test_scoring_another_methods_predictions(dataset, tmp_path):
+    pred = tmp_path / "midi_outputs"
+    s0 = load_scene(dataset / "scene_00")
+    (pred / "scene_00").mkdir(parents=True)
+    for k, m in enumerate(s0.gt_meshes, start=1):  # per-instance outputs, paired by index
+        m.export(pred / "scene_00" / f"instance_{k:02d}.glb")
+    (pred / "scene_00" / "generation.json").write_text(json.dumps({"seconds": 2.5}))
+    s1 = load_scene(dataset / "scene_01")
+    (pred / "scene_01").mkdir()
+    trimesh.util.concatenate([m.copy().apply_translation((0.2, 0, 0)) for m in s1.gt_meshes]).export(
+        pred / "scene_01" / "scene.ply")
+    (pred / "scene_2").mkdir()  # misnamed: scene_02 has no prediction
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", str(dataset), "--predictions", str(pred), "--label", "MIDI",
+                                      "--points", str(POINTS), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = {r["scene"]: r for r in _read_csv(out / "per_scene.csv")}
+    assert rows["scene_00"]["status"] == "ok" and float(rows["scene_00"]["cd_s"]) < 1e-12
+    assert float(rows["scene_00"]["fs_o"]) == 1.0 and rows["scene_00"]["seconds"] == "2.5"
+    assert rows["scene_01"]["status"] == "ok" and rows["scene_01"]["seconds"] == ""
+    assert rows["scene_02"]["status"] == "failed" and "no prediction for scene 'scene_02'" in rows["scene_02"]["error"]
+    summary = _read_csv(out / "results.csv")
+    assert [(r["run"], r["scenes_ok"], r["seconds_per_scene"]) for r in summary] == [("MIDI", "2", "2.5")]
+    mixed = CliRunner().invoke(app, ["eval", str(dataset), "--predictions", str(pred), "--sweep", "alpha=0.1"])
+    assert mixed.exit_code == 2 and "need a model" in mixed.output

@@ -34,6 +34,9 @@ def eval_command(
     generator: Optional[str] = typer.Option(None, "--generator", metavar="MODULE:CALLABLE",
                                             help="Use another generator: generate(image, masks, config, seed) -> "
                                                  "(mesh, instance meshes or None, seconds)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score another method's outputs: "
+                                               "PRED_DIR/<scene_id>/instance_XX.*|scene.* (docs/metrics.md)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Table row name for --predictions (default: folder name)."),
     no_timi: bool = typer.Option(False, "--no-timi", help="Evaluate the base model only (TIMIConfig.isg=False)."),
     baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base model as a row of the table."),
     ablation: List[str] = typer.Option([], "--ablation", help="Paper ablation: components (Table 2), layers (3), "
@@ -62,14 +65,17 @@ def eval_command(
     from timi.metrics import ALIGN_MODES
 
     from .dataset import SceneError, discover_scenes
-    from .generators import TIMITorchGenerator, load_generator_factory
+    from .generators import PredictionReader, TIMITorchGenerator, load_generator_factory
     from .report import write_report
     from .runner import Evaluator, MetricSettings
-    from .runs import plan_runs
+    from .runs import Run, plan_runs
 
-    if (model is None) == (generator is None):
-        raise typer.BadParameter("pass exactly one of --model (hy3dgen model) or --generator MODULE:CALLABLE",
-                                 param_hint="--model")
+    if sum(x is not None for x in (model, generator, predictions)) != 1:
+        raise typer.BadParameter("pass exactly one of --model (hy3dgen model), --generator MODULE:CALLABLE "
+                                 "or --predictions DIR", param_hint="--model")
+    if predictions is not None and (ablation or sweep or no_timi or baseline or set_):
+        raise typer.BadParameter("--predictions scores existing outputs; --ablation/--sweep/--no-timi/--baseline/"
+                                 "--set need a model", param_hint="--predictions")
     if align not in ALIGN_MODES:
         raise typer.BadParameter(f"{align!r}; use one of {', '.join(ALIGN_MODES)}", param_hint="--align")
     base = _base_config(set_)
@@ -78,7 +84,13 @@ def eval_command(
         discover_scenes(dataset_dir)
     except (ValueError, SceneError) as e:
         raise typer.BadParameter(str(e)) from None
-    if generator is not None:
+    if predictions is not None:
+        try:
+            generate = PredictionReader(predictions)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--predictions") from None
+        runs = [Run(label or predictions.name, base)]
+    elif generator is not None:
         try:
             generate = load_generator_factory(generator)
         except ValueError as e:

@@ -15,8 +15,12 @@ outputs of another model or sampler setting are never mistaken for cached ones.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import re
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
@@ -101,3 +105,57 @@ def load_generator_factory(spec: str) -> Callable:
     except (ImportError, AttributeError) as e:
         raise ValueError(f"--generator {spec!r}: cannot import ({type(e).__name__}: {e}).") from e
     return obj
+
+
+class PredictionReader:
+    """A "generator" that reads another method's outputs from disk (e.g. MIDI's or DPA's results),
+    so they are scored and tabulated exactly like TIMI's.
+
+    Layout: ``ROOT/<scene_id>/`` with ``instance_XX.(ply|glb|obj)`` (per-instance meshes, XX = 01..K,
+    paired with the masks' instances) or one ``scene.(glb|ply|obj)``; optionally ``generation.json``
+    with ``{"seconds": ...}`` for the time column. The scene ids must match the dataset's.
+    """
+
+    SUFFIXES = (".glb", ".ply", ".obj")
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"--predictions {self.root}: folder does not exist.")
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        # names, sizes and times of the files: new predictions are never mistaken for cached ones
+        listing = sorted((str(p.relative_to(self.root)), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in self.root.rglob("*") if p.is_file())
+        return {"generator": "predictions", "root": str(self.root.resolve()),
+                "files": hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:16]}
+
+    def __call__(self, image, masks, config, seed, scene_id: str):
+        from .dataset import load_mesh
+
+        folder = self.root / scene_id
+        if not folder.is_dir():
+            known = sorted(p.name for p in self.root.iterdir() if p.is_dir())[:5]
+            raise FileNotFoundError(f"no prediction for scene {scene_id!r} in {self.root} (it holds {known}...); "
+                                    "the prediction folders must be named like the dataset's scene folders.")
+        numbered = {}
+        for p in folder.iterdir():
+            m = re.fullmatch(r"instance_(\d+)", p.stem)
+            if m and p.suffix.lower() in self.SUFFIXES:
+                numbered[int(m.group(1))] = p
+        instances = None
+        if numbered:
+            if sorted(numbered) != list(range(1, masks.shape[0] + 1)):
+                raise ValueError(f"{folder}: instance files {sorted(numbered)} do not match the scene's "
+                                 f"{masks.shape[0]} masks (1..{masks.shape[0]}).")
+            instances = [load_mesh(numbered[k]) for k in sorted(numbered)]
+            mesh = None
+        else:
+            scene_files = [folder / f"scene{s}" for s in self.SUFFIXES if (folder / f"scene{s}").is_file()]
+            if not scene_files:
+                raise FileNotFoundError(f"{folder}: no instance_XX.* or scene.glb|ply|obj prediction.")
+            mesh = load_mesh(scene_files[0])
+        info = folder / "generation.json"
+        seconds = json.loads(info.read_text()).get("seconds") if info.is_file() else None
+        return mesh, instances, seconds

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import traceback
 from dataclasses import dataclass, field
@@ -88,6 +89,23 @@ def run_key(run: Run, seed: int, identity: dict) -> str:
     return _digest({"config": dataclasses.asdict(run.config), "seed": seed, "generator": identity})[:12]
 
 
+def inputs_digest(scene) -> str:
+    """Hash of a scene's generation inputs (image and masks): a cached output of other inputs is stale."""
+    h = hashlib.sha1()
+    for arr in (scene.image, scene.masks):
+        arr = np.ascontiguousarray(arr)
+        h.update(str((arr.shape, arr.dtype.str)).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _accepts_scene_id(generate: Callable) -> bool:
+    try:
+        return "scene_id" in inspect.signature(generate).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _short_error(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip()
     return text.splitlines()[0][:300] if text else type(e).__name__
@@ -112,6 +130,7 @@ class Evaluator:
         self.progress = progress
         self.log = log or (lambda msg: tqdm.write(msg))
         self.identity = generator_identity(generate)
+        self._pass_scene_id = _accepts_scene_id(generate)
 
     # ----------------------------------------------------------------- paths
     def run_dir(self, run: Run) -> Path:
@@ -125,14 +144,28 @@ class Evaluator:
 
     # ----------------------------------------------------------------- one scene
     def _generate(self, run: Run, scene, folder: Path) -> None:
-        mesh, instances, seconds = self.generate(scene.image, scene.masks, run.config, self.seed)
+        kwargs = {"scene_id": scene.scene_id} if self._pass_scene_id else {}
+        mesh, instances, seconds = self.generate(scene.image, scene.masks, run.config, self.seed, **kwargs)
+        if mesh is None and instances:
+            mesh = trimesh.util.concatenate(list(instances))
         if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
             raise ValueError("the generator returned no triangles (empty scene mesh).")
+        for old in folder.glob("scores-*.json") if folder.is_dir() else ():
+            old.unlink()
         write_mesh(mesh, folder / "scene.ply")
         for k, inst in enumerate(instances or [], start=1):
             write_mesh(inst, folder / f"instance_{k:02d}.ply")
         write_text(folder / "generation.json", json.dumps(
-            {"seconds": float(seconds), "instances": len(instances or [])}, indent=1))
+            {"seconds": None if seconds is None else float(seconds), "instances": len(instances or []), "inputs": inputs_digest(scene)}, indent=1))
+
+    def _cached(self, scene, folder: Path) -> bool:
+        path = folder / "generation.json"
+        if not path.is_file():
+            return False
+        if json.loads(path.read_text()).get("inputs") != inputs_digest(scene):
+            self.log(f"{scene.scene_id}: image or masks changed since {path} was written; generating again.")
+            return False
+        return True
 
     def _load_prediction(self, folder: Path):
         info = json.loads((folder / "generation.json").read_text())
@@ -141,7 +174,8 @@ class Evaluator:
             pred = [load_mesh(folder / f"instance_{k:02d}.ply") for k in range(1, n + 1)]
         else:
             pred = load_mesh(folder / "scene.ply")
-        return pred, float(info["seconds"])
+        seconds = info.get("seconds")
+        return pred, None if seconds is None else float(seconds)
 
     def evaluate_scene(self, run: Run, scene) -> SceneResult:
         """Scores of ``run`` on a loaded scene, from the cache when possible."""
@@ -149,7 +183,7 @@ class Evaluator:
         score_path = folder / f"scores-{self.metrics.key()}.json"
         generated = False
         try:
-            if not (folder / "generation.json").is_file():
+            if not self._cached(scene, folder):
                 self._generate(run, scene, folder)
                 generated = True
         except Exception as e:  # a failing generation must not stop the evaluation
@@ -206,8 +240,9 @@ class Evaluator:
 
 
 def summarize(run: Run, results: list[SceneResult]) -> RunSummary:
-    """Mean of each metric and of the seconds over the scenes that scored."""
+    """Mean of each metric and of the seconds over the scenes that scored (seconds: those that report one)."""
     ok = [r for r in results if r.status == "ok"]
     means = {m: float(np.mean([getattr(r.scores, m) for r in ok])) if ok else float("nan") for m in METRIC_NAMES}
-    seconds = float(np.mean([r.seconds for r in ok])) if ok else float("nan")
+    times = [r.seconds for r in ok if r.seconds is not None and np.isfinite(r.seconds)]
+    seconds = float(np.mean(times)) if times else float("nan")
     return RunSummary(run, means, seconds, len(ok), len(results), results)
