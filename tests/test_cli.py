@@ -306,3 +306,75 @@ def test_inspect_matches_the_loaded_pipeline(tiny_model, scene):
     assert torch.equal(real.tokens, light.tokens) and light.grid == (8, 8)
     default = geometry_pipeline(None).geometry
     assert (default["image_size"], default["patch_size"]) == (518, 14)  # Hunyuan3D 2.0's 37 x 37 grid
+
+
+# ------------------------------------------------------------------------ the latent-token route
+
+
+def test_point_probabilities_equal_the_explicit_decoder_attention(tiny_model, scene):
+    """Through the VAE decoder's processor hook, SDPA with the token map as values equals the
+    explicit softmax attention of the decoder's own q/k (rebuilt from its layers) times the map."""
+    import torch
+
+    import timi_torch
+    from timi.instances import point_instance_probabilities
+
+    pipe = timi_torch.TIMIPipeline.from_pretrained(str(tiny_model), device="cpu")
+    vae = pipe.base.vae
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn((1, *vae.latent_shape), generator=g)
+    L = latents.shape[1]
+    tmap = torch.rand((L, 3), generator=g)
+    tmap /= tmap.sum(-1, keepdim=True)
+    points = np.random.default_rng(0).uniform(-1, 1, (50, 3))
+    got = point_instance_probabilities(vae, latents, tmap, points)
+
+    dec = vae.geo_decoder
+    block, cross = dec.cross_attn_decoder, dec.cross_attn_decoder.attn
+    with torch.no_grad():
+        lat = vae(latents / vae.scale_factor)
+        x = dec.query_proj(dec.fourier_embedder(torch.as_tensor(points, dtype=torch.float32)[None]))
+        q = cross.c_q(block.ln_1(x))
+        kv = cross.c_kv(block.ln_2(lat))
+        H = cross.heads
+        q = cross.attention.q_norm(q.view(1, len(points), H, -1))
+        k = cross.attention.k_norm(kv.view(1, L, H, -1)[..., : kv.shape[-1] // H // 2])
+        a = torch.einsum("bnhd,blhd->bhnl", q, k).mul(q.shape[-1] ** -0.5).softmax(-1)   # (1, H, N, L)
+        expected = (a.mean(1)[0] @ tmap).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    assert type(vae.geo_decoder.cross_attn_decoder.attn.attention.attn_processor).__name__ == "CrossAttentionProcessor"
+
+
+def test_split_by_tokens_follows_the_token_map(tiny_model, scene):
+    """With every latent token given to instance 1, every part goes to instance 1."""
+    import torch
+
+    import timi_torch
+    from timi.instances import split_instances_by_tokens, token_instance_map
+
+    pipe = timi_torch.TIMIPipeline.from_pretrained(str(tiny_model), device="cpu")
+    cond = pipe.condition_masks(str(scene["image"]), scene["masks"])
+    latents = pipe(str(scene["image"]), scene["masks"], num_inference_steps=1, generator=torch.manual_seed(0),
+                   output_type="latent", enable_pbar=False)
+    tmap = token_instance_map(pipe, latents, cond)
+    assert tmap.shape == (latents.shape[1], scene["K"])
+    np.testing.assert_allclose(tmap.sum(-1).numpy(), 1.0, atol=1e-5)
+    mesh = trimesh.util.concatenate([trimesh.creation.box(extents=(0.3, 0.3, 0.3)),
+                                     trimesh.creation.icosphere(radius=0.1).apply_translation((0.6, 0, 0))])
+    one_hot = torch.zeros_like(tmap)
+    one_hot[:, 1] = 1
+    split = split_instances_by_tokens(mesh, pipe, latents, cond, token_map=one_hot, samples_per_part=200)
+    assert [a.instance for a in split.assignments] == [1, 1]
+    assert split.meshes[0] is None and split.meshes[2] is None and split.unclaimed == []
+
+
+def test_generate_split_by_tokens(tiny_model, scene, tmp_path):
+    out = tmp_path / "scene.glb"
+    code, text = generate(tiny_model, scene["image"], scene["dir"] / "folder", out, "--split-instances", "--assign", "tokens")
+    assert code == 0, text
+    assert "instances found:" in text
+    loaded = trimesh.load(out)
+    assert set(loaded.graph.nodes_geometry) <= {"obj_1", "obj_2", "obj_3", "unclaimed"}
+    code, text = generate(tiny_model, scene["image"], scene["dir"] / "folder", out, "--assign", "nearest")
+    assert code == 2 and "--assign 'nearest'" in text

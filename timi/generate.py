@@ -26,6 +26,7 @@ __all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "Mo
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("torch", "jax")
+ASSIGN_METHODS = ("projection", "tokens")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -59,6 +60,7 @@ class GenerateOptions:
     split_instances: bool = False
     report: Optional[Path] = None
     overlap: str = "error"
+    assign: str = "projection"
     progress: bool = True
 
 
@@ -161,6 +163,8 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
     """Run the whole command. Raises :class:`MaskInputError`, :class:`OutputError`,
     :class:`ModelNotFoundError`, ``ValueError`` for bad input (before any heavy work where possible)."""
     clock = _Clock()
+    if opts.assign not in ASSIGN_METHODS:
+        raise ValueError(f"--assign {opts.assign!r}: choose one of {', '.join(ASSIGN_METHODS)}.")
     if opts.backend not in BACKENDS:
         raise ValueError(f"--backend {opts.backend!r}: choose one of {', '.join(BACKENDS)}.")
     if opts.backend == "jax":
@@ -229,10 +233,14 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
 
     split = None
     if opts.split_instances or opts.report is not None:
-        from .instances import split_instances
+        from .instances import split_instances, split_instances_by_tokens
 
         with clock.stage("split"):
-            split = split_instances(mesh, found.masks, names=found.names, foreground=np.asarray(cond.image)[..., 3] > 127)
+            if opts.assign == "tokens":
+                split = split_instances_by_tokens(mesh, pipe, latents, cond, names=found.names)
+            else:
+                split = split_instances(mesh, found.masks, names=found.names,
+                                        foreground=np.asarray(cond.image)[..., 3] > 127)
     with clock.stage("write"):
         if opts.split_instances:
             from .instances import instance_scene
@@ -381,6 +389,7 @@ def generate_command(
     split_instances: bool = typer.Option(False, "--split-instances", help="Write one named node per instance (connected parts assigned by the masks)."),
     report: Optional[Path] = typer.Option(None, help="Folder for report PNGs (instance maps, L_sep/lambda, coloured views)."),
     overlap: str = typer.Option("error", help="Overlapping masks: error, first or last (which mask keeps a shared pixel)."),
+    assign: str = typer.Option("projection", help="How --split-instances gives parts to instances: projection (into the input view's masks) or tokens (the instance map carried from the latent tokens through the VAE decoder)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Generate a 3D scene from IMAGE and its instance masks with TIMI guidance."""
@@ -392,7 +401,8 @@ def generate_command(
                            guidance_scale=guidance_scale, seed=seed, alpha=alpha, sigma=sigma,
                            guided_layers=guided_layers, guided_steps=guided_steps, timi=not no_timi,
                            octree_resolution=octree_resolution, device=device, dtype=dtype,
-                           split_instances=split_instances, report=report, overlap=overlap, progress=not quiet)
+                           split_instances=split_instances, report=report, overlap=overlap, assign=assign,
+                           progress=not quiet)
     result = run_cli(lambda: generate(opts, log=lambda m: err.print(m, markup=False, highlight=False)), err)
     table, lines = summary_table(result)
     console = Console(soft_wrap=True)

@@ -30,6 +30,11 @@ vote with the label under them. The part goes to the instance with most votes wh
 holds at least ``min_share`` of the part's votes inside the image (background pixels vote for
 "nobody"); otherwise the part is *unclaimed* and reported. A part hidden entirely behind others
 votes with all its points.
+
+The latent-token route (:func:`split_instances_by_tokens`, ``--assign tokens``) needs no camera:
+Eq.2's ``P`` at the final latents says which instance each latent token belongs to, and hy3dgen's
+ShapeVAE decodes every surface point by cross-attention to those tokens, so each point inherits the
+instance mixture of the tokens it reads.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ __all__ = [
     "instance_scene",
     "instance_colors",
     "node_names",
+    "token_instance_map",
+    "point_instance_probabilities",
+    "split_instances_by_tokens",
 ]
 
 
@@ -280,3 +288,105 @@ def node_names(names: Sequence[str]) -> list[str]:
             clean, n = f"{base}_{n}", n + 1
         out.append(clean)
     return out
+
+
+# ------------------------------------------------------------------ the latent-token route
+
+
+def token_instance_map(pipe, latents, cond, *, layers: int | None = None, timestep: float = 1.0):
+    """(L, K) float32: how much each latent token belongs to each instance, at the final latents.
+
+    Eq.2's ``P = A_zc M^T`` from the DiT's conditional forward on ``latents`` at ``timestep``
+    (1.0 = data in hy3dgen's flow convention), averaged over the first ``layers`` double-stream
+    blocks (default: the pipeline's guided layers), each row normalised to sum to 1.
+    ``pipe``: a ``timi_torch.TIMIPipeline``; ``cond``: its ``condition_masks(image, masks)``.
+    """
+    import torch
+    from timi_torch.guidance import guided_probabilities
+
+    base = pipe.base
+    depth = len(base.model.double_blocks)
+    n = min(layers or pipe.config.guided_layers, depth)
+    with torch.no_grad():
+        inputs = base.prepare_image([cond.image])
+        image = inputs.pop("image")
+        c = base.encode_cond(image=image, additional_cond_inputs=inputs, do_classifier_free_guidance=False,
+                             dual_guidance=False)["main"][:1]
+        z = latents[:1].to(base.device, base.dtype)
+        t = torch.full((1,), timestep, device=base.device, dtype=base.dtype)
+        Ps = guided_probabilities(base.model, z, t, c, cond.tokens[None].to(base.device), n)
+    P = torch.stack(Ps).mean(0)[0].float()
+    return P / P.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def point_instance_probabilities(vae, latents, token_map, points: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """(N, K): each point's instance distribution carried from the latent tokens.
+
+    hy3dgen's ShapeVAE decodes occupancy at a point by cross-attention from the point to the
+    latent tokens (``geo_decoder``). Replacing the values of that attention by ``token_map`` (L, K)
+    gives ``sum_v a(p, v) token_map[v]`` per head (averaged over heads): the instance mixture of the
+    tokens the decoder reads for this point. Rows sum to 1 when ``token_map``'s rows do. Uses the
+    decoder's own processor hook and restores the original processor afterwards.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dec = vae.geo_decoder
+    attention = dec.cross_attn_decoder.attn.attention
+    original = attention.attn_processor
+    recorded: list = []
+
+    def processor(attn, q, k, v):
+        vals = token_map.to(device=q.device, dtype=torch.float32)[None, None].expand(k.shape[0], k.shape[1], -1, -1)
+        recorded.append(F.scaled_dot_product_attention(q.float(), k.float(), vals).mean(1)[0])
+        return original(attn, q, k, v)
+
+    out = []
+    with torch.no_grad():
+        lat = vae(latents[:1].to(next(vae.parameters()).dtype) / vae.scale_factor)
+        attention.attn_processor = processor
+        try:
+            for s in range(0, len(points), chunk):
+                q = torch.as_tensor(np.asarray(points[s:s + chunk]), dtype=lat.dtype, device=lat.device)[None]
+                dec(queries=q, latents=lat)
+                out.append(recorded.pop().cpu().numpy())
+        finally:
+            attention.attn_processor = original
+    return np.concatenate(out, axis=0) if out else np.zeros((0, token_map.shape[1]))
+
+
+def split_instances_by_tokens(
+    mesh: trimesh.Trimesh,
+    pipe,
+    latents,
+    cond,
+    *,
+    names: Sequence[str] | None = None,
+    samples_per_part: int = 1000,
+    min_share: float = 0.5,
+    token_map=None,
+    seed: int = 0,
+) -> InstanceSplit:
+    """Like :func:`split_instances`, but each part's points vote with the instance the latent
+    tokens they are decoded from belong to (:func:`token_instance_map`,
+    :func:`point_instance_probabilities`) instead of a projection into the image. No camera
+    model is needed and hidden parts vote like visible ones; it relies on the DiT's attention."""
+    K = cond.num_instances
+    names = list(names) if names is not None else [f"instance_{k + 1:02d}" for k in range(K)]
+    tmap = token_instance_map(pipe, latents, cond) if token_map is None else token_map
+    parts = split_parts(mesh)
+    points = [_surface_points(p, samples_per_part, seed + i) for i, p in enumerate(parts)]
+    probs = point_instance_probabilities(pipe.base.vae, latents, tmap, np.concatenate(points, axis=0))
+    best = probs.argmax(1)
+    assignments, start = [], 0
+    for i, (part, pts) in enumerate(zip(parts, points)):
+        votes = np.concatenate([[0], np.bincount(best[start:start + len(pts)], minlength=K)]).astype(np.int64)
+        start += len(pts)
+        k = int(np.argmax(votes[1:]))
+        claimed = votes[k + 1] >= min_share * votes.sum()
+        assignments.append(PartAssignment(i, k if claimed else -1, len(part.faces), votes, True))
+    meshes = []
+    for k in range(K):
+        mine = [parts[a.index] for a in assignments if a.instance == k]
+        meshes.append(trimesh.util.concatenate(mine) if mine else None)
+    return InstanceSplit(meshes, names, list(parts), assignments, [a.index for a in assignments if a.instance < 0])
