@@ -101,6 +101,15 @@ def test_specks_below_the_area_fraction_are_not_instances():
     assert split_instances(mesh, 0.0)[0].area == pytest.approx(body.area)  # largest first
 
 
+def test_a_far_speck_does_not_shift_the_alignment():
+    gt = three_objects()
+    speck = trimesh.creation.icosphere(subdivisions=1, radius=0.01).apply_translation((3.0, 3.0, 0.0))
+    pred = trimesh.util.concatenate([*gt, speck])
+    s = score_scene(pred, gt, points_per_object=N)
+    assert s.n_pred == 3 and s.lcd < 1e-2 and s.cd_o < 1e-4  # (speck inside the box: LCD 1.25)
+    assert s.fs_s > 0.999  # only the speck's few points are far
+
+
 def test_ssr_counts_fractured_prediction():
     gt = three_objects()
     halves = [trimesh.creation.box((0.24, 0.5, 0.5)).apply_translation((-0.73, 0, 0)),

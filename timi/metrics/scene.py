@@ -101,6 +101,9 @@ def score_scene(pred: trimesh.Trimesh | Sequence[trimesh.Trimesh], gt_instances:
     gt_scene = trimesh.util.concatenate(gt)
     n_scene = points_per_object * len(gt)
 
+    # speck-free connected components: N_pred, parts of an unsplit prediction, normalisation box
+    components = split_instances(pred_scene, min_area_fraction, "pred scene")
+
     # --- scene level: common frame, alignment, CD-S / FS-S -------------------------------------
     to_gt = scene_normalization(gt_scene.bounds)
     gt_points = trimesh.transform_points(sample_surface_points(gt_scene, n_scene, [seed, 0], "gt scene"), to_gt)
@@ -108,7 +111,8 @@ def score_scene(pred: trimesh.Trimesh | Sequence[trimesh.Trimesh], gt_instances:
     if align == "none":
         to_pred = to_gt
     else:
-        pre = scene_normalization(pred_scene.bounds)
+        # the box of the speck-free geometry: a far floater must not shrink the scene
+        pre = scene_normalization(trimesh.util.concatenate(components).bounds)
         fit = icp_align_search if align == "icp-search" else icp_align
         moved = trimesh.transform_points(pred_points, pre)
         to_pred = fit(moved, gt_points, icp_iterations, max_points=icp_points, seed=seed).matrix @ pre
@@ -117,7 +121,6 @@ def score_scene(pred: trimesh.Trimesh | Sequence[trimesh.Trimesh], gt_instances:
     fs_s = f_score(pred_points, gt_points, threshold)
 
     # --- instances: N_pred, centroids, LCD, SSR ------------------------------------------------
-    components = split_instances(pred_scene, min_area_fraction, "pred scene")
     n_pred = len(components)
     ssr = separation_success_rate(n_pred, len(gt))
     parts = pred_instances if pred_instances is not None else components
