@@ -72,6 +72,7 @@ class StepMaps:
     layer: int
     maps: np.ndarray     # (K, M) R over the condition tokens (prefix tokens included)
     purity: np.ndarray   # (K,)
+    probability: np.ndarray | None = None  # (L, K) Eq.2's P of this layer and step
 
 
 class AttentionRecorder:
@@ -105,9 +106,9 @@ class AttentionRecorder:
 
         def attention(q, k, v, **kw):
             if not self._in_guide and 0 <= self._step < self.steps and self._layer < self.layers:
-                R, _ = instance_image_maps(q[0, :, M:], k[0], self.tokens.to(q.device))
+                R, P = instance_image_maps(q[0, :, M:], k[0], self.tokens.to(q.device))
                 R = R.cpu().numpy().astype(np.float64)
-                self.records.append(StepMaps(self._step, self._layer, R, purity(R, tokens_np)))
+                self.records.append(StepMaps(self._step, self._layer, R, purity(R, tokens_np), P.cpu().numpy()))
             self._layer += 1
             return original_attention(q, k, v, **kw)
 
