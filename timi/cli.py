@@ -30,6 +30,9 @@ app.command("inspect")(_inspect_command)
 from timi.evaluation.cli import eval_command as _eval_command  # noqa: E402
 
 app.command("eval")(_eval_command)
+from timi.bench.cli import app as _bench_app  # noqa: E402
+
+app.add_typer(_bench_app, name="bench")
 
 
 def main() -> None:

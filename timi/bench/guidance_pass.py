@@ -54,7 +54,7 @@ def run_pass(cfg: BenchConfig, mode: str) -> dict:
     B = cfg.batch_size
     z = bench.noise()
     timestep = torch.full((B,), 0.5, dtype=bench.base.dtype)        # mid-schedule; any t costs the same
-    cond_main = bench.cond.to(bench.base.dtype).expand(B, -1, -1)
+    cond_main = bench.cond.to(bench.base.device, bench.base.dtype).expand(B, -1, -1)
     tokens = bench.tokens.expand(B, -1, -1)
     baseline = _rss_mib()
     t0 = time.perf_counter()

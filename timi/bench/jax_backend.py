@@ -39,9 +39,9 @@ class JaxSampler:
         dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[cfg.dtype]
         self.model = timi_jax.from_torch(bench.model, dtype=dtype)
         B = cfg.batch_size
-        self.noise = jnp.asarray(bench.noise().float().numpy())
-        self.cond = jnp.asarray(np.broadcast_to(bench.cond.float().numpy(), (B, *bench.cond.shape[1:])))
-        self.tokens = jnp.asarray(np.broadcast_to(bench.tokens.numpy(), (B, *bench.tokens.shape)))
+        self.noise = jnp.asarray(bench.noise().float().cpu().numpy())
+        self.cond = jnp.asarray(np.broadcast_to(bench.cond.float().cpu().numpy(), (B, *bench.cond.shape[1:])))
+        self.tokens = jnp.asarray(np.broadcast_to(bench.tokens.cpu().numpy(), (B, *bench.tokens.shape)))
         timi_cfg = TIMIConfig(guided_layers=cfg.guided_layers, guided_steps=cfg.guided_steps)
         self.configs = {True: timi_cfg, False: timi_cfg.replace(isg=False)}
         self._sample = timi_jax.sample

@@ -90,7 +90,7 @@ class BenchModel:
     the final latents.
     """
 
-    def __init__(self, cfg: BenchConfig, attention: str = "fused", model=None):
+    def __init__(self, cfg: BenchConfig, attention: str = "fused", model=None, device: str | None = None):
         from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
         from hy3dgen.shapegen.schedulers import FlowMatchEulerDiscreteScheduler
 
@@ -102,9 +102,10 @@ class BenchModel:
         self.base = Hunyuan3DDiTFlowMatchingPipeline(
             vae=_LatentShape((cfg.num_latents, cfg.latent_channels)), model=self.model,
             scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
-            conditioner=_TokenConditioner(cond), image_processor=_image_processor, device="cpu", dtype=dtype)
+            conditioner=_TokenConditioner(cond), image_processor=_image_processor,
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype=dtype)
         self.cond = cond
-        self.tokens = stripe_token_masks(cfg)
+        self.tokens = stripe_token_masks(cfg).to(self.base.device)
         timi_cfg = TIMIConfig(guided_layers=cfg.guided_layers, guided_steps=cfg.guided_steps)
         self.pipelines = {True: _RawTokenPipeline(self.base, timi_cfg, attention, self.tokens),
                           False: _RawTokenPipeline(self.base, timi_cfg.replace(isg=False), attention, self.tokens)}
@@ -112,17 +113,20 @@ class BenchModel:
 
     def noise(self) -> torch.Tensor:
         """The initial latents ``sample`` starts from (hy3dgen's ``prepare_latents``, seeded)."""
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        gen = torch.Generator(self.base.device).manual_seed(self.cfg.seed)
         return self.base.prepare_latents(self.cfg.batch_size, self.base.dtype, self.base.device, gen)
 
     def sample(self, guided: bool) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        gen = torch.Generator(self.base.device).manual_seed(self.cfg.seed)
         self.pipelines[guided].guide_seconds = 0.0
         images = [self._image] * self.cfg.batch_size
         masks = [None] * self.cfg.batch_size
-        return self.pipelines[guided](images, masks, num_inference_steps=self.cfg.steps,
-                                      guidance_scale=self.cfg.guidance_scale, generator=gen,
-                                      output_type="latent", enable_pbar=False)
+        out = self.pipelines[guided](images, masks, num_inference_steps=self.cfg.steps,
+                                     guidance_scale=self.cfg.guidance_scale, generator=gen,
+                                     output_type="latent", enable_pbar=False)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        return out.cpu()
 
 
 class _RawTokenPipeline(TIMIPipeline):

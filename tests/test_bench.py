@@ -1,0 +1,102 @@
+"""Smoke tests of ``timi bench`` (tiny configs, one repeat) and a FLOP-count check of the floor."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from timi.bench.config import BenchConfig, tiny_config
+from timi.bench.floor import forward_flops, overhead_floor
+from timi.cli import app
+
+runner = CliRunner()
+
+
+def _run(tmp_path, *args):
+    out = tmp_path / "result.json"
+    res = runner.invoke(app, ["bench", *args, "--json", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return json.loads(out.read_text())
+
+
+def _positive_finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _check_common(r, backend):
+    for key in ("plain_s", "timi_s", "ratio", "backend", "config", "machine"):
+        assert key in r, key
+    assert r["backend"] == backend
+    assert r["machine"]["cpu"] and r["machine"]["torch"] == torch.__version__
+    BenchConfig(**r["config"])  # the recorded config is a valid one
+
+
+def test_overhead_torch_smoke(tmp_path):
+    r = _run(tmp_path, "overhead", "--tiny", "--repeats", "1", "--warmup", "0")
+    _check_common(r, "torch")
+    for key in ("plain_s", "timi_s", "ratio", "floor", "floor_input_grad", "guide_s_per_guided_step"):
+        assert _positive_finite(r[key]), (key, r[key])
+    assert r["ratio"] == pytest.approx(r["timi_s"] / r["plain_s"])
+    assert r["max_abs_latent_diff_timi_vs_plain"] > 0  # the guidance did change the sample
+
+
+def test_scaling_smoke(tmp_path):
+    r = _run(tmp_path, "scaling", "--tiny", "--ks", "1,2", "--ls", "16,32")
+    _check_common(r, "torch")
+    assert [(row["sweep"], row["K"], row["L"]) for row in r["rows"]] == [
+        ("K", 1, 32), ("K", 2, 32), ("L", 2, 16), ("L", 2, 32)]
+    assert all(_positive_finite(row[k]) for row in r["rows"] for k in ("plain_s", "timi_s", "ratio", "floor"))
+
+
+def test_guidance_pass_smoke(tmp_path):
+    r = _run(tmp_path, "guidance-pass", "--tiny")
+    _check_common(r, "torch")
+    for key in ("fused_s", "explicit_s", "time_ratio", "memory_ratio", "ratio"):
+        assert _positive_finite(r[key]), (key, r[key])
+    assert r["fused_peak_mib"] >= 0 and r["explicit_peak_mib"] > 0
+    assert r["loss_rel_diff_fused_vs_explicit"] < 1e-4  # both modes compute the same Eq.4
+
+
+def test_backends_smoke(tmp_path):
+    pytest.importorskip("timi_jax")
+    r = _run(tmp_path, "backends", "--tiny", "--repeats", "1")
+    _check_common(r, "torch+jax")
+    for key in ("torch_s", "jax_s", "ratio", "jax_first_call_s"):
+        assert _positive_finite(r[key]), (key, r[key])
+    assert r["max_abs_latent_diff_jax_vs_torch"] < 1e-3  # same weights and inputs, same sampler
+
+
+def test_bad_backend_is_named(tmp_path):
+    res = runner.invoke(app, ["bench", "overhead", "--tiny", "--backend", "tf"])
+    assert res.exit_code != 0 and "torch or jax" in res.output
+
+
+@pytest.mark.parametrize("cfg", [tiny_config(), tiny_config().replace(num_latents=48, num_cond_tokens=26,
+                                                                        hidden_size=64, num_heads=4)])
+def test_forward_flops_match_torch_flop_counter(cfg):
+    """The floor's FLOP model equals torch's own count of the hy3dgen forward's matmuls (SDPA on its
+    math backend, so that the attention's bmm's are counted too)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from timi.bench.torch_backend import build_dit
+
+    model = build_dit(cfg)
+    x = torch.randn(1, cfg.num_latents, cfg.latent_channels)
+    c = torch.randn(1, cfg.num_cond_tokens, cfg.context_dim)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        model(x, torch.rand(1), {"main": c})
+    assert forward_flops(cfg) == pytest.approx(fc.get_total_flops(), rel=0.01)
+
+
+def test_floor_of_the_paper_schedule():
+    """Issue 7: l=4 of 48 equal-cost blocks, one of two CFG branches, 15 of 50 steps, backward = 2x
+    forward -> about 4% extra (slightly less: the embeddings and final layer are not guided)."""
+    f = overhead_floor(BenchConfig(hidden_size=1024, num_heads=16, num_latents=3072, num_cond_tokens=1370,
+                                   steps=50, guided_steps=15))
+    assert 1.035 < f["floor"] < 4 / 48 * 0.5 * 0.3 * 3 + 1 + 1e-3
+    assert 1 < f["floor_input_grad"] < f["floor"]

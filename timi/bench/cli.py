@@ -1,0 +1,204 @@
+"""``timi bench {overhead,guidance-pass,backends,scaling}`` (typer); ``--json PATH`` saves the result."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import BenchConfig, default_config, full_size_config, guidance_pass_config, tiny_config
+
+app = typer.Typer(help="Benchmarks: TIMI overhead vs plain sampling, guidance-pass memory, JAX vs PyTorch, "
+                       "scaling in K and L (docs/benchmarks.md).", no_args_is_help=True)
+
+_JSON = typer.Option(None, "--json", help="Write the full result (timings, config, machine) to this JSON file.")
+_TINY = typer.Option(False, "--tiny", help="Seconds-long smoke configuration (CI).")
+_REPEATS = typer.Option(3, "--repeats", min=1, help="Timed rounds (interleaved); the median is reported.")
+
+
+def _overrides(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _config(base: BenchConfig, **kw) -> BenchConfig:
+    try:
+        return base.replace(**_overrides(**kw))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers such as 1,2,4,8; got {text!r}.") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{name} needs positive integers; got {text!r}.")
+    return values
+
+
+def _emit(result: dict, path: Optional[Path], lines: list[str]) -> None:
+    from .timing import write_json
+
+    for line in lines:
+        typer.echo(line)
+    if path is not None:
+        write_json(result, path)
+        typer.echo(f"wrote {path}")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.4g}"
+
+
+# Shape options shared by the sampler benchmarks (None = the preset's value).
+def _shape_options(steps, guided_steps, hidden, heads, depth, single_depth, num_latents, num_cond, instances,
+                   guided_layers, seed, dtype):
+    return dict(steps=steps, guided_steps=guided_steps, hidden_size=hidden, num_heads=heads, depth=depth,
+                depth_single_blocks=single_depth, num_latents=num_latents, num_cond_tokens=num_cond,
+                num_instances=instances, guided_layers=guided_layers, seed=seed, dtype=dtype)
+
+
+_STEPS = typer.Option(None, "--steps", help="Sampling steps T.")
+_GSTEPS = typer.Option(None, "--guided-steps", help="Guided steps t (the first t of T).")
+_HIDDEN = typer.Option(None, "--hidden", help="DiT width.")
+_HEADS = typer.Option(None, "--heads", help="Attention heads.")
+_DEPTH = typer.Option(None, "--depth", help="Double-stream blocks.")
+_SDEPTH = typer.Option(None, "--single-depth", help="Single-stream blocks.")
+_L = typer.Option(None, "--latents", help="Latent tokens L.")
+_M = typer.Option(None, "--cond-tokens", help="Condition tokens M (1 + a square grid).")
+_K = typer.Option(None, "--instances", help="Instances K.")
+_LAYERS = typer.Option(None, "--guided-layers", help="Guided double blocks l.")
+_SEED = typer.Option(None, "--seed", help="Seed of weights, noise and conditions.")
+_DTYPE = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16.")
+
+
+@app.command()
+def overhead(
+    backend: str = typer.Option("torch", "--backend", help="torch | jax."),
+    full_size: bool = typer.Option(False, "--full-size", help="Real Hunyuan3D shapes, 50 steps / 15 guided (GPU)."),
+    tiny: bool = _TINY, repeats: int = _REPEATS,
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed calls of each variant first."),
+    steps: Optional[int] = _STEPS, guided_steps: Optional[int] = _GSTEPS, hidden: Optional[int] = _HIDDEN,
+    heads: Optional[int] = _HEADS, depth: Optional[int] = _DEPTH, single_depth: Optional[int] = _SDEPTH,
+    latents: Optional[int] = _L, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
+    guided_layers: Optional[int] = _LAYERS, seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
+    json_path: Optional[Path] = _JSON,
+) -> None:
+    """Plain vs TIMI sampling (same model, seed, schedule): medians, ratio timi/plain and its FLOP floor."""
+    from .runs import overhead as run
+
+    if backend not in ("torch", "jax"):
+        raise typer.BadParameter(f"--backend must be torch or jax, got {backend!r}.")
+    base = tiny_config() if tiny else full_size_config() if full_size else default_config()
+    cfg = _config(base, **_shape_options(steps, guided_steps, hidden, heads, depth, single_depth, latents,
+                                         cond_tokens, instances, guided_layers, seed, dtype))
+    if backend == "jax":
+        from .jax_backend import jax_available
+
+        why = jax_available()
+        if why:
+            typer.echo(why, err=True)
+            raise typer.Exit(2)
+    r = run(cfg, backend, repeats=repeats, warmup=warmup)
+    lines = [f"overhead [{backend}] plain {_fmt(r['plain_s'])} s, TIMI {_fmt(r['timi_s'])} s, "
+             f"ratio {_fmt(r['ratio'])} (target <= {r['target_ratio']}; FLOP floor {_fmt(r['floor'])}, "
+             f"input-grad-only floor {_fmt(r['floor_input_grad'])})"]
+    if "guide_s_per_guided_step" in r:
+        lines.append(f"  plain step {_fmt(r['plain_step_s'])} s; one guidance pass (ISG+SGU) "
+                     f"{_fmt(r['guide_s_per_guided_step'])} s")
+    if "compile_s" in r:
+        lines.append(f"  JAX compile: plain {_fmt(r['compile_s']['plain'])} s, TIMI {_fmt(r['compile_s']['timi'])} s")
+    _emit(r, json_path, lines)
+
+
+@app.command("guidance-pass")
+def guidance_pass_cmd(
+    tiny: bool = _TINY,
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Fresh-process runs per mode (interleaved)."),
+    latents: Optional[int] = _L, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
+    hidden: Optional[int] = _HIDDEN, heads: Optional[int] = _HEADS, guided_layers: Optional[int] = _LAYERS,
+    seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
+    json_path: Optional[Path] = _JSON,
+) -> None:
+    """One guidance pass (Eqs.2-7, first 4 double blocks, forward + backward) at the real shapes
+    (hidden 1024, 16 heads, L=3072, M=1370): fused vs explicit P, time and peak memory."""
+    from .guidance_pass import guidance_pass
+
+    base = tiny_config().replace(depth_single_blocks=0) if tiny else guidance_pass_config()
+    cfg = _config(base, num_latents=latents, num_cond_tokens=cond_tokens, num_instances=instances,
+                  hidden_size=hidden, num_heads=heads, seed=seed, dtype=dtype)
+    if guided_layers is not None:
+        cfg = _config(cfg, guided_layers=guided_layers, depth=guided_layers)
+    r = guidance_pass(cfg, repeats=repeats)
+    _emit(r, json_path, [
+        f"guidance pass fused {_fmt(r['fused_s'])} s / {_fmt(r['fused_peak_mib'])} MiB; explicit "
+        f"{_fmt(r['explicit_s'])} s / {_fmt(r['explicit_peak_mib'])} MiB",
+        f"  time fused/explicit {_fmt(r['time_ratio'])} (target <= 1); memory explicit/fused "
+        f"{_fmt(r['memory_ratio'])} (target >= 2); loss rel. diff {_fmt(r['loss_rel_diff_fused_vs_explicit'])}"])
+
+
+@app.command()
+def backends(
+    tiny: bool = _TINY, repeats: int = _REPEATS,
+    plain: bool = typer.Option(False, "--plain", help="Time plain sampling instead of the guided sampler."),
+    steps: Optional[int] = _STEPS, guided_steps: Optional[int] = _GSTEPS, hidden: Optional[int] = _HIDDEN,
+    heads: Optional[int] = _HEADS, depth: Optional[int] = _DEPTH, single_depth: Optional[int] = _SDEPTH,
+    latents: Optional[int] = _L, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
+    guided_layers: Optional[int] = _LAYERS, seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
+    json_path: Optional[Path] = _JSON,
+) -> None:
+    """The whole guided sampler, JAX (compiled; compile time apart) vs PyTorch, same config and inputs."""
+    from .jax_backend import jax_available
+    from .runs import backends as run
+
+    why = jax_available()
+    if why:
+        typer.echo(why, err=True)
+        raise typer.Exit(2)
+    cfg = _config(tiny_config() if tiny else default_config(),
+                  **_shape_options(steps, guided_steps, hidden, heads, depth, single_depth, latents,
+                                   cond_tokens, instances, guided_layers, seed, dtype))
+    r = run(cfg, repeats=repeats, guided=not plain)
+    _emit(r, json_path, [
+        f"backends ({'TIMI' if not plain else 'plain'}) torch {_fmt(r['torch_s'])} s, JAX {_fmt(r['jax_s'])} s "
+        f"(+ {_fmt(r['jax_compile_s'])} s compile): JAX/torch time {_fmt(r['ratio'])} "
+        f"(speed-up {_fmt(r['speedup_jax_over_torch'])}x); max |latent diff| {_fmt(r['max_abs_latent_diff_jax_vs_torch'])}"])
+
+
+@app.command()
+def scaling(
+    backend: str = typer.Option("torch", "--backend", help="torch | jax."),
+    ks: str = typer.Option("1,2,4,8", "--ks", help="Instance counts K (at the config's L)."),
+    ls: str = typer.Option("256,512,1024,3072", "--ls", help="Latent token counts L (at the config's K)."),
+    tiny: bool = _TINY,
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Timed rounds per point."),
+    steps: int = typer.Option(5, "--steps", help="Sampling steps (short by default: 5)."),
+    guided_steps: int = typer.Option(2, "--guided-steps", help="Guided steps (default 2 of 5)."),
+    hidden: Optional[int] = _HIDDEN, heads: Optional[int] = _HEADS, depth: Optional[int] = _DEPTH,
+    single_depth: Optional[int] = _SDEPTH, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
+    guided_layers: Optional[int] = _LAYERS, seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
+    json_path: Optional[Path] = _JSON,
+) -> None:
+    """Overhead ratio for K = 1, 2, 4, 8 instances and L = 256, 512, 1024, 3072 latent tokens."""
+    from .runs import scaling as run
+
+    if backend not in ("torch", "jax"):
+        raise typer.BadParameter(f"--backend must be torch or jax, got {backend!r}.")
+    base = tiny_config() if tiny else default_config()
+    cfg = _config(base, **_shape_options(steps if not tiny else None, guided_steps if not tiny else None, hidden,
+                                         heads, depth, single_depth, None, cond_tokens, instances, guided_layers,
+                                         seed, dtype))
+    r = run(cfg, backend, ks=_ints(ks, "--ks"), ls=_ints(ls, "--ls"), repeats=repeats)
+    lines = [f"scaling [{backend}] {cfg.steps} steps / {cfg.guided_steps} guided, repeats {repeats}"]
+    for row in r["rows"]:
+        lines.append(f"  K={row['K']:>2} L={row['L']:>5}: plain {_fmt(row['plain_s'])} s, TIMI "
+                     f"{_fmt(row['timi_s'])} s, ratio {_fmt(row['ratio'])} (floor {_fmt(row['floor'])})")
+    _emit(r, json_path, lines)
+
+
+def main() -> None:
+    app()
