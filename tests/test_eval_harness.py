@@ -183,18 +183,24 @@ def test_bad_scenes_are_skipped_and_reported(dataset, tmp_path):
     empty = write_scene(dataset, 4)                                            # generator returns nothing
     _EMPTY_IMAGES.add(_key(np.asarray(Image.open(empty / "image.png").convert("RGBA"))))
     (dataset / "scene_05").mkdir()                                             # empty folder
+    garbage = write_scene(dataset, 6, masks_format="npy")                      # unreadable masks
+    (garbage / "masks.npy").write_bytes(b"not an array")
+    broken = write_scene(dataset, 7)                                           # unreadable mesh
+    (broken / "gt" / "instance_01.obj").write_text("v 0 0 0\nf 1 2 3\n")
     out = tmp_path / "out"
     summaries = Evaluator(dataset, fake_generate, out, metrics=FAST, progress=False, log=lambda m: None).evaluate(
         plan_runs())
     status = {r.scene_id: (r.status, r.error) for r in summaries[0].results}
-    assert status["scene_01"][0] == "ok" and summaries[0].n_ok == 1 and summaries[0].n_scenes == 6
+    assert status["scene_01"][0] == "ok" and summaries[0].n_ok == 1 and summaries[0].n_scenes == 8
     assert status["scene_00"][0] == "bad-scene" and "gt" in status["scene_00"][1] and "missing" in status["scene_00"][1]
     assert status["scene_02"][0] == "bad-scene" and "[1, 7]" in status["scene_02"][1]
     assert status["scene_03"] == ("failed", "generation: RuntimeError: out of memory (simulated)")
     assert status["scene_04"][0] == "failed" and "no triangles" in status["scene_04"][1]
     assert status["scene_05"][0] == "bad-scene" and "image.png" in status["scene_05"][1]
+    assert status["scene_06"][0] == "bad-scene" and "masks.npy" in status["scene_06"][1]
+    assert status["scene_07"][0] == "bad-scene" and "instance_01.obj" in status["scene_07"][1]
     md = write_report(summaries, out)["markdown"].read_text()
-    assert "## Skipped scenes" in md and "scene_03" in md and "| 1/6 |" in md
+    assert "## Skipped scenes" in md and "scene_03" in md and "| 1/8 |" in md
     assert (out / "logs").is_dir()
 
 

@@ -155,8 +155,9 @@ class Evaluator:
         write_mesh(mesh, folder / "scene.ply")
         for k, inst in enumerate(instances or [], start=1):
             write_mesh(inst, folder / f"instance_{k:02d}.ply")
-        write_text(folder / "generation.json", json.dumps(
-            {"seconds": None if seconds is None else float(seconds), "instances": len(instances or []), "inputs": inputs_digest(scene)}, indent=1))
+        info = {"seconds": None if seconds is None else float(seconds), "instances": len(instances or []),
+                "inputs": inputs_digest(scene)}
+        write_text(folder / "generation.json", json.dumps(info, indent=1))
 
     def _cached(self, scene, folder: Path) -> bool:
         path = folder / "generation.json"
@@ -197,8 +198,7 @@ class Evaluator:
             if score_path.is_file():
                 scores = SceneScores.from_dict(json.loads(score_path.read_text())["scores"])
             else:
-                scores = score_scene(pred, scene.gt_meshes, **{
-                    k: v for k, v in dataclasses.asdict(self.metrics).items()})
+                scores = score_scene(pred, scene.gt_meshes, **dataclasses.asdict(self.metrics))
                 write_text(score_path, json.dumps({"metrics": dataclasses.asdict(self.metrics),
                                                    "scores": scores.as_dict()}, indent=1))
         except Exception as e:
@@ -225,10 +225,11 @@ class Evaluator:
         for folder in folders:
             try:
                 scene = load_scene(folder)
-            except SceneError as e:
-                self.log(f"{folder.name}: skipped, {e}")
+            except Exception as e:  # SceneError names the problem; anything else is reported as it is
+                reason = str(e) if isinstance(e, SceneError) else _short_error(e)
+                self.log(f"{folder.name}: skipped, {reason}")
                 for run in runs:
-                    results[run.label].append(SceneResult(run.label, folder.name, "bad-scene", error=str(e)))
+                    results[run.label].append(SceneResult(run.label, folder.name, "bad-scene", error=reason))
                 bar.update(len(runs))
                 continue
             for run in runs:
