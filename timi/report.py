@@ -158,8 +158,6 @@ def _pick_steps(steps: Sequence[int], n: int) -> list[int]:
 
 def plot_instance_maps(records: Sequence[StepMaps], cond, names: Sequence[str], layer: int, max_rows: int = 6):
     """One figure for one layer: rows = steps, columns = instances (see module doc)."""
-    from skimage.segmentation import find_boundaries
-
     from .instances import instance_colors
 
     plt = _plt()
@@ -175,17 +173,14 @@ def plot_instance_maps(records: Sequence[StepMaps], cond, names: Sequence[str], 
     fig, axes = plt.subplots(len(steps), K, figsize=(2.4 * K + 0.6, 2.4 * len(steps) + 0.5), squeeze=False)
     for row, step in enumerate(steps):
         rec = recs[step]
-        vmax = rec.maps[:, pre:].max() or 1.0
         for k in range(K):
             ax = axes[row, k]
             ax.imshow(grey, cmap="gray", vmin=0, vmax=1.6, extent=(0, S, S, 0))
             heat = rec.maps[k, pre:].reshape(gh, gw)
-            ax.imshow(heat, cmap="magma", alpha=0.75, vmin=0, vmax=vmax, extent=(0, crop, crop, 0), interpolation="nearest")
-            edge = find_boundaries(cond.frame_masks[k], mode="inner")
-            overlay = np.zeros((S, S, 4))
-            overlay[edge, :3] = colors[k]
-            overlay[edge, 3] = 1.0
-            ax.imshow(overlay, extent=(0, S, S, 0))
+            ax.imshow(heat, cmap="magma", alpha=0.75, vmin=0, vmax=heat.max() or 1.0, extent=(0, crop, crop, 0),
+                      interpolation="nearest")
+            ax.contour(np.arange(S) + 0.5, np.arange(S) + 0.5, cond.frame_masks[k].astype(float), levels=[0.5],
+                       colors=[colors[k]], linewidths=1.6)
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_xlim(0, S)
@@ -193,7 +188,8 @@ def plot_instance_maps(records: Sequence[StepMaps], cond, names: Sequence[str], 
             ax.set_title(f"{names[k]}  purity {rec.purity[k]:.2f}", fontsize=8, color=colors[k])
             if k == 0:
                 ax.set_ylabel(f"step {step}", fontsize=9)
-    fig.suptitle(f"where instance-k 3D tokens look in the image (W^T A_zc), guided layer {layer}", fontsize=10)
+    fig.suptitle(f"where instance-k 3D tokens look in the image (W^T A_zc, each panel scaled to its maximum), "
+                 f"layer {layer}", fontsize=9)
     fig.tight_layout()
     return fig
 
