@@ -102,6 +102,23 @@ def test_model_by_hy3dgen_id_under_hy3dgen_models(tiny_model, scene, tmp_path, m
     assert "condition grid 8x8" in out  # the geometry came from the id's config.yaml, not the 37x37 default
 
 
+def test_default_model_is_the_shipped_one(tiny_model, scene, tmp_path, monkeypatch):
+    import timi.testbed
+
+    monkeypatch.setattr(timi.testbed, "default_model_path", lambda: tiny_model)
+    code, out = run("generate", scene["image"], "--masks", scene["dir"] / "labels.png", "--out", tmp_path / "s.glb",
+                    *FAST, "--steps", "1", "--guided-steps", "1")
+    assert code == 0, out
+    assert "condition grid 8x8" in out
+
+    def missing():
+        raise FileNotFoundError("the shipped testbed model is missing at X")
+
+    monkeypatch.setattr(timi.testbed, "default_model_path", missing)
+    code, out = run("generate", scene["image"], "--masks", scene["dir"] / "labels.png", "--out", tmp_path / "t.glb")
+    assert code == 2 and "pass --model" in out and "missing at X" in out
+
+
 def test_same_seed_same_mesh_and_python_api(tiny_model, scene, tmp_path):
     from timi.generate import GenerateOptions, generate as generate_py
 
