@@ -303,3 +303,11 @@ def test_scoring_another_methods_predictions(dataset, tmp_path):
     assert [(r["run"], r["scenes_ok"], r["seconds_per_scene"]) for r in summary] == [("MIDI", "2", "2.5")]
     mixed = CliRunner().invoke(app, ["eval", str(dataset), "--predictions", str(pred), "--sweep", "alpha=0.1"])
     assert mixed.exit_code == 2 and "need a model" in mixed.output
+    # one Table 1 with the base model, another method's outputs and TIMI, in the paper's order
+    table = CliRunner().invoke(app, ["eval", str(dataset), "--generator", f"{__name__}:fake_generate", "--baseline",
+                                     "--predictions", str(pred), "--label", "MIDI", "--points", str(POINTS),
+                                     "--out", str(out), "--quiet"])
+    assert table.exit_code == 0, table.output
+    summary = _read_csv(out / "results.csv")
+    assert [(r["run"], r["scenes_ok"]) for r in summary] == [("Hunyuan3D 2.0 (no TIMI)", "3"), ("MIDI", "2"),
+                                                             ("TIMI", "3")]

@@ -34,9 +34,10 @@ def eval_command(
     generator: Optional[str] = typer.Option(None, "--generator", metavar="MODULE:CALLABLE",
                                             help="Use another generator: generate(image, masks, config, seed) -> "
                                                  "(mesh, instance meshes or None, seconds)."),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Score another method's outputs: "
-                                               "PRED_DIR/<scene_id>/instance_XX.*|scene.* (docs/metrics.md)."),
-    label: Optional[str] = typer.Option(None, "--label", help="Table row name for --predictions (default: folder name)."),
+    predictions: List[Path] = typer.Option([], "--predictions", help="Score another method's outputs: "
+                                           "PRED_DIR/<scene_id>/instance_XX.*|scene.* (docs/metrics.md). Repeatable."),
+    label: List[str] = typer.Option([], "--label", help="Table row name of each --predictions, in order "
+                                    "(default: the folder name)."),
     no_timi: bool = typer.Option(False, "--no-timi", help="Evaluate the base model only (TIMIConfig.isg=False)."),
     baseline: bool = typer.Option(False, "--baseline", help="Also evaluate the base model as a row of the table."),
     ablation: List[str] = typer.Option([], "--ablation", help="Paper ablation: components (Table 2), layers (3), "
@@ -70,32 +71,39 @@ def eval_command(
     from .runner import Evaluator, MetricSettings
     from .runs import Run, plan_runs
 
-    if sum(x is not None for x in (model, generator, predictions)) != 1:
-        raise typer.BadParameter("pass exactly one of --model (hy3dgen model), --generator MODULE:CALLABLE "
-                                 "or --predictions DIR", param_hint="--model")
-    if predictions is not None and (ablation or sweep or no_timi or baseline or set_):
-        raise typer.BadParameter("--predictions scores existing outputs; --ablation/--sweep/--no-timi/--baseline/"
-                                 "--set need a model", param_hint="--predictions")
+    if model is not None and generator is not None:
+        raise typer.BadParameter("pass exactly one of --model (hy3dgen model) or --generator MODULE:CALLABLE",
+                                 param_hint="--model")
+    if model is None and generator is None and not predictions:
+        raise typer.BadParameter("nothing to evaluate: pass --model, --generator or --predictions", param_hint="--model")
+    if model is None and generator is None and (ablation or sweep or no_timi or baseline or set_):
+        raise typer.BadParameter("--ablation/--sweep/--no-timi/--baseline/--set need a model (--model or "
+                                 "--generator); --predictions only scores existing outputs", param_hint="--predictions")
+    if len(label) > len(predictions):
+        raise typer.BadParameter(f"{len(label)} labels for {len(predictions)} --predictions", param_hint="--label")
     if align not in ALIGN_MODES:
         raise typer.BadParameter(f"{align!r}; use one of {', '.join(ALIGN_MODES)}", param_hint="--align")
     base = _base_config(set_)
     try:
-        runs = plan_runs(no_timi=no_timi, with_baseline=baseline, ablations=ablation, sweeps=sweep, base=base)
         discover_scenes(dataset_dir)
+        runs = [] if model is None and generator is None else plan_runs(
+            no_timi=no_timi, with_baseline=baseline, ablations=ablation, sweeps=sweep, base=base)
+        readers = [Run(name, base, group="main", generator=PredictionReader(path))
+                   for path, name in zip(predictions, label + [p.name for p in predictions[len(label):]])]
     except (ValueError, SceneError) as e:
         raise typer.BadParameter(str(e)) from None
-    if predictions is not None:
-        try:
-            generate = PredictionReader(predictions)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--predictions") from None
-        runs = [Run(label or predictions.name, base)]
-    elif generator is not None:
+    # Table 1's order: base model, other methods, TIMI (and its ablations)
+    n_first = 1 if runs and not runs[0].config.isg else 0
+    runs = runs[:n_first] + readers + runs[n_first:]
+    if len({r.label for r in runs}) != len(runs):
+        raise typer.BadParameter("two rows share a label; name the --predictions with distinct --label values")
+    generate = None
+    if generator is not None:
         try:
             generate = load_generator_factory(generator)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--generator") from None
-    else:
+    elif model is not None:
         generate = TIMITorchGenerator(model, device=device, dtype=dtype, steps=steps, guidance_scale=guidance_scale,
                                       octree_resolution=octree_resolution)
     metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=seed,

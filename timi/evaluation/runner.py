@@ -115,10 +115,11 @@ class Evaluator:
     """Evaluate ``generate`` on every scene of ``dataset_dir`` for each run, caching under ``out_dir``.
 
     ``generate(image, masks, config, seed) -> (scene_mesh, instance_meshes | None, seconds)``, see
-    :mod:`timi.evaluation.generators`. ``limit`` keeps the first N scenes.
+    :mod:`timi.evaluation.generators`; a run with its own ``generator`` uses that one instead (then
+    ``generate`` may be ``None``). ``limit`` keeps the first N scenes.
     """
 
-    def __init__(self, dataset_dir: str | Path, generate: Callable, out_dir: str | Path, *, seed: int = 0,
+    def __init__(self, dataset_dir: str | Path, generate: Callable | None, out_dir: str | Path, *, seed: int = 0,
                  metrics: MetricSettings = MetricSettings(), limit: int | None = None, progress: bool = True,
                  log: Callable[[str], None] | None = None):
         self.dataset_dir = Path(dataset_dir)
@@ -129,23 +130,35 @@ class Evaluator:
         self.limit = limit
         self.progress = progress
         self.log = log or (lambda msg: tqdm.write(msg))
-        self.identity = generator_identity(generate)
-        self._pass_scene_id = _accepts_scene_id(generate)
+        self._identities: dict[int, dict] = {}
 
     # ----------------------------------------------------------------- paths
+    def generator_of(self, run: Run) -> Callable:
+        gen = run.generator if run.generator is not None else self.generate
+        if gen is None:
+            raise ValueError(f"run {run.label!r} has no generator and the evaluator has no default one.")
+        return gen
+
+    def identity(self, run: Run) -> dict:
+        gen = self.generator_of(run)
+        if id(gen) not in self._identities:
+            self._identities[id(gen)] = generator_identity(gen)
+        return self._identities[id(gen)]
+
     def run_dir(self, run: Run) -> Path:
-        return self.out_dir / "cache" / run_key(run, self.seed, self.identity)
+        return self.out_dir / "cache" / run_key(run, self.seed, self.identity(run))
 
     def _write_run_config(self, run: Run) -> None:
         path = self.run_dir(run) / "config.json"
         if not path.exists():
             write_text(path, json.dumps({"config": dataclasses.asdict(run.config), "seed": self.seed,
-                                         "generator": self.identity, "first_label": run.label}, indent=1, default=str))
+                                         "generator": self.identity(run), "first_label": run.label}, indent=1, default=str))
 
     # ----------------------------------------------------------------- one scene
     def _generate(self, run: Run, scene, folder: Path) -> None:
-        kwargs = {"scene_id": scene.scene_id} if self._pass_scene_id else {}
-        mesh, instances, seconds = self.generate(scene.image, scene.masks, run.config, self.seed, **kwargs)
+        generate = self.generator_of(run)
+        kwargs = {"scene_id": scene.scene_id} if _accepts_scene_id(generate) else {}
+        mesh, instances, seconds = generate(scene.image, scene.masks, run.config, self.seed, **kwargs)
         if mesh is None and instances:
             mesh = trimesh.util.concatenate(list(instances))
         if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
@@ -190,7 +203,7 @@ class Evaluator:
         except Exception as e:  # a failing generation must not stop the evaluation
             self.log(f"[{run.label}] {scene.scene_id}: generation failed: {_short_error(e)}")
             (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
-            write_text(self.out_dir / "logs" / f"{run_key(run, self.seed, self.identity)}_{scene.scene_id}.txt",
+            write_text(self.out_dir / "logs" / f"{self.run_dir(run).name}_{scene.scene_id}.txt",
                        traceback.format_exc())
             return SceneResult(run.label, scene.scene_id, "failed", error=f"generation: {_short_error(e)}")
         try:
@@ -219,6 +232,7 @@ class Evaluator:
         if self.limit is not None:
             folders = folders[: self.limit]
         for run in runs:
+            self.generator_of(run)
             self._write_run_config(run)
         results: dict[str, list[SceneResult]] = {r.label: [] for r in runs}
         bar = tqdm(total=len(folders) * len(runs), desc="eval", disable=not self.progress, unit="gen")

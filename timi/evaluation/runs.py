@@ -26,7 +26,8 @@ class Run:
     group: str = "main"
     param: str | None = None
     value: float | int | bool | None = None
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    generator: object = field(default=None, compare=False, hash=False, repr=False)
+    """This row's own generator (e.g. another method's predictions); ``None``: the evaluator's."""
 
 
 #: Paper table -> (group name, rows as (label, TIMIConfig changes)).
