@@ -162,6 +162,8 @@ def test_second_call_uses_the_cache(dataset, tmp_path):
 def test_resume_after_interruption_gives_the_same_table(dataset, tmp_path):
     runs = plan_runs(ablations=["sgu-parts"])  # 3 runs x 3 scenes
     reference = Evaluator(dataset, CountingGenerator(), tmp_path / "ref", metrics=FAST, progress=False).evaluate(runs)
+    bars = write_report(reference, tmp_path / "ref")["plot0"]
+    assert bars.name == "group_table_5_gm_sr.png" and Image.open(bars).size[0] > 800
     out = tmp_path / "out"
     stopped = CountingGenerator(stop_after=4)
     with pytest.raises(KeyboardInterrupt):

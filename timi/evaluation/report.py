@@ -109,8 +109,43 @@ def plot_sweeps(summaries: list[RunSummary], out_dir: Path, baseline: RunSummary
     return written
 
 
+def plot_groups(summaries: list[RunSummary], out_dir: Path) -> list[Path]:
+    """One PNG of bars per group of non-numeric rows with at least two rows (e.g. Tables 2 and 5,
+    or the main table's methods): the six metrics side by side."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        if s.run.param is None:
+            groups.setdefault(s.run.group, []).append(s)
+    written = []
+    for group, rows in groups.items():
+        if len(rows) < 2:
+            continue
+        fig, axes = plt.subplots(2, 3, figsize=(11, 6), constrained_layout=True)
+        labels = [s.run.label for s in rows]
+        colors = [f"C{i}" for i in range(len(rows))]
+        for ax, metric in zip(axes.flat, METRIC_NAMES):
+            ax.bar(range(len(rows)), [s.means[metric] for s in rows], color=colors)
+            ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
+            ax.set_title(METRIC_LABELS[metric])
+            ax.grid(axis="y", alpha=0.3)
+        fig.suptitle(f"{group} ({max(s.n_ok for s in rows)} scenes)")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        slug = re.sub(r"[^a-z0-9]+", "_", group.lower()).strip("_") or "group"
+        written.append(write_bytes(Path(out_dir) / f"group_{slug}.png", buf.getvalue()))
+    return written
+
+
 def write_report(summaries: list[RunSummary], out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
-    """results.md, results.csv, per_scene.csv and plots/sweep_<param>.png under ``out_dir``."""
+    """results.md, results.csv, per_scene.csv, plots/sweep_<param>.png and plots/group_<name>.png."""
     out = Path(out_dir)
     paths = {
         "markdown": write_text(out / "results.md", markdown_table(summaries, title)),
@@ -118,6 +153,7 @@ def write_report(summaries: list[RunSummary], out_dir: str | Path, title: str | 
         "per_scene": write_text(out / "per_scene.csv", per_scene_csv(summaries)),
     }
     baseline = next((s for s in summaries if not s.run.config.isg), None)
-    for i, p in enumerate(plot_sweeps(summaries, out / "plots", baseline)):
+    plots = plot_sweeps(summaries, out / "plots", baseline) + plot_groups(summaries, out / "plots")
+    for i, p in enumerate(plots):
         paths[f"plot{i}"] = p
     return paths
