@@ -9,7 +9,6 @@ the model, map the masks onto the condition tokens, denoise (TIMI-guided, progre
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
