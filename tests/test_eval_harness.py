@@ -313,3 +313,14 @@ def test_scoring_another_methods_predictions(dataset, tmp_path):
     summary = _read_csv(out / "results.csv")
     assert [(r["run"], r["scenes_ok"]) for r in summary] == [("Hunyuan3D 2.0 (no TIMI)", "3"), ("MIDI", "2"),
                                                              ("TIMI", "3")]
+
+
+def test_default_model_is_the_shipped_one(dataset, monkeypatch):
+    import timi.testbed
+
+    def missing():
+        raise FileNotFoundError("the shipped testbed model is missing at X")
+
+    monkeypatch.setattr(timi.testbed, "default_model_path", missing)
+    result = CliRunner().invoke(app, ["eval", str(dataset)])
+    assert result.exit_code == 2 and "no --model given" in result.output and "missing at X" in result.output

@@ -30,7 +30,8 @@ def _base_config(settings: List[str]) -> TIMIConfig:
 def eval_command(
     dataset_dir: Path = typer.Argument(..., help="Folder with one sub-folder per scene: image.png, masks.png|npy, "
                                                  "gt/instance_XX.ply|glb|obj (docs/metrics.md)."),
-    model: Optional[str] = typer.Option(None, "--model", help="hy3dgen model directory or id (e.g. tencent/Hunyuan3D-2)."),
+    model: Optional[str] = typer.Option(None, "--model", help="hy3dgen model directory or id (e.g. tencent/Hunyuan3D-2); "
+                                        "default: the shipped testbed model (unless --generator/--predictions)."),
     generator: Optional[str] = typer.Option(None, "--generator", metavar="MODULE:CALLABLE",
                                             help="Use another generator: generate(image, masks, config, seed) -> "
                                                  "(mesh, instance meshes or None, seconds)."),
@@ -75,7 +76,12 @@ def eval_command(
         raise typer.BadParameter("pass exactly one of --model (hy3dgen model) or --generator MODULE:CALLABLE",
                                  param_hint="--model")
     if model is None and generator is None and not predictions:
-        raise typer.BadParameter("nothing to evaluate: pass --model, --generator or --predictions", param_hint="--model")
+        from timi.testbed import default_model_path
+
+        try:
+            model = str(default_model_path())  # the model shipped with the project, as `timi generate`
+        except FileNotFoundError as e:
+            raise typer.BadParameter(f"no --model given and {e}", param_hint="--model") from None
     if model is None and generator is None and (ablation or sweep or no_timi or baseline or set_):
         raise typer.BadParameter("--ablation/--sweep/--no-timi/--baseline/--set need a model (--model or "
                                  "--generator); --predictions only scores existing outputs", param_hint="--predictions")
