@@ -144,7 +144,7 @@ class InstanceSplit:
             lines.append(f"instance {k} ({name}): {n_parts} part(s), {faces} faces" + ("" if mesh is not None else "  <- no geometry"))
         if self.unclaimed:
             faces = sum(self.assignments[i].faces for i in self.unclaimed)
-            lines.append(f"unclaimed: {len(self.unclaimed)} part(s), {faces} faces (outside every mask)")
+            lines.append(f"unclaimed: {len(self.unclaimed)} part(s), {faces} faces (no instance holds half of their votes)")
         return "\n".join(lines)
 
 
