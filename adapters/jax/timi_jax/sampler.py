@@ -113,7 +113,7 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, sigma
         if do_cfg:
             v = model(jnp.concatenate([z, z], axis=0), jnp.full((2 * batch,), t), cond_in)
             v_cond, v_uncond = jnp.split(v, 2, axis=0)
-            return v_uncond + guidance_scale * (v_cond - v_uncond)
+            return v_uncond + guidance_scale.astype(v.dtype) * (v_cond - v_uncond)
         return model(z, jnp.full((batch,), t), cond_in, guidance)
 
     def guide(z, m, t):  # ISG (Eqs.2-4) + SGU (Eqs.5-7), float32
