@@ -65,11 +65,29 @@ def test_split_with_known_camera_and_occlusion():
 def test_without_zbuffer_the_occluded_box_would_be_misassigned():
     """The back box projects mostly into the front box's mask: only visible points decide correctly."""
     mesh, masks, view = occluded_scene()
-    with_depth = split_instances(mesh, masks, view=view)
-    no_depth = split_instances(mesh, masks, view=view, depth_tolerance_px=np.inf)  # every point "visible"
+    with_depth = split_instances(mesh, masks, view=view, cut_fused=False)
+    no_depth = split_instances(mesh, masks, view=view, depth_tolerance_px=np.inf, cut_fused=False)  # all "visible"
     assert with_depth.meshes[1] is not None
     assert no_depth.meshes[1] is None  # most of the back box's points land in the front box's mask
     assert len(no_depth.unclaimed) == 2
+
+
+def test_fused_objects_are_cut_along_the_mask_border():
+    """Two objects generated as one connected mesh (a bar through both masks): the part is cut
+    where the masks meet; its hidden back faces follow the nearest visible ones."""
+    view = FrontView.from_extent(RES, RES, 1.0)
+    bar = trimesh.creation.box(extents=(1.2, 0.3, 0.3))                      # x in [-0.6, 0.6]
+    bar = bar.subdivide().subdivide().subdivide()                           # faces small enough to cut
+    left, right = rect_mask((-0.6, -0.15), (0.0, 0.15), view), rect_mask((0.0, -0.15), (0.6, 0.15), view)
+    split = split_instances(bar, np.stack([left, right]), view=view)
+    assert len(split.parts) == 3 and split.unclaimed == []
+    assert {a.cut_from for a in split.assignments} == {0}
+    lo, hi = split.meshes[0].bounds, split.meshes[1].bounds
+    assert hi[0][0] == pytest.approx(0.0, abs=0.08) and lo[1][0] == pytest.approx(0.0, abs=0.08)
+    assert lo[0][0] == pytest.approx(-0.6) and hi[1][0] == pytest.approx(0.6)
+    assert abs(split.meshes[0].area - split.meshes[1].area) < 0.1 * bar.area
+    whole = split_instances(bar, np.stack([left, right]), view=view, cut_fused=False)
+    assert whole.unclaimed == [0] and whole.found == 0  # uncut, neither instance holds half of the votes
 
 
 def test_fit_recovers_unknown_scale_and_offset():

@@ -29,7 +29,9 @@ camera at each pixel (other points are hidden behind something), and the visible
 vote with the label under them. The part goes to the instance with most votes when that instance
 holds at least ``min_share`` of the part's votes inside the image (background pixels vote for
 "nobody"); otherwise the part is *unclaimed* and reported. A part hidden entirely behind others
-votes with all its points.
+votes with all its points. A part that several instances each claim a good share of (objects
+generated fused together) is cut along the mask borders: visible faces take the instance under
+them, hidden ones that of the nearest visible face.
 
 The latent-token route (:func:`split_instances_by_tokens`, ``--assign tokens``) needs no camera:
 Eq.2's ``P`` at the final latents says which instance each latent token belongs to, and hy3dgen's
@@ -54,6 +56,7 @@ __all__ = [
     "split_parts",
     "assign_parts",
     "split_instances",
+    "cut_part",
     "instance_scene",
     "instance_colors",
     "node_names",
@@ -114,6 +117,7 @@ class PartAssignment:
     faces: int
     votes: np.ndarray  # (K + 1,) votes: background, instance 0, ..., instance K-1
     visible: bool
+    cut_from: int | None = None  # a piece cut out of a fused part: that part's index in ``parts``
 
     @property
     def share(self) -> float:
@@ -142,8 +146,11 @@ class InstanceSplit:
             n_parts = sum(a.instance == k for a in self.assignments)
             faces = 0 if mesh is None else len(mesh.faces)
             lines.append(f"instance {k} ({name}): {n_parts} part(s), {faces} faces" + ("" if mesh is not None else "  <- no geometry"))
+        cut = sorted({a.cut_from for a in self.assignments if a.cut_from is not None})
+        if cut:
+            lines.append(f"cut: {len(cut)} fused part(s) cut along the mask borders")
         if self.unclaimed:
-            faces = sum(self.assignments[i].faces for i in self.unclaimed)
+            faces = sum(a.faces for a in self.assignments if a.index in self.unclaimed)
             lines.append(f"unclaimed: {len(self.unclaimed)} part(s), {faces} faces (no instance holds half of their votes)")
         return "\n".join(lines)
 
@@ -176,13 +183,18 @@ def assign_parts(
     seed: int = 0,
 ) -> list[PartAssignment]:
     """Assign each part to an instance by visible-point votes in the front view (see module doc)."""
+    return _vote(parts, masks, view, samples_per_part, min_share, depth_tolerance_px, seed)[0]
+
+
+def _vote(parts, masks, view, samples_per_part, min_share, depth_tolerance_px, seed):
+    """:func:`assign_parts` and the z-buffer (H*W nearest depths) it built."""
     masks = np.asarray(masks, dtype=bool)
     K, H, W = masks.shape
     if (H, W) != (view.height, view.width):
         raise ValueError(f"assign_parts: masks are {W}x{H} but the view is {view.width}x{view.height}.")
     n = len(parts)
     if n == 0:
-        return []
+        return [], np.full(H * W, -np.inf)
     labels = label_map_from_masks(masks)
     points = [_surface_points(p, samples_per_part, seed + i) for i, p in enumerate(parts)]
     owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(points)])
@@ -211,7 +223,44 @@ def assign_parts(
         total = v.sum()
         claimed = total > 0 and v[best + 1] > 0 and v[best + 1] >= min_share * total
         out.append(PartAssignment(i, best if claimed else -1, len(part.faces), v.astype(np.int64), was_seen))
-    return out
+    return out, zbuf
+
+
+def cut_part(
+    part: trimesh.Trimesh,
+    labels: np.ndarray,
+    view: FrontView,
+    zbuf: np.ndarray,
+    candidates: Sequence[int],
+    depth_tolerance_px: float = 2.0,
+) -> dict[int, trimesh.Trimesh]:
+    """Cut one connected part that several instances claim along the mask borders.
+
+    Faces whose centre is visible in the front view take the instance under it (when it is one of
+    ``candidates``, 0-based); every other face (hidden, or on background) takes the instance of the
+    nearest such face centre in 3D. Returns {instance: piece}; empty when no face is visible on a
+    candidate's mask.
+    """
+    from scipy.spatial import cKDTree
+
+    H, W = view.height, view.width
+    centres = part.triangles_center
+    rows, cols = view.project(centres)
+    inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+    face_label = np.full(len(centres), -1, dtype=np.int64)
+    idx = np.flatnonzero(inside)
+    pix = rows[idx] * W + cols[idx]
+    seen = centres[idx, 2] >= zbuf[pix] - depth_tolerance_px / view.scale
+    lab = labels[rows[idx], cols[idx]] - 1
+    ok = seen & np.isin(lab, np.asarray(candidates))
+    face_label[idx[ok]] = lab[ok]
+    known = face_label >= 0
+    if not known.any():
+        return {}
+    if not known.all():
+        _, nearest = cKDTree(centres[known]).query(centres[~known])
+        face_label[~known] = face_label[known][nearest]
+    return {int(k): part.submesh([np.flatnonzero(face_label == k)], append=True) for k in np.unique(face_label)}
 
 
 def _body_vertices(parts: Sequence[trimesh.Trimesh], min_area_fraction: float = 0.005) -> np.ndarray:
@@ -237,11 +286,16 @@ def split_instances(
     names: Sequence[str] | None = None,
     view: FrontView | None = None,
     foreground: np.ndarray | None = None,
+    cut_fused: bool = True,
+    cut_share: float = 0.15,
     **assign_kw,
 ) -> InstanceSplit:
     """Split ``mesh`` into one mesh per instance of ``masks`` (K, H, W) in the input image's frame.
 
-    ``view`` defaults to :meth:`FrontView.fit` on ``foreground`` (default: the masks' union).
+    ``view`` defaults to :meth:`FrontView.fit` on ``foreground`` (default: the masks' union). With
+    ``cut_fused``, a connected part on which two or more instances each hold at least ``cut_share``
+    of the votes (objects generated fused together) is cut along the mask borders (:func:`cut_part`)
+    instead of going whole to one instance. ``assign_kw``: see :func:`assign_parts`.
     """
     masks = np.asarray(masks, dtype=bool)
     K = masks.shape[0]
@@ -249,7 +303,25 @@ def split_instances(
     parts = split_parts(mesh)
     if view is None:
         view = FrontView.fit(_body_vertices(parts), masks.any(0) if foreground is None else foreground)
-    assignments = assign_parts(parts, masks, view, **assign_kw)
+    opts = dict(samples_per_part=4000, min_share=0.5, depth_tolerance_px=2.0, seed=0)
+    opts.update(assign_kw)
+    assignments, zbuf = _vote(parts, masks, view, **opts)
+    if cut_fused:
+        labels = label_map_from_masks(masks)
+        parts, assignments = list(parts), list(assignments)
+        for a in list(assignments):
+            inst = a.votes[1:]
+            candidates = [k for k in range(K) if inst.sum() and inst[k] >= cut_share * inst.sum()]
+            if len(candidates) < 2:
+                continue
+            pieces = cut_part(parts[a.index], labels, view, zbuf, candidates, opts["depth_tolerance_px"])
+            if len(pieces) < 2:
+                continue
+            a.instance = -2  # replaced by its pieces
+            for k, piece in pieces.items():
+                parts.append(piece)
+                assignments.append(PartAssignment(len(parts) - 1, k, len(piece.faces), a.votes, True, cut_from=a.index))
+        assignments = [a for a in assignments if a.instance != -2]
     meshes: list[trimesh.Trimesh | None] = []
     for k in range(K):
         mine = [parts[a.index] for a in assignments if a.instance == k]
