@@ -179,3 +179,21 @@ def test_bfloat16_guided_run_within_bound_of_float32(fast_dir, setup):
     assert err < 3e-2 and err < 2 * torch_err, (err, torch_err)
     np.testing.assert_allclose(bf16.losses[: GUIDED.guided_steps], f32.losses[: GUIDED.guided_steps],
                                rtol=2e-3)
+
+
+def test_front_door_pipeline_matches_timi_torch(fast_base, setup):
+    """TIMIPipelineJAX: hy3dgen's preprocessing, conditioner, noise and VAE; the DiT loop in JAX."""
+    import trimesh
+    from timi_torch import TIMIPipeline
+
+    kw = dict(num_inference_steps=STEPS, output_type="latent", enable_pbar=False)
+    expected = TIMIPipeline(fast_base, GUIDED)(setup["img"], setup["masks"],
+                                               generator=torch.Generator().manual_seed(4), **kw)
+    pipe = timi_jax.TIMIPipelineJAX(fast_base, GUIDED)
+    got = pipe(setup["img"], setup["masks"], generator=torch.Generator().manual_seed(4), **kw)
+    assert got.dtype == torch.float32 and rel_err(got.numpy(), expected) < 1e-5
+    assert pipe.last_output.losses.shape == (STEPS, 1)
+    meshes = pipe(setup["img"], setup["masks"], num_inference_steps=STEPS, output_type="trimesh",
+                  generator=torch.Generator().manual_seed(4), octree_resolution=24,
+                  num_chunks=20000)
+    assert len(meshes) == 1 and isinstance(meshes[0], trimesh.Trimesh) and len(meshes[0].faces)
