@@ -72,7 +72,7 @@ class TIMIPipelineJAX:
                      num_train_timesteps=base.scheduler.config.num_train_timesteps,
                      shift=base.scheduler.config.get("shift", 1.0), mesh=self.mesh)
         self.last_output = out
-        result = torch.from_numpy(np.asarray(out.latents.astype(jnp.float32))).to(
+        result = torch.from_numpy(np.array(out.latents.astype(jnp.float32))).to(
             device=base.device, dtype=base.dtype)
         if output_type == "latent":
             return result
