@@ -24,9 +24,10 @@ testbed's renders), :meth:`FrontView.from_extent` gives the exact mapping instea
 
 Assignment
 ----------
-Each part is sampled on its surface; a z-buffer over all samples keeps the points nearest to the
-camera at each pixel (other points are hidden behind something), and the visible points of a part
-vote with the label under them. The part goes to the instance with most votes when that instance
+Each part is sampled on its surface; a depth buffer from dense samples of the whole mesh keeps the
+nearest surface at each pixel (other points are hidden behind something), and the visible points
+of a part vote with the label under them. Voting runs on the label map downsampled (nearest) to at
+most 256 px on the longer side, so the samples cover the grid densely at any photo resolution. The part goes to the instance with most votes when that instance
 holds at least ``min_share`` of the part's votes inside the image (background pixels vote for
 "nobody"); otherwise the part is *unclaimed* and reported. A part hidden entirely behind others
 votes with all its points. A part that several instances each claim a good share of (objects
@@ -186,25 +187,56 @@ def assign_parts(
     return _vote(parts, masks, view, samples_per_part, min_share, depth_tolerance_px, seed)[0]
 
 
+#: Voting and the depth buffer run on a grid whose longer side is at most this many pixels, so the
+#: surface samples cover it densely whatever the photo's resolution.
+WORK_RESOLUTION = 256
+
+
+def _working_grid(labels: np.ndarray, view: FrontView, limit: int = WORK_RESOLUTION):
+    """Nearest-neighbour downsampling of the label map and the matching view (pixel centres)."""
+    H, W = labels.shape
+    f = min(1.0, limit / max(H, W))
+    if f == 1.0:
+        return labels, view
+    Hw, Ww = max(1, round(H * f)), max(1, round(W * f))
+    rows = np.minimum(((np.arange(Hw) + 0.5) * H / Hw).astype(np.int64), H - 1)
+    cols = np.minimum(((np.arange(Ww) + 0.5) * W / Ww).astype(np.int64), W - 1)
+    fy, fx = Hw / H, Ww / W
+    return labels[np.ix_(rows, cols)], FrontView(view.scale * fx, view.u0 * fx, view.v0 * fy, Hw, Ww)
+
+
+def _depth_buffer(parts, view: FrontView, per_pixel: float = 8.0, seed: int = 0) -> np.ndarray:
+    """(H*W,) nearest depth (largest z) per pixel from dense area-weighted surface samples."""
+    H, W = view.height, view.width
+    mesh = trimesh.util.concatenate(list(parts))
+    n = int(min(4_000_000, max(50_000, per_pixel * H * W)))
+    pts = trimesh.sample.sample_surface(mesh, n, seed=seed)[0] if mesh.area > 0 else np.asarray(mesh.vertices)
+    pts = np.concatenate([pts, mesh.vertices], axis=0)
+    rows, cols = view.project(pts)
+    inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+    zbuf = np.full(H * W, -np.inf)
+    np.maximum.at(zbuf, rows[inside] * W + cols[inside], pts[inside, 2])
+    return zbuf
+
+
 def _vote(parts, masks, view, samples_per_part, min_share, depth_tolerance_px, seed):
-    """:func:`assign_parts` and the z-buffer (H*W nearest depths) it built."""
+    """:func:`assign_parts`, plus the working label map, view and depth buffer it used."""
     masks = np.asarray(masks, dtype=bool)
     K, H, W = masks.shape
     if (H, W) != (view.height, view.width):
         raise ValueError(f"assign_parts: masks are {W}x{H} but the view is {view.width}x{view.height}.")
+    labels, view = _working_grid(label_map_from_masks(masks), view)
+    H, W = labels.shape
     n = len(parts)
     if n == 0:
-        return [], np.full(H * W, -np.inf)
-    labels = label_map_from_masks(masks)
+        return [], labels, view, np.full(H * W, -np.inf)
+    zbuf = _depth_buffer(parts, view, seed=seed)
     points = [_surface_points(p, samples_per_part, seed + i) for i, p in enumerate(parts)]
     owner = np.concatenate([np.full(len(p), i) for i, p in enumerate(points)])
     allpts = np.concatenate(points, axis=0)
     rows, cols = view.project(allpts)
     inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
-    # z-buffer: the largest z (nearest to the camera on +z) at each pixel
-    zbuf = np.full(H * W, -np.inf)
     flat = rows[inside] * W + cols[inside]
-    np.maximum.at(zbuf, flat, allpts[inside, 2])
     visible = np.zeros(len(allpts), dtype=bool)
     visible[inside] = allpts[inside, 2] >= zbuf[flat] - depth_tolerance_px / view.scale
     label = np.zeros(len(allpts), dtype=np.int64)
@@ -223,7 +255,7 @@ def _vote(parts, masks, view, samples_per_part, min_share, depth_tolerance_px, s
         total = v.sum()
         claimed = total > 0 and v[best + 1] > 0 and v[best + 1] >= min_share * total
         out.append(PartAssignment(i, best if claimed else -1, len(part.faces), v.astype(np.int64), was_seen))
-    return out, zbuf
+    return out, labels, view, zbuf
 
 
 def cut_part(
@@ -305,16 +337,15 @@ def split_instances(
         view = FrontView.fit(_body_vertices(parts), masks.any(0) if foreground is None else foreground)
     opts = dict(samples_per_part=4000, min_share=0.5, depth_tolerance_px=2.0, seed=0)
     opts.update(assign_kw)
-    assignments, zbuf = _vote(parts, masks, view, **opts)
+    assignments, labels, work_view, zbuf = _vote(parts, masks, view, **opts)
     if cut_fused:
-        labels = label_map_from_masks(masks)
         parts, assignments = list(parts), list(assignments)
         for a in list(assignments):
             inst = a.votes[1:]
             candidates = [k for k in range(K) if inst.sum() and inst[k] >= cut_share * inst.sum()]
             if len(candidates) < 2:
                 continue
-            pieces = cut_part(parts[a.index], labels, view, zbuf, candidates, opts["depth_tolerance_px"])
+            pieces = cut_part(parts[a.index], labels, work_view, zbuf, candidates, opts["depth_tolerance_px"])
             if len(pieces) < 2:
                 continue
             a.instance = -2  # replaced by its pieces
