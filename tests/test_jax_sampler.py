@@ -125,6 +125,11 @@ def test_guided_run_matches_timi_torch_pipeline(fast_base, setup, config):
     ref_losses = np.array([d.loss for d in pipe.diagnostics])
     assert losses.shape == (STEPS, 1) and not losses[config.guided_steps:].any()
     np.testing.assert_allclose(losses[: config.guided_steps], ref_losses, rtol=1e-5)
+    for name, field in (("scales", "scale"), ("max_updates", "max_update")):
+        ref = np.array([getattr(d, field) for d in pipe.diagnostics])
+        got = np.asarray(getattr(out, name))
+        assert not got[config.guided_steps:].any()
+        np.testing.assert_allclose(got[: config.guided_steps], ref, rtol=1e-4, err_msg=name)
     plain = timi_jax.sample(setup["jax_model"], jx(setup["noise"]), jx(setup["cond"]),
                             jx(setup["uncond"]), num_inference_steps=STEPS, config=None)
     assert rel_err(out.latents, plain.latents) > 1e-4  # the guidance did move the latents

@@ -56,11 +56,15 @@ def flow_matching_schedule(num_inference_steps: int, *, num_train_timesteps: int
 
 @dataclasses.dataclass(frozen=True)
 class SampleOutput:
-    """``latents`` (B, L, C); ``losses`` (N, B) float32: ``L_sep`` before each guided step's
-    update (0 for unguided steps)."""
+    """``latents`` (B, L, C) and per-step diagnostics, each (N, B) float32 and 0 for unguided
+    steps (as ``timi_torch.StepDiagnostics``): ``losses`` ``L_sep`` before the step's update,
+    ``scales`` the step size lambda (Eq.6; ``alpha`` without GM), ``max_updates`` the largest
+    ``|z_new - z|``."""
 
     latents: jax.Array
     losses: jax.Array
+    scales: jax.Array
+    max_updates: jax.Array
 
 
 def _guidance_vector(model: Hunyuan3DDiT, batch: int, guidance_scale, dtype):
@@ -119,27 +123,34 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, sigma
     def guide(z, m, t):  # ISG (Eqs.2-4) + SGU (Eqs.5-7), float32
         loss, grad = _loss_and_grad(model, z, jnp.full((batch,), t), cond, tokens, config,
                                     num_layers, guidance)
-        z_new, m_new = timi_core.sgu_update(z.astype(jnp.float32), grad, m, config, axes=(1,))
-        return z_new.astype(z.dtype), m_new, loss
+        zf = z.astype(jnp.float32)
+        z_new, m_new = timi_core.sgu_update(zf, grad, m, config, axes=(1,))
+        if config.sgu and config.gm:  # diagnostics only (XLA shares the smoothing with the update)
+            g = timi_core.gaussian_smooth(grad, config.sigma, (1,)) if config.sr else grad
+            scale = timi_core.adaptive_scale(g, zf, config.alpha, config.eps).reshape(batch)
+        else:
+            scale = jnp.full((batch,), config.alpha, jnp.float32)
+        max_update = jnp.max(jnp.abs(z_new - zf), axis=(1, 2))
+        return z_new.astype(z.dtype), m_new, (loss, scale, max_update)
 
     def step(carry, xs):
         z, m = carry
         i, t, sigma, sigma_next = xs
         if config.enabled:
-            z, m, loss = jax.lax.cond(i < config.guided_steps, guide,
-                                      lambda z, m, t: (z, m, no_loss), z, m, t)
+            z, m, diag = jax.lax.cond(i < config.guided_steps, guide,
+                                      lambda z, m, t: (z, m, (no_loss,) * 3), z, m, t)
         else:
-            loss = no_loss
+            diag = (no_loss,) * 3
         v = velocity(z, t)
         # scheduler.step: float32 sample + (sigma_next - sigma) * v, cast to v's dtype
         z = (z.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(v.dtype)
-        return (z, m), loss
+        return (z, m), diag
 
     n = t_model.shape[0]
     carry = (noise, jnp.zeros(noise.shape, jnp.float32))
-    (latents, _), losses = jax.lax.scan(
+    (latents, _), diags = jax.lax.scan(
         step, carry, (jnp.arange(n), t_model, sigmas[:-1], sigmas[1:]))
-    return latents, losses
+    return latents, diags
 
 
 def _num_layers(model: Hunyuan3DDiT, config: TIMIConfig) -> int:
@@ -216,8 +227,8 @@ def sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
         if tokens is not None:
             tokens = jax.device_put(tokens, batch_spec)
         state = jax.device_put(state, replicated)
-    latents, losses = _sample_program(
+    latents, diags = _sample_program(
         graphdef, state, noise, cond, uncond, tokens, t_model, jnp.asarray(sig),
         jnp.asarray(guidance_scale, jnp.float32), config=config, num_layers=num_layers,
         do_cfg=do_cfg)
-    return SampleOutput(latents, losses)
+    return SampleOutput(latents, *diags)
