@@ -42,8 +42,9 @@ def vae_ceiling(run: str | Path, n: int = 12, split: str = "val", seed: int = 0,
         if mesh is None:
             rows.append({"scene": scene.scene_id, "error": "no surface"})
             continue
-        s = score_scene(mesh, scene.instance_meshes(), points_per_object=4096).as_dict()
-        rows.append({"scene": scene.scene_id, "k": len(scene.primitives), **s})
+        s = score_scene(mesh, scene.instance_meshes(), points_per_object=4096)
+        rows.append({"scene": scene.scene_id, "k": len(scene.primitives), "lcd": s.lcd, "cd_s": s.cd_s,
+                     "fs_s": s.fs_s, "ssr": s.ssr, "cd_o": s.cd_o, "fs_o": s.fs_o, "n_pred": s.n_pred})
     ok = [r for r in rows if "error" not in r]
     keys = [k for k in ok[0] if k not in ("scene", "k")] if ok else []
     return {"n": n, "failed": len(rows) - len(ok),
@@ -100,3 +101,24 @@ def side_by_side(scene_dirs: list[Path], columns: dict[str, list[trimesh.Trimesh
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return Path(out)
+
+
+def figure_from_eval(dataset_dir: str | Path, eval_out: str | Path, scene_ids: list[str], out: str | Path,
+                     labels: tuple[str, ...] = ("Hunyuan3D 2.0 (no TIMI)", "TIMI")) -> Path:
+    """Side-by-side figure from a ``timi eval`` output folder (its cache of generated meshes)."""
+    import json
+
+    runs = {}
+    for cfg in Path(eval_out).glob("cache/*/config.json"):
+        runs[json.loads(cfg.read_text()).get("first_label")] = cfg.parent
+    missing = [label for label in labels if label not in runs]
+    if missing:
+        raise FileNotFoundError(f"{eval_out}: no cached run labelled {missing}; found {sorted(runs)}")
+    columns = {}
+    for label in labels:
+        meshes = []
+        for sid in scene_ids:
+            path = runs[label] / sid / "scene.ply"
+            meshes.append(trimesh.load(path, force="mesh") if path.exists() else None)
+        columns[label] = meshes
+    return side_by_side([Path(dataset_dir) / sid for sid in scene_ids], columns, out)
