@@ -37,8 +37,8 @@ from timi_core import TIMIConfig
 
 from .modeling import Hunyuan3DDiT
 
-__all__ = ["flow_matching_schedule", "sample", "SampleOutput", "data_parallel_mesh",
-           "separation_loss_and_grad"]
+__all__ = ["flow_matching_schedule", "sample", "prepare_sample", "SampleOutput",
+           "data_parallel_mesh", "separation_loss_and_grad"]
 
 
 def flow_matching_schedule(num_inference_steps: int, *, num_train_timesteps: int = 1000,
@@ -184,6 +184,22 @@ def sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
     One compiled program per (model structure, shapes, dtypes, config, step count); later calls
     with new noise, conditions or masks reuse it.
     """
+    args, static = prepare_sample(model, noise, cond, uncond, mask_tokens,
+                                  num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, config=config,
+                                  num_train_timesteps=num_train_timesteps, shift=shift,
+                                  sigmas=sigmas, mesh=mesh)
+    latents, diags = _sample_program(*args, **static)
+    return SampleOutput(latents, *diags)
+
+
+def prepare_sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
+                   num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                   config: TIMIConfig | None = TIMIConfig(), num_train_timesteps: int = 1000,
+                   shift: float = 1.0, sigmas=None, mesh: Mesh | None = None):
+    """Validated ``(args, static_kwargs)`` of the compiled sampling program (see :func:`sample`);
+    ``_sample_program(*args, **static_kwargs)`` runs it, ``.lower(...)`` compiles it ahead of time
+    (:mod:`timi_jax.bench`)."""
     config = TIMIConfig(isg=False) if config is None else config
     dtype = model.dtype
     noise = jnp.asarray(noise, dtype)
@@ -227,8 +243,6 @@ def sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
         if tokens is not None:
             tokens = jax.device_put(tokens, batch_spec)
         state = jax.device_put(state, replicated)
-    latents, diags = _sample_program(
-        graphdef, state, noise, cond, uncond, tokens, t_model, jnp.asarray(sig),
-        jnp.asarray(guidance_scale, jnp.float32), config=config, num_layers=num_layers,
-        do_cfg=do_cfg)
-    return SampleOutput(latents, *diags)
+    args = (graphdef, state, noise, cond, uncond, tokens, t_model, jnp.asarray(sig),
+            jnp.asarray(guidance_scale, jnp.float32))
+    return args, dict(config=config, num_layers=num_layers, do_cfg=do_cfg)
