@@ -129,6 +129,9 @@ def test_full_forward_matches_torch(pair, shape):
     out = forward(jm, j(x), j(t), j(cond), *[j(v) for v in kw.values()])
     assert out.shape == ref.shape and out.dtype == jnp.float32
     assert rel_err(out, ref) < 1e-5
+    if shape == (1, 3, 1):  # hy3dgen's calling convention, contexts={'main': cond}
+        same = forward(jm, j(x), j(t), {"main": j(cond)}, *[j(v) for v in kw.values()])
+        np.testing.assert_array_equal(np.asarray(same), np.asarray(out))
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])

@@ -26,7 +26,7 @@ formed as an array of its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -347,7 +347,11 @@ class Hunyuan3DDiT(nnx.Module):
 
     # -- pieces of the forward, public for per-block parity tests and the guidance pass --
     def embed(self, x, t, cond, guidance=None):
-        """Input projections and the conditioning vector: ``(latent, cond, vec)``."""
+        """Input projections and the conditioning vector: ``(latent, cond, vec)``.
+
+        ``cond`` may also be hy3dgen's ``{'main': cond}`` dict."""
+        if isinstance(cond, Mapping):
+            cond = cond["main"]
         x = jnp.asarray(x, self.dtype)
         cond = jnp.asarray(cond, self.dtype)
         latent = self.latent_in(x)
@@ -361,7 +365,8 @@ class Hunyuan3DDiT(nnx.Module):
         return latent, self.cond_in(cond), vec
 
     def __call__(self, x, t, cond, guidance=None):
-        """Velocity prediction: x (B, L, C), t (B,) in [0, 1], cond (B, M, context_in_dim)."""
+        """Velocity prediction: x (B, L, C), t (B,) in [0, 1], cond (B, M, context_in_dim) (or
+        hy3dgen's ``{'main': cond}``) -> (B, L, C)."""
         latent, cond, vec = self.embed(x, t, cond, guidance)
         for block in self.double_blocks:
             latent, cond = block(latent, cond, vec)
