@@ -17,6 +17,8 @@ app = typer.Typer(help="Benchmarks: TIMI overhead vs plain sampling, guidance-pa
 _JSON = typer.Option(None, "--json", help="Write the full result (timings, config, machine) to this JSON file.")
 _TINY = typer.Option(False, "--tiny", help="Seconds-long smoke configuration (CI).")
 _REPEATS = typer.Option(3, "--repeats", min=1, help="Timed rounds (interleaved); the median is reported.")
+_THREADS = typer.Option(0, "--threads", min=0, help="CPU threads per process (0: the libraries' default; 1: also "
+                                                    "single-threaded XLA). Use 1 on a shared, busy machine.")
 
 
 def _overrides(**kw) -> dict:
@@ -48,6 +50,12 @@ def _emit(result: dict, path: Optional[Path], lines: list[str]) -> None:
     if path is not None:
         write_json(result, path)
         typer.echo(f"wrote {path}")
+
+
+def _threads(n: int) -> None:
+    from .timing import limit_threads
+
+    limit_threads(n)
 
 
 def _fmt(x) -> str:
@@ -86,9 +94,10 @@ def overhead(
     heads: Optional[int] = _HEADS, depth: Optional[int] = _DEPTH, single_depth: Optional[int] = _SDEPTH,
     latents: Optional[int] = _L, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
     guided_layers: Optional[int] = _LAYERS, seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
-    json_path: Optional[Path] = _JSON,
+    threads: int = _THREADS, json_path: Optional[Path] = _JSON,
 ) -> None:
     """Plain vs TIMI sampling (same model, seed, schedule): medians, ratio timi/plain and its FLOP floor."""
+    _threads(threads)
     from .runs import overhead as run
 
     if backend not in ("torch", "jax"):
@@ -122,10 +131,11 @@ def guidance_pass_cmd(
     latents: Optional[int] = _L, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
     hidden: Optional[int] = _HIDDEN, heads: Optional[int] = _HEADS, guided_layers: Optional[int] = _LAYERS,
     seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
-    json_path: Optional[Path] = _JSON,
+    threads: int = _THREADS, json_path: Optional[Path] = _JSON,
 ) -> None:
     """One guidance pass (Eqs.2-7, first 4 double blocks, forward + backward) at the real shapes
     (hidden 1024, 16 heads, L=3072, M=1370): fused vs explicit P, time and peak memory."""
+    _threads(threads)
     from .guidance_pass import guidance_pass
 
     base = tiny_config().replace(depth_single_blocks=0) if tiny else guidance_pass_config()
@@ -133,7 +143,7 @@ def guidance_pass_cmd(
                   hidden_size=hidden, num_heads=heads, seed=seed, dtype=dtype)
     if guided_layers is not None:
         cfg = _config(cfg, guided_layers=guided_layers, depth=guided_layers)
-    r = guidance_pass(cfg, repeats=repeats)
+    r = guidance_pass(cfg, repeats=repeats, threads=threads)
     _emit(r, json_path, [
         f"guidance pass fused {_fmt(r['fused_s'])} s / {_fmt(r['fused_peak_mib'])} MiB; explicit "
         f"{_fmt(r['explicit_s'])} s / {_fmt(r['explicit_peak_mib'])} MiB",
@@ -149,9 +159,10 @@ def backends(
     heads: Optional[int] = _HEADS, depth: Optional[int] = _DEPTH, single_depth: Optional[int] = _SDEPTH,
     latents: Optional[int] = _L, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
     guided_layers: Optional[int] = _LAYERS, seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
-    json_path: Optional[Path] = _JSON,
+    threads: int = _THREADS, json_path: Optional[Path] = _JSON,
 ) -> None:
     """The whole guided sampler, JAX (compiled; compile time apart) vs PyTorch, same config and inputs."""
+    _threads(threads)
     from .jax_backend import jax_available
     from .runs import backends as run
 
@@ -176,14 +187,15 @@ def scaling(
     ls: str = typer.Option("256,512,1024,3072", "--ls", help="Latent token counts L (at the config's K)."),
     tiny: bool = _TINY,
     repeats: int = typer.Option(1, "--repeats", min=1, help="Timed rounds per point."),
-    steps: int = typer.Option(5, "--steps", help="Sampling steps (short by default: 5)."),
-    guided_steps: int = typer.Option(2, "--guided-steps", help="Guided steps (default 2 of 5)."),
+    steps: int = typer.Option(3, "--steps", help="Sampling steps (short by default: 3, to keep L=3072 in minutes)."),
+    guided_steps: int = typer.Option(1, "--guided-steps", help="Guided steps (default 1 of 3, ~the paper's 30%)."),
     hidden: Optional[int] = _HIDDEN, heads: Optional[int] = _HEADS, depth: Optional[int] = _DEPTH,
     single_depth: Optional[int] = _SDEPTH, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
     guided_layers: Optional[int] = _LAYERS, seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
-    json_path: Optional[Path] = _JSON,
+    threads: int = _THREADS, json_path: Optional[Path] = _JSON,
 ) -> None:
     """Overhead ratio for K = 1, 2, 4, 8 instances and L = 256, 512, 1024, 3072 latent tokens."""
+    _threads(threads)
     from .runs import scaling as run
 
     if backend not in ("torch", "jax"):
@@ -198,6 +210,17 @@ def scaling(
         lines.append(f"  K={row['K']:>2} L={row['L']:>5}: plain {_fmt(row['plain_s'])} s, TIMI "
                      f"{_fmt(row['timi_s'])} s, ratio {_fmt(row['ratio'])} (floor {_fmt(row['floor'])})")
     _emit(r, json_path, lines)
+
+
+@app.command()
+def report(files: list[Path] = typer.Argument(..., help="JSON files written by the other sub-commands.")) -> None:
+    """Markdown tables (as in docs/benchmarks.md) from result JSON files."""
+    from .report import render
+
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise typer.BadParameter(f"no such result file(s): {missing}")
+    typer.echo(render(files))
 
 
 def main() -> None:

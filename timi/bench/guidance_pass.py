@@ -65,8 +65,9 @@ def run_pass(cfg: BenchConfig, mode: str) -> dict:
             "pass_peak_mib": max(peak - baseline, 0.0), "loss": diag.loss, "scale": diag.scale}
 
 
-def _spawn(cfg: BenchConfig, mode: str) -> dict:
-    cmd = [sys.executable, "-m", "timi.bench.guidance_pass", "--worker", mode, json.dumps(cfg.as_dict())]
+def _spawn(cfg: BenchConfig, mode: str, threads: int) -> dict:
+    cmd = [sys.executable, "-m", "timi.bench.guidance_pass", "--worker", mode, "--threads", str(threads),
+           json.dumps(cfg.as_dict())]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"guidance-pass worker ({mode}) failed with exit code {proc.returncode}:\n"
@@ -74,17 +75,18 @@ def _spawn(cfg: BenchConfig, mode: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def guidance_pass(cfg: BenchConfig, repeats: int = 1) -> dict:
+def guidance_pass(cfg: BenchConfig, repeats: int = 1, threads: int = 0) -> dict:
     """Fused vs explicit guidance pass: median time and pass peak memory of each, their ratios."""
     from .timing import machine_info
 
     if cfg.depth_single_blocks or cfg.depth != cfg.guided_layers:
         raise ValueError("guidance-pass builds only the guided double blocks: use depth=guided_layers and "
                          f"depth_single_blocks=0 (got depth={cfg.depth}, single={cfg.depth_single_blocks}).")
+    machine = machine_info()
     runs = {"fused": [], "explicit": []}
     for r in range(repeats):
         for mode in (("fused", "explicit") if r % 2 == 0 else ("explicit", "fused")):
-            runs[mode].append(_spawn(cfg, mode))
+            runs[mode].append(_spawn(cfg, mode, threads))
     med = {m: {"seconds": statistics.median(x["seconds"] for x in v),
                "pass_peak_mib": statistics.median(x["pass_peak_mib"] for x in v)} for m, v in runs.items()}
     lf, le = runs["fused"][0]["loss"][0], runs["explicit"][0]["loss"][0]
@@ -104,16 +106,21 @@ def guidance_pass(cfg: BenchConfig, repeats: int = 1) -> dict:
         "runs": runs,
         "memory_method": "ru_maxrss after the pass minus VmRSS before it, one fresh subprocess per run",
         "repeats": repeats,
+        "threads": threads,
         "config": cfg.as_dict(),
-        "machine": machine_info(),
+        "machine": machine,
     }
 
 
 def _worker_main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="internal: one guidance pass, JSON on stdout")
     ap.add_argument("--worker", required=True, choices=["fused", "explicit"])
+    ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("config")
     a = ap.parse_args(argv)
+    from .timing import limit_threads
+
+    limit_threads(a.threads)
     print(json.dumps(run_pass(BenchConfig(**json.loads(a.config)), a.worker)))
 
 

@@ -47,6 +47,7 @@ def overhead(cfg: BenchConfig, backend: str = "torch", repeats: int = 3, warmup:
              _machine: bool = True) -> dict:
     """Plain vs TIMI sampling, same model / seed / schedule: medians and ``ratio = timi_s / plain_s``,
     next to the FLOP floor (:func:`timi.bench.floor.overhead_floor`)."""
+    machine = machine_info() if _machine else None
     plain, timi, holder = _samplers(cfg, backend)
     first = {}
     if backend == "jax":  # compile both programs first, timed apart
@@ -79,7 +80,7 @@ def overhead(cfg: BenchConfig, backend: str = "torch", repeats: int = 3, warmup:
     # sanity: guidance changed the sample, plain sampling is deterministic
     out["max_abs_latent_diff_timi_vs_plain"] = _latent_diff(_as_numpy(plain()), _as_numpy(timi()))
     if _machine:
-        out["machine"] = machine_info()
+        out["machine"] = machine
     return out
 
 
@@ -87,6 +88,7 @@ def scaling(cfg: BenchConfig, backend: str = "torch", ks=(1, 2, 4, 8), ls=(256, 
             repeats: int = 1, warmup: int = 0) -> dict:
     """Overhead ratio over K instances (at ``cfg.num_latents``) and over L latent tokens (at
     ``cfg.num_instances``); one :func:`overhead` run per point."""
+    machine = machine_info()
     rows = []
     for sweep, values in (("K", ks), ("L", ls)):
         for v in values:
@@ -109,7 +111,7 @@ def scaling(cfg: BenchConfig, backend: str = "torch", ks=(1, 2, 4, 8), ls=(256, 
         "extra_s_over_L": [r["timi_s"] - r["plain_s"] for r in l_rows],
         "repeats": repeats,
         "config": cfg.as_dict(),
-        "machine": machine_info(),
+        "machine": machine,
     }
 
 
@@ -122,11 +124,12 @@ def backends(cfg: BenchConfig, repeats: int = 3, guided: bool = True) -> dict:
     why = jax_available()
     if why:
         raise RuntimeError(why)
+    machine = machine_info()
     bench = BenchModel(cfg)
     js = JaxSampler(bench)
     first_s, _ = timed(lambda: js.run(guided))
     res = interleaved({"torch": lambda: bench.sample(guided), "jax": lambda: js.run(guided)},
-                      repeats=repeats, warmup=1)
+                      repeats=repeats, warmup=0)  # JAX's first (compiling) call above is its warm-up
     torch_s, jax_s = res["torch"]["median_s"], res["jax"]["median_s"]
     diff = _latent_diff(_as_numpy(bench.sample(guided)), _as_numpy(js.run(guided)))
     return {
@@ -147,7 +150,7 @@ def backends(cfg: BenchConfig, repeats: int = 3, guided: bool = True) -> dict:
         "jax_device": js.device,
         "repeats": repeats,
         "config": cfg.as_dict(),
-        "machine": machine_info(),
+        "machine": machine,
     }
 
 

@@ -91,3 +91,21 @@ def write_json(result: dict, path) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+
+
+def limit_threads(threads: int) -> None:
+    """``threads`` > 0: torch intra-op threads = ``threads``; XLA's CPU client single-threaded when 1
+    (``XLA_FLAGS``; effective only before JAX starts its CPU backend). On a shared, oversubscribed
+    machine one thread per process avoids OpenMP barrier stalls that slow 2-thread torch ~10x."""
+    if threads <= 0:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    if threads == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        extra = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        if "xla_cpu_multi_thread_eigen" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " " + extra).strip()
+    elif hasattr(os, "sched_setaffinity") and threads < len(os.sched_getaffinity(0)):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
