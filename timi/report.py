@@ -289,8 +289,26 @@ def render_views(
         shade = 0.35 + 0.65 * np.clip(np.abs(n[chosen] @ light), 0, 1)
         img = np.ones((resolution * resolution, 3))
         img[pix[front]] = col[chosen] * shade[:, None]
-        out[name] = img.reshape(resolution, resolution, 3)
+        out[name] = _fill_pinholes(img.reshape(resolution, resolution, 3), zbuf.reshape(resolution, resolution),
+                                   tolerance=0.05 * radius)
     return out
+
+
+def _fill_pinholes(img: np.ndarray, depth: np.ndarray, tolerance: float) -> np.ndarray:
+    """Fix point-splatting gaps: empty pixels inside the silhouette, and pixels showing a surface
+    behind a gap in a nearer one (a neighbour is nearer by more than ``tolerance``), take the
+    colour of the nearest good pixel."""
+    from scipy import ndimage
+
+    hit = np.isfinite(depth)
+    d = np.where(hit, depth, -np.inf)
+    see_through = hit & (d < ndimage.maximum_filter(d, size=3) - tolerance)
+    good = hit & ~see_through
+    holes = (ndimage.binary_closing(hit, structure=np.ones((3, 3))) & ~hit) | see_through
+    if holes.any() and good.any():
+        _, (r, c) = ndimage.distance_transform_edt(~good, return_indices=True)
+        img[holes] = img[r[holes], c[holes]]
+    return img
 
 
 def plot_views(views: dict[str, np.ndarray], names: Sequence[str], colors: np.ndarray, image=None, title: str = ""):
