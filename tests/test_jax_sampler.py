@@ -230,3 +230,18 @@ def test_guidance_distilled_model_follows_hy3dgens_loop():
     guided = timi_jax.sample(jm, jx(noise), jx(cond), mask_tokens=tokens, num_inference_steps=4,
                              guidance_scale=4.5, config=TIMIConfig(guided_layers=2, guided_steps=2))
     assert np.all(np.asarray(guided.losses[:2]) > 0) and np.isfinite(guided.latents).all()
+
+
+def test_samples_of_a_batch_stay_independent(setup):
+    """A batch of two scenes (different noise, condition, masks) equals the two runs alone."""
+    kw = dict(num_inference_steps=STEPS, guidance_scale=5.0, config=GUIDED)
+    noise = [jx(setup["noise"]), jax.random.normal(jax.random.key(7), setup["noise"].shape)]
+    cond = [jx(setup["cond"]), jx(setup["cond"].flip(1))]
+    tokens = [jx(setup["tokens"]), jx(setup["tokens"].flip(-1))]
+    uncond = jx(setup["uncond"])
+    both = timi_jax.sample(setup["jax_model"], jnp.concatenate(noise), jnp.concatenate(cond),
+                           jnp.concatenate([uncond, uncond]), jnp.concatenate(tokens), **kw)
+    for b in range(2):
+        alone = timi_jax.sample(setup["jax_model"], noise[b], cond[b], uncond, tokens[b], **kw)
+        assert rel_err(both.latents[b], alone.latents[0]) < 1e-6
+        np.testing.assert_allclose(both.losses[:, b], alone.losses[:, 0], rtol=1e-6)
