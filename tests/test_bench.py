@@ -16,9 +16,23 @@ from timi.cli import app
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The smoke runs use ``--threads 1`` (fast on a busy CI machine); give other tests the defaults back."""
+    import os
+
+    threads, flags = torch.get_num_threads(), os.environ.get("XLA_FLAGS")
+    yield
+    torch.set_num_threads(threads)
+    if flags is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = flags
+
+
 def _run(tmp_path, *args):
     out = tmp_path / "result.json"
-    res = runner.invoke(app, ["bench", *args, "--json", str(out)])
+    res = runner.invoke(app, ["bench", *args, "--threads", "1", "--json", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     return json.loads(out.read_text())
 
@@ -100,3 +114,10 @@ def test_floor_of_the_paper_schedule():
                                    steps=50, guided_steps=15))
     assert 1.035 < f["floor"] < 4 / 48 * 0.5 * 0.3 * 3 + 1 + 1e-3
     assert 1 < f["floor_input_grad"] < f["floor"]
+
+
+def test_report_renders_results(tmp_path):
+    r = _run(tmp_path, "overhead", "--tiny", "--repeats", "1", "--warmup", "0")
+    res = runner.invoke(app, ["bench", "report", str(tmp_path / "result.json")])
+    assert res.exit_code == 0, res.output
+    assert f"{r['ratio']:.3f}" in res.output and r["machine"]["cpu"] in res.output
