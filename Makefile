@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml constraints/ci.txt
 
 install: $(STAMP)
 
+EXAMPLE := timi/assets/example
 demo: $(STAMP)
-	$(PY) -m timi.demo
+	$(VENV)/bin/timi generate $(EXAMPLE)/image.png --masks $(EXAMPLE)/masks.png --out outputs/demo.glb \
+		--split-instances --report outputs/demo-report --octree-resolution 128 --seed 0
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
