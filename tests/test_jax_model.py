@@ -118,7 +118,7 @@ def test_every_block_matches_torch(pair):
     assert rel_err(call(jm.final_layer, j(h[:, c.shape[1]:]), j(vec)), final) < 1e-5
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 1), (2, 7, 5), (3, 16, 11)])
+@pytest.mark.parametrize("shape", [(1, 3, 1), (3, 16, 11)])  # (2, 7, 5): the block test
 def test_full_forward_matches_torch(pair, shape):
     cfg, tm, jm = pair
     b, length, m = shape
@@ -152,9 +152,11 @@ def test_half_precision_within_bound(dtype_name):
     bound = 3e-2 if dtype_name == "bfloat16" else 5e-3
     assert err < bound, (err, torch_err)
     assert err < 3 * torch_err + 1e-4, (err, torch_err)
-    # float32 compute over stored bf16/fp16 weights: the weights' rounding only
-    jm_mixed = timi_jax.from_torch(tm, dtype=jnp.float32, param_dtype=jdt)
-    assert forward(jm_mixed, j(x), j(t), j(cond)).dtype == jnp.float32
+    if dtype_name == "bfloat16":  # float32 compute over stored bf16 weights
+        jm_mixed = timi_jax.from_torch(tm, dtype=jnp.float32, param_dtype=jdt)
+        assert jm_mixed.latent_in.kernel[...].dtype == jdt
+        mixed = forward(jm_mixed, j(x), j(t), j(cond))
+        assert mixed.dtype == jnp.float32 and rel_err(mixed, ref) < err
 
 
 def test_same_parameters_as_hy3dgen_and_errors():
