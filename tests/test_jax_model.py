@@ -164,6 +164,9 @@ def test_same_parameters_as_hy3dgen_and_errors():
         abstract = nnx.eval_shape(lambda: timi_jax.Hunyuan3DDiT(**cfg))
         n = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
         assert n == sum(p.numel() for p in hdit.Hunyuan3DDiT(**cfg).parameters())
+    v20 = nnx.eval_shape(lambda: timi_jax.Hunyuan3DDiT())  # hy3dgen's defaults: the v2.0 DiT
+    n = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(v20, nnx.Param)))
+    assert n == 1_113_274_432  # hy3dgen's count (shared/notes/hy3dgen-facts.md)
     with pytest.raises(ValueError, match="divisible"):
         timi_jax.Hunyuan3DDiT(hidden_size=10, num_heads=3)
     with pytest.raises(ValueError, match="axes_dim"):
