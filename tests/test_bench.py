@@ -59,11 +59,12 @@ def test_overhead_torch_smoke(tmp_path):
 
 
 def test_scaling_smoke(tmp_path):
-    r = _run(tmp_path, "scaling", "--tiny", "--ks", "1,2", "--ls", "16,32")
+    r = _run(tmp_path, "scaling", "--tiny", "--ks", "1,2", "--ls", "16,32", "--repeats", "1", "--warmup", "0")
     _check_common(r, "torch")
     assert [(row["sweep"], row["K"], row["L"]) for row in r["rows"]] == [
         ("K", 1, 32), ("K", 2, 32), ("L", 2, 16), ("L", 2, 32)]
-    assert all(_positive_finite(row[k]) for row in r["rows"] for k in ("plain_s", "timi_s", "ratio", "floor"))
+    assert all(_positive_finite(row[k]) for row in r["rows"]
+               for k in ("plain_step_s", "guided_step_s", "step_ratio", "ratio", "floor"))
 
 
 def test_guidance_pass_smoke(tmp_path):

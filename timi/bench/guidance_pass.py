@@ -10,6 +10,7 @@ reaches the others) and calls ``TIMIPipeline.guide`` once -- the adapter's own I
 * memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the kernel's high-water mark of the
   process's resident set) after the call, minus the resident set just before it (``VmRSS`` in
   ``/proc/self/status``): the peak working memory of the pass itself, weights and inputs excluded.
+  On a GPU: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the pass.
   torch has no CPU allocator statistics and ``tracemalloc`` does not see its allocations; a fresh
   process per mode keeps one mode's high-water mark out of the other's.
 
@@ -56,13 +57,22 @@ def run_pass(cfg: BenchConfig, mode: str) -> dict:
     timestep = torch.full((B,), 0.5, dtype=bench.base.dtype)        # mid-schedule; any t costs the same
     cond_main = bench.cond.to(bench.base.device, bench.base.dtype).expand(B, -1, -1)
     tokens = bench.tokens.expand(B, -1, -1)
-    baseline = _rss_mib()
+    cuda = z.is_cuda
+    if cuda:  # on a GPU: torch's allocator statistics instead of the process RSS
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated() / 2**20
+    else:
+        baseline = _rss_mib()
     t0 = time.perf_counter()
     _, _, diag = pipe.guide(z, timestep, cond_main, tokens, None, step=0)
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    peak = _maxrss_mib()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _maxrss_mib()
     return {"mode": mode, "seconds": seconds, "baseline_rss_mib": baseline, "peak_rss_mib": peak,
-            "pass_peak_mib": max(peak - baseline, 0.0), "loss": diag.loss, "scale": diag.scale}
+            "pass_peak_mib": max(peak - baseline, 0.0), "loss": diag.loss, "scale": diag.scale,
+            "memory_counter": "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss - VmRSS"}
 
 
 def _spawn(cfg: BenchConfig, mode: str, threads: int) -> dict:

@@ -55,11 +55,13 @@ def _backends(r: dict) -> list[str]:
 
 def _scaling(r: dict) -> list[str]:
     c = r["config"]
-    out = [f"{c['steps']} steps, {c['guided_steps']} guided, {r['repeats']} repeat(s) per point, backend {r['backend']}.",
-           "", "| sweep | K | L | plain s | TIMI s | TIMI / plain | FLOP floor |", "|---|---|---|---|---|---|---|"]
+    out = [f"One-step samplers (plain vs guided), {r['repeats']} interleaved repeat(s) after {r.get('warmup', 0)} "
+           f"warm-up per point, backend {r['backend']}; overhead for the {c['steps']}-step / {c['guided_steps']}-guided "
+           "schedule = 1 + (t/T)(guided step / plain step - 1).",
+           "", "| sweep | K | L | plain step s | guided step s | overhead | FLOP floor |", "|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        out.append(f"| {row['sweep']} | {row['K']} | {row['L']} | {_f(row['plain_s'], 2)} | {_f(row['timi_s'], 2)} | "
-                   f"{_f(row['ratio'])} | {_f(row['floor'])} |")
+        out.append(f"| {row['sweep']} | {row['K']} | {row['L']} | {_f(row['plain_step_s'], 3)} | "
+                   f"{_f(row['guided_step_s'], 3)} | {_f(row['ratio'])} | {_f(row['floor'])} |")
     return out
 
 
