@@ -52,7 +52,8 @@ def _check_common(r, backend):
 def test_overhead_torch_smoke(tmp_path):
     r = _run(tmp_path, "overhead", "--tiny", "--repeats", "1", "--warmup", "0")
     _check_common(r, "torch")
-    for key in ("plain_s", "timi_s", "ratio", "floor", "floor_input_grad", "guide_s_per_guided_step"):
+    for key in ("plain_s", "timi_s", "ratio", "floor", "floor_input_grad", "guide_s_per_guided_step",
+                "ratio_from_guide_time"):
         assert _positive_finite(r[key]), (key, r[key])
     assert r["ratio"] == pytest.approx(r["timi_s"] / r["plain_s"])
     assert r["max_abs_latent_diff_timi_vs_plain"] > 0  # the guidance did change the sample

@@ -118,7 +118,8 @@ def overhead(
              f"input-grad-only floor {_fmt(r['floor_input_grad'])})"]
     if "guide_s_per_guided_step" in r:
         lines.append(f"  plain step {_fmt(r['plain_step_s'])} s; one guidance pass (ISG+SGU) "
-                     f"{_fmt(r['guide_s_per_guided_step'])} s")
+                     f"{_fmt(r['guide_s_per_guided_step'])} s; 1 + guidance time / plain time = "
+                     f"{_fmt(r['ratio_from_guide_time'])}")
     if "compile_s" in r:
         lines.append(f"  JAX compile: plain {_fmt(r['compile_s']['plain'])} s, TIMI {_fmt(r['compile_s']['timi'])} s")
     _emit(r, json_path, lines)
