@@ -115,7 +115,8 @@ def overhead(
     r = run(cfg, backend, repeats=repeats, warmup=warmup)
     lines = [f"overhead [{backend}] plain {_fmt(r['plain_s'])} s, TIMI {_fmt(r['timi_s'])} s, "
              f"ratio {_fmt(r['ratio'])} (target <= {r['target_ratio']}; FLOP floor {_fmt(r['floor'])}, "
-             f"input-grad-only floor {_fmt(r['floor_input_grad'])})"]
+             f"input-grad-only floor {_fmt(r['floor_input_grad'])}, with the P attention "
+             f"{_fmt(r['floor_with_p_attention'])})"]
     if "guide_s_per_guided_step" in r:
         lines.append(f"  plain step {_fmt(r['plain_step_s'])} s; one guidance pass (ISG+SGU) "
                      f"{_fmt(r['guide_s_per_guided_step'])} s; 1 + guidance time / plain time = "

@@ -17,7 +17,10 @@ blocks on one branch (``F_guide``); with the usual "backward = 2 x forward" rule
 
 (issue 7's "about 4%" for l=4 of 48 blocks, t=15 of 50 steps). Only input gradients are needed
 (the weights are frozen), for which backward ~ 1 x forward on the linear layers: ``floor_input_grad``
-uses ``1 + 1`` instead of ``1 + 2``, a lower bound.
+uses ``1 + 1`` instead of ``1 + 2``, a lower bound. Reading ``P`` (Eq.2) out of a guided block
+costs one more attention of the ``L`` latent queries over all ``S`` keys (the fused path, values
+padded to the head width): ``floor_with_p_attention`` adds ``4*L*S*h`` per guided block to
+``F_guide`` -- the floor of the algorithm as the adapters implement it.
 """
 
 from __future__ import annotations
@@ -61,9 +64,14 @@ def overhead_floor(cfg: BenchConfig) -> dict:
     full = forward_flops(cfg)
     guide = forward_flops(cfg, double_blocks=cfg.guided_layers, single_blocks=0, final=False)
     frac = cfg.guided_steps / cfg.steps
+    S = cfg.num_latents + cfg.num_cond_tokens
+    p_attn = cfg.guided_layers * 4 * cfg.num_latents * S * cfg.hidden_size
     return {
         "floor": 1 + frac * 3 * guide / (2 * full),
         "floor_input_grad": 1 + frac * 2 * guide / (2 * full),
+        # + the second attention that reads P out (L latent queries over all S keys, values padded
+        # to the head width, as timi_torch's fused path does): 4 L S h per guided block
+        "floor_with_p_attention": 1 + frac * 3 * (guide + p_attn) / (2 * full),
         "forward_gflops_per_sample": full / 1e9,
         "guided_forward_gflops_per_sample": guide / 1e9,
         "formula": "1 + (t/T) * (1 + b) * F_guide / (2 * F_full), b = 2 (floor) or 1 (floor_input_grad)",

@@ -14,13 +14,14 @@ def _f(x, nd=3) -> str:
 
 def _overhead(rs: list[dict]) -> list[str]:
     out = ["| backend | steps (guided) | plain s | TIMI s | TIMI / plain | 1 + guide time / plain | FLOP floor (b=2) "
-           "| floor (b=1) | target |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| floor (b=1) | floor + P attention | target |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rs:
         c = r["config"]
         out.append(f"| {r['backend']} | {c['steps']} ({c['guided_steps']}) | {_f(r['plain_s'], 2)} | "
                    f"{_f(r['timi_s'], 2)} | **{_f(r['ratio'])}** | {_f(r.get('ratio_from_guide_time'))} | "
-                   f"{_f(r['floor'])} | {_f(r['floor_input_grad'])} | <= {r['target_ratio']} |")
+                   f"{_f(r['floor'])} | {_f(r['floor_input_grad'])} | {_f(r.get('floor_with_p_attention'))} | "
+                   f"<= {r['target_ratio']} |")
     extra = [f"- {r['backend']}: runs plain {[round(x, 2) for x in r['plain_runs_s']]} s, TIMI "
              f"{[round(x, 2) for x in r['timi_runs_s']]} s" +
              (f"; one guidance pass {_f(r['guide_s_per_guided_step'])} s vs one plain CFG step "
@@ -59,10 +60,12 @@ def _scaling(r: dict) -> list[str]:
     out = [f"One-step samplers (plain vs guided), {r['repeats']} interleaved repeat(s) after {r.get('warmup', 0)} "
            f"warm-up per point, backend {r['backend']}; overhead for the {c['steps']}-step / {c['guided_steps']}-guided "
            "schedule = 1 + (t/T)(guided step / plain step - 1).",
-           "", "| sweep | K | L | plain step s | guided step s | overhead | FLOP floor |", "|---|---|---|---|---|---|---|"]
+           "", "| sweep | K | L | plain step s | guided step s | overhead | FLOP floor | floor + P attention |",
+           "|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         out.append(f"| {row['sweep']} | {row['K']} | {row['L']} | {_f(row['plain_step_s'], 3)} | "
-                   f"{_f(row['guided_step_s'], 3)} | {_f(row['ratio'])} | {_f(row['floor'])} |")
+                   f"{_f(row['guided_step_s'], 3)} | {_f(row['ratio'])} | {_f(row['floor'])} | "
+                   f"{_f(row.get('floor_with_p_attention'))} |")
     return out
 
 

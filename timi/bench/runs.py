@@ -119,7 +119,8 @@ def scaling(cfg: BenchConfig, backend: str = "torch", ks=(1, 2, 4, 8), ls=(256, 
             rows.append({"sweep": sweep, "K": point.num_instances, "L": point.num_latents,
                          "plain_step_s": r["plain_s"], "guided_step_s": r["timi_s"],
                          "step_ratio": r["ratio"], "ratio": 1 + frac * (r["ratio"] - 1),
-                         "floor": fl["floor"], "floor_input_grad": fl["floor_input_grad"]})
+                         "floor": fl["floor"], "floor_input_grad": fl["floor_input_grad"],
+                         "floor_with_p_attention": fl["floor_with_p_attention"]})
     k_rows = [r for r in rows if r["sweep"] == "K"]
     l_rows = [r for r in rows if r["sweep"] == "L"]
     return {
