@@ -30,9 +30,9 @@ def _restore_threads():
         os.environ["XLA_FLAGS"] = flags
 
 
-def _run(tmp_path, *args):
+def _run(tmp_path, *args, threads=1):
     out = tmp_path / "result.json"
-    res = runner.invoke(app, ["bench", *args, "--threads", "1", "--json", str(out)])
+    res = runner.invoke(app, ["bench", *args, "--threads", str(threads), "--json", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     return json.loads(out.read_text())
 
@@ -79,7 +79,8 @@ def test_guidance_pass_smoke(tmp_path):
 
 def test_backends_smoke(tmp_path):
     pytest.importorskip("timi_jax")
-    r = _run(tmp_path, "backends", "--tiny", "--repeats", "1")
+    # default threads: a single-threaded XLA client would stay so for the rest of the session
+    r = _run(tmp_path, "backends", "--tiny", "--repeats", "1", threads=0)
     _check_common(r, "torch+jax")
     for key in ("torch_s", "jax_s", "ratio", "jax_first_call_s"):
         assert _positive_finite(r[key]), (key, r[key])
