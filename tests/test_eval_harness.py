@@ -113,14 +113,14 @@ def test_tables_and_plot_written_with_correct_values(dataset, tmp_path):
     summaries = Evaluator(dataset, fake_generate, out, metrics=FAST, progress=False).evaluate(runs)
     paths = write_report(summaries, out, title="test")
     rows = {r["run"]: r for r in _read_csv(paths["csv"])}
-    assert set(rows) == {"Hunyuan3D 2.0 (no TIMI)", "alpha=0.0", "alpha=0.05", "alpha=0.1"}
+    assert set(rows) == {"base model (no TIMI)", "alpha=0.0", "alpha=0.05", "alpha=0.1"}
     assert all(r["scenes_ok"] == "3" for r in rows.values())
     # alpha = 0 reproduces the ground truth: perfect scores
     assert float(rows["alpha=0.0"]["cd_s"]) < 1e-12 and float(rows["alpha=0.0"]["fs_s"]) == 1.0
     assert float(rows["alpha=0.0"]["ssr"]) == 1.0 and float(rows["alpha=0.0"]["lcd"]) < 1e-6
     # larger displacement -> larger layout error
     lcd = [float(rows[f"alpha={a}"]["lcd"]) for a in ("0.0", "0.05", "0.1")]
-    assert lcd[0] < lcd[1] < lcd[2] < float(rows["Hunyuan3D 2.0 (no TIMI)"]["lcd"])
+    assert lcd[0] < lcd[1] < lcd[2] < float(rows["base model (no TIMI)"]["lcd"])
     # seconds per scene = mean of what the generator reported: (1.2 + 1.3 + 1.2) / 3
     assert float(rows["alpha=0.1"]["seconds_per_scene"]) == pytest.approx(3.7 / 3, rel=1e-3)
     # a table mean equals the mean of score_scene on each scene (independent recomputation)
@@ -230,7 +230,9 @@ def test_ablations_map_to_timi_config_fields():
     comp = ablation_runs("table2")
     assert [(r.config.isg, r.config.sgu) for r in comp] == [(False, False), (True, False), (True, True)]
     parts = ablation_runs("sgu-parts")
-    assert [(r.config.gm, r.config.sr) for r in parts] == [(False, False), (True, False), (True, True)]
+    assert [(r.config.sgu, r.config.gm, r.config.sr) for r in parts] == [(False, True, True), (True, True, False),
+                                                                          (True, True, True)]
+    assert parts[0].config == comp[1].config  # the paper's Table 5 first row is Table 2's second row
     assert [r.config.guided_layers for r in ablation_runs("layers")] == [1, 2, 3, 4, 5, 8]
     assert [r.config.guided_steps for r in ablation_runs("table4")] == [5, 10, 15, 20, 25]
     assert [r.config.alpha for r in ablation_runs("alpha")] == [0.1, 0.2, 0.3, 0.4, 0.5]
@@ -257,7 +259,7 @@ def test_timi_eval_command(dataset, tmp_path):
     assert result.exit_code == 0, result.output
     assert "CD-S" in result.output and (out / "results.md").is_file() and (out / "plots" / "sweep_alpha.png").is_file()
     rows = _read_csv(out / "results.csv")
-    assert [r["run"] for r in rows] == ["Hunyuan3D 2.0 (no TIMI)", "alpha=0.0", "alpha=0.1"]
+    assert [r["run"] for r in rows] == ["base model (no TIMI)", "alpha=0.0", "alpha=0.1"]
     bad = runner.invoke(app, ["eval", str(dataset), "--generator", f"{__name__}:fake_generate", "--sweep", "alpha"])
     assert bad.exit_code == 2 and "FIELD=v1" in bad.output
     both = runner.invoke(app, ["eval", str(dataset), "--model", "x", "--generator", f"{__name__}:fake_generate"])
@@ -311,7 +313,7 @@ def test_scoring_another_methods_predictions(dataset, tmp_path):
                                      "--out", str(out), "--quiet"])
     assert table.exit_code == 0, table.output
     summary = _read_csv(out / "results.csv")
-    assert [(r["run"], r["scenes_ok"]) for r in summary] == [("Hunyuan3D 2.0 (no TIMI)", "3"), ("MIDI", "2"),
+    assert [(r["run"], r["scenes_ok"]) for r in summary] == [("base model (no TIMI)", "3"), ("MIDI", "2"),
                                                              ("TIMI", "3")]
 
 
@@ -324,3 +326,16 @@ def test_default_model_is_the_shipped_one(dataset, monkeypatch):
     monkeypatch.setattr(timi.testbed, "default_model_path", missing)
     result = CliRunner().invoke(app, ["eval", str(dataset)])
     assert result.exit_code == 2 and "no --model given" in result.output and "missing at X" in result.output
+
+
+def test_unguided_configurations_share_one_cache_key():
+    from timi.evaluation.runner import run_key
+    from timi.evaluation.runs import Run
+
+    ident = {"generator": "fake"}
+    unguided = [TIMIConfig(isg=False), TIMIConfig(isg=False, sgu=False), TIMIConfig(guided_steps=0),
+                TIMIConfig(guided_layers=0, alpha=0.3)]
+    keys = {run_key(Run("x", c), 0, ident) for c in unguided}
+    assert len(keys) == 1
+    guided = {run_key(Run("x", c), 0, ident) for c in (TIMIConfig(), TIMIConfig(sgu=False), TIMIConfig(alpha=0.2))}
+    assert len(guided) == 3 and not (guided & keys)

@@ -28,7 +28,7 @@ def test_timi_eval_with_the_torch_pipeline(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = {r["run"]: r for r in csv.DictReader((out / "results.csv").open())}
-    assert set(rows) == {"Hunyuan3D 2.0 (no TIMI)", "TIMI"}
+    assert set(rows) == {"base model (no TIMI)", "TIMI"}
     for row in rows.values():
         assert row["scenes_ok"] == "1", result.output
         assert float(row["seconds_per_scene"]) > 0 and 0 <= float(row["fs_s"]) <= 1

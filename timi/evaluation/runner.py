@@ -36,6 +36,7 @@ from timi.metrics import METRIC_NAMES, SceneScores, score_scene
 from .dataset import SceneError, discover_scenes, load_mesh, load_scene
 from .generators import generator_identity
 from .runs import Run
+from timi_core import TIMIConfig
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,13 @@ def _digest(obj) -> str:
 
 
 def run_key(run: Run, seed: int, identity: dict) -> str:
-    """Cache key of a run: hash of its TIMIConfig fields, the seed and the generator identity."""
-    return _digest({"config": dataclasses.asdict(run.config), "seed": seed, "generator": identity})[:12]
+    """Cache key of a run: hash of its TIMIConfig fields, the seed and the generator identity.
+
+    Every configuration without guidance (``not config.enabled``: ISG off, or no guided step or
+    layer) samples exactly the base model, so they all share the key of ``TIMIConfig(isg=False)``.
+    """
+    config = run.config if run.config.enabled else TIMIConfig(isg=False)
+    return _digest({"config": dataclasses.asdict(config), "seed": seed, "generator": identity})[:12]
 
 
 def inputs_digest(scene) -> str:

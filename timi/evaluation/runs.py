@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from timi_core import TIMIConfig
 
-BASELINE_LABEL = "Hunyuan3D 2.0 (no TIMI)"
+BASELINE_LABEL = "base model (no TIMI)"
 TIMI_LABEL = "TIMI"
 
 
@@ -39,8 +39,10 @@ ABLATIONS: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     ]),
     "layers": ("Table 3: guided layers l", [(f"l={v}", {"guided_layers": v}) for v in (1, 2, 3, 4, 5, 8)]),
     "steps": ("Table 4: guided steps t", [(f"t={v}", {"guided_steps": v}) for v in (5, 10, 15, 20, 25)]),
+    # The paper's Table 5 row "w/o GM, w/o SR" equals Table 2's "w/ ISG, w/o SGU" number for number:
+    # one configuration (sgu=False, the raw step alpha * dL/dz).
     "sgu-parts": ("Table 5: GM / SR", [
-        ("w/o GM, w/o SR", {"gm": False, "sr": False}),
+        ("w/o GM, w/o SR", {"sgu": False}),
         ("w/ GM, w/o SR", {"sr": False}),
         ("w/ GM, w/ SR", {}),
     ]),

@@ -104,12 +104,8 @@ def side_by_side(scene_dirs: list[Path], columns: dict[str, list[trimesh.Trimesh
 
 
 def figure_from_eval(dataset_dir: str | Path, eval_out: str | Path, scene_ids: list[str], out: str | Path,
-                     labels: tuple[str, ...] = ("Hunyuan3D 2.0 (no TIMI)", "TIMI"),
-                     titles: tuple[str, ...] | None = ("base model (no TIMI)", "TIMI")) -> Path:
-    """Side-by-side figure from a ``timi eval`` output folder (its cache of generated meshes).
-
-    ``labels`` are the harness's run labels; ``titles`` the column titles (the harness calls the
-    unguided run by Hunyuan3D's name whatever the model, so the testbed figure retitles it)."""
+                     labels: tuple[str, ...] = ("base model (no TIMI)", "TIMI")) -> Path:
+    """Side-by-side figure from a ``timi eval`` output folder (its cache of generated meshes)."""
     import json
 
     runs = {}
@@ -125,6 +121,4 @@ def figure_from_eval(dataset_dir: str | Path, eval_out: str | Path, scene_ids: l
             path = runs[label] / sid / "scene.ply"
             meshes.append(trimesh.load(path, force="mesh") if path.exists() else None)
         columns[label] = meshes
-    if titles is not None:
-        columns = dict(zip(titles, columns.values()))
     return side_by_side([Path(dataset_dir) / sid for sid in scene_ids], columns, out)
