@@ -119,3 +119,24 @@ def test_more_instances_than_tokens(tmp_path):
     img = np.full((120, 200, 3), 128, np.uint8)
     with pytest.raises(ValueError, match="cannot be resolved by a 2x2 token grid"):
         condition_token_masks(img, labels, base)
+
+
+def test_mask_files_read_like_arrays(tmp_path):
+    """A label-map PNG path, a .npy path and lists of 0/1 or 0/255 mask PNGs give the same masks."""
+    from timi_torch.masks import instance_masks
+
+    labels = np.zeros((20, 30), np.uint8)
+    labels[2:8, 3:10] = 1
+    labels[10:18, 12:25] = 2
+    expected = np.stack([labels == 1, labels == 2])
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    np.save(tmp_path / "masks.npy", expected)
+    for scale in (1, 255):
+        for k in range(2):
+            Image.fromarray(expected[k].astype(np.uint8) * scale).save(tmp_path / f"m{k}_{scale}.png")
+        paths = [tmp_path / f"m{k}_{scale}.png" for k in range(2)]
+        np.testing.assert_array_equal(instance_masks(paths), expected)
+    np.testing.assert_array_equal(instance_masks(str(tmp_path / "labels.png")), expected)
+    np.testing.assert_array_equal(instance_masks(tmp_path / "masks.npy"), expected)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        instance_masks(tmp_path / "nope.png")

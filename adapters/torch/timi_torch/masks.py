@@ -96,7 +96,8 @@ def _as_mask_array(m, index: int) -> np.ndarray:
             m = np.asarray(m)[..., -1]
         else:
             m = np.asarray(m.convert("L"))
-        return m > 127
+        top = int(m.max())
+        return m > (0 if top <= 1 else top // 2)  # 0/1 and 0/255 mask images alike
     if isinstance(m, torch.Tensor):
         m = m.detach().cpu().numpy()
     m = np.asarray(m)
@@ -112,8 +113,23 @@ def instance_masks(masks) -> np.ndarray:
 
     Accepted: a (K, H, W) bool/uint8/float array or tensor (pixels > 0 belong to the instance), an
     (H, W) integer label map (label 0 is background; every other label is one instance, in
-    increasing label order), or a list of mask images (paths, PIL images or (H, W) arrays).
+    increasing label order), a path to a label-map image or a (K, H, W) ``.npy``, or a list of
+    mask images (paths, PIL images or (H, W) arrays; 0/1 and 0/255 images alike).
     """
+    if isinstance(masks, (str, os.PathLike)):
+        path = os.fspath(masks)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"mask file {path!r} does not exist.")
+        if path.endswith(".npy"):
+            masks = np.load(path)
+        else:
+            img = Image.open(path)
+            if img.mode not in ("L", "P", "I", "I;16", "1"):
+                raise ValueError(f"mask file {path!r} is a {img.mode} image; a single mask file is read as a "
+                                 "label map (one channel, 0 = background, 1..K); for other formats use "
+                                 "timi.masks_io.load_masks or pass a list of mask images.")
+            masks = np.asarray(img)
+        return instance_masks(masks)
     if isinstance(masks, (list, tuple)):
         if not masks:
             raise ValueError("masks: got an empty list; pass at least one instance mask.")
