@@ -130,8 +130,9 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, sigma
             scale = timi_core.adaptive_scale(g, zf, config.alpha, config.eps).reshape(batch)
         else:
             scale = jnp.full((batch,), config.alpha, jnp.float32)
-        max_update = jnp.max(jnp.abs(z_new - zf), axis=(1, 2))
-        return z_new.astype(z.dtype), m_new, (loss, scale, max_update)
+        z_out = z_new.astype(z.dtype)  # what the compute dtype keeps of the float32 update
+        max_update = jnp.max(jnp.abs(z_out.astype(jnp.float32) - zf), axis=(1, 2))
+        return z_out, m_new, (loss, scale, max_update)
 
     def step(carry, xs):
         z, m = carry

@@ -183,9 +183,10 @@ class TIMIPipeline:
             scale = timi_core.adaptive_scale(g, z, cfg.alpha, cfg.eps).flatten()
         else:
             scale = torch.full((z.shape[0],), cfg.alpha)
+        z_out = z_new.to(latents.dtype)  # what the model dtype keeps of the float32 update
         diag = StepDiagnostics(step, float(timestep[0]), loss.tolist(), scale.tolist(),
-                               (z_new - z).abs().flatten(1).amax(1).tolist())
-        return z_new.to(latents.dtype), momentum, diag
+                               (z_out.float() - z).abs().flatten(1).amax(1).tolist())
+        return z_out, momentum, diag
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
