@@ -169,3 +169,22 @@ def test_config_defaults_and_validation():
     for bad in (dict(alpha=-0.1), dict(beta=1.0), dict(guided_layers=2.5), dict(eps=float("nan")), dict(gm="yes")):
         with pytest.raises(ValueError, match="TIMIConfig"):
             tc.TIMIConfig(**bad)
+
+
+def test_jax_and_torch_differentiate_sgu_update_alike():
+    """d(sum z_new)/dz through Eqs.5-7 (std(z) in Eq.6 depends on z): JAX and PyTorch autodiff agree."""
+    jax = pytest.importorskip("jax")
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(8)
+    z, g, w = rng.normal(size=(3, 2, 10, 3))
+    cfg = tc.TIMIConfig()
+    f32 = jax.numpy.float32
+
+    def objective_j(z):
+        return (tc.sgu_update(z, jax.numpy.asarray(g, f32), None, cfg, axes=(1,))[0] * w).sum()
+
+    d_j = jax.jit(jax.grad(objective_j))(jax.numpy.asarray(z, f32))
+    z_t = torch.tensor(z, requires_grad=True)
+    (tc.sgu_update(z_t, torch.tensor(g), None, cfg, axes=(1,))[0] * torch.tensor(w)).sum().backward()
+    np.testing.assert_allclose(np.asarray(d_j), z_t.grad.numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(z_t.grad.numpy(), w)  # the update really depends on z through std(z)
