@@ -392,6 +392,7 @@ def test_generate_split_by_tokens(tiny_model, scene, tmp_path):
     assert code == 0, text
     assert "instances found:" in text
     loaded = trimesh.load(out)
-    assert set(loaded.graph.nodes_geometry) <= {"obj_1", "obj_2", "obj_3", "unclaimed"}
+    nodes = set(loaded.graph.nodes_geometry)
+    assert nodes and nodes <= {"obj_1", "obj_2", "obj_3", "unclaimed"}
     code, text = generate(tiny_model, scene["image"], scene["dir"] / "folder", out, "--assign", "nearest")
     assert code == 2 and "--assign 'nearest'" in text
