@@ -192,12 +192,16 @@ def test_front_door_pipeline_matches_timi_torch(fast_base, setup):
     from timi_torch import TIMIPipeline
 
     kw = dict(num_inference_steps=STEPS, output_type="latent", enable_pbar=False)
-    expected = TIMIPipeline(fast_base, GUIDED)(setup["img"], setup["masks"],
-                                               generator=torch.Generator().manual_seed(4), **kw)
+    torch_pipe = TIMIPipeline(fast_base, GUIDED)
+    expected = torch_pipe(setup["img"], setup["masks"], generator=torch.Generator().manual_seed(4), **kw)
     pipe = timi_jax.TIMIPipelineJAX(fast_base, GUIDED)
     got = pipe(setup["img"], setup["masks"], generator=torch.Generator().manual_seed(4), **kw)
     assert got.dtype == torch.float32 and rel_err(got.numpy(), expected) < 1e-5
     assert pipe.last_output.losses.shape == (STEPS, 1)
+    assert [d.step for d in pipe.diagnostics] == [d.step for d in torch_pipe.diagnostics]
+    for field in ("loss", "scale", "max_update"):
+        np.testing.assert_allclose([getattr(d, field) for d in pipe.diagnostics],
+                                   [getattr(d, field) for d in torch_pipe.diagnostics], rtol=1e-4, atol=1e-6)
     meshes = pipe(setup["img"], setup["masks"], num_inference_steps=STEPS, output_type="trimesh",
                   generator=torch.Generator().manual_seed(4), octree_resolution=24,
                   num_chunks=20000)

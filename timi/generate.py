@@ -267,10 +267,10 @@ def _jax_sampler():
 def _sample_jax(pipe, cond, opts: GenerateOptions, generator):
     """Denoise with ``timi_jax.sample`` (one compiled program); the torch pipeline supplies the
     DINOv2 condition, the initial noise (same seed, same noise as the torch backend) and, after,
-    the ShapeVAE decoding. Returns torch latents and per-guided-step diagnostics (``L_sep`` only)."""
+    the ShapeVAE decoding. Returns torch latents and per-guided-step diagnostics."""
     import jax.numpy as jnp
     import torch
-    from timi_torch import StepDiagnostics
+    from timi_jax.pipeline import step_diagnostics
 
     from_torch, sample = _jax_sampler()
     base = pipe.base
@@ -286,12 +286,7 @@ def _sample_jax(pipe, cond, opts: GenerateOptions, generator):
     out = sample(dit, as_np(noise), as_np(c[:1]), as_np(c[1:]), as_np(cond.tokens)[None],
                  num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale, config=_config(opts))
     latents = torch.from_numpy(np.array(out.latents, dtype=np.float32)).to(base.device, base.dtype)
-    losses = np.asarray(out.losses, dtype=np.float64)
-    cfg = _config(opts)
-    nan = float("nan")
-    diagnostics = [StepDiagnostics(i, i / max(opts.steps - 1, 1), [float(losses[i, 0])], [nan], [nan])
-                   for i in range(opts.steps) if cfg.guidance_active(i)]
-    return latents, diagnostics
+    return latents, step_diagnostics(out, _config(opts), opts.steps)
 
 
 def write_report(folder: Path, opts: GenerateOptions, result: GenerateResult, cond, recorder) -> list[Path]:

@@ -31,6 +31,7 @@ class TIMIPipelineJAX:
         self.base, self.config, self.mesh = base, config, mesh
         self.model = from_torch(base.model, dtype=dtype)
         self.last_output: SampleOutput | None = None
+        self.diagnostics: list = []
 
     def __call__(self, image, masks, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  generator=None, output_type: str = "trimesh", latents=None, box_v: float = 1.01,
@@ -59,8 +60,8 @@ class TIMIPipelineJAX:
                                     do_classifier_free_guidance=do_cfg, dual_guidance=False)["main"]
         batch = image_tensor.shape[0]
         tokens = TIMIPipeline._stack_tokens(cond_masks, "cpu")
-        if latents is None:
-            latents = base.prepare_latents(batch, torch.float32, "cpu", generator)
+        if latents is None:  # the torch pipeline's own noise: same generator, same latents
+            latents = base.prepare_latents(batch, base.dtype, base.device, generator)
 
         def as_jax(t):
             return jnp.asarray(t.detach().float().cpu().numpy())
@@ -72,6 +73,7 @@ class TIMIPipelineJAX:
                      num_train_timesteps=base.scheduler.config.num_train_timesteps,
                      shift=base.scheduler.config.get("shift", 1.0), mesh=self.mesh)
         self.last_output = out
+        self.diagnostics = step_diagnostics(out, self.config, num_inference_steps)
         result = torch.from_numpy(np.array(out.latents.astype(jnp.float32))).to(
             device=base.device, dtype=base.dtype)
         if output_type == "latent":
@@ -84,3 +86,13 @@ class TIMIPipelineJAX:
             raise RuntimeError(f"surface extraction found no surface for sample(s) {failed} at "
                                f"mc_level={mc_level}; try another mc_level or seed.")
         return meshes
+
+
+def step_diagnostics(out: SampleOutput, config: TIMIConfig, num_inference_steps: int) -> list:
+    """``timi_torch.StepDiagnostics`` (one per guided step) from a :class:`SampleOutput`."""
+    from timi_torch import StepDiagnostics
+
+    losses, scales, updates = (np.asarray(a, dtype=np.float64) for a in (out.losses, out.scales, out.max_updates))
+    return [StepDiagnostics(i, i / max(num_inference_steps - 1, 1), losses[i].tolist(), scales[i].tolist(),
+                            updates[i].tolist())
+            for i in range(num_inference_steps) if config.guidance_active(i)]
