@@ -144,7 +144,10 @@ def _geometry_checks(opts: GenerateOptions, model: str):
         try:
             cond = timi_torch.condition_token_masks(str(opts.image), found.masks, geo_pipe)
         except ValueError as e:
-            raise MaskInputError(f"{found.sources[0]}: {e}") from None
+            files = sorted(set(map(str, found.sources)))
+            where = files[0] if len(files) == 1 else "masks (" + ", ".join(
+                f"instance {k}: {src}" for k, src in enumerate(found.sources)) + ")"
+            raise MaskInputError(f"{where}: {e}") from None
     msgs = coverage_warnings(token_coverage(cond.tokens, cond.prefix_tokens), found.names, cond.grid)
     if found.count == 1 and opts.timi:
         msgs.append("only one instance mask: TIMI's separation loss has nothing to separate (Eq.4); pass one mask per object.")
