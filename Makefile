@@ -25,5 +25,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
+bench-smoke: $(STAMP)
+	$(PY) -m pytest -q tests/test_bench.py
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -88,9 +88,11 @@ def write_json(result: dict, path) -> None:
     """Write ``result`` (adding the load average at the end of the run) to ``path``."""
     if hasattr(os, "getloadavg"):
         result.setdefault("machine", {})["load_avg_at_end"] = list(os.getloadavg())
+    from timi.io import write_text
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    write_text(p, json.dumps(result, indent=2, sort_keys=False) + "\n")  # atomic: no partial JSON
 
 
 def limit_threads(threads: int) -> None:
