@@ -386,15 +386,21 @@ class Hunyuan3DDiT(nnx.Module):
         if not 0 < num_layers <= self.depth:
             raise ValueError(f"num_layers={num_layers} must be in 1..depth={self.depth}")
         latent, cond, vec = self.embed(x, t, cond, guidance)
-        tokens = jnp.asarray(mask_tokens, jnp.float32)
-        if tokens.ndim == 2:
-            tokens = jnp.broadcast_to(tokens, (latent.shape[0], *tokens.shape))
-        if tokens.ndim != 3 or tokens.shape[0] != latent.shape[0] or tokens.shape[2] != cond.shape[1]:
-            raise ValueError(f"mask_tokens has shape {tokens.shape}; expected (B, K, M) or (K, M) "
-                             f"with B={latent.shape[0]} and M={cond.shape[1]} condition tokens")
+        tokens = batched_mask_tokens(mask_tokens, latent.shape[0], cond.shape[1])
         mask_values = jnp.swapaxes(tokens, 1, 2)  # (B, M, K)
         probs = []
         for block in self.double_blocks[:num_layers]:
             latent, cond, p = block.call_with_probabilities(latent, cond, vec, mask_values)
             probs.append(p)
         return probs
+
+
+def batched_mask_tokens(mask_tokens, batch: int, num_cond: int) -> jax.Array:
+    """Condition-token masks as float32 (B, K, M); a (K, M) array is shared by the whole batch."""
+    tokens = jnp.asarray(mask_tokens, jnp.float32)
+    if tokens.ndim == 2:
+        tokens = jnp.broadcast_to(tokens, (batch, *tokens.shape))
+    if tokens.ndim != 3 or tokens.shape[0] != batch or tokens.shape[2] != num_cond:
+        raise ValueError(f"mask_tokens has shape {tuple(tokens.shape)}; expected (B, K, M) or (K, M) "
+                         f"with B={batch} and M={num_cond} condition tokens")
+    return tokens

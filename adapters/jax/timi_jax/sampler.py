@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import timi_core
 from timi_core import TIMIConfig
 
-from .modeling import Hunyuan3DDiT
+from .modeling import Hunyuan3DDiT, batched_mask_tokens
 
 __all__ = ["flow_matching_schedule", "sample", "prepare_sample", "SampleOutput",
            "data_parallel_mesh", "separation_loss_and_grad"]
@@ -217,12 +217,7 @@ def prepare_sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=No
             raise ValueError("TIMI guidance is on: pass mask_tokens (B, K, M) or (K, M) from "
                              "timi_core.pool_masks, or config=None for plain sampling")
         num_layers = _num_layers(model, config)
-        tokens = jnp.asarray(mask_tokens, jnp.float32)
-        if tokens.ndim == 2:
-            tokens = jnp.broadcast_to(tokens, (noise.shape[0], *tokens.shape))
-        if tokens.ndim != 3 or tokens.shape[0] != noise.shape[0] or tokens.shape[2] != cond.shape[1]:
-            raise ValueError(f"mask_tokens {tuple(tokens.shape)} must be (B, K, M) or (K, M) with "
-                             f"B={noise.shape[0]}, M={cond.shape[1]} condition tokens")
+        tokens = batched_mask_tokens(mask_tokens, noise.shape[0], cond.shape[1])
         if config.enabled and config.guided_steps > 0 and model.depth == 0:
             raise ValueError("the model has no double-stream blocks to guide")
     else:
