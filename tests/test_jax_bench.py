@@ -9,7 +9,7 @@ import pytest
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
-from flax import nnx  # noqa: E402
+from timi_jax.testing import random_model  # noqa: E402
 
 import timi_jax  # noqa: E402
 from timi_core import TIMIConfig  # noqa: E402
@@ -19,11 +19,8 @@ from timi_jax.bench import compare_guided_plain  # noqa: E402
 def test_compare_guided_plain_reports_compile_and_run_times():
     cfg = dict(in_channels=4, context_in_dim=6, hidden_size=8, mlp_ratio=2.0, num_heads=2,
                depth=2, depth_single_blocks=1, axes_dim=[4])
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: timi_jax.Hunyuan3DDiT(**cfg)))
-    rng = np.random.default_rng(0)
-    model = nnx.merge(graphdef, nnx.from_flat_state({
-        p: jnp.asarray(0.3 * rng.standard_normal(v.get_value().shape), jnp.float32)
-        for p, v in nnx.to_flat_state(state)}))
+    model = random_model(seed=0, **cfg)
+    rng = np.random.default_rng(1)
     noise = jnp.asarray(rng.standard_normal((1, 6, 4)), jnp.float32)
     cond = jnp.asarray(rng.standard_normal((1, 5, 6)), jnp.float32)
     tokens = jnp.asarray([[[1, 1, 0, 0, 0], [0, 0, 1, 1, 1]]], jnp.float32)

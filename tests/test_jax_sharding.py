@@ -16,18 +16,15 @@ pytest.importorskip("jax")
 SCRIPT = textwrap.dedent("""
     import json
     import jax, jax.numpy as jnp, numpy as np
-    from flax import nnx
+    from timi_jax.testing import random_model
     import timi_jax
     from timi_core import TIMIConfig
 
     assert len(jax.devices()) == 4, jax.devices()
     cfg = dict(in_channels=4, context_in_dim=6, hidden_size=12, mlp_ratio=2.0, num_heads=3,
                depth=2, depth_single_blocks=1, axes_dim=[4])
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: timi_jax.Hunyuan3DDiT(**cfg)))
-    rng = np.random.default_rng(0)
-    model = nnx.merge(graphdef, nnx.from_flat_state({
-        p: jnp.asarray(0.3 * rng.standard_normal(v.get_value().shape), jnp.float32)
-        for p, v in nnx.to_flat_state(state)}))
+    model = random_model(seed=0, **cfg)
+    rng = np.random.default_rng(1)
     B, L, M, K = 8, 10, 7, 2
     noise = jnp.asarray(rng.standard_normal((B, L, 4)), jnp.float32)
     cond = jnp.asarray(rng.standard_normal((B, M, 6)), jnp.float32)
