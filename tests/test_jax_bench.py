@@ -11,7 +11,6 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 from timi_jax.testing import random_model  # noqa: E402
 
-import timi_jax  # noqa: E402
 from timi_core import TIMIConfig  # noqa: E402
 from timi_jax.bench import compare_guided_plain  # noqa: E402
 
