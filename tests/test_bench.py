@@ -18,16 +18,23 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def _restore_threads():
-    """The smoke runs use ``--threads 1`` (fast on a busy CI machine); give other tests the defaults back."""
+    """The smoke runs use ``--threads 1`` (one core: fast on a busy CI machine); give other tests
+    the defaults back."""
     import os
 
-    threads, flags = torch.get_num_threads(), os.environ.get("XLA_FLAGS")
+    threads, cpus = torch.get_num_threads(), os.sched_getaffinity(0)
     yield
     torch.set_num_threads(threads)
-    if flags is None:
-        os.environ.pop("XLA_FLAGS", None)
-    else:
-        os.environ["XLA_FLAGS"] = flags
+    os.sched_setaffinity(0, cpus)
+
+
+def test_threads_1_binds_the_process_to_one_cpu(tmp_path):
+    import os
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 usable CPUs")
+    r = _run(tmp_path, "overhead", "--tiny", "--repeats", "1")
+    assert r["machine"]["usable_cpus"] == 1 and r["machine"]["torch_threads"] == 1
 
 
 def _run(tmp_path, *args, threads=1):

@@ -96,18 +96,21 @@ def write_json(result: dict, path) -> None:
 
 
 def limit_threads(threads: int) -> None:
-    """``threads`` > 0: torch intra-op threads = ``threads``; XLA's CPU client single-threaded when 1
-    (``XLA_FLAGS``; effective only before JAX starts its CPU backend). On a shared, oversubscribed
-    machine one thread per process avoids OpenMP barrier stalls that slow 2-thread torch ~10x."""
+    """``threads`` > 0: the process runs on its first ``threads`` usable CPUs (``sched_setaffinity``,
+    which binds every thread, XLA's pool included) with ``threads`` torch intra-op threads.
+
+    XLA's ``--xla_cpu_multi_thread_eigen=false`` does not bind XLA:CPU's own thread pool (measured:
+    a "single-threaded" JAX forward used 1.9 cores on 2), so the affinity is what makes a
+    ``--threads 1`` comparison of PyTorch and JAX one core against one core. Call it before JAX
+    runs anything. On a shared machine one thread per process also avoids OpenMP barrier stalls
+    that slowed 2-thread torch ~10x whenever another process took a core.
+    """
     if threads <= 0:
         return
     import torch
 
     torch.set_num_threads(threads)
-    if threads == 1:
-        flags = os.environ.get("XLA_FLAGS", "")
-        extra = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-        if "xla_cpu_multi_thread_eigen" not in flags:
-            os.environ["XLA_FLAGS"] = (flags + " " + extra).strip()
-    elif hasattr(os, "sched_setaffinity") and threads < len(os.sched_getaffinity(0)):
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+    if hasattr(os, "sched_setaffinity"):
+        usable = sorted(os.sched_getaffinity(0))
+        if threads < len(usable):
+            os.sched_setaffinity(0, usable[:threads])

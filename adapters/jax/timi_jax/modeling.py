@@ -19,8 +19,8 @@ corresponds to ``param_dtype == dtype``.
 
 TIMI's guidance pass (:meth:`Hunyuan3DDiT.instance_probabilities`) runs only the first double
 blocks and returns the head-averaged instance probability maps ``P = A_zc M^T`` (Eq.2) of each,
-obtained as an attention output whose values are the masks -- the L x M attention matrix is never
-formed as an array of its own.
+read from the unnormalised weights of the block's own attention (:func:`instance_probability_heads`)
+-- the normalised L x M attention matrix ``A_zc`` is never formed as an array of its own.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ __all__ = [
     "timestep_embedding",
     "layer_norm",
     "attention",
+    "softmax_weights",
+    "weighted_values",
+    "instance_probability_heads",
 ]
 
 _NORM_EPS = 1e-6
@@ -75,18 +78,55 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
 
+def softmax_weights(q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Unnormalised attention weights of Eq.1 and their row sums, float32.
+
+    q (B, Lq, H, D), k (B, Lk, H, D) -> ``e = exp(q k^T / sqrt(D) - rowmax)`` (B, H, Lq, Lk) and
+    ``den = sum_k e`` (B, H, Lq), so that ``softmax(q k^T / sqrt(D)) = e / den``. The row maximum
+    only guards ``exp`` against overflow and cancels in ``e / den``; it is held constant under
+    differentiation, which changes no gradient.
+    """
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    s = s * q.shape[-1] ** -0.5
+    e = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
+    return e, jnp.sum(e, axis=-1)
+
+
+def weighted_values(e: jax.Array, den: jax.Array, v: jax.Array) -> jax.Array:
+    """``(e / den) v`` from :func:`softmax_weights`, dividing the (B, Lq, H, Dv) output instead of
+    the (B, H, Lq, Lk) weights (one pass over the weights fewer). Float32."""
+    out = jnp.einsum("bhqk,bkhd->bqhd", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out / jnp.swapaxes(den, 1, 2)[..., None]
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Softmax attention. q (B, Lq, H, D), k/v (B, Lk, H, D) -> (B, Lq, H*D), scale D**-0.5.
 
-    ``jax.nn.dot_product_attention`` (XLA, or cuDNN where it applies). XLA:CPU has no float16
-    matmul with float32 accumulation, so float16 attention on CPU is computed in float32.
+    On CPU, :func:`softmax_weights` + :func:`weighted_values` (normalising the output rather than
+    the weights: XLA:CPU runs ``jax.nn.dot_product_attention``'s generic softmax 1.4x slower
+    forward and ~3x slower forward + backward on one core; see docs/benchmarks.md); float16 is
+    computed in float32 there (XLA:CPU has no float16 matmul with float32 accumulation).
+    Elsewhere ``jax.nn.dot_product_attention`` (XLA, or cuDNN where it applies).
     """
-    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
-        out = jax.nn.dot_product_attention(*(a.astype(jnp.float32) for a in (q, k, v)))
-        out = out.astype(v.dtype)
+    if jax.default_backend() == "cpu":
+        if q.dtype == jnp.float16:
+            q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+        out = weighted_values(*softmax_weights(q, k), v.astype(q.dtype)).astype(v.dtype)
     else:
         out = jax.nn.dot_product_attention(q, k, v)
     return out.reshape(*out.shape[:2], -1)
+
+
+def instance_probability_heads(e: jax.Array, den: jax.Array, mask_values: jax.Array) -> jax.Array:
+    """Eq.2 from the weights of the latent queries: ``P = mean_h A_zc M^T`` (B, Lq, K) float32.
+
+    ``e`` (B, H, Lq, S) and ``den`` (B, H, Lq) from :func:`softmax_weights` of the latent queries
+    over all ``S = M + L`` keys; ``mask_values`` (B, M, K) the instance masks of the M condition
+    tokens (the first M keys). ``A_zc = e[..., :M] / den`` is never formed.
+    """
+    m = mask_values.shape[1]
+    p = jnp.einsum("bhqm,bmk->bhqk", e[..., :m], mask_values.astype(jnp.float32))
+    return jnp.mean(p / den[..., None], axis=1)
 
 
 def _split_heads(qkv: jax.Array, num_heads: int):
@@ -225,25 +265,25 @@ class DoubleStreamBlock(nnx.Module):
 
         ``mask_values`` (B, M, K): pooled instance masks of the condition tokens. Eq.2,
         ``P = A_zc M^T`` with ``A_zc`` the latent-to-condition block of the joint softmax (Eq.1),
-        equals the attention output whose values are ``[M^T; 0]`` (masks for condition keys,
-        zeros for latent keys). q and k are zero-padded by K channels and the values carry
-        ``[v, mask]``, so one attention call (scale ``D**-0.5`` kept) yields both the block's
-        attention output and P, computed in float32. Returns ``(img, txt, P)`` with P (B, L, K).
+        is read from the block's own attention weights (one ``q k^T``, float32): the same
+        unnormalised weights give the attention output and, over the condition keys, P.
+        Returns ``(img, txt, P)`` with P (B, L, K).
         """
         mods, (q, k, v) = self.joint_qkv(img, txt, vec)
-        b, n, h, d = q.shape
-        m, kk = mask_values.shape[1], mask_values.shape[2]
-        f32 = jnp.float32
-        pad = jnp.zeros((b, n, h, kk), f32)
-        mv = jnp.concatenate([mask_values.astype(f32), jnp.zeros((b, n - m, kk), f32)], axis=1)
-        v_aug = jnp.concatenate([v.astype(f32), jnp.broadcast_to(mv[:, :, None], (b, n, h, kk))], -1)
-        out = jax.nn.dot_product_attention(
-            jnp.concatenate([q.astype(f32), pad], -1), jnp.concatenate([k.astype(f32), pad], -1),
-            v_aug, scale=d ** -0.5)
-        attn = out[..., :d].astype(v.dtype).reshape(b, n, h * d)
-        probs = jnp.mean(out[:, m:, :, d:], axis=2)  # (B, L, K), head average
-        img, txt = self.finish(img, txt, mods, attn)
+        m = mask_values.shape[1]
+        e, den = softmax_weights(q.astype(jnp.float32), k.astype(jnp.float32))
+        attn = weighted_values(e, den, v.astype(jnp.float32)).astype(v.dtype)
+        probs = instance_probability_heads(e[:, :, m:], den[:, :, m:], mask_values)
+        img, txt = self.finish(img, txt, mods, attn.reshape(*attn.shape[:2], -1))
         return img, txt, probs
+
+    def probabilities(self, img, txt, vec, mask_values):
+        """Only P (B, L, K) of :meth:`call_with_probabilities`: the latent queries' weights, no
+        attention output (the last guided block: nothing after it is evaluated)."""
+        _, (q, k, _) = self.joint_qkv(img, txt, vec)
+        m = txt.shape[1]
+        e, den = softmax_weights(q[:, m:].astype(jnp.float32), k.astype(jnp.float32))
+        return instance_probability_heads(e, den, mask_values)
 
 
 class SingleStreamBlock(nnx.Module):
@@ -389,9 +429,10 @@ class Hunyuan3DDiT(nnx.Module):
         tokens = batched_mask_tokens(mask_tokens, latent.shape[0], cond.shape[1])
         mask_values = jnp.swapaxes(tokens, 1, 2)  # (B, M, K)
         probs = []
-        for block in self.double_blocks[:num_layers]:
+        for block in self.double_blocks[:num_layers - 1]:
             latent, cond, p = block.call_with_probabilities(latent, cond, vec, mask_values)
             probs.append(p)
+        probs.append(self.double_blocks[num_layers - 1].probabilities(latent, cond, vec, mask_values))
         return probs
 
 
