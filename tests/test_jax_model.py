@@ -175,3 +175,28 @@ def test_same_parameters_as_hy3dgen_and_errors():
     jm = timi_jax.from_torch(make_torch_model(CONFIGS["h16-heads1-guidance"]))
     with pytest.raises(ValueError, match="guidance"):
         jm.embed(jnp.zeros((1, 2, 6)), jnp.zeros((1,)), jnp.zeros((1, 3, 10)))
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 60.0])
+def test_attention_matches_jax_dot_product_attention(logit_scale):
+    """The CPU attention (output normalised after the value product) equals
+    ``jax.nn.dot_product_attention``, values and gradients, also for logits far beyond exp's
+    float32 range (the row maximum guards it)."""
+    from timi_jax.modeling import attention
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(keys[i], (2, 9, 3, 8)) for i in range(3))
+    q = q * logit_scale
+    w = jax.random.normal(keys[3], (2, 9, 24))
+
+    def loss(fn, q, k, v):
+        return jnp.sum(w * fn(q, k, v).reshape(2, 9, 24))
+
+    ref_fn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v)  # noqa: E731
+    out, ref = attention(q, k, v), ref_fn(q, k, v).reshape(2, 9, 24)
+    assert bool(jnp.all(jnp.isfinite(out)))
+    np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-6)
+    grads = jax.grad(lambda *a: loss(attention, *a), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(lambda *a: loss(ref_fn, *a), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
