@@ -158,3 +158,48 @@ def test_fused_probability_for_any_number_of_instances(K):
     tokens = torch.rand(2, K, 50, generator=g)
     torch.testing.assert_close(fused_probability(q, k, tokens), explicit_probability(q, k, tokens),
                                rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("K", [1, 3, 9])
+def test_one_call_gives_hy3dgens_attention_output_and_P(K, dtype):
+    """The padded single SDPA: output == rearranged SDPA(q, k, v) in v's dtype, P == explicit softmax's."""
+    from timi_torch.guidance import attention_and_probability, explicit_probability
+
+    g = torch.Generator().manual_seed(K)
+    q, k, v = (torch.randn(2, 3, 90, 16, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
+    tokens = torch.rand(2, K, 50, generator=g)
+    out, P = attention_and_probability(q, k, v, tokens)
+    expected = rearrange(torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float()),
+                         "B H L D -> B L (H D)")
+    assert out.dtype == dtype and out.shape == (2, 90, 48) and P.dtype == torch.float32
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}      # fp16: assert_close's defaults
+    torch.testing.assert_close(out, expected.to(dtype), **tol)
+    torch.testing.assert_close(P, explicit_probability(q[:, :, 50:], k, tokens), rtol=1e-5, atol=1e-7)
+
+
+def test_fused_runs_one_sdpa_per_guided_block_with_hy3dgens_block_output(fast_base, monkeypatch):
+    """guided_layers=2: 1 combined + 1 P-only SDPA call (was 3); block 0's output equals hy3dgen's."""
+    from hy3dgen.shapegen.models.denoisers import hunyuan3ddit
+
+    z, t, cond, tokens = _inputs(fast_base, batch=1)
+    calls = []
+
+    def counting(sdpa):
+        return lambda *a, **kw: calls.append(1) or sdpa(*a, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        counting(torch.nn.functional.scaled_dot_product_attention))
+    monkeypatch.setattr(hunyuan3ddit, "scaled_dot_product_attention",
+                        counting(hunyuan3ddit.scaled_dot_product_attention))
+    outputs = []
+    hook = fast_base.model.double_blocks[0].register_forward_hook(lambda mod, args, out: outputs.append(out))
+    try:
+        with torch.no_grad():
+            guided_probabilities(fast_base.model, z, t, cond, tokens, 2, "fused")
+            assert len(calls) == 2
+            guided_probabilities(fast_base.model, z, t, cond, tokens, 2, "explicit")   # hy3dgen's attention
+    finally:
+        hook.remove()
+    for fused, explicit in zip(*outputs):
+        torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-6)

@@ -8,16 +8,21 @@ blocks and stops the forward right after the last of them. ``L_sep`` (Eqs.3-4, f
 How ``P`` is read out of the model without forking it: every double-stream block calls the module
 function ``hy3dgen.shapegen.models.denoisers.hunyuan3ddit.attention(q, k, v)`` on the joint
 sequence ``[condition tokens; latent tokens]`` with RMS-normalised q and k. :func:`capture_attention`
-temporarily wraps that function. For a block's latent queries ``q_z`` and all keys ``k``,
+temporarily wraps that function. Since ``SDPA(q, k, V) = softmax(q k^T / sqrt(d)) V`` with the
+softmax over the whole joint sequence, values ``V = [M^T; 0]`` (the masks for condition keys, zero
+for latent keys) give ``P = mean_h SDPA(q_z, k, V)`` for the latent queries ``q_z``: exactly
+``A_zc M^T`` averaged over heads (Eq.2), without the L x M attention matrix.
 
-* ``mode="fused"`` (default): ``P = mean_h SDPA(q_z, k, V)`` with values ``V = [M^T; 0]`` (the
-  masks for condition keys, zero for latent keys). Since ``SDPA(q, k, V) = softmax(q k^T / sqrt(d))
-  V`` with the softmax over the whole joint sequence, this is exactly ``A_zc M^T`` averaged over
-  heads (Eq.2) -- without the L x M attention matrix.
+* ``mode="fused"`` (default): each guided block but the last gets its attention output *and* ``P``
+  from ONE SDPA call, with q, k zero-padded and v extended by the mask channels: ``SDPA([q, 0],
+  [k, 0], [v, V])`` at the original scale ``d^-1/2`` is ``[attention(q, k, v), SDPA(q, k, V)]``
+  (:func:`attention_and_probability`). The last guided block only needs ``P`` (the forward stops
+  there), so it runs ``SDPA(q_z, k, V)`` alone (:func:`fused_probability`).
 * ``mode="explicit"``: the reference; materialises the head-averaged softmax, slices ``A_zc`` and
-  calls ``timi_core.instance_probability``.
+  calls ``timi_core.instance_probability``; the blocks run hy3dgen's own attention.
 
-``P`` is computed in float32 from the model's q and k, so the loss is float32 for fp16/bf16 models.
+``P`` is computed in float32 from the model's q and k, so the loss is float32 for fp16/bf16 models
+(in the fused path the guided blocks' attention output is computed in float32 too, then cast back).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import dataclasses
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 import timi_core
 
@@ -64,6 +70,24 @@ def fused_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) 
     return torch.cat(out, dim=-1).mean(dim=1)
 
 
+def attention_and_probability(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor):
+    """hy3dgen's ``attention(q, k, v)`` (B, S, H*D) and Eq.2's ``P`` (B, L, K) in one SDPA call.
+
+    q, k, v (B, H, S, D) over ``[M condition; L latent]`` tokens, tokens (B, K, M). v gets the extra
+    value channels ``[M^T; 0]`` and q, k as many zero channels (up to a multiple of 8), so all three
+    share one width (PyTorch's fused kernels); the scale stays ``D^-1/2``, so the softmax is unchanged.
+    """
+    B, H, S, D = q.shape
+    K, M = tokens.shape[1], tokens.shape[2]
+    pad = -(-(D + K) // 8) * 8 - D
+    masks = q.new_zeros(B, S, pad, dtype=torch.float32)
+    masks[:, :M, :K] = tokens.transpose(1, 2)
+    values = torch.cat([v.float(), masks[:, None].expand(B, H, S, pad)], dim=-1)
+    out = F.scaled_dot_product_attention(F.pad(q.float(), (0, pad)), F.pad(k.float(), (0, pad)), values,
+                                         scale=D ** -0.5)
+    return rearrange(out[..., :D].to(v.dtype), "B H L D -> B L (H D)"), out[:, :, M:, D:D + K].mean(dim=1)
+
+
 def explicit_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Eq.2 with the explicit attention matrix (reference path); same shapes as the fused one."""
     M = tokens.shape[-1]
@@ -83,7 +107,7 @@ class _Capture:
 
 @contextlib.contextmanager
 def capture_attention(tokens: torch.Tensor, num_layers: int, mode: str = "fused"):
-    """Within the block, the DiT's first ``num_layers`` attention calls record ``P`` (B, L, K).
+    """Within the block, the DiT's first ``num_layers`` attention calls record ``P`` (B, L, K) (Eq.2).
 
     ``tokens``: (B, K, M) condition-token masks. The forward stops (``_StopForward``) after the
     ``num_layers``-th call; use :func:`guided_probabilities`, which handles that.
@@ -100,8 +124,13 @@ def capture_attention(tokens: torch.Tensor, num_layers: int, mode: str = "fused"
         if q.shape[2] <= M:
             raise ValueError(f"attention over {q.shape[2]} tokens cannot hold {M} condition tokens "
                              "plus latent tokens; do the masks belong to this conditioner?")
+        last = len(state.probabilities) + 1 == state.num_layers
+        if mode == "fused" and not last:                  # the block's output and P in one call
+            out, P = attention_and_probability(q, k, v, state.tokens)
+            state.probabilities.append(P)
+            return out
         state.probabilities.append(probability(q[:, :, M:], k, state.tokens))
-        if len(state.probabilities) == state.num_layers:
+        if last:
             raise _StopForward
         return original(q, k, v, **kwargs)
 
