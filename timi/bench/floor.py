@@ -17,17 +17,21 @@ blocks on one branch (``F_guide``); with the usual "backward = 2 x forward" rule
 
 (issue 7's "about 4%" for l=4 of 48 blocks, t=15 of 50 steps). Only input gradients are needed
 (the weights are frozen), for which backward ~ 1 x forward on the linear layers: ``floor_input_grad``
-uses ``1 + 1`` instead of ``1 + 2``, a lower bound. Reading ``P`` (Eq.2) out of a guided block
-costs one more attention of the ``L`` latent queries over all ``S`` keys (the fused path, values
-padded to the head width): ``floor_with_p_attention`` adds ``4*L*S*h`` per guided block to
-``F_guide`` -- the floor of the algorithm as the adapters implement it.
+uses ``1 + 1`` instead of ``1 + 2``, a lower bound.
+
+``floor_as_implemented`` counts what ``timi_torch``'s fused guidance pass computes instead of ``l``
+whole blocks (same ``b = 2``): each guided block but the last runs its joint attention with q, k
+and v padded by the K mask channels to ``D' = ceil8(D + K)`` per head, which also yields ``P``
+(``4*S^2*H*D'`` instead of ``4*S^2*h``); the last guided block computes its modulations, q and k
+and the P attention of the ``L`` latent queries (values padded to the head width, ``4*L*S*h``) and
+nothing after it.
 """
 
 from __future__ import annotations
 
 from .config import BenchConfig
 
-__all__ = ["forward_flops", "overhead_floor"]
+__all__ = ["forward_flops", "overhead_floor", "guide_flops_as_implemented"]
 
 
 def _double_block(h: int, L: int, M: int) -> float:
@@ -58,20 +62,26 @@ def forward_flops(cfg: BenchConfig, double_blocks: int | None = None, single_blo
     return float(total)
 
 
+def guide_flops_as_implemented(cfg: BenchConfig) -> float:
+    """Forward FLOPs of ``timi_torch``'s fused guidance pass for one sample (module docstring)."""
+    h, L, M, H = cfg.hidden_size, cfg.num_latents, cfg.num_cond_tokens, cfg.num_heads
+    S, D = L + M, cfg.head_dim
+    padded = -(-(D + cfg.num_instances) // 8) * 8
+    with_p = 2 * 12 * h * h * S + 4 * S * S * H * padded + 2 * 12 * h * h
+    last = 2 * 3 * h * h * S + 2 * 12 * h * h + 4 * L * S * h
+    return _embeddings(cfg) + (cfg.guided_layers - 1) * with_p + last
+
+
 def overhead_floor(cfg: BenchConfig) -> dict:
-    """``floor`` (backward = 2x forward) and ``floor_input_grad`` (backward = 1x forward), plus the
-    FLOP counts they come from; see the module docstring for the formula."""
+    """``floor`` (backward = 2x forward), ``floor_input_grad`` (backward = 1x forward) and
+    ``floor_as_implemented``, plus the FLOP counts they come from; see the module docstring."""
     full = forward_flops(cfg)
     guide = forward_flops(cfg, double_blocks=cfg.guided_layers, single_blocks=0, final=False)
     frac = cfg.guided_steps / cfg.steps
-    S = cfg.num_latents + cfg.num_cond_tokens
-    p_attn = cfg.guided_layers * 4 * cfg.num_latents * S * cfg.hidden_size
     return {
         "floor": 1 + frac * 3 * guide / (2 * full),
         "floor_input_grad": 1 + frac * 2 * guide / (2 * full),
-        # + the second attention that reads P out (L latent queries over all S keys, values padded
-        # to the head width, as timi_torch's fused path does): 4 L S h per guided block
-        "floor_with_p_attention": 1 + frac * 3 * (guide + p_attn) / (2 * full),
+        "floor_as_implemented": 1 + frac * 3 * guide_flops_as_implemented(cfg) / (2 * full),
         "forward_gflops_per_sample": full / 1e9,
         "guided_forward_gflops_per_sample": guide / 1e9,
         "formula": "1 + (t/T) * (1 + b) * F_guide / (2 * F_full), b = 2 (floor) or 1 (floor_input_grad)",
