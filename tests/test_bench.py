@@ -94,6 +94,20 @@ def test_backends_smoke(tmp_path):
     assert r["max_abs_latent_diff_jax_vs_torch"] < 1e-3  # same weights and inputs, same sampler
 
 
+def test_overhead_and_scaling_jax_smoke(tmp_path):
+    pytest.importorskip("timi_jax")
+    r = _run(tmp_path, "overhead", "--tiny", "--backend", "jax", "--repeats", "1", "--warmup", "0", threads=0)
+    _check_common(r, "jax")
+    for key in ("ratio", "guide_s_per_guided_step", "plain_step_s", "ratio_from_step_times"):
+        assert _positive_finite(r[key]), (key, r[key])
+    assert set(r["compile_s"]) == {"plain", "timi"} and min(r["compile_s"].values()) > 0
+    assert r["max_abs_latent_diff_timi_vs_plain"] > 0
+    s = _run(tmp_path, "scaling", "--tiny", "--backend", "jax", "--ks", "2", "--ls", "16", "--repeats", "1",
+             "--warmup", "0", threads=0)
+    assert [(row["sweep"], row["K"], row["L"]) for row in s["rows"]] == [("K", 2, 32), ("L", 2, 16)]
+    assert all(_positive_finite(row["ratio"]) for row in s["rows"])
+
+
 def test_bad_backend_is_named(tmp_path):
     res = runner.invoke(app, ["bench", "overhead", "--tiny", "--backend", "tf"])
     assert res.exit_code != 0 and "torch or jax" in res.output

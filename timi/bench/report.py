@@ -38,7 +38,7 @@ def _guidance(r: dict) -> list[str]:
             f"{c['batch_size']}, {c['dtype']}; {r['repeats']} fresh process(es) per mode, {r.get('threads', 0)} thread(s).",
             "",
             "| P path | time s | pass peak memory MiB |", "|---|---|---|",
-            f"| fused (SDPA, masks as values) | {_f(r['fused_s'], 2)} | {_f(r['fused_peak_mib'], 0)} |",
+            f"| fused (masks as extra SDPA values, one call per block) | {_f(r['fused_s'], 2)} | {_f(r['fused_peak_mib'], 0)} |",
             f"| explicit softmax | {_f(r['explicit_s'], 2)} | {_f(r['explicit_peak_mib'], 0)} |",
             "",
             f"Time fused / explicit **{_f(r['time_ratio'])}** (target <= 1); memory explicit / fused "

@@ -52,7 +52,7 @@ def _as_numpy(x):
 
 
 def overhead(cfg: BenchConfig, backend: str = "torch", repeats: int = 3, warmup: int = 1,
-             _machine: bool = True) -> dict:
+             _machine: bool = True, _step_times: bool = True) -> dict:
     """Plain vs TIMI sampling, same model / seed / schedule: medians and ``ratio = timi_s / plain_s``,
     next to the FLOP floor (:func:`timi.bench.floor.overhead_floor`)."""
     machine = machine_info() if _machine else None
@@ -77,12 +77,13 @@ def overhead(cfg: BenchConfig, backend: str = "torch", repeats: int = 3, warmup:
     }
     if backend == "jax":
         out["compile_s"] = compile_s
+    if backend == "jax" and _step_times:
         # less noisy estimate: a compiled guidance pass and a compiled CFG step, timed apart
         st = holder.step_times()
         out["guide_s_per_guided_step"] = st["guide_s"]
         out["plain_step_s"] = st["step_s"]
         out["ratio_from_step_times"] = 1 + (cfg.guided_steps * st["guide_s"]) / (cfg.steps * st["step_s"])
-    else:  # where the extra time goes: wall time inside TIMIPipeline.guide (ISG + SGU) per run
+    elif backend == "torch":  # where the extra time goes: wall time inside TIMIPipeline.guide per run
         n = len(res["timi"]["runs_s"])
         guide_s = statistics.median(holder.guide_runs_s[-n:])   # the timed runs' guidance time
         out["guide_s_runs"] = holder.guide_runs_s[-n:]
@@ -116,7 +117,7 @@ def scaling(cfg: BenchConfig, backend: str = "torch", ks=(1, 2, 4, 8), ls=(256, 
         for v in values:
             point = cfg.replace(num_instances=v) if sweep == "K" else cfg.replace(num_latents=v)
             one = point.replace(steps=1, guided_steps=1)
-            r = overhead(one, backend, repeats=repeats, warmup=warmup, _machine=False)
+            r = overhead(one, backend, repeats=repeats, warmup=warmup, _machine=False, _step_times=False)
             fl = overhead_floor(point)
             rows.append({"sweep": sweep, "K": point.num_instances, "L": point.num_latents,
                          "plain_step_s": r["plain_s"], "guided_step_s": r["timi_s"],
