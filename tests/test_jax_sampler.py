@@ -164,8 +164,9 @@ def test_bad_inputs(setup):
 
 
 def test_bfloat16_guided_run_within_bound_of_float32(fast_dir, setup):
-    """bf16 model, float32 guidance: within 3e-2 of the float32 run (measured 1.2e-2) and no
-    further from it than hy3dgen-bf16 + timi_torch is from float32 (x2 margin)."""
+    """bf16 model, float32 guidance and float32 master latent: within 3e-2 of the float32 run and
+    no further from it than hy3dgen-bf16 + timi_torch is from float32 (x2 margin); the guided
+    updates are float32 moves, not rounded to bf16's spacing, and agree with timi_torch's."""
     from timi_torch import TIMIPipeline
     from torch_helpers import load_base
 
@@ -175,15 +176,25 @@ def test_bfloat16_guided_run_within_bound_of_float32(fast_dir, setup):
     bf16_model = timi_jax.from_torch(setup["jax_model_torch"], dtype=jnp.bfloat16)
     bf16 = timi_jax.sample(bf16_model, *args, **kw)
     assert bf16.latents.dtype == jnp.bfloat16 and bf16.losses.dtype == jnp.float32
-    torch_bf16 = TIMIPipeline(load_base(fast_dir, dtype=torch.bfloat16), GUIDED)(
-        setup["img"], setup["masks"], num_inference_steps=STEPS, output_type="latent",
-        latents=setup["noise"].clone(), enable_pbar=False)
+    torch_pipe = TIMIPipeline(load_base(fast_dir, dtype=torch.bfloat16), GUIDED)
+    torch_bf16 = torch_pipe(setup["img"], setup["masks"], num_inference_steps=STEPS,
+                            output_type="latent", latents=setup["noise"].clone(), enable_pbar=False)
+    assert torch_bf16.dtype == torch.bfloat16
     ref = np.asarray(f32.latents)
     err = rel_err(np.asarray(bf16.latents.astype(jnp.float32)), ref)
     torch_err = rel_err(torch_bf16.float().numpy(), ref)
     assert err < 3e-2 and err < 2 * torch_err, (err, torch_err)
     np.testing.assert_allclose(bf16.losses[: GUIDED.guided_steps], f32.losses[: GUIDED.guided_steps],
                                rtol=2e-3)
+    # First guided step (momentum from 0, GM): the latent moves by (1 - beta) * (alpha * std(z)
+    # - lambda * eps), about 0.01 std(z), below bf16's spacing; rounded to bf16 it would be a
+    # multiple of the spacing. torch (bf16 + float32 master latent) moves by the same amount.
+    z0 = np.asarray(jnp.asarray(jx(setup["noise"]), jnp.bfloat16).astype(jnp.float32), np.float64)
+    lam = np.asarray(bf16.scales[0], np.float64)
+    expected = (1 - GUIDED.beta) * (GUIDED.alpha * z0.reshape(len(z0), -1).std(1) - lam * GUIDED.eps)
+    np.testing.assert_allclose(np.asarray(bf16.max_updates[0], np.float64), expected, rtol=1e-4)
+    np.testing.assert_allclose(torch_pipe.diagnostics[0].max_update, expected, rtol=1e-4)
+    assert rel_err(np.asarray(bf16.latents.astype(jnp.float32)), torch_bf16.float()) < 3e-2
 
 
 def test_front_door_pipeline_matches_timi_torch(fast_base, setup):

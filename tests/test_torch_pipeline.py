@@ -17,6 +17,11 @@ STEPS = 5
 GUIDED = TIMIConfig(guided_layers=2, guided_steps=4)
 
 
+@pytest.fixture(scope="module")
+def fast_base_bf16(fast_dir):
+    return load_base(fast_dir, dtype=torch.bfloat16)
+
+
 def _run(pipe, seed=0, image=None, masks=None, **kw):
     img, m = scene(alpha=True)
     kw.setdefault("output_type", "latent")
@@ -24,15 +29,17 @@ def _run(pipe, seed=0, image=None, masks=None, **kw):
                 generator=torch.Generator().manual_seed(seed), enable_pbar=False, **kw)
 
 
-@pytest.mark.parametrize("config, model", [(TIMIConfig(guided_steps=0), "tiny_base"), (TIMIConfig(isg=False), "fast_base")],
-                         ids=["steps0-518px", "isg_off-112px"])
+@pytest.mark.parametrize("config, model", [(TIMIConfig(guided_steps=0), "tiny_base"), (TIMIConfig(isg=False), "fast_base"),
+                                           (TIMIConfig(guided_steps=0), "fast_base_bf16")],
+                         ids=["steps0-518px", "isg_off-112px", "steps0-112px-bf16"])
 def test_guidance_off_equals_hy3dgen_bitwise(config, model, request):
+    """Guidance off: hy3dgen's loop in the model dtype (no float32 master latent), bit for bit."""
     tiny_base = request.getfixturevalue(model)
     img, masks = scene(alpha=True)
     expected = tiny_base(Image.fromarray(img), num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3),
                          output_type="latent", enable_pbar=False)
     got = _run(TIMIPipeline(tiny_base, config), seed=3)
-    assert got.dtype == torch.float32
+    assert got.dtype == expected.dtype == tiny_base.dtype
     assert torch.equal(got, expected)
 
 
@@ -92,12 +99,32 @@ def test_trimesh_output(fast_base):
     assert len(meshes) == 1 and isinstance(meshes[0], trimesh.Trimesh) and len(meshes[0].faces) > 0
 
 
-def test_low_precision_models_sample_with_float32_guidance(fast_dir):
-    base = load_base(fast_dir, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_keep_a_float32_master_latent(fast_dir, fast_base_bf16, dtype):
+    """fp16/bf16 model, guidance on: the latent is carried in float32, so the small guided updates
+    are not rounded to the model dtype's spacing; the returned latents are in the model dtype."""
+    base = fast_base_bf16 if dtype == torch.bfloat16 else load_base(fast_dir, dtype=dtype)
     pipe = TIMIPipeline(base, GUIDED)
-    out = _run(pipe)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    states = []
+    out = _run(pipe, callback=lambda i, t, o: states.append(o.prev_sample))
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
     assert all(np.isfinite(d.loss[0]) and d.max_update[0] > 0 for d in pipe.diagnostics)
+    assert len(states) == STEPS and all(s.dtype == torch.float32 for s in states)
+    # the carried latent holds what the model dtype cannot (hy3dgen's step would have rounded it)
+    assert not torch.equal(states[0].to(dtype).float(), states[0])
+    assert torch.equal(out, states[-1].to(dtype))                  # rounded once, at the end
+    # First guided step (momentum from 0, GM): the latent moves by exactly max|(1 - beta) lambda g|
+    # = (1 - beta) (alpha std(z) - lambda eps) (Eq.6, lambda = alpha std(z) / (max|g| + eps)),
+    # about 0.01 std(z): below bf16's spacing (2^-7 on [1, 2)) and near fp16's. Rounded to the model
+    # dtype it would be a multiple of the spacing instead.
+    z0 = base.prepare_latents(1, dtype, "cpu", torch.Generator().manual_seed(0)).float()
+    d, cfg = pipe.diagnostics[0], GUIDED
+    lam = torch.tensor(d.scale, dtype=torch.float64)
+    expected = (1 - cfg.beta) * (cfg.alpha * z0.double().flatten(1).std(1, correction=0) - lam * cfg.eps)
+    torch.testing.assert_close(torch.tensor(d.max_update, dtype=torch.float64), expected, rtol=1e-4, atol=0)
+    # the unguided run of the same model and noise: guidance moved the result
+    plain = _run(TIMIPipeline(base, GUIDED.replace(isg=False)))
+    assert plain.dtype == dtype and not torch.equal(out, plain)
 
 
 def test_from_pretrained_through_hy3dgen_loaders(fast_root, fast_dir, monkeypatch, fast_base):

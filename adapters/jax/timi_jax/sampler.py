@@ -14,8 +14,13 @@ over the first ``guided_layers`` double blocks, summed over independent samples)
 forward truncated after those blocks (:meth:`Hunyuan3DDiT.instance_probabilities`, P as an
 attention output with the masks as values), then ``timi_core.sgu_update(axes=(1,))`` (Eqs.5-7,
 smoothing along hy3dgen's latent-token axis, momentum carried across steps). Loss, gradient and
-update are float32 whatever the model's dtype. The step loop is ``lax.scan`` and the guided/plain
-choice ``lax.cond`` on the step index, so the whole run is compiled once.
+update are float32 whatever the model's dtype, and with guidance on the latent itself is carried in
+float32 for the whole run (a float32 master latent, as ``timi_torch.TIMIPipeline``): the model sees
+it cast to its dtype, the update and the Euler step ``z + (sigma[i+1] - sigma[i]) * float32(v)`` are
+applied to it in float32, and it is cast to the model dtype once, at the end. (With guidance off
+the loop is hy3dgen's: each Euler step is cast back to the model dtype.) The step loop is
+``lax.scan`` and the guided/plain choice ``lax.cond`` on the step index, so the whole run is
+compiled once.
 
 Batches of seeds or scenes can be sharded data-parallel over devices (:func:`data_parallel_mesh`).
 """
@@ -56,10 +61,10 @@ def flow_matching_schedule(num_inference_steps: int, *, num_train_timesteps: int
 
 @dataclasses.dataclass(frozen=True)
 class SampleOutput:
-    """``latents`` (B, L, C) and per-step diagnostics, each (N, B) float32 and 0 for unguided
-    steps (as ``timi_torch.StepDiagnostics``): ``losses`` ``L_sep`` before the step's update,
-    ``scales`` the step size lambda (Eq.6; ``alpha`` without GM), ``max_updates`` the largest
-    ``|z_new - z|``."""
+    """``latents`` (B, L, C) in the model's dtype and per-step diagnostics, each (N, B) float32 and
+    0 for unguided steps (as ``timi_torch.StepDiagnostics``): ``losses`` ``L_sep`` before the step's
+    update, ``scales`` the step size lambda (Eq.6; ``alpha`` without GM), ``max_updates`` the
+    largest ``|z_new - z|`` of the float32 latent."""
 
     latents: jax.Array
     losses: jax.Array
@@ -120,38 +125,41 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, sigma
             return v_uncond + guidance_scale.astype(v.dtype) * (v_cond - v_uncond)
         return model(z, jnp.full((batch,), t), cond_in, guidance)
 
-    def guide(z, m, t):  # ISG (Eqs.2-4) + SGU (Eqs.5-7), float32
+    def guide(z, m, t):  # ISG (Eqs.2-4) + SGU (Eqs.5-7) on the float32 latent z
         loss, grad = _loss_and_grad(model, z, jnp.full((batch,), t), cond, tokens, config,
                                     num_layers, guidance)
-        zf = z.astype(jnp.float32)
-        z_new, m_new = timi_core.sgu_update(zf, grad, m, config, axes=(1,))
+        z_new, m_new = timi_core.sgu_update(z, grad, m, config, axes=(1,))
         if config.sgu and config.gm:  # diagnostics only (XLA shares the smoothing with the update)
             g = timi_core.gaussian_smooth(grad, config.sigma, (1,)) if config.sr else grad
-            scale = timi_core.adaptive_scale(g, zf, config.alpha, config.eps).reshape(batch)
+            scale = timi_core.adaptive_scale(g, z, config.alpha, config.eps).reshape(batch)
         else:
             scale = jnp.full((batch,), config.alpha, jnp.float32)
-        z_out = z_new.astype(z.dtype)  # what the compute dtype keeps of the float32 update
-        max_update = jnp.max(jnp.abs(z_out.astype(jnp.float32) - zf), axis=(1, 2))
-        return z_out, m_new, (loss, scale, max_update)
+        max_update = jnp.max(jnp.abs(z_new - z), axis=(1, 2))
+        return z_new, m_new, (loss, scale, max_update)
+
+    # Guidance on: the carried latent is float32 (master latent; cast for the model only).
+    master = config.enabled
 
     def step(carry, xs):
         z, m = carry
         i, t, sigma, sigma_next = xs
-        if config.enabled:
+        if master:
             z, m, diag = jax.lax.cond(i < config.guided_steps, guide,
                                       lambda z, m, t: (z, m, (no_loss,) * 3), z, m, t)
         else:
             diag = (no_loss,) * 3
-        v = velocity(z, t)
-        # scheduler.step: float32 sample + (sigma_next - sigma) * v, cast to v's dtype
-        z = (z.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)).astype(v.dtype)
+        v = velocity(z.astype(model.dtype), t)
+        # scheduler.step: float32 sample + (sigma_next - sigma) * v, cast to v's dtype; with the
+        # master latent the same in float32 (float32 v) and no cast back
+        z = z.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)
+        z = z if master else z.astype(v.dtype)
         return (z, m), diag
 
     n = t_model.shape[0]
-    carry = (noise, jnp.zeros(noise.shape, jnp.float32))
+    carry = (noise.astype(jnp.float32) if master else noise, jnp.zeros(noise.shape, jnp.float32))
     (latents, _), diags = jax.lax.scan(
         step, carry, (jnp.arange(n), t_model, sigmas[:-1], sigmas[1:]))
-    return latents, diags
+    return latents.astype(model.dtype), diags
 
 
 def _num_layers(model: Hunyuan3DDiT, config: TIMIConfig) -> int:
@@ -175,12 +183,14 @@ def sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
     """Sample latents with hy3dgen's schedule and CFG, with TIMI guidance when ``config`` says so.
 
     ``noise`` (B, L, C): the initial latents (hy3dgen's ``prepare_latents``; cast to the model's
-    dtype). ``cond`` (B, M, D): conditional tokens; ``uncond``: the unconditional ones (default
-    zeros, hy3dgen's unconditional embedding for the DINOv2 conditioner). ``mask_tokens``
-    (B, K, M) or (K, M): instance masks pooled onto the condition tokens (``timi_core.pool_masks``),
-    needed when guidance is on. ``config=None`` or ``TIMIConfig(isg=False)``: plain hy3dgen
-    sampling. ``mesh``: shard the batch over the mesh's first axis (data parallel; B must be a
-    multiple of its size) with the weights replicated.
+    dtype). The returned latents are in the model's dtype; with guidance on they were carried in
+    float32 during the run and are rounded once at the end (see the module docstring).
+    ``cond`` (B, M, D): conditional tokens; ``uncond``: the unconditional ones (default zeros, hy3dgen's
+    unconditional embedding for the DINOv2 conditioner). ``mask_tokens`` (B, K, M) or (K, M):
+    instance masks pooled onto the condition tokens (``timi_core.pool_masks``), needed when
+    guidance is on. ``config=None`` or ``TIMIConfig(isg=False)``: plain hy3dgen sampling. ``mesh``:
+    shard the batch over the mesh's first axis (data parallel; B must be a multiple of its size)
+    with the weights replicated.
 
     One compiled program per (model structure, shapes, dtypes, config, step count); later calls
     with new noise, conditions or masks reuse it.

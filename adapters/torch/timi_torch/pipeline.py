@@ -8,8 +8,19 @@ conditioner, image processor, DiT and ShapeVAE. Per step ``i`` (paper Sec. 4, Fi
    token axis ``axes=(1,)``) updates ``z_t``, all in float32;
 2. hy3dgen's classifier-free-guidance step on the (updated) latent, with hy3dgen's scheduler.
 
-With guidance off the loop performs exactly hy3dgen's operations, so the latents equal
-``Hunyuan3DDiTFlowMatchingPipeline.__call__``'s bit for bit (tested on CPU in float32).
+Float32 master latent: when guidance is on (``config.enabled``) the loop carries ``z_t`` in float32
+for the whole run, whatever the model's dtype. The DiT sees ``z_t`` cast to the model dtype; the
+guided update is applied to the float32 latent; the Euler step is hy3dgen's
+``scheduler.step`` (which also keeps its step index) on the float32 latent and the float32 velocity,
+i.e. ``z + (sigma_next - sigma) * v.float()`` with no cast back. Only the returned latents are
+cast to the model dtype, once, at the very end (hy3dgen's output dtype; its VAE runs in that dtype).
+So a guided update far below the model dtype's spacing (the first momentum step moves ``z`` by at
+most ``(1 - beta) * alpha * std(z)``, 0.01 std(z) with the paper's values) is not rounded away in
+float16/bfloat16. For float32 models this is exactly the previous computation.
+
+With guidance off the loop performs exactly hy3dgen's operations in the model dtype, so the latents
+equal ``Hunyuan3DDiTFlowMatchingPipeline.__call__``'s bit for bit (tested on CPU in float32 and
+bfloat16).
 """
 
 from __future__ import annotations
@@ -40,7 +51,8 @@ class StepDiagnostics:
     """What one guided step did, per sample of the batch (lists of length B).
 
     ``loss``: L_sep (Eq.4, mean over the guided layers) before the update; ``scale``: the step
-    size lambda (Eq.6 with GM, else alpha); ``max_update``: max |z_new - z| of the step (Eq.7).
+    size lambda (Eq.6 with GM, else alpha); ``max_update``: max |z_new - z| of the step (Eq.7),
+    what the float32 latent actually moved (guided runs carry the latent in float32).
     """
 
     step: int
@@ -168,7 +180,11 @@ class TIMIPipeline:
         return min(n, depth)
 
     def guide(self, latents, timestep, cond_main, tokens, momentum=None, *, step: int = 0):
-        """One ISG + SGU update (Eqs.2-7) of ``latents`` (B, L, C) -> (latents, momentum, diagnostics)."""
+        """One ISG + SGU update (Eqs.2-7) of ``latents`` (B, L, C) -> (latents, momentum, diagnostics).
+
+        ``latents`` in any dtype; the returned latents are float32 (``latents`` upcast minus the
+        float32 momentum), not rounded to the model dtype.
+        """
         cfg = self.config
         model_kwargs = {}
         if getattr(self.base.model, "guidance_embed", False):
@@ -183,10 +199,9 @@ class TIMIPipeline:
             scale = timi_core.adaptive_scale(g, z, cfg.alpha, cfg.eps).flatten()
         else:
             scale = torch.full((z.shape[0],), cfg.alpha)
-        z_out = z_new.to(latents.dtype)  # what the model dtype keeps of the float32 update
         diag = StepDiagnostics(step, float(timestep[0]), loss.tolist(), scale.tolist(),
-                               (z_out.float() - z).abs().flatten(1).amax(1).tolist())
-        return z_out, momentum, diag
+                               (z_new - z).abs().flatten(1).amax(1).tolist())
+        return z_new, momentum, diag
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -200,9 +215,10 @@ class TIMIPipeline:
         ``image``: a path, PIL image or (H, W, 3|4) array (or a list of them, a batch);
         ``masks``: its instance masks, see :func:`timi_torch.condition_token_masks` (a list, one per
         image, for a batch). Other arguments as in hy3dgen's ``Hunyuan3DDiTFlowMatchingPipeline``;
-        ``callback(step, t, scheduler_output)`` is called every ``callback_steps`` steps.
+        ``callback(step, t, scheduler_output)`` is called every ``callback_steps`` steps (with
+        guidance on, ``scheduler_output.prev_sample`` is the float32 master latent).
         ``output_type``: ``"trimesh"`` (list of meshes), ``"mesh"`` (hy3dgen's raw outputs) or
-        ``"latent"`` (the (B, L, C) latents).
+        ``"latent"`` (the (B, L, C) latents, in the model's dtype as hy3dgen returns them).
         """
         from hy3dgen.shapegen.pipelines import retrieve_timesteps
 
@@ -238,23 +254,33 @@ class TIMIPipeline:
 
         self.diagnostics = []
         momentum = None
+        # Guidance on: float32 master latent (module docstring). Off: hy3dgen's loop, model dtype.
+        master = cfg.enabled
+        if master:
+            latents = latents.to(torch.float32)
         for i, t in enumerate(tqdm(timesteps, disable=not enable_pbar, desc="TIMI sampling")):
-            timestep = t.expand(batch_size).to(latents.dtype) / base.scheduler.config.num_train_timesteps
+            timestep = t.expand(batch_size).to(dtype) / base.scheduler.config.num_train_timesteps
             if cfg.guidance_active(i):
                 latents, momentum, diag = self.guide(latents, timestep, cond_main, tokens, momentum, step=i)
                 self.diagnostics.append(diag)
 
-            latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
-            timestep = t.expand(latent_model_input.shape[0]).to(latents.dtype) / base.scheduler.config.num_train_timesteps
+            model_latents = latents.to(dtype)                  # no-op without guidance
+            latent_model_input = torch.cat([model_latents] * 2) if do_cfg else model_latents
+            timestep = t.expand(latent_model_input.shape[0]).to(dtype) / base.scheduler.config.num_train_timesteps
             noise_pred = base.model(latent_model_input, timestep, cond, guidance=guidance)
             if do_cfg:
                 noise_pred_cond, noise_pred_uncond = noise_pred.chunk(2)
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
+            if master:
+                # hy3dgen's step on the float32 latent with a float32 velocity: it computes
+                # float32 sample + (sigma_next - sigma) * v and casts to v's dtype, float32 here.
+                noise_pred = noise_pred.to(torch.float32)
             outputs = base.scheduler.step(noise_pred, t, latents)
             latents = outputs.prev_sample
             if callback is not None and i % callback_steps == 0:
                 callback(i // getattr(base.scheduler, "order", 1), t, outputs)
 
+        latents = latents.to(dtype)                            # the master latent, rounded once
         if output_type == "latent":
             return latents
         meshes = base._export(latents, "trimesh" if output_type == "trimesh" else "mesh", box_v, mc_level,
