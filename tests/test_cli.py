@@ -184,7 +184,9 @@ def test_bad_inputs_give_one_line_and_exit_2(tiny_model, scene, tmp_path):
 def test_overlap_first_resolves(tiny_model, scene, tmp_path):
     m = scene["masks"]
     grown = m.copy()
-    grown[0] = np.roll(m[0], 6, axis=1) | m[0]  # instance 0 spills into its neighbours
+    cols = np.nonzero(m[1])[1]
+    half = m[1] & (np.arange(m.shape[2]) <= np.median(cols))[None, :]
+    grown[0] = m[0] | half  # instance 0 spills over half of instance 1
     assert (grown.sum(0) > 1).any()
     p = _bad(tmp_path, "grown.npy", grown)
     code, _ = generate(tiny_model, scene["image"], p, tmp_path / "x.glb")
@@ -293,8 +295,9 @@ def test_inspect_overlay_and_small_instance_warning(tiny_model, scene, tmp_path)
 
     m = scene["masks"].copy()
     free = ~m.any(0)
-    ys, xs = np.nonzero(free)
-    y, x = ys[len(ys) // 2], xs[len(xs) // 2]
+    H, W = free.shape  # an 8 x 8 block of background near the image centre
+    y, x = min(((y, x) for y in range(0, H - 8, 4) for x in range(0, W - 8, 4) if free[y:y + 8, x:x + 8].all()),
+               key=lambda p: abs(p[0] - H // 2) + abs(p[1] - W // 2))
     small = np.zeros_like(m[0])
     small[y:y + 8, x:x + 8] = True
     assert not (small & ~free).any()
