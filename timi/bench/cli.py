@@ -156,6 +156,7 @@ def guidance_pass_cmd(
 @app.command()
 def backends(
     tiny: bool = _TINY, repeats: int = _REPEATS,
+    full_size: bool = typer.Option(False, "--full-size", help="Real Hunyuan3D shapes, 50 steps / 15 guided (GPU)."),
     plain: bool = typer.Option(False, "--plain", help="Time plain sampling instead of the guided sampler."),
     steps: Optional[int] = _STEPS, guided_steps: Optional[int] = _GSTEPS, hidden: Optional[int] = _HIDDEN,
     heads: Optional[int] = _HEADS, depth: Optional[int] = _DEPTH, single_depth: Optional[int] = _SDEPTH,
@@ -172,7 +173,7 @@ def backends(
     if why:
         typer.echo(why, err=True)
         raise typer.Exit(2)
-    cfg = _config(tiny_config() if tiny else default_config(),
+    cfg = _config(tiny_config() if tiny else full_size_config() if full_size else default_config(),
                   **_shape_options(steps, guided_steps, hidden, heads, depth, single_depth, latents,
                                    cond_tokens, instances, guided_layers, seed, dtype))
     r = run(cfg, repeats=repeats, guided=not plain)
