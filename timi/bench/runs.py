@@ -77,13 +77,12 @@ def overhead(cfg: BenchConfig, backend: str = "torch", repeats: int = 3, warmup:
     }
     if backend == "jax":
         out["compile_s"] = compile_s
-    if backend == "jax" and _step_times:
-        # less noisy estimate: a compiled guidance pass and a compiled CFG step, timed apart
-        st = holder.step_times()
-        out["guide_s_per_guided_step"] = st["guide_s"]
-        out["plain_step_s"] = st["step_s"]
-        out["ratio_from_step_times"] = 1 + (cfg.guided_steps * st["guide_s"]) / (cfg.steps * st["step_s"])
-    elif backend == "torch":  # where the extra time goes: wall time inside TIMIPipeline.guide per run
+        if _step_times:  # less noisy estimate: a compiled guidance pass and CFG step, timed apart
+            st = holder.step_times()
+            out["guide_s_per_guided_step"] = st["guide_s"]
+            out["plain_step_s"] = st["step_s"]
+            out["ratio_from_step_times"] = 1 + cfg.guided_steps * st["guide_s"] / (cfg.steps * st["step_s"])
+    else:  # where the extra time goes: wall time inside TIMIPipeline.guide (ISG + SGU) per run
         n = len(res["timi"]["runs_s"])
         guide_s = statistics.median(holder.guide_runs_s[-n:])   # the timed runs' guidance time
         out["guide_s_runs"] = holder.guide_runs_s[-n:]
