@@ -49,6 +49,15 @@ def _dit_module():
     return hunyuan3ddit
 
 
+def _mask_values(tokens: torch.Tensor, num_keys: int, width: int) -> torch.Tensor:
+    """Values ``[M^T; 0]`` of Eq.2 as an attention output: (B, S, width) float32 holding the
+    (B, K, M) condition-token masks on the first M keys and first K channels, zeros elsewhere."""
+    B, K, M = tokens.shape
+    values = tokens.new_zeros(B, num_keys, width, dtype=torch.float32)
+    values[:, :M, :K] = tokens.transpose(1, 2)
+    return values
+
+
 def fused_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Eq.2 via SDPA: q_z (B, H, L, D), k (B, H, M+L, D), tokens (B, K, M) -> P (B, L, K).
 
@@ -58,15 +67,12 @@ def fused_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) 
     dropped from the output.
     """
     B, H, S, D = k.shape
-    K, M = tokens.shape[1], tokens.shape[2]
     q_z, k = q_z.float(), k.float()
     out = []
-    for start in range(0, K, D):
-        chunk = tokens[:, start:start + D].transpose(1, 2)                       # (B, M, k<=D)
-        values = tokens.new_zeros(B, S, D)
-        values[:, :M, : chunk.shape[2]] = chunk
-        values = values[:, None].expand(B, H, S, D)
-        out.append(F.scaled_dot_product_attention(q_z, k, values)[..., : chunk.shape[2]])
+    for start in range(0, tokens.shape[1], D):
+        chunk = tokens[:, start:start + D]
+        values = _mask_values(chunk, S, D)[:, None].expand(B, H, S, D)
+        out.append(F.scaled_dot_product_attention(q_z, k, values)[..., : chunk.shape[1]])
     return torch.cat(out, dim=-1).mean(dim=1)
 
 
@@ -80,8 +86,7 @@ def attention_and_probability(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, H, S, D = q.shape
     K, M = tokens.shape[1], tokens.shape[2]
     pad = -(-(D + K) // 8) * 8 - D
-    masks = q.new_zeros(B, S, pad, dtype=torch.float32)
-    masks[:, :M, :K] = tokens.transpose(1, 2)
+    masks = _mask_values(tokens, S, pad)
     values = torch.cat([v.float(), masks[:, None].expand(B, H, S, pad)], dim=-1)
     out = F.scaled_dot_product_attention(F.pad(q.float(), (0, pad)), F.pad(k.float(), (0, pad)), values,
                                          scale=D ** -0.5)
