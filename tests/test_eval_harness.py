@@ -339,3 +339,19 @@ def test_unguided_configurations_share_one_cache_key():
     assert len(keys) == 1
     guided = {run_key(Run("x", c), 0, ident) for c in (TIMIConfig(), TIMIConfig(sgu=False), TIMIConfig(alpha=0.2))}
     assert len(guided) == 3 and not (guided & keys)
+
+
+def test_several_seeds_give_one_pair_per_scene_and_seed(dataset, tmp_path):
+    out = tmp_path / "seeds"
+    args = ["eval", str(dataset), "--generator", f"{__name__}:fake_generate", "--baseline", "--seed", "0",
+            "--seed", "1", "--points", str(POINTS), "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = _read_csv(out / "per_scene.csv")
+    ok = {r["scene"] for r in rows if r["run"] == "TIMI" and r["status"] == "ok"}
+    assert ok and all(s.endswith(("@seed0", "@seed1")) for s in ok)
+    text = (out / "results.md").read_text()
+    # the fake TIMI moves instances by 0.1 instead of the base model's 0.3: CD-S lower on every pair
+    paired = text[text.index("Paired differences"):]
+    line = next(l for l in paired.splitlines() if l.startswith("| TIMI | "))
+    assert "**better**" in line.split("|")[3] and f"| {len(ok)} |" in line

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from timi.testbed.model import SIZES
 from timi.testbed.train import TrainConfig, Trainer, flow_matching_pair
+
+TINY = SIZES["tiny"]
 
 
 def test_flow_matching_pair_matches_hy3dgen_scheduler():
@@ -30,25 +33,51 @@ def test_flow_matching_pair_matches_hy3dgen_scheduler():
 def tiny_cache(tmp_path_factory):
     from timi.testbed.data import build_cache
 
-    return build_cache(tmp_path_factory.mktemp("cache") / "c.npz", 4, seed=1, image_size=112, progress=False)
+    return build_cache(tmp_path_factory.mktemp("cache") / "c.npz", 4, seed=1, image_size=TINY.image_size,
+                       num_latents=TINY.num_latents, n_encoder=256, n_multi=2, progress=False)
 
 
 def _cfg(**kw):
-    base = dict(seed=3, n_train=4, vae_steps=2, vae_batch=2, n_surface=256, n_query=64, dit_steps=2,
+    base = dict(seed=3, n_train=4, n_multi=2, vae_steps=2, vae_batch=2, n_surface=256, n_query=64, dit_steps=2,
                 dit_batch=2, warmup=1, save_every=1, threads=1)
     return TrainConfig(**{**base, **kw})
 
 
+def test_cache_holds_assets_for_the_dit_and_scenes_for_the_vae(tmp_path, tiny_cache):
+    from timi.testbed.data import farthest_point_indices
+
+    with np.load(tiny_cache) as f:
+        assert f["num_instances"].tolist()[:4] == [1, 1, 1, 1] and min(f["num_instances"][4:]) >= 2
+        pts = f["surface"][0, :256]
+        np.testing.assert_array_equal(f["fps"][0], farthest_point_indices(pts, TINY.num_latents))
+    t = Trainer(tmp_path / "pool", tiny_cache, _cfg(), TINY, progress=False)
+    assert t.dit_pool.tolist() == [0, 1, 2, 3]  # the DiT never sees a multi-instance scene
+
+
+def test_farthest_point_indices_match_the_torch_sampler():
+    from timi.testbed.data import farthest_point_indices
+    from timi.testbed.model import farthest_point_sample
+
+    pts = np.random.default_rng(0).normal(size=(300, 3)).astype(np.float32)
+    ref = farthest_point_sample(torch.from_numpy(pts)[None], 40)[0].numpy()
+    np.testing.assert_array_equal(farthest_point_indices(pts, 40), ref)
+    # the defining property: each new point is the farthest from those already chosen
+    idx = farthest_point_indices(pts, 10)
+    for i in range(1, 10):
+        d = ((pts[:, None] - pts[idx[:i]][None]) ** 2).sum(-1).min(1)
+        assert d[idx[i]] == pytest.approx(d.max())
+
+
 def test_training_smoke_reproducible_and_resumable(tmp_path, tiny_cache):
-    a = Trainer(tmp_path / "a", tiny_cache, _cfg(), progress=False)
+    a = Trainer(tmp_path / "a", tiny_cache, _cfg(), TINY, progress=False)
     summary = a.run()
     assert np.isfinite(summary["vae_final_bce"]) and np.isfinite(summary["dit_final_mse"])
     assert (tmp_path / "a" / "loss_curve.png").stat().st_size > 0
-    b = Trainer(tmp_path / "b", tiny_cache, _cfg(), progress=False)
+    b = Trainer(tmp_path / "b", tiny_cache, _cfg(), TINY, progress=False)
     b.run()
     assert a.state["vae_loss"] == b.state["vae_loss"] and a.state["dit_loss"] == b.state["dit_loss"]
     # resume: a fresh Trainer on run "a" continues from its checkpoint and takes only the new steps
-    c = Trainer(tmp_path / "a", tiny_cache, _cfg(vae_steps=3, dit_steps=3), progress=False)
+    c = Trainer(tmp_path / "a", tiny_cache, _cfg(vae_steps=3, dit_steps=3), TINY, progress=False)
     assert c.state["vae_step"] == 2 and c.state["dit_step"] == 2
     c.run()
     assert len(c.state["vae_loss"]) == 3 and len(c.state["dit_loss"]) == 3
@@ -57,17 +86,22 @@ def test_training_smoke_reproducible_and_resumable(tmp_path, tiny_cache):
 
 def test_export_loads_in_hy3dgen(tmp_path, tiny_cache):
     from timi.testbed.export import export_model_dir, load_pipeline
-    from timi.testbed.model import TestbedSizes
-
-    t = Trainer(tmp_path / "run", tiny_cache, _cfg(vae_steps=1, dit_steps=1), progress=False)
+    t = Trainer(tmp_path / "run", tiny_cache, _cfg(vae_steps=1, dit_steps=1), TINY, progress=False)
     t.run()
-    d = export_model_dir(t.export_state(), TestbedSizes().replace(scale_factor=t.state["scale_factor"]),
-                         tmp_path / "model")
+    d = export_model_dir(t.export_state(), TINY.replace(scale_factor=t.state["scale_factor"]), tmp_path / "model")
     pipe = load_pipeline(d)  # hy3dgen's from_single_file, strict state-dict loading
     for name, module in (("model", t.dit_ema), ("vae", t.vae), ("conditioner", t.cond_ema)):
         for key, value in module.state_dict().items():
             torch.testing.assert_close(getattr(pipe, name).state_dict()[key], value.half().float())
     assert pipe.vae.scale_factor == pytest.approx(t.state["scale_factor"])
+    # a new run seeded from the exported directory starts from its weights and trains the DiT only
+    u = Trainer(tmp_path / "resumed", tiny_cache, _cfg(vae_steps=1, dit_steps=2), TINY, progress=False)
+    u.init_from(d)
+    assert u.state["vae_step"] == 1
+    for key, value in t.encoder.state_dict().items():
+        torch.testing.assert_close(u.encoder.state_dict()[key], value.half().float())
+    u.run()
+    assert len(u.state["vae_loss"]) == 0 and len(u.state["dit_loss"]) == 2
 
 
 def test_shipped_model_generates_a_mesh_in_the_unit_box():

@@ -1,4 +1,4 @@
-"""Testbed scenes: determinism, exact masks, unit-box placement, SDF/mesh agreement (issue 8)."""
+"""Testbed samples: determinism, exact masks, unit-box placement, gaps, connected assets, SDF/mesh agreement."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ from PIL import Image
 
 from timi.testbed.primitives import PRIMITIVE_KINDS, Primitive
 from timi.testbed.render import pixel_centres
-from timi.testbed.scenes import SCENE_HALF_EXTENT, generate_scene, load_layout, write_scene
+from timi.testbed.scenes import MIN_SCENE_GAP, SCENE_HALF_EXTENT, generate_scene, load_layout, write_scene
 
 
 @pytest.fixture(scope="module")
 def scenes():
-    return [generate_scene(seed=0, split="test", index=i, resolution=96) for i in range(6)]
+    return [generate_scene(seed=0, split="test", index=i, num_instances=k, resolution=96)
+            for i, k in enumerate((1, 1, 2, 3, 4, 2, None))]
 
 
 def test_same_seed_same_scene_and_splits_differ():
@@ -31,7 +32,7 @@ def test_same_seed_same_scene_and_splits_differ():
 
 def test_masks_are_the_foreground_of_the_render(scenes):
     for s in scenes:
-        k = len(s.primitives)
+        k = s.num_instances
         assert set(np.unique(s.labels)) <= set(range(k + 1))
         np.testing.assert_array_equal(s.image[..., 3] > 0, s.labels > 0)
         assert (s.image[s.labels == 0][:, :3] == 255).all()
@@ -39,19 +40,36 @@ def test_masks_are_the_foreground_of_the_render(scenes):
             assert (s.labels == label).any(), f"{s.scene_id}: instance {label} not visible"
 
 
-def test_instances_inside_unit_box_and_disjoint(scenes):
+def test_instances_inside_unit_box_and_separated_by_the_gap(scenes):
     for s in scenes:
         meshes = s.instance_meshes()
         lo = np.min([m.bounds[0] for m in meshes], axis=0)
         hi = np.max([m.bounds[1] for m in meshes], axis=0)
         assert (lo >= -SCENE_HALF_EXTENT - 1e-6).all() and (hi <= SCENE_HALF_EXTENT + 1e-6).all()
         assert np.isclose((hi - lo).max(), 2 * SCENE_HALF_EXTENT)
-        # no interpenetration: surface samples of one instance are not deep inside another
+        # independent of the generator's own gap estimate: dense surface samples of one instance
+        # stay at least MIN_SCENE_GAP (minus the tessellation error) outside every other instance
         for i, mi in enumerate(meshes):
-            pts = trimesh.sample.sample_surface(mi, 2000, seed=1)[0]
-            for j, pj in enumerate(s.primitives):
+            pts = trimesh.sample.sample_surface(mi, 5000, seed=1)[0]
+            for j in range(s.num_instances):
                 if i != j:
-                    assert pj.sdf(pts).min() > -0.02, f"{s.scene_id}: instances {i + 1} and {j + 1} overlap"
+                    d = min(p.sdf(pts).min() for p in s.parts(j + 1))
+                    assert d > MIN_SCENE_GAP - 0.01, f"{s.scene_id}: instances {i + 1} and {j + 1} {d:.3f} apart"
+
+
+def test_single_assets_are_one_connected_multi_coloured_shape(scenes):
+    assets = [s for s in scenes if s.num_instances == 1]
+    assert assets and any(len(s.primitives) > 1 for s in assets)
+    for s in assets:
+        mesh = s.instance_meshes()[0]
+        assert mesh.is_watertight
+        assert len(mesh.split(only_watertight=False)) == 1, f"{s.scene_id}: the asset falls apart"
+        assert len({p.color for p in s.primitives}) == len(s.primitives)
+        # the union's surface: no sample lies inside another part (interior faces were removed)
+        pts = trimesh.sample.sample_surface(mesh, 4000, seed=0)[0]
+        inside = np.min([p.sdf(pts) for p in s.primitives], axis=0)
+        assert np.abs(inside).max() < 0.01
+        assert (s.labels <= 1).all() and s.layout()["kind"] == "single asset"
 
 
 @pytest.mark.parametrize("kind", PRIMITIVE_KINDS)
@@ -100,13 +118,14 @@ def test_written_folder_layout(tmp_path, scenes):
     assert img.shape == (*s.labels.shape, 4)
     np.testing.assert_array_equal(np.asarray(Image.open(folder / "masks.png")), s.labels)
     layout = json.loads((folder / "layout.json").read_text())
-    assert layout["num_instances"] == len(s.primitives)
-    for k in range(1, len(s.primitives) + 1):
+    assert layout["num_instances"] == s.num_instances
+    for k in range(1, s.num_instances + 1):
         mesh = trimesh.load(folder / "gt" / f"instance_{k:02d}.ply")
         assert mesh.is_watertight and len(mesh.faces) > 0
     glb = trimesh.load(folder / "scene.glb")
-    assert sorted(glb.geometry) == [f"instance_{k:02d}" for k in range(1, len(s.primitives) + 1)]
-    reloaded = load_layout(folder)
+    assert sorted(glb.geometry) == [f"instance_{k:02d}" for k in range(1, s.num_instances + 1)]
+    reloaded, instance_of = load_layout(folder)
+    assert instance_of == s.instance_of
     pts = np.random.default_rng(0).uniform(-1, 1, (500, 3))
     for a, b in zip(reloaded, s.primitives):
         np.testing.assert_allclose(a.sdf(pts), b.sdf(pts), atol=1e-12)

@@ -47,7 +47,8 @@ def eval_command(
                                     help="Sweep one TIMIConfig field, e.g. alpha=0.1,0.2. Repeatable."),
     set_: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help="Change the base TIMIConfig, e.g. alpha=0.2."),
     out: Path = typer.Option(Path("outputs/eval"), "--out", help="Output folder (cache, tables, plots)."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed (the same for every scene and run)."),
+    seeds: List[int] = typer.Option([0], "--seed", help="Sampling seed (the same for every scene and run). "
+                                    "Repeat for several: each (scene, seed) is one pair of the paired comparison."),
     steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps."),
     guidance_scale: float = typer.Option(5.0, "--guidance-scale", help="Classifier-free guidance scale."),
     octree_resolution: int = typer.Option(384, "--octree-resolution", min=8, help="Marching-cubes grid."),
@@ -69,7 +70,7 @@ def eval_command(
     from .dataset import SceneError, discover_scenes
     from .generators import PredictionReader, TIMITorchGenerator, load_generator_factory
     from .report import write_report
-    from .runner import Evaluator, MetricSettings
+    from .runner import Evaluator, MetricSettings, merge_seeds
     from .runs import Run, plan_runs
 
     if model is not None and generator is not None:
@@ -112,11 +113,14 @@ def eval_command(
     elif model is not None:
         generate = TIMITorchGenerator(model, device=device, dtype=dtype, steps=steps, guidance_scale=guidance_scale,
                                       octree_resolution=octree_resolution)
-    metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=seed,
-                             icp_points=icp_points)
-    evaluator = Evaluator(dataset_dir, generate, out, seed=seed, metrics=metrics, limit=limit, progress=not quiet,
-                          log=typer.echo if quiet else None)
-    summaries = evaluator.evaluate(runs)
+    per_seed = []
+    for seed in dict.fromkeys(seeds):  # metric sampling uses the first seed, so pairs differ only in sampling
+        metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=seeds[0],
+                                 icp_points=icp_points)
+        evaluator = Evaluator(dataset_dir, generate, out, seed=seed, metrics=metrics, limit=limit,
+                              progress=not quiet, log=typer.echo if quiet else None)
+        per_seed.append((seed, evaluator.evaluate(runs)))
+    summaries = merge_seeds(per_seed)
     paths = write_report(summaries, out, title=f"timi eval {dataset_dir}")
     typer.echo(paths["markdown"].read_text())
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -145,10 +145,12 @@ def plot_groups(summaries: list[RunSummary], out_dir: Path) -> list[Path]:
 
 
 def write_report(summaries: list[RunSummary], out_dir: str | Path, title: str | None = None) -> dict[str, Path]:
-    """results.md, results.csv, per_scene.csv, plots/sweep_<param>.png and plots/group_<name>.png."""
+    """results.md (with the paired differences vs the base model), results.csv, per_scene.csv, plots/."""
+    from .paired import paired_markdown
+
     out = Path(out_dir)
     paths = {
-        "markdown": write_text(out / "results.md", markdown_table(summaries, title)),
+        "markdown": write_text(out / "results.md", markdown_table(summaries, title) + "\n" + paired_markdown(summaries)),
         "csv": write_text(out / "results.csv", summary_csv(summaries)),
         "per_scene": write_text(out / "per_scene.csv", per_scene_csv(summaries)),
     }

@@ -267,3 +267,15 @@ def summarize(run: Run, results: list[SceneResult]) -> RunSummary:
     times = [r.seconds for r in ok if r.seconds is not None and np.isfinite(r.seconds)]
     seconds = float(np.mean(times)) if times else float("nan")
     return RunSummary(run, means, seconds, len(ok), len(results), results)
+
+
+def merge_seeds(per_seed: list[tuple[int, list[RunSummary]]]) -> list[RunSummary]:
+    """One summary per run over every (scene, seed); with several seeds a scene id becomes ``<id>@seed<s>``."""
+    if len(per_seed) == 1:
+        return per_seed[0][1]
+    merged = []
+    for i, first in enumerate(per_seed[0][1]):
+        results = [dataclasses.replace(r, scene_id=f"{r.scene_id}@seed{seed}")
+                   for seed, summaries in per_seed for r in summaries[i].results]
+        merged.append(summarize(first.run, results))
+    return merged

@@ -32,12 +32,19 @@ def scenes(
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Run folder: cache, checkpoint.pt (resumed if present), loss curve."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the training scenes, weights, batches and noise."),
-    n_train: int = typer.Option(1500, "--n-train", min=1, help="Training scenes (split 'train')."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the training samples, weights, batches and noise."),
+    n_train: int = typer.Option(2000, "--n-train", min=1, help="Single assets (split 'train'): VAE and DiT."),
+    n_multi: int = typer.Option(400, "--n-multi", min=0,
+                                help="Multi-instance scenes (split 'train') that only the VAE sees."),
     vae_steps: int = typer.Option(3000, "--vae-steps", min=0),
     dit_steps: int = typer.Option(3000, "--dit-steps", min=0),
+    preset: str = typer.Option("v2", "--preset", help="Model sizes: v2 (shipped), v1 (first testbed), tiny."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
+    workers: int = typer.Option(2, "--workers", min=1, help="Processes that build the training cache."),
     cache: Path = typer.Option(None, "--cache", help="Training cache .npz (default: OUT/train_cache.npz)."),
+    init_from: Path = typer.Option(None, "--init-from",
+                                   help="Start from an exported model directory (e.g. the shipped one): "
+                                        "its VAE and encoder are kept, the DiT trains on with a fresh optimiser."),
     export: Path = typer.Option(None, "--export", help="Also write the hy3dgen model directory here."),
 ) -> None:
     """Train the testbed ShapeVAE and DiT (resumable) and export an hy3dgen model directory."""
@@ -45,20 +52,26 @@ def train(
 
     from .data import build_cache
     from .export import export_model_dir
-    from .model import TestbedSizes
+    from .model import SIZES
     from .train import Trainer, TrainConfig
 
+    if preset not in SIZES:
+        raise typer.BadParameter(f"unknown preset {preset!r}; use one of {list(SIZES)}", param_hint="--preset")
     torch.set_num_threads(threads)
-    cfg = TrainConfig(seed=seed, n_train=n_train, vae_steps=vae_steps, dit_steps=dit_steps, threads=threads)
-    sizes = TestbedSizes()
-    cache = build_cache(cache or out / "train_cache.npz", n_train, seed=seed, split="train",
-                        image_size=sizes.image_size)
+    cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps, dit_steps=dit_steps,
+                      threads=threads)
+    sizes = SIZES[preset]
+    cache = build_cache(cache or out / "train_cache.npz", n_train, seed=seed, image_size=sizes.image_size,
+                        num_latents=sizes.num_latents, n_encoder=cfg.n_surface, n_multi=n_multi, workers=workers)
     trainer = Trainer(out, cache, cfg, sizes)
+    if init_from is not None and not trainer.ckpt.exists():
+        trainer.init_from(init_from)
     summary = trainer.run()
     groups = trainer.export_state()
     final = sizes.replace(scale_factor=trainer.state["scale_factor"])
     for target in [out / "model"] + ([export] if export else []):
-        export_model_dir(groups, final, target, extra={"train_config": cfg.__dict__, "summary": summary})
+        export_model_dir(groups, final, target, extra={"train_config": cfg.__dict__, "preset": preset,
+                                                       "summary": summary})
         typer.echo(f"exported hy3dgen model directory: {target}")
     typer.echo(f"summary: {summary}")
 

@@ -1,13 +1,21 @@
-"""Training cache of testbed scenes: surface points, exact occupancy samples and conditioner images.
+"""Training cache of testbed samples: surface points, exact occupancy, FPS queries, conditioner images.
 
-For each scene of a split (see :mod:`timi.testbed.scenes`):
+For each sample (see :mod:`timi.testbed.scenes`):
 
-* ``surface`` (N_s, 3): points sampled uniformly on the ground-truth meshes (the VAE encoder input);
+* ``surface`` (N_s, 3): points sampled uniformly on the ground-truth surface (the union of a
+  compound asset's parts), in random order; the VAE encoder reads the first ``n_surface``;
+* ``fps`` (L,): farthest-point-sampled indices into those first ``n_surface`` points: the encoder's
+  latent-token queries (computed once here instead of at every training step);
 * ``volume`` / ``near`` (N_q, 3) query points, uniform in hy3dgen's box ``[-1.01, 1.01]^3`` and
-  jittered around the surface, with exact occupancy from the primitives' signed distances;
+  jittered around the surface (three widths), with exact occupancy from the primitives' SDFs;
 * ``image`` (3, S, S): the render through hy3dgen's own ``ImageProcessorV2`` (alpha crop, recentre
   with border 0.15 on white, 512 px, [-1, 1]) and then the conditioner's resize to ``S``, i.e.
-  exactly what ``DinoImageEncoder`` sees at inference.
+  exactly what ``DinoImageEncoder`` sees at inference;
+* ``num_instances``: 1 for a single asset (the DiT trains on these only), 2-4 for the share of
+  multi-instance scenes that the VAE alone sees (``n_multi``).
+
+Sample ``i`` draws from its own seed sequence, so the cache is the same whatever the number of
+worker processes.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from .primitives import scene_sdf
 from .scenes import generate_scene
 
 BOX = 1.01
+NEAR_SIGMAS = (0.005, 0.015, 0.04)
+#: index offset of the multi-instance scenes in the train split (disjoint from the assets' indices)
+MULTI_OFFSET = 1_000_000
 
 
 def conditioner_image(rgba: np.ndarray, image_size: int) -> torch.Tensor:
@@ -35,13 +46,25 @@ def conditioner_image(rgba: np.ndarray, image_size: int) -> torch.Tensor:
     return resize(processed)[0]
 
 
+def farthest_point_indices(points: np.ndarray, k: int) -> np.ndarray:
+    """Indices (k,) of a farthest-point subset of ``points`` (N, 3), starting at index 0."""
+    idx = np.zeros(k, dtype=np.int64)
+    dist = np.full(len(points), np.inf)
+    last = 0
+    for i in range(k):
+        idx[i] = last
+        dist = np.minimum(dist, ((points - points[last]) ** 2).sum(-1))
+        last = int(dist.argmax())
+    return idx
+
+
 def scene_samples(scene, rng: np.random.Generator, n_surface: int = 4096, n_query: int = 4096) -> dict:
-    meshes = scene.instance_meshes()
-    combined = trimesh.util.concatenate(meshes)
+    combined = trimesh.util.concatenate(scene.instance_meshes())
     surface = trimesh.sample.sample_surface(combined, n_surface, seed=int(rng.integers(2**31)))[0]
+    surface = surface[rng.permutation(len(surface))]
     volume = rng.uniform(-BOX, BOX, size=(n_query, 3))
     pick = trimesh.sample.sample_surface(combined, n_query, seed=int(rng.integers(2**31)))[0]
-    sigma = np.where(rng.uniform(size=(n_query, 1)) < 0.5, 0.01, 0.04)
+    sigma = np.asarray(NEAR_SIGMAS)[rng.integers(len(NEAR_SIGMAS), size=(n_query, 1))]
     near = np.clip(pick + rng.normal(size=(n_query, 3)) * sigma, -BOX, BOX)
     return {
         "surface": surface.astype(np.float32),
@@ -52,30 +75,46 @@ def scene_samples(scene, rng: np.random.Generator, n_surface: int = 4096, n_quer
     }
 
 
-def build_cache(path: str | Path, n: int, seed: int = 0, split: str = "train", image_size: int = 112,
-                progress: bool = True) -> Path:
-    """Write the cache of scenes ``0..n-1`` of ``split`` to ``path`` (.npz); reuse it if complete."""
+def _sample(args: tuple) -> dict:
+    seed, i, image_size, num_latents, n_encoder = args
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(99, i)))
+    if i < MULTI_OFFSET:
+        scene = generate_scene(seed, "train", i, num_instances=1)
+    else:
+        scene = generate_scene(seed, "train", i, num_instances=int(rng.integers(2, 5)))
+    out = scene_samples(scene, rng)
+    out["fps"] = farthest_point_indices(out["surface"][:n_encoder], num_latents)
+    out["image"] = conditioner_image(scene.image, image_size).numpy().astype(np.float16)
+    out["num_instances"] = scene.num_instances
+    return out
+
+
+def build_cache(path: str | Path, n: int, seed: int = 0, image_size: int = 224, num_latents: int = 256,
+                n_encoder: int = 2048, n_multi: int = 0, workers: int = 1, progress: bool = True) -> Path:
+    """Write ``n`` single assets (train split, indices ``0..n-1``) and ``n_multi`` multi-instance
+    scenes (indices from :data:`MULTI_OFFSET`) to ``path`` (.npz); reuse it if it matches."""
     from tqdm import tqdm
 
     path = Path(path)
+    meta = {"n": n, "n_multi": n_multi, "seed": seed, "image_size": image_size, "num_latents": num_latents,
+            "n_encoder": n_encoder}
     if path.exists():
         with np.load(path) as f:
-            if int(f["n"]) == n and int(f["seed"]) == seed and int(f["image_size"]) == image_size:
+            if all(k in f and int(f[k]) == v for k, v in meta.items()):
                 return path
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(99,)))
-    keys = ("surface", "volume", "volume_occ", "near", "near_occ")
-    out = {k: [] for k in keys}
-    images, counts = [], []
-    for i in tqdm(range(n), desc=f"training cache ({split})", disable=not progress):
-        scene = generate_scene(seed, split, i)
-        samples = scene_samples(scene, rng)
-        for k in keys:
-            out[k].append(samples[k])
-        images.append(conditioner_image(scene.image, image_size).numpy().astype(np.float16))
-        counts.append(len(scene.primitives))
+    jobs = [(seed, i, image_size, num_latents, n_encoder) for i in range(n)]
+    jobs += [(seed, MULTI_OFFSET + j, image_size, num_latents, n_encoder) for j in range(n_multi)]
+    bar = dict(total=len(jobs), desc="training cache", disable=not progress, mininterval=5.0)
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            rows = list(tqdm(pool.imap(_sample, jobs, chunksize=8), **bar))
+    else:
+        rows = [_sample(j) for j in tqdm(jobs, **bar)]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: np.stack(v) for k, v in out.items()}, image=np.stack(images),
-             num_instances=np.array(counts), n=n, seed=seed, image_size=image_size)
+    np.savez(tmp, **{k: np.stack([r[k] for r in rows]) for k in rows[0]}, **meta)
     tmp.replace(path)
     return path

@@ -19,6 +19,7 @@ import yaml
 from .model import TestbedSizes, hy3dgen_config
 
 SUBFOLDER = "hunyuan3d-dit-v2-0"
+ENCODER_FILE = "encoder.fp16.safetensors"
 
 
 def export_model_dir(groups: dict[str, dict[str, torch.Tensor]], sizes: TestbedSizes, out_dir: str | Path,
@@ -33,6 +34,9 @@ def export_model_dir(groups: dict[str, dict[str, torch.Tensor]], sizes: TestbedS
         for key, value in groups[group].items():
             tensors[f"{group}.{key}"] = value.detach().to(torch.float16).contiguous().clone()
     safetensors.torch.save_file(tensors, str(out / "model.fp16.safetensors"), metadata={"format": "pt"})
+    if "encoder" in groups:  # our point encoder (hy3dgen has none): lets a later run resume training
+        enc = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in groups["encoder"].items()}
+        safetensors.torch.save_file(enc, str(out / ENCODER_FILE), metadata={"format": "pt"})
     config = hy3dgen_config(sizes)
     if extra:
         config["timi_testbed"] = extra
@@ -50,3 +54,17 @@ def load_pipeline(model_dir: str | Path, device: str = "cpu", dtype: torch.dtype
         raise FileNotFoundError(f"{d} has no config.yaml; pass a directory written by `timi testbed export`")
     return Hunyuan3DDiTFlowMatchingPipeline.from_single_file(
         str(d / "model.fp16.safetensors"), str(d / "config.yaml"), device=device, dtype=dtype, use_safetensors=True)
+
+
+def load_groups(model_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The key groups of an exported directory (``model``, ``vae``, ``conditioner``, ``encoder`` if shipped)."""
+    import safetensors.torch
+
+    d = Path(model_dir)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in safetensors.torch.load_file(str(d / "model.fp16.safetensors")).items():
+        group, rest = key.split(".", 1)
+        groups.setdefault(group, {})[rest] = value.float()
+    if (d / ENCODER_FILE).exists():
+        groups["encoder"] = {k: v.float() for k, v in safetensors.torch.load_file(str(d / ENCODER_FILE)).items()}
+    return groups

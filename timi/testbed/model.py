@@ -24,27 +24,41 @@ import torch.nn as nn
 
 @dataclass(frozen=True)
 class TestbedSizes:
-    """Sizes of the shipped testbed model (small enough to train on 2 CPU cores in under an hour)."""
+    """Sizes of a testbed model; the presets are :data:`SIZES` (``v2`` is the shipped one)."""
 
-    num_latents: int = 64
+    num_latents: int = 256
     latent_channels: int = 8
-    vae_width: int = 64
+    vae_width: int = 96
     vae_heads: int = 4
     vae_layers: int = 2
     vae_mlp_ratio: int = 2
     encoder_layers: int = 1
-    hidden_size: int = 96
+    hidden_size: int = 128
     num_heads: int = 4
     depth: int = 4
     depth_single_blocks: int = 1
     cond_width: int = 64
     cond_heads: int = 4
     cond_layers: int = 2
-    image_size: int = 112
+    image_size: int = 224
     scale_factor: float = 1.0
 
     def replace(self, **kw) -> "TestbedSizes":
         return TestbedSizes(**{**asdict(self), **kw})
+
+    @property
+    def condition_grid(self) -> int:
+        return self.image_size // 14
+
+
+#: named presets: ``v1`` the first testbed model (issue 8: 64 latents, 8x8 condition grid),
+#: ``v2`` the single-asset-prior model of issue 12 (256 latents, 16x16 grid), ``tiny`` for tests
+SIZES = {
+    "v1": TestbedSizes(num_latents=64, vae_width=64, hidden_size=96, image_size=112),
+    "v2": TestbedSizes(),
+    "tiny": TestbedSizes(num_latents=32, vae_width=32, vae_heads=2, vae_layers=1, hidden_size=32, num_heads=2,
+                         depth=2, cond_width=24, cond_heads=2, cond_layers=1, image_size=56),
+}
 
 
 def hy3dgen_config(sizes: TestbedSizes) -> dict:
@@ -65,11 +79,34 @@ def hy3dgen_config(sizes: TestbedSizes) -> dict:
 
 
 def build_parts(sizes: TestbedSizes) -> dict[str, nn.Module]:
-    """Instantiate ``model`` (Hunyuan3DDiT), ``vae`` (ShapeVAE) and ``conditioner`` with hy3dgen's code."""
+    """Instantiate ``model`` (Hunyuan3DDiT), ``vae`` (ShapeVAE) and ``conditioner`` with hy3dgen's code.
+
+    The conditioner's DINOv2 position embeddings start as a 2-D sin-cos table (then train with the
+    rest), so every condition token says where in the image it is from the first step on.
+    """
     from hy3dgen.shapegen.pipelines import instantiate_from_config
 
     cfg = hy3dgen_config(sizes)
-    return {name: instantiate_from_config(copy.deepcopy(cfg[name])) for name in ("model", "vae", "conditioner")}
+    parts = {name: instantiate_from_config(copy.deepcopy(cfg[name])) for name in ("model", "vae", "conditioner")}
+    dino = parts["conditioner"].main_image_encoder.model
+    pos = dino.embeddings.position_embeddings  # (1, 1 + g*g, width)
+    with torch.no_grad():
+        pos[0, 1:] = 0.5 * sincos_2d(sizes.condition_grid, pos.shape[-1])
+    return parts
+
+
+def sincos_2d(grid: int, width: int) -> torch.Tensor:
+    """(grid*grid, width) 2-D sine-cosine position table (half the channels per axis, as in MAE)."""
+    quarter = width // 4
+    freqs = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter)))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for axis in (ys.reshape(-1), xs.reshape(-1)):
+        angles = axis[:, None] * freqs[None]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    return torch.nn.functional.pad(table, (0, width - table.shape[1])).float()
 
 
 def farthest_point_sample(points: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,8 +144,9 @@ class PointEncoder(nn.Module):
         with torch.no_grad():  # start with a small posterior noise (std e^-2.5) so the decoder can read the mean
             self.to_moments.bias[sizes.latent_channels:] = -5.0
 
-    def forward(self, surface: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = farthest_point_sample(surface, self.num_latents)
+    def forward(self, surface: torch.Tensor, fps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fps`` (B, L): precomputed farthest-point indices into ``surface`` (else computed here)."""
+        idx = farthest_point_sample(surface, self.num_latents) if fps is None else fps
         queries = torch.gather(surface, 1, idx[..., None].expand(-1, -1, 3))
         data = self.input_proj(self.fourier(surface))
         q = self.input_proj(self.fourier(queries))

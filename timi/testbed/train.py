@@ -35,14 +35,17 @@ from .model import PointEncoder, TestbedSizes, build_parts, decode_occupancy
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """``n_train`` single assets (VAE and DiT) plus ``n_multi`` multi-instance scenes (VAE only)."""
+
     seed: int = 0
-    n_train: int = 1500
+    n_train: int = 2000
+    n_multi: int = 400
     vae_steps: int = 3000
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
-    n_surface: int = 1024
-    n_query: int = 512
+    n_surface: int = 2048
+    n_query: int = 1024
     dit_steps: int = 3000
     dit_batch: int = 16
     dit_lr: float = 1e-3
@@ -93,10 +96,15 @@ class Trainer:
         self.data: dict[str, torch.Tensor] = {}
         if cache is not None:  # None: only to export a checkpoint
             with np.load(cache) as f:
-                self.data = {k: torch.from_numpy(f[k][: cfg.n_train]) for k in
-                             ("surface", "volume", "volume_occ", "near", "near_occ", "image")}
-            if len(self.data["surface"]) < cfg.n_train:
-                raise ValueError(f"cache {cache} holds {len(self.data['surface'])} scenes, n_train={cfg.n_train}")
+                if int(f["n"]) != cfg.n_train or int(f["n_multi"]) != cfg.n_multi or \
+                        int(f["num_latents"]) != sizes.num_latents or int(f["image_size"]) != sizes.image_size:
+                    raise ValueError(f"cache {cache} was built for other sizes (n, n_multi, num_latents, image_size)")
+                self.data = {k: torch.from_numpy(f[k]) for k in
+                             ("surface", "fps", "volume", "volume_occ", "near", "near_occ", "image",
+                              "num_instances")}
+        #: the DiT's training pool: single assets only (the single-object prior, issue 12)
+        self.dit_pool = (np.flatnonzero(self.data["num_instances"].numpy() == 1) if self.data
+                         else np.zeros(0, dtype=np.int64))
         self.ckpt = self.out / "checkpoint.pt"
         if self.ckpt.exists():
             self._load()
@@ -125,14 +133,14 @@ class Trainer:
     def vae_step(self, step: int) -> float:
         cfg = self.cfg
         rng, gen = _rng(cfg, 1, step)
-        idx = torch.from_numpy(rng.choice(cfg.n_train, cfg.vae_batch, replace=False))
-        pick = lambda n, k: torch.from_numpy(rng.choice(n, k, replace=False))  # noqa: E731
         d = self.data
-        surface = d["surface"][idx][:, pick(d["surface"].shape[1], cfg.n_surface)]
+        idx = torch.from_numpy(rng.choice(len(d["surface"]), cfg.vae_batch, replace=False))
+        pick = lambda n, k: torch.from_numpy(rng.choice(n, k, replace=False))  # noqa: E731
+        surface = d["surface"][idx][:, : cfg.n_surface]
         qv, qn = pick(d["volume"].shape[1], cfg.n_query), pick(d["near"].shape[1], cfg.n_query)
         queries = torch.cat([d["volume"][idx][:, qv], d["near"][idx][:, qn]], 1)
         occ = torch.cat([d["volume_occ"][idx][:, qv], d["near_occ"][idx][:, qn]], 1).float()
-        mean, logvar = self.encoder(surface)
+        mean, logvar = self.encoder(surface, d["fps"][idx])
         z = mean + torch.randn(mean.shape, generator=gen) * (0.5 * logvar).exp()
         logits = decode_occupancy(self.vae, z, queries)
         bce = F.binary_cross_entropy_with_logits(logits, occ)
@@ -150,8 +158,9 @@ class Trainer:
     @torch.no_grad()
     def encode_all(self) -> torch.Tensor:
         self.encoder.eval()
-        means = [self.encoder(self.data["surface"][i:i + 64, : self.cfg.n_surface])[0]
-                 for i in range(0, self.cfg.n_train, 64)]
+        d, n = self.data, len(self.data["surface"])
+        means = [self.encoder(d["surface"][i:i + 64, : self.cfg.n_surface], d["fps"][i:i + 64])[0]
+                 for i in range(0, n, 64)]
         self.encoder.train()
         return torch.cat(means)
 
@@ -159,7 +168,7 @@ class Trainer:
     def dit_step(self, step: int) -> float:
         cfg = self.cfg
         rng, gen = _rng(cfg, 3, step)
-        idx = torch.from_numpy(rng.choice(cfg.n_train, cfg.dit_batch, replace=False))
+        idx = torch.from_numpy(self.dit_pool[rng.choice(len(self.dit_pool), cfg.dit_batch, replace=False)])
         x1 = self.latents[idx] * self.state["scale_factor"]
         x0 = torch.randn(x1.shape, generator=gen)
         t = torch.rand(len(idx), generator=gen)
@@ -206,12 +215,12 @@ class Trainer:
         self._loop("vae", self.cfg.vae_steps, self.vae_step)
         if self.latents is None:
             self.latents = self.encode_all()
-            self.state["scale_factor"] = float(1.0 / self.latents.std())
+            self.state["scale_factor"] = float(1.0 / self.latents[torch.from_numpy(self.dit_pool)].std())
             self._save()
         self._loop("dit", self.cfg.dit_steps, self.dit_step)
         self.plot_losses(self.out / "loss_curve.png")
-        summary = {"vae_final_bce": float(np.mean(self.state["vae_loss"][-100:])),
-                   "dit_final_mse": float(np.mean(self.state["dit_loss"][-100:])),
+        tail = lambda h: float(np.mean(h[-100:])) if h else None  # noqa: E731 (None: stage not run here)
+        summary = {"vae_final_bce": tail(self.state["vae_loss"]), "dit_final_mse": tail(self.state["dit_loss"]),
                    "scale_factor": self.state["scale_factor"], "seconds": self.state.get("seconds", {})}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
@@ -237,8 +246,28 @@ class Trainer:
         plt.close(fig)
 
     def export_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """hy3dgen key groups (EMA DiT / conditioner, VAE decoder) for :func:`~timi.testbed.export.export_model_dir`."""
+        """Key groups (EMA DiT / conditioner, VAE decoder, our encoder) for :func:`~timi.testbed.export.export_model_dir`."""
         if self.state["scale_factor"] is None:
             raise RuntimeError("the VAE stage has not finished; no scale_factor yet")
         return {"model": self.dit_ema.state_dict(), "vae": self.vae.state_dict(),
-                "conditioner": self.cond_ema.state_dict()}
+                "conditioner": self.cond_ema.state_dict(), "encoder": self.encoder.state_dict()}
+
+    def init_from(self, model_dir: str | Path, vae_done: bool = True) -> None:
+        """Start from an exported model directory (its fp16 weights; fresh optimisers).
+
+        With ``vae_done`` the VAE stage counts as finished (its weights are the directory's): only
+        the DiT trains on, from the directory's EMA weights. Needs the shipped encoder file.
+        """
+        from .export import load_groups
+
+        groups = load_groups(model_dir)
+        if "encoder" not in groups:
+            raise FileNotFoundError(f"{model_dir} has no encoder weights; it cannot seed a new run")
+        self.dit.load_state_dict(groups["model"])
+        self.dit_ema.load_state_dict(groups["model"])
+        self.cond.load_state_dict(groups["conditioner"])
+        self.cond_ema.load_state_dict(groups["conditioner"])
+        self.vae.load_state_dict(groups["vae"])
+        self.encoder.load_state_dict(groups["encoder"])
+        if vae_done:
+            self.state["vae_step"] = self.cfg.vae_steps

@@ -1,0 +1,72 @@
+"""Paired comparison vs the base model: bootstrap interval of the mean difference, pairing, seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from timi.evaluation.paired import PairedDifference, bootstrap_mean_interval, paired_differences, paired_markdown
+from timi.evaluation.runner import SceneResult, merge_seeds, summarize
+from timi.evaluation.runs import Run
+from timi.metrics import METRIC_NAMES, SceneScores
+from timi_core import TIMIConfig
+
+
+def _scores(v: float) -> SceneScores:
+    return SceneScores(lcd=v, cd_s=v, fs_s=v, ssr=v, cd_o=v, fs_o=v, n_pred=1, n_gt=1)
+
+
+def _summary(label: str, isg: bool, values: dict[str, float], failed=()):
+    run = Run(label, TIMIConfig(isg=isg))
+    results = [SceneResult(label, sid, "ok", _scores(v), 1.0) for sid, v in values.items()]
+    results += [SceneResult(label, sid, "failed", error="x") for sid in failed]
+    return summarize(run, results)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(-1, 1, allow_nan=False), min_size=2, max_size=40), st.floats(-2, 2))
+def test_interval_contains_the_mean_and_moves_with_a_shift(diffs, shift):
+    d = np.asarray(diffs)
+    low, high = bootstrap_mean_interval(d)
+    assert low - 1e-12 <= d.mean() <= high + 1e-12
+    low2, high2 = bootstrap_mean_interval(d + shift)  # translation equivariance of the percentile bootstrap
+    assert low2 == pytest.approx(low + shift, abs=1e-9) and high2 == pytest.approx(high + shift, abs=1e-9)
+
+
+def test_interval_matches_the_normal_theory_interval_for_many_pairs():
+    d = np.random.default_rng(0).normal(0.3, 1.0, size=2000)
+    low, high = bootstrap_mean_interval(d)
+    half = 1.6449 * d.std(ddof=1) / np.sqrt(d.size)
+    assert low == pytest.approx(d.mean() - half, abs=0.1 * half)
+    assert high == pytest.approx(d.mean() + half, abs=0.1 * half)
+
+
+def test_constant_differences_give_a_point_interval():
+    assert bootstrap_mean_interval(np.full(10, 0.25)) == (0.25, 0.25)
+
+
+def test_pairs_are_the_scenes_that_scored_in_both_runs():
+    base = _summary("base", False, {"a": 0.1, "b": 0.2, "c": 0.3}, failed=["d"])
+    timi = _summary("TIMI", True, {"a": 0.3, "b": 0.5, "d": 0.9}, failed=["c"])
+    diffs = paired_differences(timi, base)
+    assert [d.metric for d in diffs] == list(METRIC_NAMES)
+    assert all(d.n_pairs == 2 and d.mean == pytest.approx(0.25) for d in diffs)  # (0.2 + 0.3) / 2
+    table = paired_markdown([base, timi])
+    assert "Paired differences vs base" in table and "| TIMI | +0.2500 [+0.2000, +0.3000] **worse**" in table
+
+
+def test_verdict_follows_the_metric_direction():
+    assert PairedDifference("cd_s", -0.1, -0.2, -0.05, 9).verdict == "better"
+    assert PairedDifference("fs_s", -0.1, -0.2, -0.05, 9).verdict == "worse"
+    assert PairedDifference("ssr", 0.1, -0.01, 0.2, 9).verdict == "no difference"
+
+
+def test_merge_seeds_keeps_every_scene_seed_pair():
+    s0 = [_summary("base", False, {"a": 0.1, "b": 0.2})]
+    s1 = [_summary("base", False, {"a": 0.3, "b": 0.4}, failed=["c"])]
+    merged = merge_seeds([(0, s0), (1, s1)])[0]
+    assert sorted(r.scene_id for r in merged.results) == ["a@seed0", "a@seed1", "b@seed0", "b@seed1", "c@seed1"]
+    assert merged.n_ok == 4 and merged.means["lcd"] == pytest.approx(0.25)
+    assert merge_seeds([(0, s0)]) == s0
