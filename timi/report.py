@@ -66,6 +66,22 @@ def purity(R: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     return own / np.maximum(any_mask, 1e-12)
 
 
+def instance_key_cosine(k, tokens) -> np.ndarray:
+    """(K, K) cosine between the instances' mean key vectors, averaged over heads.
+
+    ``k`` (H, M + L, D) keys of one block (condition tokens first), ``tokens`` (K, M) masks; each
+    instance's mean key is the mask-weighted mean of its condition tokens' keys. Near 1: no query
+    can tell the instances apart (issue 12's cause (b)).
+    """
+    import torch
+
+    M = tokens.shape[-1]
+    w = tokens.float() / tokens.float().sum(-1, keepdim=True).clamp_min(1e-12)        # (K, M)
+    means = torch.einsum("km,hmd->hkd", w.to(k.device), k[:, :M].float())             # (H, K, D)
+    means = torch.nn.functional.normalize(means, dim=-1)
+    return (means @ means.transpose(-1, -2)).mean(0).cpu().numpy().astype(np.float64)
+
+
 @dataclasses.dataclass
 class StepMaps:
     step: int
@@ -73,6 +89,7 @@ class StepMaps:
     maps: np.ndarray     # (K, M) R over the condition tokens (prefix tokens included)
     purity: np.ndarray   # (K,)
     probability: np.ndarray | None = None  # (L, K) Eq.2's P of this layer and step
+    key_cosine: np.ndarray | None = None   # (K, K) instance_key_cosine of this layer and step
 
 
 class AttentionRecorder:
@@ -108,7 +125,8 @@ class AttentionRecorder:
             if not self._in_guide and 0 <= self._step < self.steps and self._layer < self.layers:
                 R, P = instance_image_maps(q[0, :, M:], k[0], self.tokens.to(q.device))
                 R = R.cpu().numpy().astype(np.float64)
-                self.records.append(StepMaps(self._step, self._layer, R, purity(R, tokens_np), P.cpu().numpy()))
+                self.records.append(StepMaps(self._step, self._layer, R, purity(R, tokens_np), P.cpu().numpy(),
+                                             instance_key_cosine(k[0], self.tokens)))
             self._layer += 1
             return original_attention(q, k, v, **kw)
 

@@ -100,3 +100,58 @@ def export_cmd(
     extra = {"train_config": blob["cfg"], "vae_step": st["vae_step"], "dit_step": st["dit_step"]}
     export_model_dir(trainer.export_state(), sizes.replace(scale_factor=st["scale_factor"]), out, extra=extra)
     typer.echo(json.dumps({"exported": str(out), **extra["train_config"], "dit_step": st["dit_step"]}))
+
+
+@app.command()
+def ceiling(
+    dataset: Path = typer.Argument(..., help="Folder of scenes (from `timi testbed scenes`)."),
+    model: Path = typer.Option(None, "--model", help="Exported testbed model directory (default: the shipped one)."),
+    octree_resolution: int = typer.Option(96, "--octree-resolution", min=16),
+    limit: int = typer.Option(None, "--limit", min=1),
+    out: Path = typer.Option(None, "--out", help="Write the per-scene rows as JSON here."),
+) -> None:
+    """VAE reconstruction ceiling: ground-truth surface -> encoder -> hy3dgen decoder -> metrics."""
+    import json
+
+    from timi.io import write_text
+
+    from . import default_model_path
+    from .quality import vae_ceiling
+
+    res = vae_ceiling(model or default_model_path(), dataset, octree_resolution=octree_resolution, limit=limit)
+    if out is not None:
+        write_text(out, json.dumps(res, indent=1))
+    m = res["mean"]
+    typer.echo(f"{res['n']} scenes ({res['failed']} without surface), octree {octree_resolution}: "
+               + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
+               + f"; right number of parts on {res['right_part_count']:.0%}")
+
+
+@app.command()
+def mechanism(
+    dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
+    model: Path = typer.Option(None, "--model", help="Model directory (default: the shipped one)."),
+    seed: list[int] = typer.Option([0], "--seed", help="Sampling seed(s); repeat for several."),
+    limit: int = typer.Option(None, "--limit", min=1),
+    opt_steps: int = typer.Option(30, "--opt-steps", min=1, help="Steps of the direct optimisation of z."),
+    out: Path = typer.Option(..., "--out", help="JSON file for the per-(scene, seed) rows."),
+    eval_dir: Path = typer.Option(None, "--eval-dir",
+                                  help="A `timi eval --baseline` output on the same scenes and seeds: "
+                                       "correlate the change of purity with the change of SSR."),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
+) -> None:
+    """Purity, selectivity, instance mass and key similarity of P (Eq.2), base vs TIMI (docs/results.md)."""
+    import json
+
+    import torch
+
+    from timi.io import write_text
+
+    from . import default_model_path
+    from .mechanism import run_mechanism, summarise
+
+    torch.set_num_threads(threads)
+    rows = run_mechanism(model or default_model_path(), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps)
+    write_text(out, json.dumps(rows, indent=1))
+    csv_path = eval_dir / "per_scene.csv" if eval_dir else None
+    typer.echo(summarise(rows, csv_path))

@@ -11,6 +11,7 @@ or ``from_single_file(dir / "model.fp16.safetensors", dir / "config.yaml", use_s
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -38,8 +39,7 @@ def export_model_dir(groups: dict[str, dict[str, torch.Tensor]], sizes: TestbedS
         enc = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in groups["encoder"].items()}
         safetensors.torch.save_file(enc, str(out / ENCODER_FILE), metadata={"format": "pt"})
     config = hy3dgen_config(sizes)
-    if extra:
-        config["timi_testbed"] = extra
+    config["timi_testbed"] = {"sizes": asdict(sizes), **(extra or {})}  # hy3dgen ignores this key
     with open(out / "config.yaml", "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
     return out

@@ -1,9 +1,10 @@
-"""Quality checks of a training run: the VAE's reconstruction ceiling, and the side-by-side figure.
+"""Quality checks of a testbed model: the VAE's reconstruction ceiling, and the side-by-side figure.
 
-``vae_ceiling`` encodes validation scenes' ground-truth surfaces with the run's encoder and decodes
+``vae_ceiling`` encodes the ground-truth surfaces of a folder of scenes (what ``timi testbed
+scenes`` writes) with the model's point encoder (shipped beside the hy3dgen weights) and decodes
 them with hy3dgen's own ``ShapeVAE.latents2mesh`` (what the pipeline does after sampling), then
-scores the meshes with :func:`timi.metrics.score_scene` like ``timi eval``: the best a perfect DiT
-could reach with this VAE.
+scores the meshes with :func:`timi.metrics.score_scene` as ``timi eval`` does: the best a perfect
+DiT could reach with this VAE.
 """
 
 from __future__ import annotations
@@ -15,40 +16,63 @@ import torch
 import trimesh
 
 
-@torch.no_grad()
-def vae_ceiling(run: str | Path, n: int = 12, split: str = "val", seed: int = 0, octree_resolution: int = 96,
-                num_instances: int | None = None) -> dict:
-    from hy3dgen.shapegen.pipelines import export_to_trimesh
+def load_encoder(model_dir: str | Path):
+    """(hy3dgen ``ShapeVAE``, our ``PointEncoder``, sizes) of an exported testbed model directory."""
+    import yaml
 
+    from .export import ENCODER_FILE, load_groups, load_pipeline
+    from .model import PointEncoder, TestbedSizes
+
+    d = Path(model_dir)
+    extra = yaml.safe_load((d / "config.yaml").read_text()).get("timi_testbed", {})
+    if "sizes" not in extra or not (d / ENCODER_FILE).exists():
+        raise FileNotFoundError(f"{d} holds no testbed encoder ({ENCODER_FILE} and the sizes in config.yaml); "
+                                "export it with `timi testbed train` / `timi testbed export`")
+    sizes = TestbedSizes(**extra["sizes"])
+    vae = load_pipeline(d).vae.float().eval()
+    encoder = PointEncoder(vae, sizes)
+    encoder.load_state_dict(load_groups(d)["encoder"])
+    return vae, encoder.eval(), sizes
+
+
+@torch.no_grad()
+def vae_ceiling(model_dir: str | Path, dataset_dir: str | Path, octree_resolution: int = 96,
+                n_surface: int = 2048, points_per_object: int = 20480, limit: int | None = None,
+                progress: bool = True) -> dict:
+    """Ground-truth surface -> encoder -> hy3dgen decoder + marching cubes -> Table-1 metrics, per scene."""
+    from hy3dgen.shapegen.pipelines import export_to_trimesh
+    from tqdm import tqdm
+
+    from timi.evaluation.dataset import discover_scenes
     from timi.metrics import score_scene
 
-    from .data import scene_samples
-    from .model import TestbedSizes
-    from .scenes import generate_scene
-    from .train import TrainConfig, Trainer
+    from .data import farthest_point_indices
 
-    blob = torch.load(Path(run) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    trainer = Trainer(run, None, TrainConfig(**blob["cfg"]), TestbedSizes(**blob["sizes"]), progress=False)
-    trainer.encoder.eval()
+    vae, encoder, sizes = load_encoder(model_dir)
+    folders = discover_scenes(dataset_dir)[:limit]
     rows = []
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        scene = generate_scene(seed, split, 500 + i, num_instances=num_instances)
-        surface = torch.from_numpy(scene_samples(scene, rng)["surface"][: trainer.cfg.n_surface])[None]
-        mean, _ = trainer.encoder(surface)
-        out = trainer.vae.latents2mesh(trainer.vae(mean), bounds=1.01, mc_level=0.0, num_chunks=20000,
-                                       octree_resolution=octree_resolution, enable_pbar=False)
+    for folder in tqdm(folders, desc="VAE ceiling", disable=not progress):
+        gt = [trimesh.load(f, force="mesh") for f in sorted((folder / "gt").glob("instance_*.ply"))]
+        surface = trimesh.sample.sample_surface(trimesh.util.concatenate(gt), n_surface, seed=0)[0]
+        surface = surface.astype(np.float32)
+        fps = torch.from_numpy(farthest_point_indices(surface, sizes.num_latents))[None]
+        mean, _ = encoder(torch.from_numpy(surface)[None], fps)
+        out = vae.latents2mesh(vae(mean), bounds=1.01, mc_level=0.0, num_chunks=20000,
+                               octree_resolution=octree_resolution, enable_pbar=False)
         mesh = export_to_trimesh(out)[0]
         if mesh is None:
-            rows.append({"scene": scene.scene_id, "error": "no surface"})
+            rows.append({"scene": folder.name, "k": len(gt), "error": "no surface"})
             continue
-        s = score_scene(mesh, scene.instance_meshes(), points_per_object=4096)
-        rows.append({"scene": scene.scene_id, "k": len(scene.primitives), "lcd": s.lcd, "cd_s": s.cd_s,
-                     "fs_s": s.fs_s, "ssr": s.ssr, "cd_o": s.cd_o, "fs_o": s.fs_o, "n_pred": s.n_pred})
+        sc = score_scene(mesh, gt, points_per_object=points_per_object)
+        rows.append({"scene": folder.name, "k": len(gt), "lcd": sc.lcd, "cd_s": sc.cd_s, "fs_s": sc.fs_s,
+                     "ssr": sc.ssr, "cd_o": sc.cd_o, "fs_o": sc.fs_o, "n_pred": sc.n_pred})
     ok = [r for r in rows if "error" not in r]
-    keys = [k for k in ok[0] if k not in ("scene", "k")] if ok else []
-    return {"n": n, "failed": len(rows) - len(ok),
-            "mean": {k: float(np.mean([r[k] for r in ok])) for k in keys}, "rows": rows}
+    keys = ("lcd", "cd_s", "fs_s", "ssr", "cd_o", "fs_o")
+    return {"model": str(model_dir), "dataset": str(dataset_dir), "octree_resolution": octree_resolution,
+            "n": len(rows), "failed": len(rows) - len(ok),
+            "mean": {k: float(np.mean([r[k] for r in ok])) for k in keys} if ok else {},
+            "right_part_count": float(np.mean([r["n_pred"] == r["k"] for r in ok])) if ok else float("nan"),
+            "rows": rows}
 
 
 def side_by_side(scene_dirs: list[Path], columns: dict[str, list[trimesh.Trimesh | None]], out: str | Path,
