@@ -104,3 +104,18 @@ def test_jax_grad_of_loss_matches_torch():
     a_t = torch.tensor(attn, requires_grad=True)
     tc.instance_separation_loss(tc.instance_probability(a_t, torch.tensor(masks))).sum().backward()
     np.testing.assert_allclose(np.asarray(g_j), a_t.grad.numpy(), rtol=2e-4, atol=1e-4)
+
+
+@given(dims=dims, seed=st.integers(0, 2**31 - 1))
+def test_instance_normalised_loss_ignores_each_tokens_instance_mass(backend, dims, seed):
+    """With P normalised over the instances, scaling a latent token's whole row of P (its total
+    attention to the instances) leaves L_sep unchanged: only the choice among instances counts."""
+    attn, masks = _attn_and_masks(seed, *dims)
+    P = np.einsum("blm,km->blk", attn, masks)
+    scale = np.random.default_rng(seed + 1).uniform(0.2, 5.0, size=P.shape[:-1] + (1,))
+    a = tc.instance_separation_loss(backend.asarray(P), eps=1e-12, normalize_instances=True)
+    b = tc.instance_separation_loss(backend.asarray(P * scale), eps=1e-12, normalize_instances=True)
+    backend.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    rows = tc.normalize_over_instances(backend.asarray(P), eps=0.0)
+    sums = backend.to_numpy(rows).sum(-1)
+    np.testing.assert_allclose(sums[P.sum(-1) > 1e-9], 1.0, rtol=1e-5)

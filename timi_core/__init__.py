@@ -18,7 +18,8 @@ Eq.7       momentum update                        :func:`momentum`, :func:`sgu_u
 
 from .config import TIMIConfig
 from .masks import area_pooling_matrix, pool_masks
-from .separation import instance_probability, instance_separation_loss, separation_loss, spatial_weights
+from .separation import (instance_probability, instance_separation_loss, normalize_over_instances, separation_loss,
+                         spatial_weights)
 from .smoothing import gaussian_kernel1d, gaussian_smooth
 from .update import adaptive_scale, momentum, sgu_update
 
@@ -28,6 +29,7 @@ __all__ = [
     "spatial_weights",
     "separation_loss",
     "instance_separation_loss",
+    "normalize_over_instances",
     "gaussian_smooth",
     "gaussian_kernel1d",
     "adaptive_scale",

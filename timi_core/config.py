@@ -25,6 +25,11 @@ class TIMIConfig:
 
     ``detach_weights=False`` lets the Eq.3 weights ``W`` take part in the gradient, as the equations
     are written; ``True`` treats ``W`` as a constant.
+
+    ``normalize_instances=False`` uses Eq.2's ``P = A_zc M^T`` as written; ``True`` divides each
+    latent token's row by its sum over the instances before Eqs.3-4 (a variant studied on the
+    testbed, docs/results.md: on hy3dgen's joint attention the rows of ``A_zc`` do not sum to 1
+    over the image tokens, so Eq.4 as written can be lowered by raising the total instance mass).
     """
 
     alpha: float = 0.1
@@ -38,6 +43,7 @@ class TIMIConfig:
     gm: bool = True
     sr: bool = True
     detach_weights: bool = False
+    normalize_instances: bool = False
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, rule: str) -> None:
@@ -56,7 +62,7 @@ class TIMIConfig:
             v = getattr(self, name)
             check(name, isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                   f"use an integer >= 0 (paper: {paper})")
-        for name in ("isg", "sgu", "gm", "sr", "detach_weights"):
+        for name in ("isg", "sgu", "gm", "sr", "detach_weights", "normalize_instances"):
             check(name, isinstance(getattr(self, name), bool), "use True or False")
 
     def replace(self, **changes) -> "TIMIConfig":

@@ -58,13 +58,24 @@ def separation_loss(P, W, eps=1e-6):
     return -xp.sum(W * xp.log(P + eps), axis=(-2, -1))
 
 
-def instance_separation_loss(P, eps=1e-6, detach_weights=False):
+def normalize_over_instances(P, eps=1e-6):
+    """``P[v, k] / (sum_k' P[v, k'] + eps)``: each latent token's attention as a distribution over
+    the instances (a variant, not the paper's Eq.2; see ``TIMIConfig.normalize_instances``)."""
+    xp = array_namespace(P)
+    return P / (xp.sum(P, axis=-1, keepdims=True) + eps)
+
+
+def instance_separation_loss(P, eps=1e-6, detach_weights=False, normalize_instances=False):
     """Eqs.3-4 from ``P`` in one call: ``separation_loss(P, spatial_weights(P))``.
 
     With ``detach_weights=True`` the Eq.3 weights are a constant for automatic differentiation
     (``torch.Tensor.detach`` / ``jax.lax.stop_gradient``); by default they take part in the
-    gradient, as the equations are written.
+    gradient, as the equations are written. With ``normalize_instances=True`` ``P`` is first
+    normalised over the instances (:func:`normalize_over_instances`), so the loss cannot be lowered
+    by raising how much a token attends to the instances overall, only by choosing one of them.
     """
+    if normalize_instances:
+        P = normalize_over_instances(P, eps)
     W = spatial_weights(P, eps)
     if detach_weights:
         W = stop_gradient(W)

@@ -82,7 +82,8 @@ def _loss_and_grad(model: Hunyuan3DDiT, z, t, cond, tokens, config: TIMIConfig, 
         probs = model.instance_probabilities(zf.astype(model.dtype), t, cond, tokens, num_layers,
                                              guidance)
         per_layer = jnp.stack([timi_core.instance_separation_loss(p, config.eps,
-                                                                  config.detach_weights)
+                                                                  config.detach_weights,
+                                                                  config.normalize_instances)
                                for p in probs])  # (layers, B)
         loss = jnp.mean(per_layer, axis=0)
         return jnp.sum(loss), loss  # samples are independent: d(sum)/dz_b = dL_b/dz_b

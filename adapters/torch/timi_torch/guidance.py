@@ -192,7 +192,8 @@ def separation_loss_and_grad(model, latents, timestep, cond_main, tokens, config
     with torch.enable_grad(), _frozen(model):
         z = latents.detach().to(torch.float32).clone().requires_grad_(True)
         Ps = guided_probabilities(model, z.to(dtype), timestep, cond_main, tokens, num_layers, mode, **model_kwargs)
-        per_layer = torch.stack([timi_core.instance_separation_loss(P, config.eps, config.detach_weights)
+        per_layer = torch.stack([timi_core.instance_separation_loss(P, config.eps, config.detach_weights,
+                                                                    config.normalize_instances)
                                  for P in Ps])                               # (layers, B)
         loss = per_layer.mean(dim=0)
         (grad,) = torch.autograd.grad(loss.sum(), z)
