@@ -109,8 +109,9 @@ def test_probabilities_loss_and_gradient_match_torch_adapter(fast_base, setup):
         assert rel_err(grad, ref_grad) < 1e-4 and rel_err(grad[1], ref_grad[1]) < 1e-4
 
 
-@pytest.mark.parametrize("config", [GUIDED, GUIDED.replace(gm=False, sr=False, beta=0.5)],
-                         ids=["paper-sgu", "no-gm-no-sr"])
+@pytest.mark.parametrize("config", [GUIDED, GUIDED.replace(gm=False, sr=False, beta=0.5),
+                                    GUIDED.replace(normalize_instances=True)],
+                         ids=["paper-sgu", "no-gm-no-sr", "P-over-instances"])
 def test_guided_run_matches_timi_torch_pipeline(fast_base, setup, config):
     from timi_torch import TIMIPipeline
 

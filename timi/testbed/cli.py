@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Procedural scenes with exact ground truth and the small shipped Hunyuan3D-architecture model.",
+app = typer.Typer(help="Procedural assets and scenes with exact ground truth, and the small shipped "
+                       "Hunyuan3D-architecture model.",
                   no_args_is_help=True)
 
 
@@ -18,9 +19,10 @@ def scenes(
     split: str = typer.Option("test", "--split", help="train | val | test (disjoint seed streams)."),
     start: int = typer.Option(0, "--start", min=0, help="Index of the first scene."),
     num_instances: int = typer.Option(0, "--num-instances", min=0, max=4,
-                                      help="Force K instances per scene (0 = random 1..4)."),
+                                      help="1 = single assets (1-4 overlapping parts, one instance); 2-4 = "
+                                           "scenes of K separate instances with gaps of 0.05-0.15; 0 = K random."),
 ) -> None:
-    """Write N scenes: image.png, masks.png, gt/instance_XX.ply, scene.glb, layout.json."""
+    """Write N samples: image.png, masks.png, gt/instance_XX.ply, scene.glb, layout.json."""
     from .scenes import SPLITS, make_dataset
 
     if split not in SPLITS:
