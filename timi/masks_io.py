@@ -47,6 +47,8 @@ __all__ = [
     "instance_label",
     "foreground_notes",
     "MaskFileNotFoundError",
+    "binary_from_image",
+    "open_image",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -101,7 +103,7 @@ def label_map_from_masks(masks: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------- images
 
 
-def _open_image(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
@@ -163,7 +165,7 @@ def _threshold(a: np.ndarray) -> np.ndarray:
     return a > (0.5 if top <= 1 else top / 2.0)
 
 
-def _binary_from_image(img: Image.Image) -> np.ndarray:
+def binary_from_image(img: Image.Image) -> np.ndarray:
     """One binary mask from an image: its alpha if it has a non-trivial one, else grey > half range."""
     if _has_alpha(img):
         alpha = np.asarray(img.convert("RGBA"))[..., 3]
@@ -464,9 +466,9 @@ def read_masks(sources: str | Path | Sequence[str | Path], max_labels: int | Non
         elif suffix == ".json":
             m, n = _masks_from_json(path)
         elif suffix in IMAGE_SUFFIXES:
-            img = _open_image(path)
+            img = open_image(path)
             if kind == "binary":
-                m, n = _binary_from_image(img)[None], [path.stem]
+                m, n = binary_from_image(img)[None], [path.stem]
             else:
                 m, n = _labels_from_image(img, path, max_labels)
         else:
