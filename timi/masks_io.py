@@ -140,22 +140,36 @@ def image_foreground(path: str | Path) -> np.ndarray | None:
         return np.asarray(img.convert("RGBA"))[..., 3] > 0
 
 
+def _colour_count(path: Path) -> int | None:
+    """Distinct colours of a picture without alpha (``None``: it has alpha, or cannot be read)."""
+    try:
+        with Image.open(path) as img:
+            if _has_alpha(img):
+                return None
+            return len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0))
+    except (OSError, UnidentifiedImageError):
+        return None
+
+
+def _mask_like(path: Path) -> bool:
+    n = _colour_count(path)
+    return n is not None and n <= MASK_LIKE_VALUES
+
+
 def check_input_picture(image: str | Path, masks: Sequence[str | Path] = ()) -> None:
     """Refuse an input picture that is one of the mask files or is itself a black-and-white mask
     (``timi generate --masks a.png b.png c.png`` takes ``b.png`` as the picture)."""
     image = Path(image)
     read_image_size(image)
-    hint = f"put the picture first: timi generate PICTURE --masks {' '.join(Path(m).name for m in masks) or 'MASKS'}"
+    typed = [Path(m) for m in masks[:1]] + [image] + [Path(m) for m in masks[1:]]  # the order on the command line
+    pictures = [p for p in typed if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _mask_like(p)]
+    picture = pictures[0] if len(pictures) == 1 else Path("PICTURE")
+    hint = f"put the picture first: {picture} --masks {' '.join(str(p) for p in typed if p != picture)}"
     if any(Path(m).exists() and Path(m).resolve() == image.resolve() for m in masks):
         raise MaskInputError(f"{image}: given as the picture and as a mask; {hint}.")
-    with Image.open(image) as img:
-        if _has_alpha(img):
-            return
-        values = np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0)
-    if len(values) <= MASK_LIKE_VALUES:
-        raise MaskInputError(
-            f"{image}: the picture has only {len(values)} colour(s), so it is a mask, not the input picture; {hint}."
-        )
+    n = _colour_count(image)
+    if n is not None and n <= MASK_LIKE_VALUES:
+        raise MaskInputError(f"{image}: the picture has only {n} colour(s), so it is a mask, not the input picture; {hint}.")
 
 
 def _threshold(a: np.ndarray) -> np.ndarray:
