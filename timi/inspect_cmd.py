@@ -136,7 +136,10 @@ def geometry_pipeline(model: str | Path | None = None, geometry: dict | None = N
         try:
             geometry = geometry_from_config(read_model_config(path) if path is not None else None)
         except ModelConfigError as e:
-            raise ModelConfigError(str(e).replace("config.yaml:", f"{path}:", 1)) from None
+            msg = str(e)
+            if not msg.startswith("config.yaml:"):
+                raise
+            raise ModelConfigError(f"{path}:{msg[len('config.yaml:'):]}") from None
     geo = geometry
     S, patch = geo["image_size"], geo["patch_size"]
     processor = ImageProcessorV2(size=geo["processor_size"], border_ratio=geo["border_ratio"])
