@@ -123,8 +123,10 @@ def test_more_instances_than_tokens(tmp_path):
     base = load_base(d)
     labels = np.repeat(np.arange(1, 6), 40)[None, :].repeat(120, 0)   # five vertical stripes
     img = np.full((120, 200, 3), 128, np.uint8)
-    with pytest.raises(ValueError, match="cannot be resolved by a 2x2 token grid"):
+    with pytest.raises(ValueError, match="5 labels but the condition-token grid holds only 4 tokens"):
         condition_token_masks(img, labels, base)
+    with pytest.raises(ValueError, match="5 instances but the condition-token grid holds only 4 tokens"):
+        condition_token_masks(img, np.stack([labels == k for k in range(1, 6)]), base)
 
 
 def test_mask_files_read_like_arrays(tmp_path):

@@ -106,7 +106,7 @@ def _as_mask_array(m, index: int) -> np.ndarray:
     return masks_from_array(m[None], f"mask {index}")[0][0]
 
 
-def instance_masks(masks) -> np.ndarray:
+def instance_masks(masks, max_labels: int | None = None) -> np.ndarray:
     """Normalise mask inputs to a (K, H, W) bool array, by the same rules as ``timi generate``
     (:mod:`timi.masks_io`: :func:`~timi.masks_io.masks_from_array` for arrays,
     :func:`~timi.masks_io.read_masks` for files).
@@ -124,7 +124,7 @@ def instance_masks(masks) -> np.ndarray:
         path = os.fspath(masks)
         if not os.path.exists(path):
             raise FileNotFoundError(f"mask file {path!r} does not exist.")
-        return read_masks(path).masks
+        return read_masks(path, max_labels=max_labels).masks
     if isinstance(masks, (list, tuple)):
         if not masks:
             raise ValueError("masks: got an empty list; pass at least one instance mask.")
@@ -135,7 +135,7 @@ def instance_masks(masks) -> np.ndarray:
         return np.stack(arrs)
     if isinstance(masks, torch.Tensor):
         masks = masks.detach().cpu().numpy()
-    return masks_from_array(masks)[0]
+    return masks_from_array(masks, max_labels=max_labels)[0]
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -260,10 +260,12 @@ def condition_token_masks(image, masks, pipeline, names: Sequence[str] | None = 
     from timi.masks_io import instance_label, validate_masks
 
     base, encoder = _encoder(pipeline)
-    m = instance_masks(masks)
+    grid, prefix, patch = _token_grid(encoder)
+    m = instance_masks(masks, max_labels=grid[0] * grid[1])
     img = _as_image(image)
     foreground = np.asarray(img.convert("RGBA"))[..., 3] > 0 if _has_alpha(img) else None
-    m = validate_masks(m, image_size=(img.height, img.width), names=names, foreground=foreground)
+    m = validate_masks(m, image_size=(img.height, img.width), names=names, foreground=foreground,
+                       max_instances=grid[0] * grid[1])
     rgba = load_rgba(img, m)
     K = m.shape[0]
     if K == 1:
@@ -288,7 +290,6 @@ def condition_token_masks(image, masks, pipeline, names: Sequence[str] | None = 
         raise ValueError(f"{', '.join(lost)} cover(s) no pixel at the conditioner's {frame.shape[1]} px "
                          "resolution, too small to guide; enlarge the mask or crop the picture closer to the objects.")
 
-    grid, prefix, patch = _token_grid(encoder)
     covered = frame[:, : grid[0] * patch, : grid[1] * patch]               # DINOv2 drops the rest
     tokens = timi_core.pool_masks(torch.from_numpy(covered), grid, prefix_tokens=prefix)
 
