@@ -345,7 +345,7 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
         data = mesh_bytes(scene, out)
     result = GenerateResult(out, mesh, found, clock.timings, diagnostics, split, notes, latents=latents)
     report = Path(opts.report) if opts.report is not None else None
-    created = report is not None and not report.exists()
+    created = _first_missing(report) if report is not None else None
     try:  # the report first, the mesh last: a failure in either leaves neither behind
         if report is not None:
             with clock.stage("report"):
@@ -353,9 +353,17 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
         with clock.stage("write"):
             write_bytes(out, data)
     except BaseException:
-        _remove(result.report_files, report if created else None)
+        _remove(result.report_files, created)
         raise
     return result
+
+
+def _first_missing(path: Path) -> Optional[Path]:
+    """The outermost folder of ``path`` that does not exist yet (what writing it would create)."""
+    top, p = None, path.absolute()
+    while not p.exists():
+        top, p = p, p.parent
+    return top
 
 
 def _remove(files: list[Path], folder: Optional[Path]) -> None:
