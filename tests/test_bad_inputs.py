@@ -77,6 +77,9 @@ def inputs(tmp_path_factory, tiny_model) -> dict:
         (m / "config.yaml").write_text(edit((m / "config.yaml").read_text()))
         assert (m / "config.yaml").read_text() != (tiny_model / "config.yaml").read_text()
     (d / "afile").write_text("not a folder")
+    np.save(d / "empty.npy", np.concatenate([masks, np.zeros_like(masks[:1])]))
+    np.save(d / "overlap.npy", np.concatenate([masks, masks[:1]]))
+    (d / "truncated.png").write_bytes((EXAMPLE / "image.png").read_bytes()[:300])
     f["model"] = tiny_model
     return f
 
@@ -163,6 +166,11 @@ CASES = [
     # already right before issue 15; kept here so the table covers them
     Case("mask size differs", lambda f, o: _gen(f, o, D(f, "small.npy")), words=("small.npy", "differs from image")),
     Case("missing mask file", lambda f, o: _gen(f, o, D(f, "nothere.png")), words=("nothere.png", "file not found")),
+    Case("empty instance", lambda f, o: _gen(f, o, D(f, "empty.npy")), words=("empty.npy", "instance 3 (empty_3) is empty")),
+    Case("overlapping masks", lambda f, o: _gen(f, o, D(f, "overlap.npy")),
+         words=("overlap.npy", "instance masks overlap: 0&3", "--overlap first|last")),
+    Case("unreadable picture", lambda f, o: _gen(f, o, D(f, "labels.png"), image=D(f, "truncated.png")),
+         words=("truncated.png", "cannot read the image")),
     # 10. notes: an RGB picture uses the masks' union; a union that is the whole picture is said too
     Case("RGB picture, masks cover everything", lambda f, o: _insp(f, o, D(f, "whole.png"), image=f["rgb"]), code=0,
          words=("has no alpha channel: the union of the masks is used as the foreground",
@@ -440,7 +448,7 @@ def test_docs_table_quotes_only_checked_messages():
     table cannot drift from what the command says; every input kind of the table is exercised."""
     rows = _accepted_inputs_table()
     assert len(rows) >= 6
-    checked = " | ".join(w for c in CASES for w in c.words) + " | NaN/inf | negative values | [0, 1] or [0, 255]"
+    checked = " | ".join(w for c in CASES for w in c.words)
     quoted = [q for r in rows for q in re.findall(r'"([^"]+)"', r[-1])]
     assert len(quoted) >= 10
     for q in quoted:

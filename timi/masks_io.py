@@ -121,8 +121,9 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
         raise MaskFileNotFoundError(f"{path}: image not found; check the path.")
     try:
         with Image.open(path) as img:
+            img.load()  # the pixels too: a truncated file fails here, not in the middle of the run
             w, h = img.size
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise MaskInputError(f"{path}: cannot read the image ({e}); pass a PNG or JPEG picture.") from None
     return h, w
 
