@@ -55,6 +55,7 @@ def inputs(tmp_path_factory, tiny_model) -> dict:
         a[0, 0, 0] = value
         np.save(d / f"{name}.npy", a)
     np.save(d / "f255.npy", soft * 255)
+    np.save(d / "float2d.npy", labels.astype(np.float32))
     many = np.zeros(labels.shape, np.uint16)  # 300 labels, 16-bit: a label map, not a picture
     for i in range(300):
         y, x = 20 + (i // 20) * 12, 10 + (i % 20) * 12
@@ -132,6 +133,7 @@ CASES = [
     Case("inf in .npy", lambda f, o: _gen(f, o, D(f, "inf.npy")), words=("inf.npy", "NaN/inf")),
     Case("negative .npy", lambda f, o: _gen(f, o, D(f, "neg.npy")), words=("neg.npy", "negative values")),
     Case("float .npy above 255", lambda f, o: _gen(f, o, D(f, "big.npy")), words=("big.npy", "[0, 1] or [0, 255]")),
+    Case("float (H, W) .npy", lambda f, o: _gen(f, o, D(f, "float2d.npy")), words=("float2d.npy", "integer label map")),
     # 4. diagnoses
     Case("uint16 label map, 300 labels", lambda f, o: _gen(f, o, D(f, "many16.png")),
          words=("many16.png", "300 labels but the condition-token grid holds only 64 tokens"), absent=("soft",)),
@@ -440,14 +442,14 @@ def _accepted_inputs_table() -> list[list[str]]:
     text = (ROOT / "docs" / "usage.md").read_text()
     section = text.split("## What inputs are accepted", 1)[1].split("\n## ", 1)[0]
     rows = [ln for ln in section.splitlines() if ln.startswith("|")][2:]  # skip the header and its rule
-    return [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    return [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", r.strip("|"))] for r in rows]
 
 
 def test_docs_table_quotes_only_checked_messages():
     """Every message the table in docs/usage.md quotes ("...") is one the cases above assert, so the
     table cannot drift from what the command says; every input kind of the table is exercised."""
     rows = _accepted_inputs_table()
-    assert len(rows) >= 6
+    assert len(rows) >= 6 and all(len(r) == 3 for r in rows), rows
     checked = " | ".join(w for c in CASES for w in c.words)
     quoted = [q for r in rows for q in re.findall(r'"([^"]+)"', r[-1])]
     assert len(quoted) >= 10
