@@ -164,6 +164,8 @@ CASES = [
          words=("--seed 99999999999999999999", "2^64 - 1"), absent=("Overflow",)),
     Case("--threads 0", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--threads", "0")),
          words=("--threads 0", "at least 1")),
+    Case("--device unknown", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--device", "gpu0")),
+         words=("--device 'gpu0'", "use cpu, cuda or cuda:N")),
     Case("--steps 0", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--steps", "0")), words=("--steps 0", "at least 1")),
     # already right before issue 15; kept here so the table covers them
     Case("mask size differs", lambda f, o: _gen(f, o, D(f, "small.npy")), words=("small.npy", "differs from image")),

@@ -182,6 +182,10 @@ def _device(name: Optional[str]) -> str:
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a torch device; use cpu, cuda or cuda:N.") from None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
     return name
@@ -257,6 +261,7 @@ def check_options(opts: GenerateOptions) -> tuple[Path, str]:
         if Path(opts.report).exists() and not Path(opts.report).is_dir():
             raise OutputError(f"{opts.report}: --report needs a folder, and this is a file; pass a folder name.")
         check_writable(opts.report, folder=True)
+    _device(opts.device)
     check_input_picture(opts.image, opts.masks)
     return out, resolve_model(opts.model)
 
