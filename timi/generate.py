@@ -23,7 +23,7 @@ import numpy as np
 import typer
 
 from .inspect_cmd import ModelConfigError
-from .io import OutputError, WriteError, check_mesh_path, check_writable, mesh_bytes, write_bytes
+from .io import OutputError, check_mesh_path, check_writable, mesh_bytes, write_bytes
 from .masks_io import InstanceMasks, MaskInputError, check_input_picture, foreground_notes, load_instance_masks
 
 __all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "ModelNotFoundError", "check_options",

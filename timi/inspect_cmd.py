@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import types
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
