@@ -72,7 +72,8 @@ def inputs(tmp_path_factory, tiny_model) -> dict:
     Image.fromarray(labels * 60).save(d / "labels.jpg", quality=90)
     Image.fromarray(np.ones(labels.shape, np.uint8)).save(d / "whole.png")  # the whole picture, one label
     for name, edit in (("broken", lambda t: "model: [\n  target: x\n"),
-                       ("incomplete", lambda t: re.sub(r"\n    axes_dim:\n    - \d+", "", t))):
+                       ("incomplete", lambda t: re.sub(r"\n    axes_dim:\n    - \d+", "", t)),
+                       ("mismatch", lambda t: re.sub(r"\n    depth: \d+", "\n    depth: 3", t, count=1))):
         m = d / f"model_{name}"
         shutil.copytree(tiny_model, m)
         (m / "config.yaml").write_text(edit((m / "config.yaml").read_text()))
@@ -148,6 +149,8 @@ CASES = [
          words=("--model", "no_model_here", "no such folder or file")),
     Case("generate, missing model", lambda f, o: _gen(f, o, D(f, "labels.png"), model=D(f, "no_model_here")),
          words=("no_model_here", "no such folder or file"), absent=("HFValidationError", "Repo id")),
+    Case("config.yaml does not match the weights", lambda f, o: _gen(f, o, D(f, "labels.png"), model=D(f, "model_mismatch")),
+         words=("could not build the model from", "model_mismatch", "does not match the weights"), loads_model=True),
     Case("model folder without config.yaml", lambda f, o: _gen(f, o, D(f, "labels.png"), model=f["dir"]),
          words=("the folder lacks config.yaml",)),
     # 6. output paths, before any work
