@@ -285,18 +285,22 @@ def test_success_report_times_itself_and_threads_apply(inputs, tmp_path, monkeyp
     assert {"inputs", "load model", "denoise", "mesh", "report"} <= set(timings) and timings["report"] > 0
 
 
-def test_default_threads_by_model_size(inputs, tmp_path):
+def test_default_threads_by_model_size(inputs, tmp_path, monkeypatch):
+    import os
+
     from timi.generate import SMALL_MODEL_BYTES, choose_threads
     from timi.testbed import default_model_path
 
     assert choose_threads(str(default_model_path())) == 1
-    big = tmp_path / "big"
-    big.mkdir()
+    big = tmp_path / "acme" / "Big-3D" / "hunyuan3d-dit-v2-0"  # an id's local copy, as hy3dgen resolves it
+    big.mkdir(parents=True)
+    (big / "config.yaml").write_text("model: {}\n")
     with open(big / "model.fp16.safetensors", "wb") as fh:
         fh.truncate(SMALL_MODEL_BYTES)  # sparse: no disk used
-    import os
-
-    assert choose_threads(str(big)) == len(os.sched_getaffinity(0))
+    monkeypatch.setenv("HY3DGEN_MODELS", str(tmp_path))
+    assert choose_threads(str(big)) == choose_threads("acme/Big-3D") == len(os.sched_getaffinity(0))
+    (big / "model.fp16.safetensors").write_bytes(b"small")
+    assert choose_threads("acme/Big-3D") == 1
 
 
 # ------------------------------------------------------------------------------- the API

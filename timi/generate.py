@@ -146,8 +146,12 @@ def model_notes(model: str) -> list[str]:
 
 def choose_threads(model: str) -> int:
     """The default ``--threads``: 1 for small checkpoints (< :data:`SMALL_MODEL_BYTES`), else all usable cores."""
+    from .inspect_cmd import model_config_path
+
     p = Path(model).expanduser()
-    files = list(p.glob("model*.safetensors")) + list(p.glob("model*.ckpt")) if p.is_dir() else [p] if p.is_file() else []
+    config = model_config_path(model)  # a folder, or an id's local copy under $HY3DGEN_MODELS
+    folder = config.parent if config is not None else p
+    files = [p] if p.is_file() else [*folder.glob("model*.safetensors"), *folder.glob("model*.ckpt")] if folder.is_dir() else []
     size = max((f.stat().st_size for f in files), default=None)
     if size is not None and size < SMALL_MODEL_BYTES:
         return 1
