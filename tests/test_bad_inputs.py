@@ -247,6 +247,20 @@ def test_report_failure_exits_1_and_leaves_nothing(inputs, tmp_path, monkeypatch
     assert _tree(tmp_path) == set(), _tree(tmp_path)
 
 
+def test_failed_write_removes_the_folders_it_created(tmp_path, monkeypatch):
+    import os
+
+    from timi.io import WriteError, write_bytes
+
+    def no_space(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(WriteError, match=r"new/deeper/x\.glb: cannot move the finished file into place"):
+        write_bytes(tmp_path / "new" / "deeper" / "x.glb", b"data")
+    assert _tree(tmp_path) == set()
+
+
 def test_ctrl_c_exits_130_with_a_word_and_leaves_nothing(inputs, tmp_path, monkeypatch):
     import timi_torch
 

@@ -23,7 +23,7 @@ import numpy as np
 import typer
 
 from .inspect_cmd import ModelConfigError
-from .io import OutputError, check_mesh_path, check_writable, mesh_bytes, write_bytes
+from .io import OutputError, check_mesh_path, check_writable, first_missing, mesh_bytes, write_bytes
 from .masks_io import InstanceMasks, MaskInputError, check_input_picture, foreground_notes, load_instance_masks
 
 __all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "ModelNotFoundError", "check_options",
@@ -354,7 +354,7 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
         data = mesh_bytes(scene, out)
     result = GenerateResult(out, mesh, found, clock.timings, diagnostics, split, notes, latents=latents)
     report = Path(opts.report) if opts.report is not None else None
-    created = _first_missing(report) if report is not None else None
+    created = first_missing(report) if report is not None else None
     try:  # the report first, the mesh last: a failure in either leaves neither behind
         if report is not None:
             with clock.stage("report"):
@@ -365,14 +365,6 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
         _remove(result.report_files, created)
         raise
     return result
-
-
-def _first_missing(path: Path) -> Optional[Path]:
-    """The outermost folder of ``path`` that does not exist yet (what writing it would create)."""
-    top, p = None, path.absolute()
-    while not p.exists():
-        top, p = p, p.parent
-    return top
 
 
 def _remove(files: list[Path], folder: Optional[Path]) -> None:

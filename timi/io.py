@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -16,7 +17,7 @@ from typing import Callable, Iterator
 import trimesh
 
 __all__ = ["MESH_FORMATS", "OutputError", "WriteError", "atomic_path", "write_mesh", "write_bytes", "write_text",
-           "check_mesh_path", "check_writable", "mesh_bytes"]
+           "check_mesh_path", "check_writable", "mesh_bytes", "first_missing"]
 
 #: Extensions the mesh writer accepts, mapped to trimesh's file types.
 MESH_FORMATS = {".glb": "glb", ".obj": "obj", ".ply": "ply", ".stl": "stl"}
@@ -28,6 +29,14 @@ class OutputError(ValueError):
 
 class WriteError(RuntimeError):
     """Writing a checked output failed while running (disk full, folder removed); names the output."""
+
+
+def first_missing(path: str | Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what writing there would create)."""
+    top, p = None, Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    return top
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -71,11 +80,13 @@ def check_mesh_path(path: str | Path) -> Path:
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path``, on error delete it."""
     path = Path(path)
+    created = first_missing(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix if suffix is not None else path.suffix) + ".tmp",
                                    dir=path.parent)
     except OSError as e:
+        _remove_folder(created)
         raise WriteError(f"{path}: cannot write it ({e.strerror}); pass a path in a writable folder.") from None
     os.close(fd)
     tmp = Path(tmp)
@@ -91,7 +102,14 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        _remove_folder(created)
         raise
+
+
+def _remove_folder(folder: Path | None) -> None:
+    """Remove a folder this module created for a write that then failed (nothing else is in it)."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
