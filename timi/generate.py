@@ -35,7 +35,7 @@ ASSIGN_METHODS = ("projection", "tokens")
 #: torch.Generator seeds: 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
 #: ``--threads`` default: one intra-op thread for checkpoints below this size (docs/benchmarks.md:
-#: the shipped 3.6 MB model ran 2.5x faster on 1 thread than on 2 with another process busy),
+#: the demo on the shipped 3.6 MB model took 13.7 s on 1 thread, 120.9 s on 2, with another process busy),
 #: torch's default (all usable cores) above it.
 SMALL_MODEL_BYTES = 200 * 2**20
 #: A hy3dgen model id (``owner/name``), looked up under ``$HY3DGEN_MODELS`` and then on the hub.
