@@ -303,14 +303,19 @@ def test_inspect_overlay_and_small_instance_warning(tiny_model, scene, tmp_path)
     assert not (small & ~free).any()
     p = _bad(tmp_path, "small.npy", np.concatenate([m, small[None]]))
     code, text = run("inspect", scene["image"], "--masks", p, "--out", tmp_path / "o2.png", "--model", tiny_model)
+    assert code == 2 and "instance 3 (small_3) lies entirely outside the picture's foreground" in text, text
+    # without alpha the masks' union is the foreground, so the block is an object: too small, a warning
+    code, text = run("inspect", scene["image_rgb"], "--masks", p, "--out", tmp_path / "o2.png", "--model", tiny_model)
     assert code == 0, text
     assert "warning: instance 3" in text and "may not survive pooling" in text
+    assert "has no alpha channel: the union of the masks is used as the foreground" in text
 
     speck = np.zeros_like(m[0])
     speck[y, x] = True  # one pixel: gone at the conditioner's resolution -> an error, not a warning
     p = _bad(tmp_path, "speck.npy", np.concatenate([m, speck[None]]))
-    code, text = run("inspect", scene["image"], "--masks", p, "--out", tmp_path / "o3.png", "--model", tiny_model)
-    assert code == 2 and "speck.npy" in text and "too small" in text
+    code, text = run("inspect", scene["image_rgb"], "--masks", p, "--out", tmp_path / "o3.png", "--model", tiny_model)
+    assert code == 2 and "speck.npy" in text and "instance 3 (speck_3)" in text and "too small" in text, text
+    assert not (tmp_path / "o3.png").exists()
 
 
 def test_inspect_matches_the_loaded_pipeline(tiny_model, scene):

@@ -92,23 +92,29 @@ def test_rgb_without_alpha_uses_the_union_of_masks(tiny_base):
 
 def test_bad_masks_give_clear_errors(tiny_base):
     img, masks = scene(alpha=True)
-    with pytest.raises(ValueError, match="size 100x300"):
+    with pytest.raises(ValueError, match="mask size 300x100 differs from the image"):
         condition_token_masks(img, masks[:, :100], tiny_base)
     empty = masks.copy()
     empty[1] = False
-    with pytest.raises(ValueError, match="instance mask 1 is empty"):
+    with pytest.raises(ValueError, match="instance 1 is empty"):
         condition_token_masks(img, empty, tiny_base)
     both = masks.copy()
     both[1, 60:70, 100:110] = True
-    with pytest.raises(ValueError, match=r"overlap: \[\(0, 1\)\]"):
+    with pytest.raises(ValueError, match=r"overlap: 0&1 \(100 px\)"):
         condition_token_masks(img, both, tiny_base)
     with pytest.warns(UserWarning, match="only one instance"):
         condition_token_masks(img, masks[:1], tiny_base)
     speck = np.zeros((3, 200, 300), bool)
     speck[:2] = masks
-    speck[2, 10, 10] = True                     # a single pixel, outside the objects' box
-    with pytest.raises(ValueError, match=r"\[2\] cover no pixel"):
-        condition_token_masks(img, speck, tiny_base)
+    speck[2, 10, 10] = True                     # a single pixel, outside the objects' alpha
+    with pytest.raises(ValueError, match=r"instance 2 \(speck\) lies entirely outside the picture's foreground"):
+        condition_token_masks(img, speck, tiny_base, names=["a", "b", "speck"])
+    big = np.full((1200, 1200, 4), 255, np.uint8)   # all foreground: 1 px becomes 0.36 px at 512
+    halves = np.zeros((3, 1200, 1200), bool)
+    halves[0, :, :600] = halves[1, :, 600:] = True
+    halves[1, 600, 900], halves[2, 600, 900] = False, True
+    with pytest.raises(ValueError, match=r"^instance 2 \(speck\) cover\(s\) no pixel.*crop the picture closer"):
+        condition_token_masks(big, halves, tiny_base, names=["a", "b", "speck"])
 
 
 def test_more_instances_than_tokens(tmp_path):
@@ -117,8 +123,10 @@ def test_more_instances_than_tokens(tmp_path):
     base = load_base(d)
     labels = np.repeat(np.arange(1, 6), 40)[None, :].repeat(120, 0)   # five vertical stripes
     img = np.full((120, 200, 3), 128, np.uint8)
-    with pytest.raises(ValueError, match="cannot be resolved by a 2x2 token grid"):
+    with pytest.raises(ValueError, match="5 labels but the condition-token grid holds only 4 tokens"):
         condition_token_masks(img, labels, base)
+    with pytest.raises(ValueError, match="5 instances but the condition-token grid holds only 4 tokens"):
+        condition_token_masks(img, np.stack([labels == k for k in range(1, 6)]), base)
 
 
 def test_mask_files_read_like_arrays(tmp_path):

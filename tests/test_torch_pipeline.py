@@ -167,8 +167,13 @@ def test_bad_inputs(fast_base):
         _run(pipe, output_type="glb")
     with pytest.raises(ValueError, match="2 images but 1 mask sets"):
         _run(pipe, image=[img, img], masks=[masks])
-    with pytest.raises(ValueError, match="masks have size"):
+    with pytest.raises(ValueError, match="mask size 300x50 differs from the image"):
         _run(pipe, masks=masks[:, :50])
+    for steps in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"num_inference_steps={steps} must be a whole number of at least 1"):
+            pipe(img, masks, num_inference_steps=steps, output_type="latent", enable_pbar=False)
+    with pytest.raises(ValueError, match="guidance_scale=nan must be a finite number"):
+        _run(pipe, guidance_scale=float("nan"))
     with pytest.warns(UserWarning, match="guided_layers=4 exceeds"):
         _run(TIMIPipeline(tiny_base, TIMIConfig(guided_steps=1)))
     with pytest.raises(TypeError, match="hy3dgen"):

@@ -9,6 +9,10 @@ the model, map the masks onto the condition tokens, denoise (TIMI-guided, progre
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
+import shutil
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -18,14 +22,24 @@ from typing import Optional
 import numpy as np
 import typer
 
-from .io import OutputError, check_mesh_path, write_mesh
-from .masks_io import InstanceMasks, MaskInputError, load_instance_masks, read_image_size
+from .inspect_cmd import ModelConfigError
+from .io import OutputError, check_mesh_path, check_writable, first_missing, mesh_bytes, write_bytes
+from .masks_io import InstanceMasks, MaskInputError, check_input_picture, foreground_notes, load_instance_masks
 
-__all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "ModelNotFoundError"]
+__all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "ModelNotFoundError", "check_options",
+           "prepare_masks", "choose_threads"]
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("torch", "jax")
 ASSIGN_METHODS = ("projection", "tokens")
+#: torch.Generator seeds: 0 .. 2**64 - 1.
+MAX_SEED = 2**64 - 1
+#: ``--threads`` default: one intra-op thread for checkpoints below this size (docs/benchmarks.md:
+#: the demo on the shipped 3.6 MB model took 13.7 s on 1 thread, 120.9 s on 2, with another process busy),
+#: torch's default (all usable cores) above it.
+SMALL_MODEL_BYTES = 200 * 2**20
+#: A hy3dgen model id (``owner/name``), looked up under ``$HY3DGEN_MODELS`` and then on the hub.
+_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -61,6 +75,7 @@ class GenerateOptions:
     overlap: str = "error"
     assign: str = "projection"
     progress: bool = True
+    threads: Optional[int] = None     # torch intra-op threads; None: choose_threads(model)
 
 
 @dataclasses.dataclass
@@ -76,10 +91,15 @@ class GenerateResult:
     latents: object = None             # (1, L, C) torch tensor the mesh was decoded from
 
 
-def resolve_model(model: Optional[str]) -> str:
-    """``--model`` or, when not given, the model shipped with the project (``timi.testbed``)."""
+def resolve_model(model: Optional[str], weights: bool = True) -> str:
+    """``--model`` or, when not given, the model shipped with the project (``timi.testbed``).
+
+    A local folder must hold ``config.yaml`` (and, with ``weights``, ``model.fp16.safetensors``);
+    a string that is no local path must be a hy3dgen id (``owner/name``). Raises
+    :class:`ModelNotFoundError` naming the argument, before anything is loaded.
+    """
     if model:
-        return str(model)
+        return _check_model_arg(str(model), weights)
     try:
         from timi.testbed import default_model_path  # provided by the testbed issue
     except ImportError:
@@ -97,6 +117,60 @@ def resolve_model(model: Optional[str]) -> str:
     )
 
 
+def _check_model_arg(model: str, weights: bool) -> str:
+    p = Path(model).expanduser()
+    want = "a hy3dgen model directory (config.yaml + model.fp16.safetensors) or an id such as tencent/Hunyuan3D-2"
+    if p.is_dir():
+        need = ["config.yaml"] + (["model.fp16.safetensors"] if weights else [])
+        missing = [n for n in need if not (p / n).is_file()]
+        if missing:
+            held = ", ".join(sorted(f.name for f in p.iterdir())[:6]) or "nothing"
+            raise ModelNotFoundError(f"--model {model}: the folder lacks {' and '.join(missing)} (it holds {held}); pass {want}.")
+        return model
+    if p.is_file() or (_MODEL_ID.fullmatch(model) and not model.startswith((".", "~"))):
+        return model
+    raise ModelNotFoundError(f"--model {model}: no such folder or file; pass {want} (looked up under $HY3DGEN_MODELS).")
+
+
+def model_notes(model: str) -> list[str]:
+    """A warning when an id has no local copy (hy3dgen will try the hub; the masks are checked
+    with Hunyuan3D 2.0's geometry)."""
+    from .inspect_cmd import model_config_path
+
+    if model_config_path(model) is not None:
+        return []
+    root = os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")
+    return [f"--model {model}: no local config.yaml (looked under {root}/{model}/hunyuan3d-dit-v2-0); "
+            "using Hunyuan3D 2.0's 37x37 token geometry - set HY3DGEN_MODELS or pass the model folder."]
+
+
+def choose_threads(model: str) -> int:
+    """The default ``--threads``: 1 for small checkpoints (< :data:`SMALL_MODEL_BYTES`), else all usable cores."""
+    from .inspect_cmd import model_config_path
+
+    p = Path(model).expanduser()
+    config = model_config_path(model)  # a folder, or an id's local copy under $HY3DGEN_MODELS
+    folder = config.parent if config is not None else p
+    files = [p] if p.is_file() else [*folder.glob("model*.safetensors"), *folder.glob("model*.ckpt")] if folder.is_dir() else []
+    size = max((f.stat().st_size for f in files), default=None)
+    if size is not None and size < SMALL_MODEL_BYTES:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run with ``n`` torch intra-op threads, restoring the previous number afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _torch_dtype(name: str, device: str):
     import torch
 
@@ -112,6 +186,10 @@ def _device(name: Optional[str]) -> str:
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a torch device; use cpu, cuda or cuda:N.") from None
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
     return name
@@ -130,28 +208,30 @@ class _Clock:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
 
 
-def _geometry_checks(opts: GenerateOptions, model: str):
-    """Masks -> condition tokens with the model's geometry, before loading any weights."""
+def prepare_masks(image, masks, model: Optional[str], overlap: str = "error", timi: bool = True):
+    """Masks -> condition tokens with the model's geometry (its ``config.yaml``), loading no weights:
+    the checks ``timi generate`` and ``timi inspect`` share. Returns (masks, condition masks, notes)."""
     import timi_torch
 
     from .inspect_cmd import coverage_warnings, geometry_pipeline, grid_tokens, token_coverage
 
+    notes = model_notes(model) if model is not None else []
     geo_pipe = geometry_pipeline(model)
-    found = load_instance_masks(opts.masks, image=opts.image, overlap=opts.overlap,
-                                max_instances=grid_tokens(geo_pipe.geometry))
+    found = load_instance_masks(masks, image=image, overlap=overlap, max_instances=grid_tokens(geo_pipe.geometry))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            cond = timi_torch.condition_token_masks(str(opts.image), found.masks, geo_pipe)
+            cond = timi_torch.condition_token_masks(str(image), found.masks, geo_pipe, names=found.names)
         except ValueError as e:
             files = sorted(set(map(str, found.sources)))
             where = files[0] if len(files) == 1 else "masks (" + ", ".join(
                 f"instance {k}: {src}" for k, src in enumerate(found.sources)) + ")"
             raise MaskInputError(f"{where}: {e}") from None
-    msgs = coverage_warnings(token_coverage(cond.tokens, cond.prefix_tokens), found.names, cond.grid)
-    if found.count == 1 and opts.timi:
-        msgs.append("only one instance mask: TIMI's separation loss has nothing to separate (Eq.4); pass one mask per object.")
-    return found, cond, msgs
+    notes += foreground_notes(image, found.masks)
+    notes += coverage_warnings(token_coverage(cond.tokens, cond.prefix_tokens), found.names, cond.grid)
+    if found.count == 1 and timi:
+        notes.append("only one instance mask: TIMI's separation loss has nothing to separate (Eq.4); pass one mask per object.")
+    return found, cond, notes
 
 
 def _config(opts: GenerateOptions):
@@ -161,28 +241,48 @@ def _config(opts: GenerateOptions):
     return cfg if opts.timi else cfg.replace(isg=False)
 
 
-def generate(opts: GenerateOptions, log=print) -> GenerateResult:
-    """Run the whole command. Raises :class:`MaskInputError`, :class:`OutputError`,
-    :class:`ModelNotFoundError`, ``ValueError`` for bad input (before any heavy work where possible)."""
-    clock = _Clock()
-    if opts.assign not in ASSIGN_METHODS:
-        raise ValueError(f"--assign {opts.assign!r}: choose one of {', '.join(ASSIGN_METHODS)}.")
-    if opts.backend not in BACKENDS:
-        raise ValueError(f"--backend {opts.backend!r}: choose one of {', '.join(BACKENDS)}.")
+def check_options(opts: GenerateOptions) -> tuple[Path, str]:
+    """Every check that needs no model: options, output paths (probed, nothing left behind), the
+    picture, the model argument. Returns (output path, model). Raises the bad-input errors."""
+    for name, value, choices in (("--assign", opts.assign, ASSIGN_METHODS), ("--backend", opts.backend, BACKENDS),
+                                 ("--dtype", opts.dtype, DTYPES)):
+        if value not in choices:
+            raise ValueError(f"{name} {value!r}: choose one of {', '.join(choices)}.")
     if opts.backend == "jax":
         _jax_sampler()  # fail early when the JAX adapter cannot sample
     for name, value, lo in (("--steps", opts.steps, 1), ("--octree-resolution", opts.octree_resolution, 8),
-                            ("--guided-layers", opts.guided_layers, 1), ("--guided-steps", opts.guided_steps, 0)):
+                            ("--guided-layers", opts.guided_layers, 1), ("--guided-steps", opts.guided_steps, 0),
+                            ("--threads", 1 if opts.threads is None else opts.threads, 1)):
         if value < lo:
             raise ValueError(f"{name} {value}: must be at least {lo}.")
-    out = check_mesh_path(opts.out)
-    if opts.report is not None and Path(opts.report).exists() and not Path(opts.report).is_dir():
-        raise OutputError(f"{opts.report}: --report needs a folder, and this is a file; pass a folder name.")
-    read_image_size(opts.image)
-    model = resolve_model(opts.model)
+    if not 0 <= opts.seed <= MAX_SEED:
+        raise ValueError(f"--seed {opts.seed}: must be a whole number from 0 to {MAX_SEED} (2^64 - 1).")
+    for name, value in (("--guidance-scale", opts.guidance_scale), ("--alpha", opts.alpha), ("--sigma", opts.sigma)):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} {value}: must be a finite number.")
+    out = check_writable(check_mesh_path(opts.out))
+    if opts.report is not None:
+        if Path(opts.report).exists() and not Path(opts.report).is_dir():
+            raise OutputError(f"{opts.report}: --report needs a folder, and this is a file; pass a folder name.")
+        check_writable(opts.report, folder=True)
+    _device(opts.device)
+    check_input_picture(opts.image, opts.masks)
+    return out, resolve_model(opts.model)
 
+
+def generate(opts: GenerateOptions, log=print) -> GenerateResult:
+    """Run the whole command. Raises :class:`MaskInputError`, :class:`OutputError`,
+    :class:`ModelNotFoundError`, ``ValueError`` for bad input (all before the model loads) and
+    ``RuntimeError`` for failures while running. Nothing is written unless the run succeeds."""
+    out, model = check_options(opts)
+    with torch_threads(opts.threads or choose_threads(model)):
+        return _generate(opts, out, model, log)
+
+
+def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResult:
+    clock = _Clock()
     with clock.stage("inputs"):
-        found, cond_preview, notes = _geometry_checks(opts, model)
+        found, cond_preview, notes = prepare_masks(opts.image, opts.masks, model, opts.overlap, opts.timi)
     for n in notes:
         log(f"warning: {n}")
     log(f"{found.count} instance(s): " + ", ".join(found.names) + f"; condition grid {cond_preview.grid[0]}x{cond_preview.grid[1]}")
@@ -196,7 +296,7 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
         pipe = timi_torch.TIMIPipeline.from_pretrained(model, _config(opts), device=device, dtype=dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*only one instance mask.*")  # already in the notes
-        cond = pipe.condition_masks(str(opts.image), found.masks)
+        cond = pipe.condition_masks(str(opts.image), found.masks, names=found.names)
 
     depth = len(pipe.base.model.double_blocks)
     if opts.timi and opts.guided_layers > depth:
@@ -244,19 +344,34 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
                 split = split_instances(mesh, found.masks, names=found.names,
                                         foreground=np.asarray(cond.image)[..., 3] > 127)
     with clock.stage("write"):
+        scene = mesh
         if opts.split_instances:
             from .instances import instance_scene
 
             if out.suffix.lower() in (".ply", ".stl"):
                 notes.append(f"{out.suffix} holds one mesh, so the instance nodes are merged; use .glb or .obj to keep them.")
-            write_mesh(instance_scene(split), out)
-        else:
-            write_mesh(mesh, out)
+            scene = instance_scene(split)
+        data = mesh_bytes(scene, out)
     result = GenerateResult(out, mesh, found, clock.timings, diagnostics, split, notes, latents=latents)
-    if opts.report is not None:
-        with clock.stage("report"):
-            result.report_files = write_report(Path(opts.report), opts, result, cond, recorder)
+    report = Path(opts.report) if opts.report is not None else None
+    created = first_missing(report) if report is not None else None
+    try:  # the report first, the mesh last: a failure in either leaves neither behind
+        if report is not None:
+            with clock.stage("report"):
+                write_report(report, opts, result, cond, recorder, files=result.report_files)
+        with clock.stage("write"):
+            write_bytes(out, data)
+    except BaseException:
+        _remove(result.report_files, created)
+        raise
     return result
+
+
+def _remove(files: list[Path], folder: Optional[Path]) -> None:
+    for f in files:
+        Path(f).unlink(missing_ok=True)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _jax_sampler():
@@ -292,17 +407,21 @@ def _sample_jax(pipe, cond, opts: GenerateOptions, generator):
     return latents, step_diagnostics(out, _config(opts), opts.steps)
 
 
-def write_report(folder: Path, opts: GenerateOptions, result: GenerateResult, cond, recorder) -> list[Path]:
-    """All report PNGs and ``summary.json`` (see :mod:`timi.report`)."""
+def write_report(folder: Path, opts: GenerateOptions, result: GenerateResult, cond, recorder,
+                 files: Optional[list] = None) -> list[Path]:
+    """All report PNGs and ``summary.json`` (see :mod:`timi.report`). ``files`` (appended to as
+    each file is written) lets the caller remove a partial report."""
     from PIL import Image
 
     from . import report
     from .inspect_cmd import overlay_figure, save_figure
     from .instances import instance_colors
 
+    start = time.perf_counter()
+    files = [] if files is None else files
     folder.mkdir(parents=True, exist_ok=True)
     names = result.masks.names
-    files = [save_figure(overlay_figure(cond, names, title=str(opts.image)), folder / "masks_on_tokens.png")]
+    files.append(save_figure(overlay_figure(cond, names, title=str(opts.image)), folder / "masks_on_tokens.png"))
     records = recorder.records if recorder else []
     for layer in sorted({r.layer for r in records}):
         fig = report.plot_instance_maps(records, cond, names, layer)
@@ -323,7 +442,7 @@ def write_report(folder: Path, opts: GenerateOptions, result: GenerateResult, co
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()
                     if k not in ("image", "masks", "out")},
         "instances": names,
-        "timings_s": result.timings,
+        "timings_s": {**result.timings, "report": time.perf_counter() - start},
         "diagnostics": [dataclasses.asdict(d) for d in result.diagnostics],
         "purity": [{"step": r.step, "layer": r.layer, "purity": r.purity} for r in records],
         "split": split.summary().splitlines(),
@@ -387,6 +506,7 @@ def generate_command(
     report: Optional[Path] = typer.Option(None, help="Folder for report PNGs (instance maps, L_sep/lambda, coloured views)."),
     overlap: str = typer.Option("error", help="Overlapping masks: error, first or last (which mask keeps a shared pixel)."),
     assign: str = typer.Option("projection", help="How --split-instances gives parts to instances: projection (into the input view's masks) or tokens (the instance map carried from the latent tokens through the VAE decoder)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: 1 for small models such as the shipped one, all usable cores for checkpoints of 200 MB and more; docs/benchmarks.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Generate a 3D scene from IMAGE and its instance masks with TIMI guidance."""
@@ -399,7 +519,7 @@ def generate_command(
                            guided_layers=guided_layers, guided_steps=guided_steps, timi=not no_timi,
                            octree_resolution=octree_resolution, device=device, dtype=dtype,
                            split_instances=split_instances, report=report, overlap=overlap, assign=assign,
-                           progress=not quiet)
+                           progress=not quiet, threads=threads)
     result = run_cli(lambda: generate(opts, log=lambda m: err.print(m, markup=False, highlight=False)), err)
     table, lines = summary_table(result)
     console = Console(soft_wrap=True)
@@ -422,15 +542,27 @@ def split_image_and_masks(paths: list[Path], masks: list[Path]) -> tuple[Path, l
 
 #: Exit status for bad input (as click/typer use for usage errors); 1 for failures while running.
 EXIT_BAD_INPUT = 2
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+#: Bad input: exit 2. ``FileNotFoundError`` covers missing input files; ``WriteError`` (a
+#: ``RuntimeError``) and other ``OSError``s while running are failures: exit 1.
+BAD_INPUT_ERRORS = (MaskInputError, OutputError, ModelNotFoundError, ModelConfigError, BackendUnavailableError,
+                    FileNotFoundError, ValueError)
 
 
 def run_cli(fn, err):
-    """Run ``fn``; bad input -> one ``error:`` line and exit 2, other failures -> exit 1."""
+    """Run ``fn``; bad input -> one ``error:`` line and exit 2, other failures -> one line and exit 1,
+    Ctrl-C -> one line and exit 130."""
+    def fail(msg: str, code: int):
+        err.print(f"error: {' '.join(str(msg).split())}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code)
+
     try:
         return fn()
-    except (MaskInputError, OutputError, ModelNotFoundError, BackendUnavailableError, FileNotFoundError, ValueError) as e:
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
-    except RuntimeError as e:
-        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(1)
+    except BAD_INPUT_ERRORS as e:
+        fail(e, EXIT_BAD_INPUT)
+    except (RuntimeError, OSError) as e:
+        fail(e, 1)
+    except KeyboardInterrupt:
+        err.print("interrupted (Ctrl-C): stopped; no output was written.", markup=False, highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)

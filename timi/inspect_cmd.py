@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import types
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,7 +29,18 @@ DEFAULT_GEOMETRY = {"image_size": 518, "patch_size": 14, "use_cls_token": True, 
 MIN_TOKEN_AREA = 1.0
 
 
-def _model_config(model: str | Path | None) -> dict | None:
+class ModelConfigError(ValueError):
+    """A model's ``config.yaml`` that cannot be read or lacks what hy3dgen needs; names the file."""
+
+
+#: The sections hy3dgen's loader builds the pipeline from (each a ``target`` class and ``params``).
+CONFIG_SECTIONS = ("model", "vae", "conditioner", "scheduler", "image_processor")
+#: ``Hunyuan3DDiT``'s defaults (hy3dgen 2.0.2) for the settings that must agree: each head's
+#: rotary embedding is split into ``axes_dim``, so ``sum(axes_dim) == hidden_size / num_heads``.
+DIT_DEFAULTS = {"hidden_size": 1024, "num_heads": 16, "axes_dim": [64]}
+
+
+def model_config_path(model: str | Path | None) -> Path | None:
     """The model's ``config.yaml``: in a model directory, beside a checkpoint file, or for a hy3dgen
     id under ``$HY3DGEN_MODELS/<id>/hunyuan3d-dit-v2-0`` (hy3dgen's local resolution)."""
     import os
@@ -41,10 +51,45 @@ def _model_config(model: str | Path | None) -> dict | None:
     root = Path(os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")).expanduser()
     candidates = [p / "config.yaml", p.parent / "config.yaml" if p.is_file() else None,
                   root / str(model) / "hunyuan3d-dit-v2-0" / "config.yaml"]
-    for cand in candidates:
-        if cand is not None and cand.is_file():
-            return yaml.safe_load(cand.read_text())
-    return None
+    return next((c for c in candidates if c is not None and c.is_file()), None)
+
+
+def read_model_config(path: Path) -> dict:
+    """Parse and check a hy3dgen ``config.yaml`` (:func:`check_model_config`); one-line errors."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ModelConfigError(f"{path}: not valid YAML ({problem}{where}); restore the model's config.yaml.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelConfigError(f"{path}: cannot read it ({e}); check the file and its permissions.") from None
+    check_model_config(config, path)
+    return config
+
+
+def check_model_config(config, path: Path) -> None:
+    """What hy3dgen would otherwise fail on deep inside the model build: missing sections, and DiT
+    settings that disagree (``Got [64] but expected positional dim 6``)."""
+    fix = "restore the model's config.yaml (it must match model.fp16.safetensors)"
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"{path}: holds a {type(config).__name__}, not hy3dgen's sections "
+                               f"({', '.join(CONFIG_SECTIONS)}); {fix}.")
+    missing = [k for k in CONFIG_SECTIONS if not isinstance(config.get(k), dict) or "target" not in config[k]]
+    if missing:
+        raise ModelConfigError(f"{path}: no {', '.join(missing)} section with a 'target'; {fix}.")
+    params = {**DIT_DEFAULTS, **(config["model"].get("params") or {})}
+    try:
+        hidden, heads = int(params["hidden_size"]), int(params["num_heads"])
+        axes = [int(v) for v in params["axes_dim"]]
+    except (TypeError, ValueError):
+        raise ModelConfigError(f"{path}: model.params hidden_size, num_heads and axes_dim must be integers; {fix}.") from None
+    if heads <= 0 or hidden % heads or sum(axes) != hidden // heads:
+        raise ModelConfigError(
+            f"{path}: model.params hidden_size {hidden} / num_heads {heads} does not match axes_dim {axes} "
+            f"(sum {sum(axes)}; missing keys take hy3dgen's full-size defaults); {fix}."
+        )
 
 
 def geometry_from_config(config: dict | None) -> dict:
@@ -52,14 +97,21 @@ def geometry_from_config(config: dict | None) -> dict:
     geo = dict(DEFAULT_GEOMETRY)
     if not config:
         return geo
-    enc = config.get("conditioner", {}).get("params", {}).get("main_image_encoder", {}).get("kwargs", {})
-    geo["image_size"] = int(enc.get("image_size", 224))  # hy3dgen's ImageEncoder default
-    geo["use_cls_token"] = bool(enc.get("use_cls_token", True))
-    geo["patch_size"] = int((enc.get("config") or {}).get("patch_size", 14))
-    proc = config.get("image_processor", {}).get("params", {})
-    geo["processor_size"] = int(proc.get("size", 512))
-    if proc.get("border_ratio") is not None:
-        geo["border_ratio"] = float(proc["border_ratio"])
+    try:
+        enc = (config.get("conditioner", {}).get("params") or {}).get("main_image_encoder", {}).get("kwargs", {})
+        geo["image_size"] = int(enc.get("image_size", 224))  # hy3dgen's ImageEncoder default
+        geo["use_cls_token"] = bool(enc.get("use_cls_token", True))
+        geo["patch_size"] = int((enc.get("config") or {}).get("patch_size", 14))
+        proc = config.get("image_processor", {}).get("params") or {}
+        geo["processor_size"] = int(proc.get("size", 512))
+        if proc.get("border_ratio") is not None:
+            geo["border_ratio"] = float(proc["border_ratio"])
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ModelConfigError(f"config.yaml: unreadable conditioner/image_processor settings ({e}); "
+                               "restore the model's config.yaml.") from None
+    if geo["image_size"] < geo["patch_size"] or geo["patch_size"] <= 0 or geo["processor_size"] <= 0:
+        raise ModelConfigError(f"config.yaml: image_size {geo['image_size']} / patch_size {geo['patch_size']} / "
+                               f"size {geo['processor_size']} give no token grid; restore the model's config.yaml.")
     return geo
 
 
@@ -78,7 +130,16 @@ def geometry_pipeline(model: str | Path | None = None, geometry: dict | None = N
     from hy3dgen.shapegen.preprocessors import ImageProcessorV2
     from torchvision import transforms
 
-    geo = geometry or geometry_from_config(_model_config(model))
+    if geometry is None:
+        path = model_config_path(model)
+        try:
+            geometry = geometry_from_config(read_model_config(path) if path is not None else None)
+        except ModelConfigError as e:
+            msg = str(e)
+            if not msg.startswith("config.yaml:"):
+                raise
+            raise ModelConfigError(f"{path}:{msg[len('config.yaml:'):]}") from None
+    geo = geometry
     S, patch = geo["image_size"], geo["patch_size"]
     processor = ImageProcessorV2(size=geo["processor_size"], border_ratio=geo["border_ratio"])
     encoder = types.SimpleNamespace(
@@ -207,11 +268,9 @@ def inspect_command(
     to survive the pooling. Loads no model weights."""
     from rich.console import Console
 
-    import timi_torch
-
-    from .generate import run_cli, split_image_and_masks
-    from .io import OutputError
-    from .masks_io import MaskInputError, load_instance_masks
+    from .generate import prepare_masks, resolve_model, run_cli, split_image_and_masks
+    from .io import OutputError, check_writable
+    from .masks_io import check_input_picture
 
     err = Console(stderr=True, soft_wrap=True)
     image, masks = split_image_and_masks(image_and_masks, masks)
@@ -219,19 +278,15 @@ def inspect_command(
     def run():
         if Path(out).suffix.lower() != ".png":
             raise OutputError(f"{out}: the overlay is a PNG; pass --out NAME.png.")
-        geo = geometry_pipeline(model if model else _default_model_or_none())
-        found = load_instance_masks(masks, image=image, overlap=overlap, max_instances=grid_tokens(geo.geometry))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                cond = timi_torch.condition_token_masks(str(image), found.masks, geo)
-            except ValueError as e:
-                raise MaskInputError(f"{found.sources[0]}: {e}") from None
+        check_writable(out)
+        check_input_picture(image, masks)
+        found, cond, notes = prepare_masks(image, masks, resolve_model(model, weights=False) if model
+                                           else _default_model_or_none(), overlap, timi=False)
         cov = token_coverage(cond.tokens, cond.prefix_tokens)
         save_figure(overlay_figure(cond, found.names, title=f"{image} - {found.count} instances"), out)
-        return found, cond, cov
+        return found, cond, cov, notes
 
-    found, cond, cov = run_cli(run, err)
+    found, cond, cov, notes = run_cli(run, err)
     console = Console(soft_wrap=True)
     gh, gw = cond.grid
     console.print(f"{found.count} instance(s) on a {gh}x{gw} token grid (+{cond.prefix_tokens} CLS); overlay: {out}",
@@ -239,5 +294,5 @@ def inspect_command(
     for k, name in enumerate(found.names):
         console.print(f"  {k}: {name:<20} {cov.area[k]:8.2f} tokens of area, majority of {int(cov.majority[k]):4d}, "
                       f"peak {cov.peak[k]:.2f}", markup=False, highlight=False)
-    for w in coverage_warnings(cov, found.names, cond.grid):
+    for w in notes:
         err.print(f"warning: {w}", markup=False, highlight=False)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import trimesh
 
-__all__ = ["MESH_FORMATS", "OutputError", "atomic_path", "write_mesh", "write_bytes", "write_text", "check_mesh_path"]
+__all__ = ["MESH_FORMATS", "OutputError", "WriteError", "atomic_path", "write_mesh", "write_bytes", "write_text",
+           "check_mesh_path", "check_writable", "mesh_bytes", "first_missing"]
 
 #: Extensions the mesh writer accepts, mapped to trimesh's file types.
 MESH_FORMATS = {".glb": "glb", ".obj": "obj", ".ply": "ply", ".stl": "stl"}
@@ -23,6 +25,43 @@ MESH_FORMATS = {".glb": "glb", ".obj": "obj", ".ply": "ply", ".stl": "stl"}
 
 class OutputError(ValueError):
     """A bad output path (unknown extension, missing folder); one line naming the path and the fix."""
+
+
+class WriteError(RuntimeError):
+    """Writing a checked output failed while running (disk full, folder removed); names the output."""
+
+
+def first_missing(path: str | Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (what writing there would create)."""
+    top, p = None, Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        top, p = p, p.parent
+    return top
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_writable(path: str | Path, folder: bool = False) -> Path:
+    """Fail early, with the output's own name, when ``path`` (a file, or a folder with ``folder``)
+    cannot be created: probe a temporary file in the nearest existing folder and remove it, so
+    nothing is left behind and no folder is created."""
+    path = Path(path)
+    where = path if folder else path.parent
+    base = _existing_ancestor(where)
+    if not base.is_dir():
+        raise OutputError(f"{path}: {base} is a file, not a folder; pass a path in a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".timi-probe.", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write in {base} ({e.strerror}); pass a path in a writable folder.") from None
+    return path
 
 
 def check_mesh_path(path: str | Path) -> Path:
@@ -41,9 +80,14 @@ def check_mesh_path(path: str | Path) -> Path:
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path``, on error delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix if suffix is not None else path.suffix) + ".tmp",
-                               dir=path.parent)
+    created = first_missing(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=(suffix if suffix is not None else path.suffix) + ".tmp",
+                                   dir=path.parent)
+    except OSError as e:
+        _remove_folder(created)
+        raise WriteError(f"{path}: cannot write it ({e.strerror}); pass a path in a writable folder.") from None
     os.close(fd)
     tmp = Path(tmp)
     umask = os.umask(0)
@@ -51,11 +95,21 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the result the usual permissions
     try:
         yield tmp
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise WriteError(f"{path}: cannot move the finished file into place ({e.strerror}).") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        _remove_folder(created)
         raise
+
+
+def _remove_folder(folder: Path | None) -> None:
+    """Remove a folder this module created for a write that then failed (nothing else is in it)."""
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:
@@ -80,6 +134,11 @@ def write_mesh(mesh: trimesh.Trimesh | trimesh.Scene, path: str | Path) -> Path:
     GLB keeps a scene's named nodes; OBJ keeps them as groups (``o`` lines); PLY and STL hold a
     single mesh, so a scene is flattened into one (node transforms applied).
     """
+    return write_bytes(path, mesh_bytes(mesh, path))
+
+
+def mesh_bytes(mesh: trimesh.Trimesh | trimesh.Scene, path: str | Path) -> bytes:
+    """The file :func:`write_mesh` writes for ``path``'s extension, in memory."""
     path = check_mesh_path(path)
     file_type = MESH_FORMATS[path.suffix.lower()]
     if isinstance(mesh, trimesh.Scene) and file_type in ("ply", "stl"):
@@ -87,6 +146,4 @@ def write_mesh(mesh: trimesh.Trimesh | trimesh.Scene, path: str | Path) -> Path:
     if isinstance(mesh, trimesh.Trimesh) and len(mesh.faces) == 0:
         raise OutputError(f"{path}: the mesh has no faces, nothing to write; check the generation log.")
     data = mesh.export(file_type=file_type)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return write_bytes(path, data)
+    return data.encode("utf-8") if isinstance(data, str) else data

@@ -40,16 +40,33 @@ __all__ = [
     "rle_decode",
     "rle_counts_from_string",
     "read_image_size",
+    "masks_from_array",
+    "image_foreground",
+    "check_input_picture",
+    "MAX_LABELS",
+    "instance_label",
+    "foreground_notes",
+    "MaskFileNotFoundError",
+    "binary_from_image",
+    "open_image",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 OVERLAP_MODES = ("error", "first", "last")
-#: A single image with more distinct values than this is a soft/greyscale picture, not a label map.
+#: An 8-bit or colour image with more distinct values than this is a soft/greyscale picture, not a label map.
 MAX_LABELS_IN_IMAGE = 256
+#: Without a model's token count: the most instances any input may hold (Hunyuan3D 2.0's 37 x 37 grid).
+MAX_LABELS = 37 * 37
+#: A picture with at most this many distinct values and no alpha is a mask, not the input picture.
+MASK_LIKE_VALUES = 2
 
 
 class MaskInputError(ValueError):
     """Bad mask input. The message is one line naming the file and how to fix it."""
+
+
+class MaskFileNotFoundError(MaskInputError, FileNotFoundError):
+    """A mask or image file that does not exist (also a ``FileNotFoundError``)."""
 
 
 @dataclass
@@ -86,13 +103,13 @@ def label_map_from_masks(masks: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------- images
 
 
-def _open_image(path: Path) -> Image.Image:
+def open_image(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()
         return img
     except FileNotFoundError:
-        raise MaskInputError(f"{path}: file not found; check the path.") from None
+        raise MaskFileNotFoundError(f"{path}: file not found; check the path.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise MaskInputError(f"{path}: cannot read it as an image ({e}); pass a PNG/JPEG mask or label map.") from None
 
@@ -101,18 +118,71 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file, with a clear error when it cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise MaskInputError(f"{path}: image not found; check the path.")
+        raise MaskFileNotFoundError(f"{path}: image not found; check the path.")
     try:
         with Image.open(path) as img:
+            img.load()  # the pixels too: a truncated file fails here, not in the middle of the run
             w, h = img.size
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise MaskInputError(f"{path}: cannot read the image ({e}); pass a PNG or JPEG picture.") from None
     return h, w
 
 
-def _binary_from_image(img: Image.Image) -> np.ndarray:
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def image_foreground(path: str | Path) -> np.ndarray | None:
+    """(H, W) bool: where the picture's alpha is non-zero (what hy3dgen crops to), or ``None`` when
+    it has no alpha channel (then the union of the masks is the foreground)."""
+    with Image.open(path) as img:
+        if not _has_alpha(img):
+            return None
+        return np.asarray(img.convert("RGBA"))[..., 3] > 0
+
+
+def _colour_count(path: Path) -> int | None:
+    """Distinct colours of a picture without alpha (``None``: it has alpha, or cannot be read)."""
+    try:
+        with Image.open(path) as img:
+            if _has_alpha(img):
+                return None
+            return len(np.unique(np.asarray(img.convert("RGB")).reshape(-1, 3), axis=0))
+    except (OSError, UnidentifiedImageError):
+        return None
+
+
+def _mask_like(path: Path) -> bool:
+    n = _colour_count(path)
+    return n is not None and n <= MASK_LIKE_VALUES
+
+
+def check_input_picture(image: str | Path, masks: Sequence[str | Path] = ()) -> None:
+    """Refuse an input picture that is one of the mask files or is itself a black-and-white mask
+    (``timi generate --masks a.png b.png c.png`` takes ``b.png`` as the picture)."""
+    image = Path(image)
+    read_image_size(image)
+    typed = [Path(m) for m in masks[:1]] + [image] + [Path(m) for m in masks[1:]]  # the order on the command line
+    pictures = [p for p in typed if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _mask_like(p)]
+    picture = pictures[0] if len(pictures) == 1 else Path("PICTURE")
+    hint = f"put the picture first: {picture} --masks {' '.join(str(p) for p in typed if p != picture)}"
+    if any(Path(m).exists() and Path(m).resolve() == image.resolve() for m in masks):
+        raise MaskInputError(f"{image}: given as the picture and as a mask; {hint}.")
+    n = _colour_count(image)
+    if n is not None and n <= MASK_LIKE_VALUES:
+        raise MaskInputError(f"{image}: the picture has only {n} colour(s), so it is a mask, not the input picture; {hint}.")
+
+
+def _threshold(a: np.ndarray) -> np.ndarray:
+    """The one on/off rule for mask values: above half range, i.e. > 0.5 for values in [0, 1]
+    (bool, 0/1, soft [0, 1]) and > half the largest value otherwise (0/255, 0/65535)."""
+    top = a.max() if a.size else 0
+    return a > (0.5 if top <= 1 else top / 2.0)
+
+
+def binary_from_image(img: Image.Image) -> np.ndarray:
     """One binary mask from an image: its alpha if it has a non-trivial one, else grey > half range."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if _has_alpha(img):
         alpha = np.asarray(img.convert("RGBA"))[..., 3]
         if alpha.min() < 255:
             return alpha > 127
@@ -120,14 +190,44 @@ def _binary_from_image(img: Image.Image) -> np.ndarray:
         a = np.asarray(img).astype(np.float64)
     else:
         a = np.asarray(img.convert("L")).astype(np.float64)
-    top = a.max()
-    if top <= 0:
-        return a > 0  # all background: reported as empty by validation
-    return a > (0.5 if top <= 1 else top / 2.0)
+    return _threshold(a)
 
 
-def _labels_from_image(img: Image.Image, path: Path) -> tuple[np.ndarray, list[str]]:
+def _is_jpeg(img: Image.Image, path: Path) -> bool:
+    return img.format == "JPEG" or path.suffix.lower() in (".jpg", ".jpeg")
+
+
+def _binary_jpeg(img: Image.Image, path: Path) -> np.ndarray:
+    """A single JPEG file is one binary mask when its grey values sit near black and white;
+    a JPEG label map is refused (lossy compression changes the label values along every edge)."""
+    a = np.asarray(img.convert("L"))
+    near = (a <= 32) | (a >= 223)
+    if near.mean() >= 0.98 and (a >= 223).any():
+        return (a > 127)[None]
+    raise MaskInputError(
+        f"{path}: a JPEG label map: lossy compression changes the label values along every edge "
+        f"({len(np.unique(a))} distinct values); save the label map as PNG."
+    )
+
+
+def _label_masks(a: np.ndarray, where: str | Path, max_labels: int | None) -> tuple[np.ndarray, list[str]]:
+    """(H, W) integer label map -> masks (one per non-zero label, in increasing order) and names."""
+    values = np.unique(a)
+    nonzero = values[values != 0]
+    limit = MAX_LABELS if max_labels is None else max_labels
+    if len(nonzero) > limit:
+        raise MaskInputError(
+            f"{where}: {len(nonzero)} labels but the condition-token grid holds only {limit} tokens; "
+            "merge small instances, or threshold the picture if it is not a label map."
+        )
+    masks = np.stack([a == v for v in nonzero]) if len(nonzero) else np.zeros((0,) + a.shape, bool)
+    return masks, [f"label_{int(v)}" for v in nonzero]
+
+
+def _labels_from_image(img: Image.Image, path: Path, max_labels: int | None = None) -> tuple[np.ndarray, list[str]]:
     """A single image as masks: binary (one instance) or label map (one instance per value/colour)."""
+    if _is_jpeg(img, path):
+        return _binary_jpeg(img, path), [path.stem]
     if img.mode in ("RGB", "RGBA") and not _is_grey(img):
         rgb = np.asarray(img.convert("RGB")).reshape(-1, 3)
         colours, inverse = np.unique(rgb, axis=0, return_inverse=True)
@@ -158,13 +258,13 @@ def _labels_from_image(img: Image.Image, path: Path) -> tuple[np.ndarray, list[s
     nonzero = values[values != 0]
     if len(nonzero) == 1 and nonzero[0] in (1, 255, 65535):  # binary mask: one instance
         return (a != 0)[None], [path.stem]
-    if len(values) > MAX_LABELS_IN_IMAGE:
+    sixteen = img.mode in ("I", "I;16", "I;16B", "I;16L")
+    if not sixteen and len(values) >= MAX_LABELS_IN_IMAGE:  # every 8-bit value used: a picture
         raise MaskInputError(
             f"{path}: {len(values)} distinct values, so it is a soft/greyscale picture rather than a label map; "
             "threshold it to a binary mask or pass a label map (0 = background, 1..K)."
         )
-    masks = np.stack([a == v for v in nonzero]) if len(nonzero) else np.zeros((0,) + a.shape, bool)
-    return masks, [f"label_{int(v)}" for v in nonzero]
+    return _label_masks(a, path, max_labels)
 
 
 def _is_grey(img: Image.Image) -> bool:
@@ -303,31 +403,43 @@ def _json_image_sizes(obj) -> dict:
 # ----------------------------------------------------------------------------------- npy / dirs
 
 
-def _masks_from_npy(path: Path) -> tuple[np.ndarray, list[str]]:
+def masks_from_array(a, where: str | Path = "masks", max_labels: int | None = None,
+                     stem: str = "instance") -> tuple[np.ndarray, list[str]]:
+    """The one rule for mask arrays, shared by ``timi generate`` (``.npy`` files) and the Python API.
+
+    ``(K, H, W)`` bool, integer or float: a pixel is on above half range (:func:`_threshold`):
+    > 0.5 for values in [0, 1], > half the largest value for 0/255 or 0/65535; floats must be
+    finite and lie in [0, 1] or [0, 255]; negative values are refused. ``(H, W)`` integer (or
+    bool) array: a label map (0 = background). Returns (masks, names) or raises
+    :class:`MaskInputError` naming ``where``.
+    """
+    a = np.asarray(a)
+    if not (a.dtype == bool or np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise MaskInputError(f"{where}: masks of dtype {a.dtype}; pass a bool, integer or float array.")
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise MaskInputError(f"{where}: {bad} NaN/inf value(s) in the masks; replace them with 0 (background) or 1.")
+    if a.dtype != bool and a.size and a.min() < 0:
+        raise MaskInputError(f"{where}: negative values (min {a.min():g}); masks hold 0 (background) and 1 or 255.")
+    if a.ndim == 2:
+        if not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
+            raise MaskInputError(f"{where}: a 2-D array must be an integer label map (0 = background, 1..K); "
+                                 f"got dtype {a.dtype}; cast it to int or pass (K, H, W) masks.")
+        return _label_masks(a, where, max_labels)
+    if a.ndim != 3:
+        raise MaskInputError(f"{where}: array of shape {a.shape}; pass (K, H, W) masks or an (H, W) label map.")
+    if np.issubdtype(a.dtype, np.floating) and a.size and a.max() > 255:
+        raise MaskInputError(f"{where}: float masks must lie in [0, 1] or [0, 255]; got [{a.min():g}, {a.max():g}].")
+    m = a if a.dtype == bool else _threshold(a)
+    return m.astype(bool), [f"{stem}_{k}" for k in range(a.shape[0])]
+
+
+def _masks_from_npy(path: Path, max_labels: int | None = None) -> tuple[np.ndarray, list[str]]:
     try:
         a = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise MaskInputError(f"{path}: cannot load it as a .npy array ({e}); save masks with numpy.save.") from None
-    if a.ndim == 2:  # label map
-        if not (np.issubdtype(a.dtype, np.integer) or a.dtype == bool):
-            raise MaskInputError(f"{path}: a 2-D array must be an integer label map; got dtype {a.dtype}.")
-        values = np.unique(a)
-        values = values[values != 0]
-        return np.stack([a == v for v in values]) if len(values) else np.zeros((0,) + a.shape, bool), [
-            f"label_{int(v)}" for v in values
-        ]
-    if a.ndim != 3:
-        raise MaskInputError(f"{path}: array of shape {a.shape}; save masks as (K, H, W) or an (H, W) label map.")
-    if a.dtype == bool:
-        m = a
-    elif np.issubdtype(a.dtype, np.floating):
-        if a.min() < 0 or a.max() > 1:
-            raise MaskInputError(f"{path}: float masks must lie in [0, 1]; got [{a.min():g}, {a.max():g}].")
-        m = a > 0.5
-    else:
-        top = a.max() if a.size else 0
-        m = a > (top / 2.0 if top > 1 else 0)
-    return m.astype(bool), [f"{path.stem}_{k}" for k in range(a.shape[0])]
+    return masks_from_array(a, path, max_labels, stem=path.stem)
 
 
 def _natural_key(p: Path):
@@ -345,13 +457,13 @@ def _expand(sources: Iterable[str | Path]) -> list[tuple[Path, str]]:
                 raise MaskInputError(f"{src}: folder holds no mask images ({', '.join(IMAGE_SUFFIXES)}); add one PNG per instance.")
             out += [(f, "binary") for f in files]
         elif not src.exists():
-            raise MaskInputError(f"{src}: file not found; check the path.")
+            raise MaskFileNotFoundError(f"{src}: file not found; check the path.")
         else:
             out.append((src, "binary" if len(sources) > 1 and src.suffix.lower() in IMAGE_SUFFIXES else "single"))
     return out
 
 
-def read_masks(sources: str | Path | Sequence[str | Path]) -> InstanceMasks:
+def read_masks(sources: str | Path | Sequence[str | Path], max_labels: int | None = None) -> InstanceMasks:
     """Read masks from one source or several (instances concatenated in order). No validation.
 
     One image file is a label map (or a single binary mask); images in a folder or a list of
@@ -365,15 +477,15 @@ def read_masks(sources: str | Path | Sequence[str | Path]) -> InstanceMasks:
     for path, kind in _expand(sources):
         suffix = path.suffix.lower()
         if suffix == ".npy":
-            m, n = _masks_from_npy(path)
+            m, n = _masks_from_npy(path, max_labels)
         elif suffix == ".json":
             m, n = _masks_from_json(path)
         elif suffix in IMAGE_SUFFIXES:
-            img = _open_image(path)
+            img = open_image(path)
             if kind == "binary":
-                m, n = _binary_from_image(img)[None], [path.stem]
+                m, n = binary_from_image(img)[None], [path.stem]
             else:
-                m, n = _labels_from_image(img, path)
+                m, n = _labels_from_image(img, path, max_labels)
         else:
             raise MaskInputError(
                 f"{path}: unknown mask format '{suffix}'; use a PNG label map, mask PNGs, a (K, H, W) .npy or an RLE .json."
@@ -435,11 +547,14 @@ def validate_masks(
     names: Sequence[str] | None = None,
     overlap: str = "error",
     max_instances: int | None = None,
+    foreground: np.ndarray | None = None,
 ) -> np.ndarray:
     """Check masks against the image and return them disjoint (see :func:`resolve_overlaps`).
 
     ``image_size`` is (H, W); ``max_instances`` is the number of condition tokens of the patch grid
-    (an instance needs at least one token). Raises :class:`MaskInputError`.
+    (an instance needs at least one token); ``foreground`` (H, W) bool is where the picture's alpha
+    is non-zero (:func:`image_foreground`), ``None`` for a picture without alpha. Raises
+    :class:`MaskInputError`.
     """
     masks = np.asarray(masks)
     if masks.ndim != 3:
@@ -462,17 +577,40 @@ def validate_masks(
         )
     for k in range(K):
         if not masks[k].any():
-            label = f" ({names[k]})" if names else ""
-            raise MaskInputError(f"{_name(sources, k)}: instance {k}{label} is empty; remove it or fix the mask.")
+            raise MaskInputError(f"{_name(sources, k)}: {instance_label(k, names)} is empty; remove it or fix the mask.")
+    if foreground is not None and foreground.shape == (H, W):
+        for k in range(K):
+            if not (masks[k] & foreground).any():
+                raise MaskInputError(
+                    f"{_name(sources, k)}: {instance_label(k, names)} lies entirely outside the picture's foreground "
+                    "(its alpha is 0 under the whole mask); fix the mask or the picture's alpha."
+                )
     out = resolve_overlaps(masks, overlap, sources)
     for k in range(K):
         if not out[k].any():
-            label = f" ({names[k]})" if names else ""
             raise MaskInputError(
-                f"{_name(sources, k)}: instance {k}{label} is entirely covered by other masks after --overlap {overlap}; "
-                "remove it or use the other --overlap order."
+                f"{_name(sources, k)}: {instance_label(k, names)} is entirely covered by other masks after --overlap "
+                f"{overlap}; remove it or use the other --overlap order."
             )
     return out
+
+
+def instance_label(k: int, names: Sequence[str] | None = None) -> str:
+    """How messages name instance ``k`` (0-based, as in ``timi inspect``'s table): ``instance 2 (label_3)``."""
+    return f"instance {k} ({names[k]})" if names and k < len(names) else f"instance {k}"
+
+
+def foreground_notes(image: str | Path, masks: np.ndarray) -> list[str]:
+    """What the picture's foreground will be, when it is not the picture's own alpha."""
+    if image_foreground(image) is not None:
+        return []
+    union = np.asarray(masks, dtype=bool).any(axis=0)
+    notes = [f"{image} has no alpha channel: the union of the masks is used as the foreground (hy3dgen expects "
+             "a cut-out picture); pass an RGBA picture to set it yourself."]
+    if union.all():
+        notes.append(f"the masks cover the whole of {image}, so hy3dgen sees no background; leave the background "
+                     "out of the masks or pass an RGBA picture.")
+    return notes
 
 
 def load_masks(
@@ -498,7 +636,7 @@ def load_instance_masks(
     """Like :func:`load_masks` but keeps the instance names and source files."""
     if image is not None and image_size is None:
         image_size = read_image_size(image)
-    found = read_masks(sources)
+    found = read_masks(sources, max_labels=max_instances)
     found.masks = validate_masks(
         found.masks,
         image_size=image_size,
@@ -507,5 +645,6 @@ def load_instance_masks(
         names=found.names,
         overlap=overlap,
         max_instances=max_instances,
+        foreground=image_foreground(image) if image is not None else None,
     )
     return found

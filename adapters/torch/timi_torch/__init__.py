@@ -7,8 +7,8 @@ condition-token masks, Eq.2's ``M``) and :func:`write_tiny_model_dir` (tiny test
 from timi_core import TIMIConfig
 
 from .masks import ConditionMasks, condition_token_masks
-from .pipeline import StepDiagnostics, TIMIPipeline
+from .pipeline import ModelLoadError, StepDiagnostics, TIMIPipeline
 from .testing import write_tiny_model_dir
 
-__all__ = ["TIMIPipeline", "TIMIConfig", "StepDiagnostics", "condition_token_masks", "ConditionMasks",
+__all__ = ["TIMIPipeline", "TIMIConfig", "StepDiagnostics", "ModelLoadError", "condition_token_masks", "ConditionMasks",
            "write_tiny_model_dir"]

@@ -87,17 +87,15 @@ def _as_image(image) -> Image.Image:
 
 
 def _as_mask_array(m, index: int) -> np.ndarray:
+    """One mask of a list: a path or PIL image (read like ``timi generate``'s mask PNGs) or an array."""
+    from timi.masks_io import binary_from_image, masks_from_array, open_image
+
     if isinstance(m, (str, os.PathLike)):
         if not os.path.exists(m):
             raise FileNotFoundError(f"mask file {os.fspath(m)!r} (instance {index}) does not exist.")
-        m = Image.open(m)
+        m = open_image(m)
     if isinstance(m, Image.Image):
-        if m.mode in ("RGBA", "LA"):
-            m = np.asarray(m)[..., -1]
-        else:
-            m = np.asarray(m.convert("L"))
-        top = int(m.max())
-        return m > (0 if top <= 1 else top // 2)  # 0/1 and 0/255 mask images alike
+        return binary_from_image(m)
     if isinstance(m, torch.Tensor):
         m = m.detach().cpu().numpy()
     m = np.asarray(m)
@@ -105,31 +103,28 @@ def _as_mask_array(m, index: int) -> np.ndarray:
         m = m[..., -1] if m.shape[2] == 4 else m[..., 0]
     if m.ndim != 2:
         raise ValueError(f"mask {index} must be an (H, W) image; got shape {m.shape}.")
-    return m > 0
+    return masks_from_array(m[None], f"mask {index}")[0][0]
 
 
-def instance_masks(masks) -> np.ndarray:
-    """Normalise mask inputs to a (K, H, W) bool array.
+def instance_masks(masks, max_labels: int | None = None) -> np.ndarray:
+    """Normalise mask inputs to a (K, H, W) bool array, by the same rules as ``timi generate``
+    (:mod:`timi.masks_io`: :func:`~timi.masks_io.masks_from_array` for arrays,
+    :func:`~timi.masks_io.read_masks` for files).
 
-    Accepted: a (K, H, W) bool/uint8/float array or tensor (pixels > 0 belong to the instance), an
-    (H, W) integer label map (label 0 is background; every other label is one instance, in
-    increasing label order), a path to a label-map image or a (K, H, W) ``.npy``, or a list of
-    mask images (paths, PIL images or (H, W) arrays; 0/1 and 0/255 images alike).
+    Accepted: a (K, H, W) bool/integer/float array or tensor (on above half range: > 0.5 for
+    values in [0, 1], > half the largest value for 0/255; floats finite, in [0, 1] or [0, 255]),
+    an (H, W) integer label map (label 0 is background; every other label is one instance, in
+    increasing label order), a path to a label-map image, a (K, H, W) ``.npy`` or an RLE ``.json``,
+    or a list of mask images (paths, PIL images or (H, W) arrays; 0/1 and 0/255 images alike).
+    Raises ``ValueError`` (:class:`timi.masks_io.MaskInputError`) for anything else.
     """
+    from timi.masks_io import masks_from_array, read_masks
+
     if isinstance(masks, (str, os.PathLike)):
         path = os.fspath(masks)
         if not os.path.exists(path):
             raise FileNotFoundError(f"mask file {path!r} does not exist.")
-        if path.endswith(".npy"):
-            masks = np.load(path)
-        else:
-            img = Image.open(path)
-            if img.mode not in ("L", "P", "I", "I;16", "1"):
-                raise ValueError(f"mask file {path!r} is a {img.mode} image; a single mask file is read as a "
-                                 "label map (one channel, 0 = background, 1..K); for other formats use "
-                                 "timi.masks_io.load_masks or pass a list of mask images.")
-            masks = np.asarray(img)
-        return instance_masks(masks)
+        return read_masks(path, max_labels=max_labels).masks
     if isinstance(masks, (list, tuple)):
         if not masks:
             raise ValueError("masks: got an empty list; pass at least one instance mask.")
@@ -140,23 +135,17 @@ def instance_masks(masks) -> np.ndarray:
         return np.stack(arrs)
     if isinstance(masks, torch.Tensor):
         masks = masks.detach().cpu().numpy()
-    masks = np.asarray(masks)
-    if masks.ndim == 2:
-        if not (np.issubdtype(masks.dtype, np.integer) or masks.dtype == bool):
-            raise ValueError(f"masks: a 2-D mask input is read as an integer label map; got dtype {masks.dtype}.")
-        labels = [v for v in np.unique(masks) if v != 0]
-        if not labels:
-            raise ValueError("masks: the label map has no non-zero label (0 is background).")
-        return np.stack([masks == v for v in labels])
-    if masks.ndim == 3:
-        return masks > 0
-    raise ValueError(f"masks must be (K, H, W), an (H, W) label map or a list of masks; got shape {masks.shape}.")
+    return masks_from_array(masks, max_labels=max_labels)[0]
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
 def load_rgba(image, masks: np.ndarray) -> Image.Image:
     """The RGBA image for hy3dgen: the input's own alpha, or the union of the masks when it has none."""
     img = _as_image(image)
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+    has_alpha = _has_alpha(img)
     rgba = img.convert("RGBA")
     if (rgba.height, rgba.width) != masks.shape[1:]:
         raise ValueError(
@@ -248,7 +237,7 @@ def _token_grid(encoder) -> tuple[tuple[int, int], int, int]:
     return grid, prefix, patch
 
 
-def condition_token_masks(image, masks, pipeline) -> ConditionMasks:
+def condition_token_masks(image, masks, pipeline, names: Sequence[str] | None = None) -> ConditionMasks:
     """Map instance masks in the image's pixel frame onto the condition tokens (Eq.2's ``M``).
 
     Parameters
@@ -259,23 +248,26 @@ def condition_token_masks(image, masks, pipeline) -> ConditionMasks:
         images, all in the image's own (H, W) frame; instances must be disjoint.
     pipeline : a hy3dgen ``Hunyuan3DDiTFlowMatchingPipeline`` or a :class:`~timi_torch.TIMIPipeline`
         (its image processor and conditioner define the geometry).
+    names : optional instance names for the messages (``label_3``, file names).
 
     Returns a :class:`ConditionMasks`; ``.tokens`` is the (K, M) float32 tensor for
     ``timi_core.instance_probability``. Raises ``ValueError`` for a size mismatch, empty or
-    overlapping masks, or an instance that covers no pixel at the conditioner's resolution; warns
+    overlapping masks, an instance outside the picture's alpha (the checks of
+    :func:`timi.masks_io.validate_masks`, shared with ``timi generate``), or an instance that covers
+    no pixel at the conditioner's resolution; warns
     for a single instance (Eq.4 then only pulls attention onto the object, nothing to separate).
     """
+    from timi.masks_io import instance_label, validate_masks
+
     base, encoder = _encoder(pipeline)
-    m = instance_masks(masks)
-    rgba = load_rgba(image, m)                                              # checks the sizes first
+    grid, prefix, patch = _token_grid(encoder)
+    m = instance_masks(masks, max_labels=grid[0] * grid[1])
+    img = _as_image(image)
+    foreground = np.asarray(img.convert("RGBA"))[..., 3] > 0 if _has_alpha(img) else None
+    m = validate_masks(m, image_size=(img.height, img.width), names=names, foreground=foreground,
+                       max_instances=grid[0] * grid[1])
+    rgba = load_rgba(img, m)
     K = m.shape[0]
-    for k in range(K):
-        if not m[k].any():
-            raise ValueError(f"instance mask {k} is empty; remove it or fix the masks.")
-    overlap = m.sum(axis=0) > 1
-    if overlap.any():
-        pairs = [(i, j) for i in range(K) for j in range(i + 1, K) if (m[i] & m[j]).any()]
-        raise ValueError(f"instance masks overlap: {pairs}; give each pixel to one instance.")
     if K == 1:
         warnings.warn("condition_token_masks: only one instance mask; TIMI's separation loss (Eq.4) "
                       "has nothing to separate and only pulls attention onto that object.", stacklevel=2)
@@ -293,12 +285,11 @@ def condition_token_masks(image, masks, pipeline) -> ConditionMasks:
     background = (1 - soft.sum(0, keepdim=True)).clamp(min=0)
     owner = torch.cat([background, soft]).argmax(0)                         # 0 = background
     frame = torch.stack([owner == k + 1 for k in range(K)]).numpy()
-    lost = [k for k in range(K) if not frame[k].any()]
+    lost = [instance_label(k, names) for k in range(K) if not frame[k].any()]
     if lost:
-        raise ValueError(f"instance mask(s) {lost} cover no pixel at the conditioner's "
-                         f"{frame.shape[1]} px resolution; they are too small to guide.")
+        raise ValueError(f"{', '.join(lost)} cover(s) no pixel at the conditioner's {frame.shape[1]} px "
+                         "resolution, too small to guide; enlarge the mask or crop the picture closer to the objects.")
 
-    grid, prefix, patch = _token_grid(encoder)
     covered = frame[:, : grid[0] * patch, : grid[1] * patch]               # DINOv2 drops the rest
     tokens = timi_core.pool_masks(torch.from_numpy(covered), grid, prefix_tokens=prefix)
 

@@ -41,7 +41,7 @@ from timi_core import TIMIConfig
 from .guidance import MODES, separation_loss_and_grad
 from .masks import ConditionMasks, condition_token_masks
 
-__all__ = ["TIMIPipeline", "StepDiagnostics"]
+__all__ = ["TIMIPipeline", "StepDiagnostics", "ModelLoadError"]
 
 DEFAULT_SUBFOLDER = "hunyuan3d-dit-v2-0"
 
@@ -73,14 +73,37 @@ def smoothing_axes(latents: torch.Tensor) -> tuple[int, ...]:
                      "(B, C, D, H, W) grid; cannot choose the smoothing axes of Eq.5.")
 
 
+class ModelLoadError(ValueError):
+    """hy3dgen could not build the pipeline from a model's files (config.yaml and weights disagree)."""
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}{' ...' if len(text) > limit else ''}"
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas) -> None:
+    """The sampler's numeric arguments, checked as ``timi generate`` checks its options."""
+    import numbers
+
+    if sigmas is None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
+                           or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a whole number of at least 1.")
+    if not np.isfinite(float(guidance_scale)):
+        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number.")
+    if octree_resolution is None or int(octree_resolution) < 8:
+        raise ValueError(f"octree_resolution={octree_resolution!r} must be at least 8.")
 
 
 class TIMIPipeline:
     """TIMI multi-instance image-to-3D sampling on a loaded hy3dgen pipeline.
 
     >>> from timi_torch import TIMIPipeline                                  # doctest: +SKIP
+    >>> pipe = TIMIPipeline.from_pretrained()           # the shipped testbed model  # doctest: +SKIP
     >>> pipe = TIMIPipeline.from_pretrained("tencent/Hunyuan3D-2")           # doctest: +SKIP
     >>> mesh = pipe("scene.png", masks, generator=torch.manual_seed(0))[0]   # doctest: +SKIP
 
@@ -104,7 +127,7 @@ class TIMIPipeline:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path, config: TIMIConfig = TIMIConfig(), *, device=None, dtype=None,
+    def from_pretrained(cls, path=None, config: TIMIConfig = TIMIConfig(), *, device=None, dtype=None,
                         subfolder: str = DEFAULT_SUBFOLDER, variant: Optional[str] = "fp16",
                         use_safetensors: bool = True, config_path=None, attention: str = "fused",
                         **kwargs) -> "TIMIPipeline":
@@ -113,9 +136,28 @@ class TIMIPipeline:
         ``path`` may be (a) a model directory holding ``config.yaml`` and ``model[.variant]
         .safetensors``; (b) a single checkpoint file (then ``config_path`` is required); or (c) a
         hy3dgen model id such as ``"tencent/Hunyuan3D-2"``, resolved by hy3dgen as
-        ``$HY3DGEN_MODELS/<path>/<subfolder>`` (default ``~/.cache/hy3dgen``) and otherwise the hub.
+        ``$HY3DGEN_MODELS/<path>/<subfolder>`` (default ``~/.cache/hy3dgen``) and otherwise the hub;
+        (d) ``None``: the small model shipped with the project (``timi.testbed.default_model_path()``).
         ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA, float32 on CPU.
+        Raises ``FileNotFoundError`` for missing files and :class:`ModelLoadError` when hy3dgen
+        cannot build the model from them.
         """
+        import yaml
+
+        if path is None:
+            from timi.testbed import default_model_path
+
+            path = default_model_path()
+        try:
+            base = cls._load_base(path, device, dtype, subfolder, variant, use_safetensors, config_path, **kwargs)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, ImportError, yaml.YAMLError) as e:
+            raise ModelLoadError(f"could not build the model from {os.fspath(path)!r} ({_one_line(e)}); its "
+                                 "config.yaml is incomplete or does not match the weights - restore the model's "
+                                 "files.") from e
+        return cls(base, config=config, attention=attention)
+
+    @staticmethod
+    def _load_base(path, device, dtype, subfolder, variant, use_safetensors, config_path, **kwargs):
         from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline as Base
 
         device = device or _default_device()
@@ -154,9 +196,9 @@ class TIMIPipeline:
                     raise
                 raise FileNotFoundError(
                     f"could not load {os.fspath(path)!r}: no local model at {local} and the hub download "
-                    f"failed ({type(e).__name__}: {e}). Put the model there, set HY3DGEN_MODELS, or pass "
+                    f"failed ({_one_line(e)}). Put the model there, set HY3DGEN_MODELS, or pass "
                     "a model directory.") from e
-        return cls(base, config=config, attention=attention)
+        return base
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -167,9 +209,9 @@ class TIMIPipeline:
     def dtype(self) -> torch.dtype:
         return self.base.dtype
 
-    def condition_masks(self, image, masks) -> ConditionMasks:
+    def condition_masks(self, image, masks, names=None) -> ConditionMasks:
         """:func:`timi_torch.condition_token_masks` with this pipeline's processor and conditioner."""
-        return condition_token_masks(image, masks, self.base)
+        return condition_token_masks(image, masks, self.base, names=names)
 
     def _guided_layers(self) -> int:
         depth = len(self.base.model.double_blocks)
@@ -224,6 +266,7 @@ class TIMIPipeline:
 
         if output_type not in ("trimesh", "mesh", "latent"):
             raise ValueError(f"output_type={output_type!r} must be 'trimesh', 'mesh' or 'latent'.")
+        _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas)
         base, cfg = self.base, self.config
         base.set_surface_extractor(mc_algo)
         images, mask_sets = (image, masks) if isinstance(image, (list, tuple)) else ([image], [masks])
