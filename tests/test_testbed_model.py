@@ -38,7 +38,7 @@ def tiny_cache(tmp_path_factory):
 
 
 def _cfg(**kw):
-    base = dict(seed=3, n_train=4, n_multi=2, vae_steps=2, vae_batch=2, n_surface=256, n_query=64, dit_steps=2,
+    base = dict(seed=3, n_train=4, n_multi=2, vae_steps=2, vae_gap_steps=1, vae_batch=2, n_surface=256, n_query=64, dit_steps=2,
                 dit_batch=2, warmup=1, save_every=1, threads=1)
     return TrainConfig(**{**base, **kw})
 
@@ -77,11 +77,14 @@ def test_training_smoke_reproducible_and_resumable(tmp_path, tiny_cache):
     b.run()
     assert a.state["vae_loss"] == b.state["vae_loss"] and a.state["dit_loss"] == b.state["dit_loss"]
     # resume: a fresh Trainer on run "a" continues from its checkpoint and takes only the new steps
-    c = Trainer(tmp_path / "a", tiny_cache, _cfg(vae_steps=3, dit_steps=3), TINY, progress=False)
-    assert c.state["vae_step"] == 2 and c.state["dit_step"] == 2
+    c = Trainer(tmp_path / "a", tiny_cache, _cfg(dit_steps=3), TINY, progress=False)
+    assert c.state["vae_step"] == 2 and c.state["vae_gap_step"] == 1 and c.state["dit_step"] == 2
     c.run()
-    assert len(c.state["vae_loss"]) == 3 and len(c.state["dit_loss"]) == 3
-    assert c.state["vae_loss"][:2] == a.state["vae_loss"]
+    assert len(c.state["vae_loss"]) == 2 and len(c.state["vae_gap_loss"]) == 1 and len(c.state["dit_loss"]) == 3
+    assert c.state["dit_loss"][:2] == a.state["dit_loss"]
+    # more VAE steps after the DiT has trained would change its latents under it: refused
+    with pytest.raises(RuntimeError, match="VAE changed after the DiT"):
+        Trainer(tmp_path / "a", tiny_cache, _cfg(vae_gap_steps=2, dit_steps=3), TINY, progress=False).run()
 
 
 def test_export_loads_in_hy3dgen(tmp_path, tiny_cache):
@@ -97,7 +100,7 @@ def test_export_loads_in_hy3dgen(tmp_path, tiny_cache):
     # a new run seeded from the exported directory starts from its weights and trains the DiT only
     u = Trainer(tmp_path / "resumed", tiny_cache, _cfg(vae_steps=1, dit_steps=2), TINY, progress=False)
     u.init_from(d)
-    assert u.state["vae_step"] == 1
+    assert u.state["vae_step"] == 1 and u.state["vae_gap_step"] == 1
     for key, value in t.encoder.state_dict().items():
         torch.testing.assert_close(u.encoder.state_dict()[key], value.half().float())
     u.run()

@@ -39,6 +39,8 @@ def train(
     n_multi: int = typer.Option(400, "--n-multi", min=0,
                                 help="Multi-instance scenes (split 'train') that only the VAE sees."),
     vae_steps: int = typer.Option(3000, "--vae-steps", min=0),
+    vae_gap_steps: int = typer.Option(0, "--vae-gap-steps", min=0,
+                                      help="Second VAE stage: half multi-instance batches, queries in the gaps."),
     dit_steps: int = typer.Option(3000, "--dit-steps", min=0),
     preset: str = typer.Option("v2", "--preset", help="Model sizes: v2 (shipped), v1 (first testbed), tiny."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
@@ -60,8 +62,8 @@ def train(
     if preset not in SIZES:
         raise typer.BadParameter(f"unknown preset {preset!r}; use one of {list(SIZES)}", param_hint="--preset")
     torch.set_num_threads(threads)
-    cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps, dit_steps=dit_steps,
-                      threads=threads)
+    cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps,
+                      vae_gap_steps=vae_gap_steps, dit_steps=dit_steps, threads=threads)
     sizes = SIZES[preset]
     cache = build_cache(cache or out / "train_cache.npz", n_train, seed=seed, image_size=sizes.image_size,
                         num_latents=sizes.num_latents, n_encoder=cfg.n_surface, n_multi=n_multi, workers=workers)

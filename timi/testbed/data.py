@@ -8,6 +8,8 @@ For each sample (see :mod:`timi.testbed.scenes`):
   latent-token queries (computed once here instead of at every training step);
 * ``volume`` / ``near`` (N_q, 3) query points, uniform in hy3dgen's box ``[-1.01, 1.01]^3`` and
   jittered around the surface (three widths), with exact occupancy from the primitives' SDFs;
+* ``gap`` (N_g, 3) query points between nearby surfaces of different primitives (instance gaps,
+  part creases; :func:`gap_queries`), with exact occupancy, for the VAE's gap stage;
 * ``image`` (3, S, S): the render through hy3dgen's own ``ImageProcessorV2`` (alpha crop, recentre
   with border 0.15 on white, 512 px, [-1, 1]) and then the conditioner's resize to ``S``, i.e.
   exactly what ``DinoImageEncoder`` sees at inference;
@@ -58,7 +60,34 @@ def farthest_point_indices(points: np.ndarray, k: int) -> np.ndarray:
     return idx
 
 
-def scene_samples(scene, rng: np.random.Generator, n_surface: int = 4096, n_query: int = 4096) -> dict:
+def gap_queries(primitives, rng: np.random.Generator, n: int, reach: float = 0.25) -> np.ndarray:
+    """(n, 3) points on segments between nearby surfaces of *different* primitives (plus 0.01
+    jitter): the gaps between instances and the creases between an asset's parts, the regions
+    where a decoder fuses or separates. A single primitive: near-surface points (sigma 0.02)."""
+    from scipy.spatial import cKDTree
+
+    pts = [trimesh.sample.sample_surface(p.mesh(), 1500, seed=int(rng.integers(2**31)))[0] for p in primitives]
+    starts, ends = [], []
+    for a in range(len(pts)):
+        others = np.concatenate([pts[b] for b in range(len(pts)) if b != a]) if len(pts) > 1 else None
+        if others is None:
+            break
+        d, j = cKDTree(others).query(pts[a])
+        keep = d < reach
+        starts.append(pts[a][keep])
+        ends.append(others[j[keep]])
+    if not starts or sum(len(x) for x in starts) == 0:
+        base = pts[0][rng.integers(len(pts[0]), size=n)]
+        return np.clip(base + rng.normal(size=(n, 3)) * 0.02, -BOX, BOX)
+    a, b = np.concatenate(starts), np.concatenate(ends)
+    pick = rng.integers(len(a), size=n)
+    u = rng.uniform(size=(n, 1))
+    out = a[pick] + u * (b[pick] - a[pick]) + rng.normal(size=(n, 3)) * 0.01
+    return np.clip(out, -BOX, BOX)
+
+
+def scene_samples(scene, rng: np.random.Generator, n_surface: int = 4096, n_query: int = 4096,
+                  n_gap: int = 2048) -> dict:
     combined = trimesh.util.concatenate(scene.instance_meshes())
     surface = trimesh.sample.sample_surface(combined, n_surface, seed=int(rng.integers(2**31)))[0]
     surface = surface[rng.permutation(len(surface))]
@@ -66,13 +95,17 @@ def scene_samples(scene, rng: np.random.Generator, n_surface: int = 4096, n_quer
     pick = trimesh.sample.sample_surface(combined, n_query, seed=int(rng.integers(2**31)))[0]
     sigma = np.asarray(NEAR_SIGMAS)[rng.integers(len(NEAR_SIGMAS), size=(n_query, 1))]
     near = np.clip(pick + rng.normal(size=(n_query, 3)) * sigma, -BOX, BOX)
-    return {
+    out = {
         "surface": surface.astype(np.float32),
         "volume": volume.astype(np.float32),
         "volume_occ": scene_sdf(scene.primitives, volume)[0] < 0,
         "near": near.astype(np.float32),
         "near_occ": scene_sdf(scene.primitives, near)[0] < 0,
     }
+    # drawn last, so the arrays above do not depend on whether gap queries are made
+    gap = gap_queries(scene.primitives, rng, n_gap)
+    out["gap"], out["gap_occ"] = gap.astype(np.float32), scene_sdf(scene.primitives, gap)[0] < 0
+    return out
 
 
 def _sample(args: tuple) -> dict:
@@ -98,7 +131,7 @@ def build_cache(path: str | Path, n: int, seed: int = 0, image_size: int = 224, 
 
     path = Path(path)
     meta = {"n": n, "n_multi": n_multi, "seed": seed, "image_size": image_size, "num_latents": num_latents,
-            "n_encoder": n_encoder}
+            "n_encoder": n_encoder, "cache_version": 2}
     if path.exists():
         with np.load(path) as f:
             if all(k in f and int(f[k]) == v for k, v in meta.items()):

@@ -41,6 +41,10 @@ class TrainConfig:
     n_train: int = 2000
     n_multi: int = 400
     vae_steps: int = 3000
+    #: second VAE stage: half of each batch multi-instance scenes, plus queries in the gaps between
+    #: primitives (a decoder trained mostly on connected assets bridges gaps of 0.05-0.12)
+    vae_gap_steps: int = 0
+    vae_gap_lr: float = 3e-4
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
@@ -91,7 +95,8 @@ class Trainer:
                                          lr=cfg.vae_lr, weight_decay=0.0)
         self.dit_opt = torch.optim.AdamW(list(self.dit.parameters()) + list(self.cond.parameters()),
                                          lr=cfg.dit_lr, weight_decay=0.0)
-        self.state = {"vae_step": 0, "dit_step": 0, "scale_factor": None, "vae_loss": [], "dit_loss": []}
+        self.state = {"vae_step": 0, "vae_gap_step": 0, "dit_step": 0, "scale_factor": None, "vae_loss": [],
+                      "vae_gap_loss": [], "dit_loss": [], "latents_at": None}
         self.latents: torch.Tensor | None = None
         self.data: dict[str, torch.Tensor] = {}
         if cache is not None:  # None: only to export a checkpoint
@@ -100,11 +105,13 @@ class Trainer:
                         int(f["num_latents"]) != sizes.num_latents or int(f["image_size"]) != sizes.image_size:
                     raise ValueError(f"cache {cache} was built for other sizes (n, n_multi, num_latents, image_size)")
                 self.data = {k: torch.from_numpy(f[k]) for k in
-                             ("surface", "fps", "volume", "volume_occ", "near", "near_occ", "image",
-                              "num_instances")}
+                             ("surface", "fps", "volume", "volume_occ", "near", "near_occ", "gap", "gap_occ",
+                              "image", "num_instances")}
         #: the DiT's training pool: single assets only (the single-object prior, issue 12)
         self.dit_pool = (np.flatnonzero(self.data["num_instances"].numpy() == 1) if self.data
                          else np.zeros(0, dtype=np.int64))
+        self.multi_pool = (np.flatnonzero(self.data["num_instances"].numpy() > 1) if self.data
+                           else np.zeros(0, dtype=np.int64))
         self.ckpt = self.out / "checkpoint.pt"
         if self.ckpt.exists():
             self._load()
@@ -128,18 +135,40 @@ class Trainer:
         for name in ("encoder", "vae", "dit", "cond", "dit_ema", "cond_ema", "vae_opt", "dit_opt"):
             getattr(self, name).load_state_dict(blob[name])
         self.state, self.latents = blob["state"], blob["latents"]
+        for key, value in (("vae_gap_step", 0), ("vae_gap_loss", []), ("latents_at", None)):
+            self.state.setdefault(key, value)  # checkpoints written before the gap stage existed
+        if self.latents is not None and self.state["latents_at"] is None:
+            self.state["latents_at"] = [self.state["vae_step"], 0]
 
     # -- stage 1: VAE ---------------------------------------------------------------------------
     def vae_step(self, step: int) -> float:
+        """Stage 1: batches from every sample, uniform + near-surface queries."""
         cfg = self.cfg
         rng, gen = _rng(cfg, 1, step)
-        d = self.data
-        idx = torch.from_numpy(rng.choice(len(d["surface"]), cfg.vae_batch, replace=False))
+        idx = torch.from_numpy(rng.choice(len(self.data["surface"]), cfg.vae_batch, replace=False))
+        lr = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+        return self._vae_update(rng, gen, idx, lr, gap=False)
+
+    def vae_gap_step(self, step: int) -> float:
+        """Stage 1b: half of each batch multi-instance scenes; a third of the queries in gaps."""
+        cfg = self.cfg
+        rng, gen = _rng(cfg, 4, step)
+        half = cfg.vae_batch // 2
+        idx = np.concatenate([rng.choice(self.multi_pool, half, replace=False),
+                              rng.choice(self.dit_pool, cfg.vae_batch - half, replace=False)])
+        lr = _lr(step, cfg.vae_gap_steps, cfg.vae_gap_lr, cfg.warmup)
+        return self._vae_update(rng, gen, torch.from_numpy(idx), lr, gap=True)
+
+    def _vae_update(self, rng, gen, idx, lr: float, gap: bool) -> float:
+        cfg, d = self.cfg, self.data
         pick = lambda n, k: torch.from_numpy(rng.choice(n, k, replace=False))  # noqa: E731
         surface = d["surface"][idx][:, : cfg.n_surface]
         qv, qn = pick(d["volume"].shape[1], cfg.n_query), pick(d["near"].shape[1], cfg.n_query)
-        queries = torch.cat([d["volume"][idx][:, qv], d["near"][idx][:, qn]], 1)
-        occ = torch.cat([d["volume_occ"][idx][:, qv], d["near_occ"][idx][:, qn]], 1).float()
+        parts = [(d["volume"], d["volume_occ"], qv), (d["near"], d["near_occ"], qn)]
+        if gap:
+            parts.append((d["gap"], d["gap_occ"], pick(d["gap"].shape[1], cfg.n_query)))
+        queries = torch.cat([q[idx][:, sel] for q, _, sel in parts], 1)
+        occ = torch.cat([o[idx][:, sel] for _, o, sel in parts], 1).float()
         mean, logvar = self.encoder(surface, d["fps"][idx])
         z = mean + torch.randn(mean.shape, generator=gen) * (0.5 * logvar).exp()
         logits = decode_occupancy(self.vae, z, queries)
@@ -147,7 +176,7 @@ class Trainer:
         kl = 0.5 * (mean**2 + logvar.exp() - logvar - 1).mean()
         loss = bce + cfg.kl_weight * kl
         for g in self.vae_opt.param_groups:
-            g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
+            g["lr"] = lr
         self.vae_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.encoder.parameters()) + list(self.vae.parameters()), 1.0)
@@ -213,14 +242,20 @@ class Trainer:
     def run(self) -> dict:
         torch.set_num_threads(self.cfg.threads)
         self._loop("vae", self.cfg.vae_steps, self.vae_step)
-        if self.latents is None:
+        self._loop("vae_gap", self.cfg.vae_gap_steps, self.vae_gap_step)
+        vae_at = [self.state["vae_step"], self.state["vae_gap_step"]]
+        if self.latents is None or self.state["latents_at"] != vae_at:
+            if self.state["dit_step"]:
+                raise RuntimeError("the VAE changed after the DiT started training; use a new --out")
+            self.state["latents_at"] = vae_at
             self.latents = self.encode_all()
             self.state["scale_factor"] = float(1.0 / self.latents[torch.from_numpy(self.dit_pool)].std())
             self._save()
         self._loop("dit", self.cfg.dit_steps, self.dit_step)
         self.plot_losses(self.out / "loss_curve.png")
         tail = lambda h: float(np.mean(h[-100:])) if h else None  # noqa: E731 (None: stage not run here)
-        summary = {"vae_final_bce": tail(self.state["vae_loss"]), "dit_final_mse": tail(self.state["dit_loss"]),
+        summary = {"vae_final_bce": tail(self.state["vae_loss"]), "vae_gap_final_bce": tail(self.state["vae_gap_loss"]),
+                   "dit_final_mse": tail(self.state["dit_loss"]),
                    "scale_factor": self.state["scale_factor"], "seconds": self.state.get("seconds", {})}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
@@ -233,7 +268,7 @@ class Trainer:
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, name, label in ((axes[0], "vae", "VAE occupancy BCE"), (axes[1], "dit", "DiT flow-matching MSE")):
-            h = np.asarray(self.state[f"{name}_loss"])
+            h = np.asarray(self.state[f"{name}_loss"] + (self.state["vae_gap_loss"] if name == "vae" else []))
             if h.size:
                 ax.plot(h, alpha=0.3, lw=0.5)
                 w = max(1, h.size // 50)
@@ -270,4 +305,4 @@ class Trainer:
         self.vae.load_state_dict(groups["vae"])
         self.encoder.load_state_dict(groups["encoder"])
         if vae_done:
-            self.state["vae_step"] = self.cfg.vae_steps
+            self.state["vae_step"], self.state["vae_gap_step"] = self.cfg.vae_steps, self.cfg.vae_gap_steps
