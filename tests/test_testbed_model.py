@@ -105,6 +105,13 @@ def test_export_loads_in_hy3dgen(tmp_path, tiny_cache):
         torch.testing.assert_close(u.encoder.state_dict()[key], value.half().float())
     u.run()
     assert len(u.state["vae_loss"]) == 0 and len(u.state["dit_loss"]) == 2
+    # the VAE ceiling reads the exported directory (hy3dgen's decoder + the shipped encoder)
+    from timi.testbed.quality import vae_ceiling
+    from timi.testbed.scenes import generate_scene, write_scene
+
+    write_scene(generate_scene(seed=0, split="val", index=0, num_instances=2, resolution=64), tmp_path / "data")
+    res = vae_ceiling(d, tmp_path / "data", octree_resolution=24, points_per_object=500, progress=False)
+    assert res["n"] == 1 and len(res["rows"]) == 1 and res["rows"][0]["k"] == 2
 
 
 def test_shipped_model_generates_a_mesh_in_the_unit_box():
