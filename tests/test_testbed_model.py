@@ -130,3 +130,16 @@ def test_shipped_model_generates_a_mesh_in_the_unit_box():
                 generator=torch.Generator().manual_seed(0), enable_pbar=False)[0]
     assert mesh is not None and len(mesh.faces) > 100
     assert (np.abs(mesh.vertices) <= 1.01 + 1e-6).all()
+
+
+def test_shipped_vae_reconstructs_the_first_single_asset_test_scene(tmp_path):
+    """The VAE ceiling floor of issue 12 (FS-S >= 0.9, one part) on test scene 1000, the first of the
+    single-asset test set (docs/results.md), through hy3dgen's decoder and marching cubes at 96."""
+    from timi.testbed import default_model_path
+    from timi.testbed.quality import vae_ceiling
+    from timi.testbed.scenes import generate_scene, write_scene
+
+    write_scene(generate_scene(seed=0, split="test", index=1000, num_instances=1), tmp_path)
+    res = vae_ceiling(default_model_path(), tmp_path, octree_resolution=96, points_per_object=4096, progress=False)
+    row = res["rows"][0]
+    assert row["fs_s"] >= 0.9 and row["n_pred"] == 1, row
