@@ -136,8 +136,8 @@ class TIMIPipeline:
         .safetensors``; (b) a single checkpoint file (then ``config_path`` is required); or (c) a
         hy3dgen model id such as ``"tencent/Hunyuan3D-2"``, resolved by hy3dgen as
         ``$HY3DGEN_MODELS/<path>/<subfolder>`` (default ``~/.cache/hy3dgen``) and otherwise the hub;
-        (d) ``None``: the small model shipped with the project, as the application's one door
-        (``timi.pipelines.resolve_model``) finds it.
+        (d) ``None``: the small model shipped with the project (``timi.testbed.default_model_path()``;
+        the application resolves ``--model`` through ``timi.pipelines.resolve_model``).
         ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA, float32 on CPU.
         Raises ``FileNotFoundError`` for missing files and :class:`ModelLoadError` when hy3dgen
         cannot build the model from them.
@@ -145,9 +145,9 @@ class TIMIPipeline:
         import yaml
 
         if path is None:
-            from timi.pipelines import resolve_model  # the one place that knows the shipped model
+            from timi.testbed import default_model_path
 
-            path = resolve_model(None)
+            path = default_model_path()
         try:
             base = cls._load_base(path, device, dtype, subfolder, variant, use_safetensors, config_path, **kwargs)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, ImportError, yaml.YAMLError) as e:
