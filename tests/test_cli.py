@@ -329,6 +329,11 @@ def test_inspect_matches_the_loaded_pipeline(tiny_model, scene):
     real = timi_torch.condition_token_masks(str(scene["image"]), scene["masks"], pipe)
     light = timi_torch.condition_token_masks(str(scene["image"]), scene["masks"], geometry_pipeline(tiny_model))
     assert torch.equal(real.tokens, light.tokens) and light.grid == (8, 8)
+    # every field, so that `timi generate` can use the checked masks for the loaded model as they are
+    np.testing.assert_array_equal(real.frame_masks, light.frame_masks)
+    np.testing.assert_array_equal(real.frame_image, light.frame_image)
+    np.testing.assert_array_equal(np.asarray(real.image), np.asarray(light.image))
+    assert (real.grid, real.prefix_tokens) == (light.grid, light.prefix_tokens)
     default = geometry_pipeline(None).geometry
     assert (default["image_size"], default["patch_size"]) == (518, 14)  # Hunyuan3D 2.0's 37 x 37 grid
 

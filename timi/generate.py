@@ -168,7 +168,8 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
 
 def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResult:
     clock = _Clock()
-    # 1. the inputs, checked with the model's geometry before any weight loads
+    # 1. the inputs, checked with the model's geometry (its config.yaml) before any weight loads; the
+    #    condition masks computed here are the loaded model's own (the same geometry, from the same file)
     with clock.stage("inputs"):
         found, cond_preview, notes = prepare_masks(opts.image, opts.masks, model, opts.overlap, opts.timi)
     for n in notes:
@@ -182,9 +183,11 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
     # 2. the pipeline (the one door), and the masks on its condition tokens
     with clock.stage("load model"):
         pipe = load_pipeline(model, backend=opts.backend, device=opts.device, dtype=opts.dtype, config=_config(opts))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*only one instance mask.*")  # already in the notes
-        cond = timi_torch.condition_token_masks(str(opts.image), found.masks, pipe.base, names=found.names)
+    cond = cond_preview
+    if model_config_path(model) is None:  # the preview used Hunyuan3D 2.0's geometry: the model's own now
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*only one instance mask.*")  # already in the notes
+            cond = timi_torch.condition_token_masks(str(opts.image), found.masks, pipe.base, names=found.names)
 
     depth = pipeline_depth(pipe)
     if opts.timi and opts.guided_layers > depth:
