@@ -1,7 +1,11 @@
 """``TIMIPipeline``: hy3dgen's Hunyuan3D-DiT flow-matching sampler with TIMI guidance.
 
 One denoising loop in diffusers style that reuses the wrapped hy3dgen pipeline's scheduler,
-conditioner, image processor, DiT and ShapeVAE. Per step ``i`` (paper Sec. 4, Fig. 2):
+conditioner, image processor, DiT and ShapeVAE. A call runs in numbered stages: check the
+arguments; condition tokens and masks (:func:`timi_torch.frontend.prepare_inputs`, shared with
+``timi_jax``); timesteps and noise; the loop; meshes (:func:`timi_torch.frontend.export_meshes`).
+It returns a :class:`timi_core.TIMIPipelineOutput` and keeps nothing on the pipeline; the
+``TIMIConfig`` may be the call's own. Per step ``i`` (paper Sec. 4, Fig. 2):
 
 1. if ``config.guidance_active(i)``: ISG (Eqs.2-4, :mod:`timi_torch.guidance`) on the conditional
    branch gives ``dL_sep/dz``; SGU (Eqs.5-7, ``timi_core.sgu_update``, smoothing along the latent
