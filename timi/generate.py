@@ -252,6 +252,8 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
     created = first_missing(report) if report is not None else None
     try:
         if report is not None:
+            from .report import write_report
+
             with clock.stage("report"):
                 write_report(report, opts, result, cond, files=result.report_files)
         with clock.stage("write"):
@@ -267,58 +269,6 @@ def _remove(files: list[Path], folder: Optional[Path]) -> None:
         Path(f).unlink(missing_ok=True)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def write_report(folder: Path, opts: GenerateOptions, result: GenerateResult, cond,
-                 files: Optional[list] = None) -> list[Path]:
-    """All report PNGs and ``summary.json`` (see :mod:`timi.report`) from ``result`` (its
-    ``recordings`` give the instance maps). ``files`` (appended to as each file is written) lets
-    the caller remove a partial report."""
-    from PIL import Image
-
-    from . import report
-    from .inspect_cmd import overlay_figure, save_figure
-    from .instances import instance_colors
-
-    start = time.perf_counter()
-    files = [] if files is None else files
-    folder.mkdir(parents=True, exist_ok=True)
-    names = result.masks.names
-    files.append(save_figure(overlay_figure(cond, names, title=str(opts.image)), folder / "masks_on_tokens.png"))
-    records = result.recordings
-    for layer in sorted({r.layer for r in records}):
-        fig = report.plot_instance_maps(records, cond, names, layer)
-        files.append(save_figure(fig, folder / f"instance_maps_layer{layer}.png"))
-    files.append(save_figure(report.plot_guidance(result.diagnostics, records, names), folder / "guidance.png"))
-    split = result.split
-    colors = instance_colors(len(names)) / 255.0
-    meshes = list(split.meshes) + ([_concat([split.parts[i] for i in split.unclaimed])] if split.unclaimed else [])
-    cols = list(colors) + ([np.array([0.6, 0.6, 0.6, 1.0])] if split.unclaimed else [])
-    labels = list(names) + (["unclaimed"] if split.unclaimed else [])
-    views = report.render_views(meshes, np.asarray(cols))
-    image = np.asarray(Image.open(opts.image).convert("RGB"))
-    mode = "TIMI" if opts.timi else "no TIMI"
-    files.append(save_figure(report.plot_views(views, labels, cols, image=image,
-                                               title=f"{mode}, seed {opts.seed}, {opts.steps} steps"), folder / "views.png"))
-    summary = {
-        "image": str(opts.image), "masks": [str(m) for m in opts.masks], "out": str(result.out),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()
-                    if k not in ("image", "masks", "out")},
-        "instances": names,
-        "timings_s": {**result.timings, "report": time.perf_counter() - start},
-        "diagnostics": [dataclasses.asdict(d) for d in result.diagnostics],
-        "purity": [{"step": r.step, "layer": r.layer, "purity": r.purity} for r in records],
-        "split": split.summary().splitlines(),
-        "warnings": result.warnings,
-    }
-    files.append(report.write_summary(folder / "summary.json", summary))
-    return files
-
-
-def _concat(parts):
-    import trimesh
-
-    return trimesh.util.concatenate(parts)
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -8,7 +8,8 @@
   with the instance's mask outlined. Its *purity* is the share of ``R_k``'s mass on masked tokens
   that falls on instance ``k``'s own tokens: 1 means instance-k tokens only look at instance k.
   They are recorded from the denoiser's own conditional forward at each step (after TIMI's update
-  on guided steps), so a ``--no-timi`` run records the same pictures for comparison.
+  on guided steps), so a ``--no-timi`` run records the same pictures for comparison, by
+  :class:`AttentionRecorder`, a hook passed to the pipeline's call (nothing is replaced).
 * ``guidance.png`` - ``L_sep`` (Eq.4), lambda (Eq.6) and the max latent update per guided step,
   and the purity of every recorded step and layer.
 * ``views.png`` - the result seen from the front (the input view), the side, the top and a
@@ -28,7 +29,7 @@ import numpy as np
 import trimesh
 
 __all__ = ["AttentionRecorder", "instance_image_maps", "plot_instance_maps", "plot_guidance", "render_views",
-           "plot_views", "write_summary"]
+           "plot_views", "write_summary", "write_report"]
 
 
 # -------------------------------------------------------------------------------- recording
@@ -329,3 +330,52 @@ def write_summary(path: str | Path, data: dict) -> Path:
         return str(o)
 
     return write_text(path, json.dumps(data, indent=1, default=default))
+
+
+def write_report(folder: Path, opts, result, cond, files: list | None = None) -> list[Path]:
+    """All report PNGs and ``summary.json`` (module docstring) of one ``timi generate`` run:
+    ``opts`` its ``GenerateOptions``, ``result`` its ``GenerateResult`` (whose ``recordings`` give
+    the instance maps), ``cond`` the image's ``ConditionMasks``. ``files`` (appended to as each
+    file is written) lets the caller remove a partial report."""
+    import time
+
+    import trimesh
+    from PIL import Image
+
+    from .inspect_cmd import overlay_figure, save_figure
+    from .instances import instance_colors
+
+    start = time.perf_counter()
+    files = [] if files is None else files
+    folder.mkdir(parents=True, exist_ok=True)
+    names = result.masks.names
+    files.append(save_figure(overlay_figure(cond, names, title=str(opts.image)), folder / "masks_on_tokens.png"))
+    records = result.recordings
+    for layer in sorted({r.layer for r in records}):
+        fig = plot_instance_maps(records, cond, names, layer)
+        files.append(save_figure(fig, folder / f"instance_maps_layer{layer}.png"))
+    files.append(save_figure(plot_guidance(result.diagnostics, records, names), folder / "guidance.png"))
+    split = result.split
+    colors = instance_colors(len(names)) / 255.0
+    unclaimed = [trimesh.util.concatenate([split.parts[i] for i in split.unclaimed])] if split.unclaimed else []
+    meshes = list(split.meshes) + unclaimed
+    cols = list(colors) + ([np.array([0.6, 0.6, 0.6, 1.0])] if split.unclaimed else [])
+    labels = list(names) + (["unclaimed"] if split.unclaimed else [])
+    views = render_views(meshes, np.asarray(cols))
+    image = np.asarray(Image.open(opts.image).convert("RGB"))
+    mode = "TIMI" if opts.timi else "no TIMI"
+    files.append(save_figure(plot_views(views, labels, cols, image=image,
+                                        title=f"{mode}, seed {opts.seed}, {opts.steps} steps"), folder / "views.png"))
+    summary = {
+        "image": str(opts.image), "masks": [str(m) for m in opts.masks], "out": str(result.out),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()
+                    if k not in ("image", "masks", "out")},
+        "instances": names,
+        "timings_s": {**result.timings, "report": time.perf_counter() - start},
+        "diagnostics": [dataclasses.asdict(d) for d in result.diagnostics],
+        "purity": [{"step": r.step, "layer": r.layer, "purity": r.purity} for r in records],
+        "split": split.summary().splitlines(),
+        "warnings": result.warnings,
+    }
+    files.append(write_summary(folder / "summary.json", summary))
+    return files
