@@ -84,7 +84,8 @@ def _image_processor(image):
 
 
 class BenchModel:
-    """A random DiT in hy3dgen's pipeline plus ``TIMIPipeline``s for plain and guided sampling.
+    """A random DiT in hy3dgen's pipeline plus a ``TIMIPipeline`` for guided sampling and its copy
+    (:meth:`~timi_torch.TIMIPipeline.with_config`) for plain sampling.
 
     ``sample(guided)`` runs the whole ``cfg.steps``-step loop once from the same seed and returns
     the final latents.
@@ -107,8 +108,8 @@ class BenchModel:
         self.cond = cond
         self.tokens = stripe_token_masks(cfg).to(self.base.device)
         timi_cfg = TIMIConfig(guided_layers=cfg.guided_layers, guided_steps=cfg.guided_steps)
-        self.pipelines = {True: _RawTokenPipeline(self.base, timi_cfg, attention, self.tokens),
-                          False: _RawTokenPipeline(self.base, timi_cfg.replace(isg=False), attention, self.tokens)}
+        guided = _RawTokenPipeline(self.base, timi_cfg, attention, self.tokens)
+        self.pipelines = {True: guided, False: guided.with_config(timi_cfg.replace(isg=False))}  # same weights
         self._image = Image.new("RGB", (1, 1))
 
     def noise(self) -> torch.Tensor:
