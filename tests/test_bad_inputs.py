@@ -351,7 +351,7 @@ def test_from_pretrained_without_a_path_is_the_shipped_model(inputs):
     with pytest.raises(ValueError, match="NaN/inf"):
         pipe(str(inputs["image"]), nan, num_inference_steps=1, output_type="latent", enable_pbar=False)
     latents = pipe(str(inputs["image"]), inputs["masks"].astype(np.float32) * 255, num_inference_steps=1,
-                   generator=torch.manual_seed(0), output_type="latent", enable_pbar=False)
+                   generator=torch.manual_seed(0), output_type="latent", enable_pbar=False).latents
     assert torch.isfinite(latents).all()
 
 
@@ -423,7 +423,7 @@ def mask_arrays(draw, masks: np.ndarray, kind: str):
 
 @pytest.fixture(scope="module")
 def geometry(tiny_model):
-    from timi.inspect_cmd import geometry_pipeline
+    from timi.pipelines import geometry_pipeline
 
     return geometry_pipeline(tiny_model)
 

@@ -323,12 +323,17 @@ def test_inspect_matches_the_loaded_pipeline(tiny_model, scene):
     import torch
     import timi_torch
 
-    from timi.inspect_cmd import geometry_pipeline
+    from timi.pipelines import geometry_pipeline
 
     pipe = timi_torch.TIMIPipeline.from_pretrained(str(tiny_model), device="cpu")
     real = timi_torch.condition_token_masks(str(scene["image"]), scene["masks"], pipe)
     light = timi_torch.condition_token_masks(str(scene["image"]), scene["masks"], geometry_pipeline(tiny_model))
     assert torch.equal(real.tokens, light.tokens) and light.grid == (8, 8)
+    # every field, so that `timi generate` can use the checked masks for the loaded model as they are
+    np.testing.assert_array_equal(real.frame_masks, light.frame_masks)
+    np.testing.assert_array_equal(real.frame_image, light.frame_image)
+    np.testing.assert_array_equal(np.asarray(real.image), np.asarray(light.image))
+    assert (real.grid, real.prefix_tokens) == (light.grid, light.prefix_tokens)
     default = geometry_pipeline(None).geometry
     assert (default["image_size"], default["patch_size"]) == (518, 14)  # Hunyuan3D 2.0's 37 x 37 grid
 
@@ -381,7 +386,7 @@ def test_split_by_tokens_follows_the_token_map(tiny_model, scene):
     pipe = timi_torch.TIMIPipeline.from_pretrained(str(tiny_model), device="cpu")
     cond = pipe.condition_masks(str(scene["image"]), scene["masks"])
     latents = pipe(str(scene["image"]), scene["masks"], num_inference_steps=1, generator=torch.manual_seed(0),
-                   output_type="latent", enable_pbar=False)
+                   output_type="latent", enable_pbar=False).latents
     tmap = token_instance_map(pipe, latents, cond)
     assert tmap.shape == (latents.shape[1], scene["K"])
     np.testing.assert_allclose(tmap.sum(-1).numpy(), 1.0, atol=1e-5)

@@ -35,12 +35,17 @@ def test_recorder_probability_matches_the_adapter(pipe):
     labels = np.asarray(Image.open(EXAMPLE / "masks.png"))
     masks = np.stack([labels == k for k in (1, 2, 3)])
     image = str(EXAMPLE / "image.png")
+    from hy3dgen.shapegen.models.denoisers import hunyuan3ddit
+
     cond = pipe.condition_masks(image, masks)
-    rec = AttentionRecorder(pipe, cond.tokens, layers=2, steps=1)
-    with rec():
-        pipe(image, masks, num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent", enable_pbar=False)
+    rec = AttentionRecorder(cond.tokens, layers=2, steps=1)
+    attention, forward = hunyuan3ddit.attention, pipe.base.model.forward
+    out = pipe(image, masks, num_inference_steps=2, generator=torch.manual_seed(0), output_type="latent",
+               enable_pbar=False, recorder=rec)
     assert [(r.step, r.layer) for r in rec.records] == [(0, 0), (0, 1)]
-    assert pipe.base.model.forward.__func__ is type(pipe.base.model).forward  # wrappers removed
+    assert out.recordings == rec.records
+    assert hunyuan3ddit.attention is attention and pipe.base.model.forward == forward  # nothing left replaced
+    assert "forward" not in vars(pipe.base.model) and "guide" not in vars(pipe)      # nothing replaced at all
 
     base = pipe.base
     z0 = base.prepare_latents(1, base.dtype, base.device, torch.manual_seed(0))   # step 0's latent

@@ -69,3 +69,21 @@ def test_errors_name_the_problem(backend):
 def test_uint8_255_masks_equal_bool_masks():
     masks = _label_masks(1, 2, 12, 12)
     np.testing.assert_array_equal(tc.pool_masks(masks.astype(np.uint8) * 255, (3, 3)), tc.pool_masks(masks, (3, 3)))
+
+
+def test_stack_token_masks_pads_with_empty_instances(backend):
+    """Images with fewer instances get all-zero masks (0 in Eq.4 and its gradient); values, dtype and
+    backend are kept."""
+    a = np.random.default_rng(0).random((3, 5)).astype(np.float32)
+    b = np.random.default_rng(1).random((1, 5)).astype(np.float32)
+    out = tc.stack_token_masks([backend.asarray(a), backend.asarray(b)])
+    assert out.shape == (2, 3, 5)
+    got = backend.to_numpy(out)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got[0], a)
+    np.testing.assert_array_equal(got[1, :1], b)
+    np.testing.assert_array_equal(got[1, 1:], 0.0)
+    with pytest.raises(ValueError, match="expected"):
+        tc.stack_token_masks([backend.asarray(a), backend.asarray(np.zeros((2, 4), np.float32))])
+    with pytest.raises(ValueError, match="at least one"):
+        tc.stack_token_masks([])

@@ -60,10 +60,12 @@ def test_every_checkpoint_format_gives_the_same_model(fast_dir, fast_base, refer
     torch.save(grouped, tmp_path / "model.ckpt")
     assert_same_params(timi_jax.from_torch(str(tmp_path / "model.ckpt")), reference)
     assert_same_params(timi_jax.from_torch(flat), reference)
-    # hy3dgen's own constructor argument ckpt_path
+    # the network from hy3dgen's config, then the weights loaded into it (params.load_into); hy3dgen's
+    # constructor argument ckpt_path is refused: the network (modeling) does not load (params)
     cfg = P.config_from_yaml(str(fast_dir / "config.yaml"))
-    assert_same_params(timi_jax.Hunyuan3DDiT(**cfg, ckpt_path=str(tmp_path / "model.ckpt")),
-                       reference)
+    assert_same_params(P.load_into(timi_jax.Hunyuan3DDiT(**cfg), str(tmp_path / "model.ckpt")), reference)
+    with pytest.raises(TypeError, match="load_into"):
+        timi_jax.Hunyuan3DDiT(**cfg, ckpt_path=str(tmp_path / "model.ckpt"))
     # bf16 storage: the same values rounded to bf16
     bf16 = timi_jax.from_torch(fast_base.model, dtype=jnp.bfloat16)
     k = ("double_blocks", 0, "img_attn", "qkv", "kernel")

@@ -116,18 +116,19 @@ def test_guided_run_matches_timi_torch_pipeline(fast_base, setup, config):
     from timi_torch import TIMIPipeline
 
     pipe = TIMIPipeline(fast_base, config)
-    expected = pipe(setup["img"], setup["masks"], num_inference_steps=STEPS, output_type="latent",
-                    latents=setup["noise"].clone(), enable_pbar=False)
+    torch_out = pipe(setup["img"], setup["masks"], num_inference_steps=STEPS, output_type="latent",
+                     latents=setup["noise"].clone(), enable_pbar=False)
+    expected = torch_out.latents
     out = timi_jax.sample(setup["jax_model"], jx(setup["noise"]), jx(setup["cond"]),
                           jx(setup["uncond"]), jx(setup["tokens"]), num_inference_steps=STEPS,
                           guidance_scale=5.0, config=config)
     assert rel_err(out.latents, expected) < 1e-5
     losses = np.asarray(out.losses)
-    ref_losses = np.array([d.loss for d in pipe.diagnostics])
+    ref_losses = np.array([d.loss for d in torch_out.diagnostics])
     assert losses.shape == (STEPS, 1) and not losses[config.guided_steps:].any()
     np.testing.assert_allclose(losses[: config.guided_steps], ref_losses, rtol=1e-5)
     for name, field in (("scales", "scale"), ("max_updates", "max_update")):
-        ref = np.array([getattr(d, field) for d in pipe.diagnostics])
+        ref = np.array([getattr(d, field) for d in torch_out.diagnostics])
         got = np.asarray(getattr(out, name))
         assert not got[config.guided_steps:].any()
         np.testing.assert_allclose(got[: config.guided_steps], ref, rtol=1e-4, err_msg=name)
@@ -178,8 +179,9 @@ def test_bfloat16_guided_run_within_bound_of_float32(fast_dir, setup):
     bf16 = timi_jax.sample(bf16_model, *args, **kw)
     assert bf16.latents.dtype == jnp.bfloat16 and bf16.losses.dtype == jnp.float32
     torch_pipe = TIMIPipeline(load_base(fast_dir, dtype=torch.bfloat16), GUIDED)
-    torch_bf16 = torch_pipe(setup["img"], setup["masks"], num_inference_steps=STEPS,
-                            output_type="latent", latents=setup["noise"].clone(), enable_pbar=False)
+    torch_bf16_out = torch_pipe(setup["img"], setup["masks"], num_inference_steps=STEPS,
+                                output_type="latent", latents=setup["noise"].clone(), enable_pbar=False)
+    torch_bf16 = torch_bf16_out.latents
     assert torch_bf16.dtype == torch.bfloat16
     ref = np.asarray(f32.latents)
     err = rel_err(np.asarray(bf16.latents.astype(jnp.float32)), ref)
@@ -194,7 +196,7 @@ def test_bfloat16_guided_run_within_bound_of_float32(fast_dir, setup):
     lam = np.asarray(bf16.scales[0], np.float64)
     expected = (1 - GUIDED.beta) * (GUIDED.alpha * z0.reshape(len(z0), -1).std(1) - lam * GUIDED.eps)
     np.testing.assert_allclose(np.asarray(bf16.max_updates[0], np.float64), expected, rtol=1e-4)
-    np.testing.assert_allclose(torch_pipe.diagnostics[0].max_update, expected, rtol=1e-4)
+    np.testing.assert_allclose(torch_bf16_out.diagnostics[0].max_update, expected, rtol=1e-4)
     assert rel_err(np.asarray(bf16.latents.astype(jnp.float32)), torch_bf16.float()) < 3e-2
 
 
@@ -205,18 +207,27 @@ def test_front_door_pipeline_matches_timi_torch(fast_base, setup):
 
     kw = dict(num_inference_steps=STEPS, output_type="latent", enable_pbar=False)
     torch_pipe = TIMIPipeline(fast_base, GUIDED)
-    expected = torch_pipe(setup["img"], setup["masks"], generator=torch.Generator().manual_seed(4), **kw)
+    torch_out = torch_pipe(setup["img"], setup["masks"], generator=torch.Generator().manual_seed(4), **kw)
+    expected = torch_out.latents
     pipe = timi_jax.TIMIPipelineJAX(fast_base, GUIDED)
-    got = pipe(setup["img"], setup["masks"], generator=torch.Generator().manual_seed(4), **kw)
+    out = pipe(setup["img"], setup["masks"], generator=torch.Generator().manual_seed(4), **kw)
+    got = out.latents
+    assert type(out) is type(torch_out) and out.meshes is None and out.recordings is None  # the same output
     assert got.dtype == torch.float32 and rel_err(got.numpy(), expected) < 1e-5
-    assert pipe.last_output.losses.shape == (STEPS, 1)
-    assert [d.step for d in pipe.diagnostics] == [d.step for d in torch_pipe.diagnostics]
+    assert len(out.diagnostics) == GUIDED.guided_steps
+    assert [d.step for d in out.diagnostics] == [d.step for d in torch_out.diagnostics]
     for field in ("loss", "scale", "max_update"):
-        np.testing.assert_allclose([getattr(d, field) for d in pipe.diagnostics],
-                                   [getattr(d, field) for d in torch_pipe.diagnostics], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose([getattr(d, field) for d in out.diagnostics],
+                                   [getattr(d, field) for d in torch_out.diagnostics], rtol=1e-4, atol=1e-6)
+    # the config of a call, or of a copy, as on the torch pipeline
+    plain = timi_jax.TIMIPipelineJAX(fast_base, GUIDED.replace(isg=False))
+    by_call = plain(setup["img"], setup["masks"], generator=torch.Generator().manual_seed(4), config=GUIDED, **kw)
+    assert torch.equal(by_call.latents, got) and plain.config == GUIDED.replace(isg=False)
+    assert torch.equal(plain.with_config(GUIDED)(setup["img"], setup["masks"],
+                                                 generator=torch.Generator().manual_seed(4), **kw).latents, got)
     meshes = pipe(setup["img"], setup["masks"], num_inference_steps=STEPS, output_type="trimesh",
                   generator=torch.Generator().manual_seed(4), octree_resolution=24,
-                  num_chunks=20000)
+                  num_chunks=20000).meshes
     assert len(meshes) == 1 and isinstance(meshes[0], trimesh.Trimesh) and len(meshes[0].faces)
 
 

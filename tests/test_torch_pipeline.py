@@ -22,11 +22,18 @@ def fast_base_bf16(fast_dir):
     return load_base(fast_dir, dtype=torch.bfloat16)
 
 
-def _run(pipe, seed=0, image=None, masks=None, **kw):
+def _call(pipe, seed=0, image=None, masks=None, **kw):
+    """The pipeline's TIMIPipelineOutput for the test scene."""
     img, m = scene(alpha=True)
     kw.setdefault("output_type", "latent")
     return pipe(img if image is None else image, m if masks is None else masks, num_inference_steps=STEPS,
                 generator=torch.Generator().manual_seed(seed), enable_pbar=False, **kw)
+
+
+def _run(pipe, seed=0, image=None, masks=None, **kw):
+    """The call's latents (its meshes for a mesh output_type)."""
+    out = _call(pipe, seed, image, masks, **kw)
+    return out.latents if out.meshes is None else out.meshes
 
 
 @pytest.mark.parametrize("config, model", [(TIMIConfig(guided_steps=0), "tiny_base"), (TIMIConfig(isg=False), "fast_base"),
@@ -58,13 +65,22 @@ def test_guided_run_is_deterministic_and_reports_diagnostics(fast_base):
     tiny_base = fast_base
     pipe = TIMIPipeline(tiny_base, GUIDED)
     calls = []
-    a = _run(pipe, callback=lambda i, t, out: calls.append((i, float(t), out.prev_sample.shape)))
-    diag_a = pipe.diagnostics
-    b = _run(pipe)
-    plain = _run(TIMIPipeline(tiny_base, GUIDED.replace(isg=False)))
+    out_a = _call(pipe, callback=lambda i, t, out: calls.append((i, float(t), out.prev_sample.shape)))
+    a, diag_a = out_a.latents, out_a.diagnostics
+    out_b = _call(pipe)
+    b = out_b.latents
+    plain_out = _call(TIMIPipeline(tiny_base, GUIDED.replace(isg=False)))
+    plain = plain_out.latents
     assert torch.equal(a, b)
     assert not torch.equal(a, plain)
-    assert [d.step for d in diag_a] == [0, 1, 2, 3] and pipe.diagnostics == diag_a
+    assert [d.step for d in diag_a] == [0, 1, 2, 3] and out_b.diagnostics == diag_a
+    assert plain_out.diagnostics == [] and out_a.meshes is None and out_a.recordings is None
+    # the config of a call, or of a copy: the same run, and the shared pipeline is left as it was
+    by_call = _call(TIMIPipeline(tiny_base, GUIDED.replace(isg=False)), config=GUIDED)
+    by_copy = _call(TIMIPipeline(tiny_base).with_config(GUIDED))
+    assert torch.equal(by_call.latents, a) and by_call.diagnostics == diag_a
+    assert torch.equal(by_copy.latents, a) and by_copy.diagnostics == diag_a
+    assert torch.equal(_run(pipe, config=GUIDED.replace(isg=False)), plain) and pipe.config == GUIDED
     for d in diag_a:
         assert len(d.loss) == len(d.scale) == len(d.max_update) == 1
         assert np.isfinite(d.loss + d.scale + d.max_update).all() and d.max_update[0] > 0
@@ -78,8 +94,7 @@ def test_guidance_lowers_separation_loss_over_guided_steps(fast_base):
 
     img, masks = scene(alpha=True)
     pipe = TIMIPipeline(tiny_base, TIMIConfig(guided_layers=2, guided_steps=5))
-    _run(pipe)
-    guided = np.array([d.loss[0] for d in pipe.diagnostics])
+    guided = np.array([d.loss[0] for d in _call(pipe).diagnostics])
 
     states = [tiny_base.prepare_latents(1, torch.float32, "cpu", torch.Generator().manual_seed(0))]
     _run(TIMIPipeline(tiny_base, TIMIConfig(guided_steps=0)),
@@ -95,8 +110,11 @@ def test_guidance_lowers_separation_loss_over_guided_steps(fast_base):
 
 def test_trimesh_output(fast_base):
     tiny_base = fast_base
-    meshes = _run(TIMIPipeline(tiny_base, GUIDED), output_type="trimesh", octree_resolution=24, num_chunks=20000)
+    out = _call(TIMIPipeline(tiny_base, GUIDED), output_type="trimesh", octree_resolution=24, num_chunks=20000)
+    meshes = out.meshes
     assert len(meshes) == 1 and isinstance(meshes[0], trimesh.Trimesh) and len(meshes[0].faces) > 0
+    assert torch.equal(out.latents, _run(TIMIPipeline(tiny_base, GUIDED)))  # the latents it was decoded from
+    assert [d.step for d in out.diagnostics] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -106,9 +124,10 @@ def test_low_precision_models_keep_a_float32_master_latent(fast_dir, fast_base_b
     base = fast_base_bf16 if dtype == torch.bfloat16 else load_base(fast_dir, dtype=dtype)
     pipe = TIMIPipeline(base, GUIDED)
     states = []
-    out = _run(pipe, callback=lambda i, t, o: states.append(o.prev_sample))
+    output = _call(pipe, callback=lambda i, t, o: states.append(o.prev_sample))
+    out, diagnostics = output.latents, output.diagnostics
     assert out.dtype == dtype and torch.isfinite(out.float()).all()
-    assert all(np.isfinite(d.loss[0]) and d.max_update[0] > 0 for d in pipe.diagnostics)
+    assert all(np.isfinite(d.loss[0]) and d.max_update[0] > 0 for d in diagnostics)
     assert len(states) == STEPS and all(s.dtype == torch.float32 for s in states)
     # the carried latent holds what the model dtype cannot (hy3dgen's step would have rounded it)
     assert not torch.equal(states[0].to(dtype).float(), states[0])
@@ -118,7 +137,7 @@ def test_low_precision_models_keep_a_float32_master_latent(fast_dir, fast_base_b
     # about 0.01 std(z): below bf16's spacing (2^-7 on [1, 2)) and near fp16's. Rounded to the model
     # dtype it would be a multiple of the spacing instead.
     z0 = base.prepare_latents(1, dtype, "cpu", torch.Generator().manual_seed(0)).float()
-    d, cfg = pipe.diagnostics[0], GUIDED
+    d, cfg = diagnostics[0], GUIDED
     lam = torch.tensor(d.scale, dtype=torch.float64)
     expected = (1 - cfg.beta) * (cfg.alpha * z0.double().flatten(1).std(1, correction=0) - lam * cfg.eps)
     torch.testing.assert_close(torch.tensor(d.max_update, dtype=torch.float64), expected, rtol=1e-4, atol=0)

@@ -11,26 +11,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import shutil
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import typer
 
-from .inspect_cmd import ModelConfigError
+from .cli_common import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_cli,  # noqa: F401 (re-exported)
+                         split_image_and_masks)
+from .inspect_cmd import prepare_masks
 from .io import OutputError, check_mesh_path, check_writable, first_missing, mesh_bytes, write_bytes
-from .masks_io import InstanceMasks, MaskInputError, check_input_picture, foreground_notes, load_instance_masks
+from .masks_io import InstanceMasks, check_input_picture
+from .pipelines import (BACKENDS, DTYPES, BackendUnavailableError, ModelNotFoundError,  # noqa: F401 (re-exported)
+                        check_backend, load_pipeline, model_config_path, pipeline_depth, resolve_device,
+                        resolve_model)
 
 __all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "ModelNotFoundError", "check_options",
            "prepare_masks", "choose_threads"]
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-BACKENDS = ("torch", "jax")
 ASSIGN_METHODS = ("projection", "tokens")
 #: torch.Generator seeds: 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
@@ -38,16 +40,6 @@ MAX_SEED = 2**64 - 1
 #: the demo on the shipped 3.6 MB model took 13.7 s on 1 thread, 120.9 s on 2, with another process busy),
 #: torch's default (all usable cores) above it.
 SMALL_MODEL_BYTES = 200 * 2**20
-#: A hy3dgen model id (``owner/name``), looked up under ``$HY3DGEN_MODELS`` and then on the hub.
-_MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """No model to load; the message says where it was looked for and what to pass."""
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run this command; the message says which one can."""
 
 
 @dataclasses.dataclass
@@ -89,65 +81,11 @@ class GenerateResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
     report_files: list[Path] = dataclasses.field(default_factory=list)
     latents: object = None             # (1, L, C) torch tensor the mesh was decoded from
-
-
-def resolve_model(model: Optional[str], weights: bool = True) -> str:
-    """``--model`` or, when not given, the model shipped with the project (``timi.testbed``).
-
-    A local folder must hold ``config.yaml`` (and, with ``weights``, ``model.fp16.safetensors``);
-    a string that is no local path must be a hy3dgen id (``owner/name``). Raises
-    :class:`ModelNotFoundError` naming the argument, before anything is loaded.
-    """
-    if model:
-        return _check_model_arg(str(model), weights)
-    try:
-        from timi.testbed import default_model_path  # provided by the testbed issue
-    except ImportError:
-        default_model_path = None
-    if default_model_path is not None:
-        try:
-            path = default_model_path()
-        except Exception as e:  # the helper exists but cannot find/build its files
-            raise ModelNotFoundError(f"the shipped model is not available ({e}); pass --model DIR_OR_ID.") from None
-        if path is not None and Path(path).exists():
-            return str(path)
-    raise ModelNotFoundError(
-        "no --model given and no shipped default model is installed; pass --model with a hy3dgen model "
-        "directory (config.yaml + model*.safetensors) or an id such as tencent/Hunyuan3D-2 (looked up under $HY3DGEN_MODELS)."
-    )
-
-
-def _check_model_arg(model: str, weights: bool) -> str:
-    p = Path(model).expanduser()
-    want = "a hy3dgen model directory (config.yaml + model.fp16.safetensors) or an id such as tencent/Hunyuan3D-2"
-    if p.is_dir():
-        need = ["config.yaml"] + (["model.fp16.safetensors"] if weights else [])
-        missing = [n for n in need if not (p / n).is_file()]
-        if missing:
-            held = ", ".join(sorted(f.name for f in p.iterdir())[:6]) or "nothing"
-            raise ModelNotFoundError(f"--model {model}: the folder lacks {' and '.join(missing)} (it holds {held}); pass {want}.")
-        return model
-    if p.is_file() or (_MODEL_ID.fullmatch(model) and not model.startswith((".", "~"))):
-        return model
-    raise ModelNotFoundError(f"--model {model}: no such folder or file; pass {want} (looked up under $HY3DGEN_MODELS).")
-
-
-def model_notes(model: str) -> list[str]:
-    """A warning when an id has no local copy (hy3dgen will try the hub; the masks are checked
-    with Hunyuan3D 2.0's geometry)."""
-    from .inspect_cmd import model_config_path
-
-    if model_config_path(model) is not None:
-        return []
-    root = os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")
-    return [f"--model {model}: no local config.yaml (looked under {root}/{model}/hunyuan3d-dit-v2-0); "
-            "using Hunyuan3D 2.0's 37x37 token geometry - set HY3DGEN_MODELS or pass the model folder."]
+    recordings: list = dataclasses.field(default_factory=list)  # timi.report.StepMaps (--report, torch)
 
 
 def choose_threads(model: str) -> int:
     """The default ``--threads``: 1 for small checkpoints (< :data:`SMALL_MODEL_BYTES`), else all usable cores."""
-    from .inspect_cmd import model_config_path
-
     p = Path(model).expanduser()
     config = model_config_path(model)  # a folder, or an id's local copy under $HY3DGEN_MODELS
     folder = config.parent if config is not None else p
@@ -171,30 +109,6 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def _torch_dtype(name: str, device: str):
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}.")
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    return getattr(torch, name)
-
-
-def _device(name: Optional[str]) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: not a torch device; use cpu, cuda or cuda:N.") from None
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu.")
-    return name
-
-
 class _Clock:
     def __init__(self):
         self.timings: dict[str, float] = {}
@@ -206,32 +120,6 @@ class _Clock:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
-
-
-def prepare_masks(image, masks, model: Optional[str], overlap: str = "error", timi: bool = True):
-    """Masks -> condition tokens with the model's geometry (its ``config.yaml``), loading no weights:
-    the checks ``timi generate`` and ``timi inspect`` share. Returns (masks, condition masks, notes)."""
-    import timi_torch
-
-    from .inspect_cmd import coverage_warnings, geometry_pipeline, grid_tokens, token_coverage
-
-    notes = model_notes(model) if model is not None else []
-    geo_pipe = geometry_pipeline(model)
-    found = load_instance_masks(masks, image=image, overlap=overlap, max_instances=grid_tokens(geo_pipe.geometry))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            cond = timi_torch.condition_token_masks(str(image), found.masks, geo_pipe, names=found.names)
-        except ValueError as e:
-            files = sorted(set(map(str, found.sources)))
-            where = files[0] if len(files) == 1 else "masks (" + ", ".join(
-                f"instance {k}: {src}" for k, src in enumerate(found.sources)) + ")"
-            raise MaskInputError(f"{where}: {e}") from None
-    notes += foreground_notes(image, found.masks)
-    notes += coverage_warnings(token_coverage(cond.tokens, cond.prefix_tokens), found.names, cond.grid)
-    if found.count == 1 and timi:
-        notes.append("only one instance mask: TIMI's separation loss has nothing to separate (Eq.4); pass one mask per object.")
-    return found, cond, notes
 
 
 def _config(opts: GenerateOptions):
@@ -248,8 +136,7 @@ def check_options(opts: GenerateOptions) -> tuple[Path, str]:
                                  ("--dtype", opts.dtype, DTYPES)):
         if value not in choices:
             raise ValueError(f"{name} {value!r}: choose one of {', '.join(choices)}.")
-    if opts.backend == "jax":
-        _jax_sampler()  # fail early when the JAX adapter cannot sample
+    check_backend(opts.backend)  # fail early when the JAX adapter cannot sample
     for name, value, lo in (("--steps", opts.steps, 1), ("--octree-resolution", opts.octree_resolution, 8),
                             ("--guided-layers", opts.guided_layers, 1), ("--guided-steps", opts.guided_steps, 0),
                             ("--threads", 1 if opts.threads is None else opts.threads, 1)):
@@ -265,7 +152,7 @@ def check_options(opts: GenerateOptions) -> tuple[Path, str]:
         if Path(opts.report).exists() and not Path(opts.report).is_dir():
             raise OutputError(f"{opts.report}: --report needs a folder, and this is a file; pass a folder name.")
         check_writable(opts.report, folder=True)
-    _device(opts.device)
+    resolve_device(opts.device)
     check_input_picture(opts.image, opts.masks)
     return out, resolve_model(opts.model)
 
@@ -281,6 +168,8 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
 
 def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResult:
     clock = _Clock()
+    # 1. the inputs, checked with the model's geometry (its config.yaml) before any weight loads; the
+    #    condition masks computed here are the loaded model's own (the same geometry, from the same file)
     with clock.stage("inputs"):
         found, cond_preview, notes = prepare_masks(opts.image, opts.masks, model, opts.overlap, opts.timi)
     for n in notes:
@@ -289,43 +178,46 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
 
     import torch
     import timi_torch
+    from timi_torch.frontend import NoSurfaceError, export_meshes
 
-    device = _device(opts.device)
-    dtype = _torch_dtype(opts.dtype, device)
+    # 2. the pipeline (the one door), and the masks on its condition tokens
     with clock.stage("load model"):
-        pipe = timi_torch.TIMIPipeline.from_pretrained(model, _config(opts), device=device, dtype=dtype)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*only one instance mask.*")  # already in the notes
-        cond = pipe.condition_masks(str(opts.image), found.masks, names=found.names)
+        pipe = load_pipeline(model, backend=opts.backend, device=opts.device, dtype=opts.dtype, config=_config(opts))
+    cond = cond_preview
+    if model_config_path(model) is None:  # the preview used Hunyuan3D 2.0's geometry: the model's own now
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*only one instance mask.*")  # already in the notes
+            cond = timi_torch.condition_token_masks(str(opts.image), found.masks, pipe.base, names=found.names)
 
-    depth = len(pipe.base.model.double_blocks)
+    depth = pipeline_depth(pipe)
     if opts.timi and opts.guided_layers > depth:
         notes.append(f"--guided-layers {opts.guided_layers} exceeds the model's {depth} double-stream blocks; guiding all {depth}.")
     recorder = None
     if opts.report is not None:
-        from .report import AttentionRecorder
-
-        layers = min(opts.guided_layers, depth)
-        recorder = AttentionRecorder(pipe, cond.tokens, layers=layers, steps=max(opts.guided_steps, 1))
-    generator = torch.Generator(device=device).manual_seed(opts.seed)
-    if opts.backend == "jax":
-        if recorder is not None:
+        if opts.backend == "jax":
             notes.append("--backend jax: the report has no instance maps (they are recorded from the torch DiT).")
-            recorder = None
-        with clock.stage("denoise"), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*guided_layers.*exceeds.*")
-            latents, diagnostics = _sample_jax(pipe, cond, opts, generator)
-    else:
-        with clock.stage("denoise"), (recorder() if recorder else nullcontext()), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*guided_layers.*exceeds.*")
-            warnings.filterwarnings("ignore", message=".*only one instance mask.*")
-            latents = pipe(str(opts.image), found.masks, num_inference_steps=opts.steps,
-                           guidance_scale=opts.guidance_scale, generator=generator, output_type="latent",
-                           enable_pbar=opts.progress)
-        diagnostics = list(pipe.diagnostics)
-    with clock.stage("mesh"), torch.no_grad():
-        meshes = pipe.base._export(latents, "trimesh", 1.01, 0.0, 8000, opts.octree_resolution, None,
+        else:
+            from .report import AttentionRecorder
+
+            recorder = AttentionRecorder(cond.tokens, layers=min(opts.guided_layers, depth),
+                                         steps=max(opts.guided_steps, 1))
+
+    # 3. denoise (either backend, one call)
+    generator = torch.Generator(device=resolve_device(opts.device)).manual_seed(opts.seed)
+    with clock.stage("denoise"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*guided_layers.*exceeds.*")
+        warnings.filterwarnings("ignore", message=".*only one instance mask.*")
+        output = pipe(str(opts.image), cond, num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
+                      generator=generator, output_type="latent", enable_pbar=opts.progress, recorder=recorder)
+    latents = output.latents
+
+    # 4. mesh (the shared back end)
+    with clock.stage("mesh"):
+        try:
+            meshes = export_meshes(pipe.base, latents, "trimesh", octree_resolution=opts.octree_resolution,
                                    enable_pbar=opts.progress)
+        except NoSurfaceError:
+            meshes = []
         mesh = meshes[0] if meshes else None
         if mesh is None or len(mesh.faces) == 0:
             raise RuntimeError(
@@ -333,6 +225,7 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
                 "try another --seed or a higher --octree-resolution."
             )
 
+    # 5. split into instances
     split = None
     if opts.split_instances or opts.report is not None:
         from .instances import split_instances, split_instances_by_tokens
@@ -343,6 +236,7 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
             else:
                 split = split_instances(mesh, found.masks, names=found.names,
                                         foreground=np.asarray(cond.image)[..., 3] > 127)
+    # 6. write: the report first, the mesh last; a failure in either leaves neither behind
     with clock.stage("write"):
         scene = mesh
         if opts.split_instances:
@@ -352,13 +246,16 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
                 notes.append(f"{out.suffix} holds one mesh, so the instance nodes are merged; use .glb or .obj to keep them.")
             scene = instance_scene(split)
         data = mesh_bytes(scene, out)
-    result = GenerateResult(out, mesh, found, clock.timings, diagnostics, split, notes, latents=latents)
+    result = GenerateResult(out, mesh, found, clock.timings, list(output.diagnostics), split, notes, latents=latents,
+                            recordings=list(output.recordings or []))
     report = Path(opts.report) if opts.report is not None else None
     created = first_missing(report) if report is not None else None
-    try:  # the report first, the mesh last: a failure in either leaves neither behind
+    try:
         if report is not None:
+            from .report import write_report
+
             with clock.stage("report"):
-                write_report(report, opts, result, cond, recorder, files=result.report_files)
+                write_report(report, opts, result, cond, files=result.report_files)
         with clock.stage("write"):
             write_bytes(out, data)
     except BaseException:
@@ -372,90 +269,6 @@ def _remove(files: list[Path], folder: Optional[Path]) -> None:
         Path(f).unlink(missing_ok=True)
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _jax_sampler():
-    try:
-        from timi_jax import from_torch, sample
-    except ImportError as e:
-        raise BackendUnavailableError(f"--backend jax: the JAX adapter cannot sample here ({e}); use --backend torch.") from None
-    return from_torch, sample
-
-
-def _sample_jax(pipe, cond, opts: GenerateOptions, generator):
-    """Denoise with ``timi_jax.sample`` (one compiled program); the torch pipeline supplies the
-    DINOv2 condition, the initial noise (same seed, same noise as the torch backend) and, after,
-    the ShapeVAE decoding. Returns torch latents and per-guided-step diagnostics."""
-    import jax.numpy as jnp
-    import torch
-    from timi_jax.pipeline import step_diagnostics
-
-    from_torch, sample = _jax_sampler()
-    base = pipe.base
-    jdtype = {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16}[base.dtype]
-    dit = from_torch(base.model, dtype=jdtype)
-    with torch.no_grad():
-        inputs = base.prepare_image([cond.image])
-        image = inputs.pop("image")
-        c = base.encode_cond(image=image, additional_cond_inputs=inputs, do_classifier_free_guidance=True,
-                             dual_guidance=False)["main"]
-        noise = base.prepare_latents(1, base.dtype, base.device, generator)
-    as_np = lambda t: t.detach().float().cpu().numpy()  # noqa: E731
-    out = sample(dit, as_np(noise), as_np(c[:1]), as_np(c[1:]), as_np(cond.tokens)[None],
-                 num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale, config=_config(opts))
-    latents = torch.from_numpy(np.array(out.latents, dtype=np.float32)).to(base.device, base.dtype)
-    return latents, step_diagnostics(out, _config(opts), opts.steps)
-
-
-def write_report(folder: Path, opts: GenerateOptions, result: GenerateResult, cond, recorder,
-                 files: Optional[list] = None) -> list[Path]:
-    """All report PNGs and ``summary.json`` (see :mod:`timi.report`). ``files`` (appended to as
-    each file is written) lets the caller remove a partial report."""
-    from PIL import Image
-
-    from . import report
-    from .inspect_cmd import overlay_figure, save_figure
-    from .instances import instance_colors
-
-    start = time.perf_counter()
-    files = [] if files is None else files
-    folder.mkdir(parents=True, exist_ok=True)
-    names = result.masks.names
-    files.append(save_figure(overlay_figure(cond, names, title=str(opts.image)), folder / "masks_on_tokens.png"))
-    records = recorder.records if recorder else []
-    for layer in sorted({r.layer for r in records}):
-        fig = report.plot_instance_maps(records, cond, names, layer)
-        files.append(save_figure(fig, folder / f"instance_maps_layer{layer}.png"))
-    files.append(save_figure(report.plot_guidance(result.diagnostics, records, names), folder / "guidance.png"))
-    split = result.split
-    colors = instance_colors(len(names)) / 255.0
-    meshes = list(split.meshes) + ([_concat([split.parts[i] for i in split.unclaimed])] if split.unclaimed else [])
-    cols = list(colors) + ([np.array([0.6, 0.6, 0.6, 1.0])] if split.unclaimed else [])
-    labels = list(names) + (["unclaimed"] if split.unclaimed else [])
-    views = report.render_views(meshes, np.asarray(cols))
-    image = np.asarray(Image.open(opts.image).convert("RGB"))
-    mode = "TIMI" if opts.timi else "no TIMI"
-    files.append(save_figure(report.plot_views(views, labels, cols, image=image,
-                                               title=f"{mode}, seed {opts.seed}, {opts.steps} steps"), folder / "views.png"))
-    summary = {
-        "image": str(opts.image), "masks": [str(m) for m in opts.masks], "out": str(result.out),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()
-                    if k not in ("image", "masks", "out")},
-        "instances": names,
-        "timings_s": {**result.timings, "report": time.perf_counter() - start},
-        "diagnostics": [dataclasses.asdict(d) for d in result.diagnostics],
-        "purity": [{"step": r.step, "layer": r.layer, "purity": r.purity} for r in records],
-        "split": split.summary().splitlines(),
-        "warnings": result.warnings,
-    }
-    files.append(report.write_summary(folder / "summary.json", summary))
-    return files
-
-
-def _concat(parts):
-    import trimesh
-
-    return trimesh.util.concatenate(parts)
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -532,37 +345,3 @@ def generate_command(
         console.print(result.split.summary(), markup=False, highlight=False)
     if result.report_files:
         console.print(f"report: {len(result.report_files)} files in {opts.report}", markup=False, highlight=False)
-
-
-def split_image_and_masks(paths: list[Path], masks: list[Path]) -> tuple[Path, list[Path]]:
-    """``timi CMD IMAGE --masks A B C`` parses as IMAGE, B, C positional and A as --masks: the image is
-    the first positional path, the others are masks following those given with --masks."""
-    return paths[0], list(masks) + list(paths[1:])
-
-
-#: Exit status for bad input (as click/typer use for usage errors); 1 for failures while running.
-EXIT_BAD_INPUT = 2
-#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
-EXIT_INTERRUPTED = 130
-#: Bad input: exit 2. ``FileNotFoundError`` covers missing input files; ``WriteError`` (a
-#: ``RuntimeError``) and other ``OSError``s while running are failures: exit 1.
-BAD_INPUT_ERRORS = (MaskInputError, OutputError, ModelNotFoundError, ModelConfigError, BackendUnavailableError,
-                    FileNotFoundError, ValueError)
-
-
-def run_cli(fn, err):
-    """Run ``fn``; bad input -> one ``error:`` line and exit 2, other failures -> one line and exit 1,
-    Ctrl-C -> one line and exit 130."""
-    def fail(msg: str, code: int):
-        err.print(f"error: {' '.join(str(msg).split())}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(code)
-
-    try:
-        return fn()
-    except BAD_INPUT_ERRORS as e:
-        fail(e, EXIT_BAD_INPUT)
-    except (RuntimeError, OSError) as e:
-        fail(e, 1)
-    except KeyboardInterrupt:
-        err.print("interrupted (Ctrl-C): stopped; no output was written.", markup=False, highlight=False)
-        raise typer.Exit(EXIT_INTERRUPTED)

@@ -4,169 +4,63 @@ The masks follow exactly the geometry the image goes through in hy3dgen (foregro
 recentring with a border, resize to 512, the conditioner's Resize + CenterCrop to 518 and DINOv2's
 14-px patches: a 37 x 37 token grid after one CLS token for Hunyuan3D 2.0), computed by
 :func:`timi_torch.condition_token_masks`. Here that function runs on a *geometry-only* stand-in for
-the pipeline, built from the model's ``config.yaml`` (or Hunyuan3D 2.0's defaults), so no weights
-are loaded. An instance that covers less than one token in total, or is the majority of no token,
-is reported: average pooling onto the token grid (paper Eq.2's ``M``) can wash it out.
+the pipeline (:func:`timi.pipelines.geometry_pipeline`), built from the model's ``config.yaml`` (or
+Hunyuan3D 2.0's defaults), so no weights are loaded. An instance that covers less than one token
+in total, or is the majority of no token, is reported: average pooling onto the token grid (paper
+Eq.2's ``M``) can wash it out.
 """
 
 from __future__ import annotations
 
 import io
-import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import typer
-import yaml
 
-__all__ = ["geometry_pipeline", "TokenCoverage", "token_coverage", "coverage_warnings", "overlay_figure", "save_figure"]
+from .masks_io import MaskInputError, foreground_notes, load_instance_masks
+from .pipelines import (ModelConfigError, ModelNotFoundError, geometry_pipeline, grid_tokens,  # noqa: F401 (re-exported)
+                        model_config_path, model_notes, resolve_model)
 
-#: Hunyuan3D 2.0's conditioner and image processor settings (used when no config.yaml is found).
-DEFAULT_GEOMETRY = {"image_size": 518, "patch_size": 14, "use_cls_token": True, "processor_size": 512, "border_ratio": 0.15}
+__all__ = ["geometry_pipeline", "prepare_masks", "TokenCoverage", "token_coverage", "coverage_warnings",
+           "overlay_figure", "save_figure"]
+
 #: An instance must cover at least this many tokens' worth of area to be reliably separable.
 MIN_TOKEN_AREA = 1.0
 
 
-class ModelConfigError(ValueError):
-    """A model's ``config.yaml`` that cannot be read or lacks what hy3dgen needs; names the file."""
-
-
-#: The sections hy3dgen's loader builds the pipeline from (each a ``target`` class and ``params``).
-CONFIG_SECTIONS = ("model", "vae", "conditioner", "scheduler", "image_processor")
-#: ``Hunyuan3DDiT``'s defaults (hy3dgen 2.0.2) for the settings that must agree: each head's
-#: rotary embedding is split into ``axes_dim``, so ``sum(axes_dim) == hidden_size / num_heads``.
-DIT_DEFAULTS = {"hidden_size": 1024, "num_heads": 16, "axes_dim": [64]}
-
-
-def model_config_path(model: str | Path | None) -> Path | None:
-    """The model's ``config.yaml``: in a model directory, beside a checkpoint file, or for a hy3dgen
-    id under ``$HY3DGEN_MODELS/<id>/hunyuan3d-dit-v2-0`` (hy3dgen's local resolution)."""
-    import os
-
-    if model is None:
-        return None
-    p = Path(str(model)).expanduser()
-    root = Path(os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")).expanduser()
-    candidates = [p / "config.yaml", p.parent / "config.yaml" if p.is_file() else None,
-                  root / str(model) / "hunyuan3d-dit-v2-0" / "config.yaml"]
-    return next((c for c in candidates if c is not None and c.is_file()), None)
-
-
-def read_model_config(path: Path) -> dict:
-    """Parse and check a hy3dgen ``config.yaml`` (:func:`check_model_config`); one-line errors."""
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise ModelConfigError(f"{path}: not valid YAML ({problem}{where}); restore the model's config.yaml.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelConfigError(f"{path}: cannot read it ({e}); check the file and its permissions.") from None
-    check_model_config(config, path)
-    return config
-
-
-def check_model_config(config, path: Path) -> None:
-    """What hy3dgen would otherwise fail on deep inside the model build: missing sections, and DiT
-    settings that disagree (``Got [64] but expected positional dim 6``)."""
-    fix = "restore the model's config.yaml (it must match model.fp16.safetensors)"
-    if not isinstance(config, dict):
-        raise ModelConfigError(f"{path}: holds a {type(config).__name__}, not hy3dgen's sections "
-                               f"({', '.join(CONFIG_SECTIONS)}); {fix}.")
-    missing = [k for k in CONFIG_SECTIONS if not isinstance(config.get(k), dict) or "target" not in config[k]]
-    if missing:
-        raise ModelConfigError(f"{path}: no {', '.join(missing)} section with a 'target'; {fix}.")
-    params = {**DIT_DEFAULTS, **(config["model"].get("params") or {})}
-    try:
-        hidden, heads = int(params["hidden_size"]), int(params["num_heads"])
-        axes = [int(v) for v in params["axes_dim"]]
-    except (TypeError, ValueError):
-        raise ModelConfigError(f"{path}: model.params hidden_size, num_heads and axes_dim must be integers; {fix}.") from None
-    if heads <= 0 or hidden % heads or sum(axes) != hidden // heads:
-        raise ModelConfigError(
-            f"{path}: model.params hidden_size {hidden} / num_heads {heads} does not match axes_dim {axes} "
-            f"(sum {sum(axes)}; missing keys take hy3dgen's full-size defaults); {fix}."
-        )
-
-
-def geometry_from_config(config: dict | None) -> dict:
-    """The geometry settings (see :data:`DEFAULT_GEOMETRY`) read from a hy3dgen ``config.yaml``."""
-    geo = dict(DEFAULT_GEOMETRY)
-    if not config:
-        return geo
-    try:
-        enc = (config.get("conditioner", {}).get("params") or {}).get("main_image_encoder", {}).get("kwargs", {})
-        geo["image_size"] = int(enc.get("image_size", 224))  # hy3dgen's ImageEncoder default
-        geo["use_cls_token"] = bool(enc.get("use_cls_token", True))
-        geo["patch_size"] = int((enc.get("config") or {}).get("patch_size", 14))
-        proc = config.get("image_processor", {}).get("params") or {}
-        geo["processor_size"] = int(proc.get("size", 512))
-        if proc.get("border_ratio") is not None:
-            geo["border_ratio"] = float(proc["border_ratio"])
-    except (AttributeError, TypeError, ValueError) as e:
-        raise ModelConfigError(f"config.yaml: unreadable conditioner/image_processor settings ({e}); "
-                               "restore the model's config.yaml.") from None
-    if geo["image_size"] < geo["patch_size"] or geo["patch_size"] <= 0 or geo["processor_size"] <= 0:
-        raise ModelConfigError(f"config.yaml: image_size {geo['image_size']} / patch_size {geo['patch_size']} / "
-                               f"size {geo['processor_size']} give no token grid; restore the model's config.yaml.")
-    return geo
-
-
 def _default_model_or_none():
-    from .generate import ModelNotFoundError, resolve_model
-
     try:
         return resolve_model(None)
     except ModelNotFoundError:
         return None  # Hunyuan3D 2.0's geometry
 
 
-def geometry_pipeline(model: str | Path | None = None, geometry: dict | None = None):
-    """A stand-in with the attributes :func:`timi_torch.condition_token_masks` reads (hy3dgen's real
-    ``ImageProcessorV2`` and the conditioner's torchvision transform) and no network weights."""
-    from hy3dgen.shapegen.preprocessors import ImageProcessorV2
-    from torchvision import transforms
+def prepare_masks(image, masks, model: Optional[str], overlap: str = "error", timi: bool = True):
+    """Masks -> condition tokens with the model's geometry (its ``config.yaml``), loading no weights:
+    the checks ``timi generate`` and ``timi inspect`` share. Returns (masks, condition masks, notes)."""
+    import timi_torch
 
-    if geometry is None:
-        path = model_config_path(model)
+    notes = model_notes(model) if model is not None else []
+    geo_pipe = geometry_pipeline(model)
+    found = load_instance_masks(masks, image=image, overlap=overlap, max_instances=grid_tokens(geo_pipe.geometry))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
-            geometry = geometry_from_config(read_model_config(path) if path is not None else None)
-        except ModelConfigError as e:
-            msg = str(e)
-            if not msg.startswith("config.yaml:"):
-                raise
-            raise ModelConfigError(f"{path}:{msg[len('config.yaml:'):]}") from None
-    geo = geometry
-    S, patch = geo["image_size"], geo["patch_size"]
-    processor = ImageProcessorV2(size=geo["processor_size"], border_ratio=geo["border_ratio"])
-    encoder = types.SimpleNamespace(
-        transform=transforms.Compose([
-            transforms.Resize(S, transforms.InterpolationMode.BILINEAR, antialias=True),
-            transforms.CenterCrop(S),
-        ]),
-        model=types.SimpleNamespace(config=types.SimpleNamespace(patch_size=patch)),
-        use_cls_token=geo["use_cls_token"],
-        num_patches=(S // patch) ** 2 + int(geo["use_cls_token"]),
-    )
-
-    def prepare_image(image):
-        return processor(image)
-
-    return types.SimpleNamespace(
-        image_processor=processor,
-        conditioner=types.SimpleNamespace(main_image_encoder=encoder),
-        prepare_image=prepare_image,
-        geometry=geo,
-    )
-
-
-def grid_tokens(geometry: dict) -> int:
-    """Number of patch tokens (the most instances the grid can hold)."""
-    g = geometry["image_size"] // geometry["patch_size"]
-    return g * g
+            cond = timi_torch.condition_token_masks(str(image), found.masks, geo_pipe, names=found.names)
+        except ValueError as e:
+            files = sorted(set(map(str, found.sources)))
+            where = files[0] if len(files) == 1 else "masks (" + ", ".join(
+                f"instance {k}: {src}" for k, src in enumerate(found.sources)) + ")"
+            raise MaskInputError(f"{where}: {e}") from None
+    notes += foreground_notes(image, found.masks)
+    notes += coverage_warnings(token_coverage(cond.tokens, cond.prefix_tokens), found.names, cond.grid)
+    if found.count == 1 and timi:
+        notes.append("only one instance mask: TIMI's separation loss has nothing to separate (Eq.4); pass one mask per object.")
+    return found, cond, notes
 
 
 @dataclass
@@ -268,7 +162,7 @@ def inspect_command(
     to survive the pooling. Loads no model weights."""
     from rich.console import Console
 
-    from .generate import prepare_masks, resolve_model, run_cli, split_image_and_masks
+    from .cli_common import run_cli, split_image_and_masks
     from .io import OutputError, check_writable
     from .masks_io import check_input_picture
 

@@ -402,22 +402,21 @@ def token_instance_map(pipe, latents, cond, *, layers: int | None = None, timest
     Eq.2's ``P = A_zc M^T`` from the DiT's conditional forward on ``latents`` at ``timestep``
     (1.0 = data in hy3dgen's flow convention), averaged over the first ``layers`` double-stream
     blocks (default: the pipeline's guided layers), each row normalised to sum to 1.
-    ``pipe``: a ``timi_torch.TIMIPipeline``; ``cond``: its ``condition_masks(image, masks)``.
+    ``pipe``: a ``timi_torch.TIMIPipeline`` or ``timi_jax.TIMIPipelineJAX`` (its hy3dgen ``base``
+    is used); ``cond``: the image's ``ConditionMasks``.
     """
     import torch
+    from timi_torch.frontend import prepare_inputs
     from timi_torch.guidance import guided_probabilities
 
     base = pipe.base
     depth = len(base.model.double_blocks)
     n = min(layers or pipe.config.guided_layers, depth)
+    inputs = prepare_inputs(base, cond.image, cond, do_classifier_free_guidance=False)
     with torch.no_grad():
-        inputs = base.prepare_image([cond.image])
-        image = inputs.pop("image")
-        c = base.encode_cond(image=image, additional_cond_inputs=inputs, do_classifier_free_guidance=False,
-                             dual_guidance=False)["main"][:1]
         z = latents[:1].to(base.device, base.dtype)
         t = torch.full((1,), timestep, device=base.device, dtype=base.dtype)
-        Ps = guided_probabilities(base.model, z, t, c, cond.tokens[None].to(base.device), n)
+        Ps = guided_probabilities(base.model, z, t, inputs.cond_main, inputs.tokens, n)
     P = torch.stack(Ps).mean(0)[0].float()
     return P / P.sum(-1, keepdim=True).clamp_min(1e-12)
 

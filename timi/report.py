@@ -8,7 +8,8 @@
   with the instance's mask outlined. Its *purity* is the share of ``R_k``'s mass on masked tokens
   that falls on instance ``k``'s own tokens: 1 means instance-k tokens only look at instance k.
   They are recorded from the denoiser's own conditional forward at each step (after TIMI's update
-  on guided steps), so a ``--no-timi`` run records the same pictures for comparison.
+  on guided steps), so a ``--no-timi`` run records the same pictures for comparison, by
+  :class:`AttentionRecorder`, a hook passed to the pipeline's call (nothing is replaced).
 * ``guidance.png`` - ``L_sep`` (Eq.4), lambda (Eq.6) and the max latent update per guided step,
   and the purity of every recorded step and layer.
 * ``views.png`` - the result seen from the front (the input view), the side, the top and a
@@ -19,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -29,7 +29,7 @@ import numpy as np
 import trimesh
 
 __all__ = ["AttentionRecorder", "instance_image_maps", "plot_instance_maps", "plot_guidance", "render_views",
-           "plot_views", "write_summary"]
+           "plot_views", "write_summary", "write_report"]
 
 
 # -------------------------------------------------------------------------------- recording
@@ -40,19 +40,13 @@ def instance_image_maps(q_z, k, tokens, eps: float = 1e-6, head_chunk: int = 4):
 
     ``q_z`` (H, L, D) latent queries, ``k`` (H, M + L, D) keys, ``tokens`` (K, M) masks. The
     attention is the softmax over the whole joint sequence (Eq.1), averaged over heads (in chunks
-    of ``head_chunk`` heads to bound memory).
+    of ``head_chunk`` heads to bound memory): ``timi_torch.guidance.condition_attention``, the
+    adapter's explicit Eq.2 path.
     """
-    import torch
-
     import timi_core
+    from timi_torch.guidance import condition_attention
 
-    H, L, D = q_z.shape
-    M = tokens.shape[-1]
-    a_zc = torch.zeros(L, M, dtype=torch.float32, device=q_z.device)
-    for h in range(0, H, head_chunk):
-        s = torch.matmul(q_z[h:h + head_chunk].float(), k[h:h + head_chunk].float().transpose(-1, -2)) * D ** -0.5
-        a_zc += s.softmax(dim=-1)[..., :M].sum(0)
-    a_zc /= H
+    a_zc = condition_attention(q_z, k, tokens.shape[-1], head_chunk=head_chunk)   # (L, M), Eq.1 block A_zc
     P = timi_core.instance_probability(a_zc, tokens.to(a_zc))           # (L, K), Eq.2
     W = timi_core.spatial_weights(P, eps)                                 # (L, K), Eq.3
     R = W.transpose(0, 1) @ a_zc                                          # (K, M)
@@ -96,62 +90,31 @@ class AttentionRecorder:
     """Records :func:`instance_image_maps` from the first ``layers`` double-stream blocks of the
     denoiser's conditional forward at the first ``steps`` denoising steps of a ``TIMIPipeline`` call.
 
-    Wraps, for the duration of the ``with`` block only, hy3dgen's module-level ``attention`` (which
-    every DiT block calls on ``[condition; latent]`` tokens), the DiT's ``forward`` (to count the
-    steps) and the pipeline's ``guide`` (its forward passes are not denoising steps). One image
-    per call (batch 1); the conditional half of the CFG batch is the first sample.
+    A hook the pipeline offers, nothing is replaced: pass it to the call,
+    ``pipe(image, masks, ..., recorder=AttentionRecorder(cond.tokens, layers=4, steps=15))``; the
+    pipeline asks :meth:`wants` each step and hands the blocks' q and k to :meth:`observe`
+    (through ``timi_torch.guidance.observe_attention``). The guidance passes are not observed.
+    The output's ``recordings`` are the :class:`StepMaps` in :attr:`records`. One image per call
+    (batch 1); the conditional half of the CFG batch is the first sample.
     """
 
-    def __init__(self, pipe, tokens, layers: int, steps: int):
-        self.pipe, self.layers, self.steps = pipe, int(layers), int(steps)
+    def __init__(self, tokens, layers: int, steps: int):
+        self.layers, self.steps = int(layers), int(steps)
         self.tokens = tokens.detach().float()
+        self._tokens_np = self.tokens.cpu().numpy()
         self.records: list[StepMaps] = []
-        self._step = -1
-        self._layer = 0
-        self._in_guide = False
 
-    @contextlib.contextmanager
-    def __call__(self):
-        from hy3dgen.shapegen.models.denoisers import hunyuan3ddit
+    def wants(self, step: int) -> bool:
+        """Whether the forward of denoising step ``step`` is to be observed."""
+        return 0 <= step < self.steps
 
-        model = self.pipe.base.model
-        original_attention = hunyuan3ddit.attention
-        original_forward = model.forward
-        original_guide = self.pipe.guide
-        tokens_np = self.tokens.cpu().numpy()
+    def observe(self, step: int, layer: int, q, k) -> None:
+        """One block's (B, H, M + L, D) queries and keys at ``step``: its maps, purity, P, key cosine."""
         M = self.tokens.shape[-1]
-
-        def attention(q, k, v, **kw):
-            if not self._in_guide and 0 <= self._step < self.steps and self._layer < self.layers:
-                R, P = instance_image_maps(q[0, :, M:], k[0], self.tokens.to(q.device))
-                R = R.cpu().numpy().astype(np.float64)
-                self.records.append(StepMaps(self._step, self._layer, R, purity(R, tokens_np), P.cpu().numpy(),
-                                             instance_key_cosine(k[0], self.tokens)))
-            self._layer += 1
-            return original_attention(q, k, v, **kw)
-
-        def forward(*a, **kw):
-            if not self._in_guide:
-                self._step += 1
-            self._layer = 0
-            return original_forward(*a, **kw)
-
-        def guide(*a, **kw):
-            self._in_guide = True
-            try:
-                return original_guide(*a, **kw)
-            finally:
-                self._in_guide = False
-
-        hunyuan3ddit.attention = attention
-        model.forward = forward
-        self.pipe.guide = guide
-        try:
-            yield self
-        finally:
-            hunyuan3ddit.attention = original_attention
-            del model.forward
-            del self.pipe.guide
+        R, P = instance_image_maps(q[0, :, M:], k[0], self.tokens.to(q.device))
+        R = R.cpu().numpy().astype(np.float64)
+        self.records.append(StepMaps(step, layer, R, purity(R, self._tokens_np), P.cpu().numpy(),
+                                     instance_key_cosine(k[0], self.tokens)))
 
 
 # -------------------------------------------------------------------------------- plotting
@@ -367,3 +330,52 @@ def write_summary(path: str | Path, data: dict) -> Path:
         return str(o)
 
     return write_text(path, json.dumps(data, indent=1, default=default))
+
+
+def write_report(folder: Path, opts, result, cond, files: list | None = None) -> list[Path]:
+    """All report PNGs and ``summary.json`` (module docstring) of one ``timi generate`` run:
+    ``opts`` its ``GenerateOptions``, ``result`` its ``GenerateResult`` (whose ``recordings`` give
+    the instance maps), ``cond`` the image's ``ConditionMasks``. ``files`` (appended to as each
+    file is written) lets the caller remove a partial report."""
+    import time
+
+    import trimesh
+    from PIL import Image
+
+    from .inspect_cmd import overlay_figure, save_figure
+    from .instances import instance_colors
+
+    start = time.perf_counter()
+    files = [] if files is None else files
+    folder.mkdir(parents=True, exist_ok=True)
+    names = result.masks.names
+    files.append(save_figure(overlay_figure(cond, names, title=str(opts.image)), folder / "masks_on_tokens.png"))
+    records = result.recordings
+    for layer in sorted({r.layer for r in records}):
+        fig = plot_instance_maps(records, cond, names, layer)
+        files.append(save_figure(fig, folder / f"instance_maps_layer{layer}.png"))
+    files.append(save_figure(plot_guidance(result.diagnostics, records, names), folder / "guidance.png"))
+    split = result.split
+    colors = instance_colors(len(names)) / 255.0
+    unclaimed = [trimesh.util.concatenate([split.parts[i] for i in split.unclaimed])] if split.unclaimed else []
+    meshes = list(split.meshes) + unclaimed
+    cols = list(colors) + ([np.array([0.6, 0.6, 0.6, 1.0])] if split.unclaimed else [])
+    labels = list(names) + (["unclaimed"] if split.unclaimed else [])
+    views = render_views(meshes, np.asarray(cols))
+    image = np.asarray(Image.open(opts.image).convert("RGB"))
+    mode = "TIMI" if opts.timi else "no TIMI"
+    files.append(save_figure(plot_views(views, labels, cols, image=image,
+                                        title=f"{mode}, seed {opts.seed}, {opts.steps} steps"), folder / "views.png"))
+    summary = {
+        "image": str(opts.image), "masks": [str(m) for m in opts.masks], "out": str(result.out),
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()
+                    if k not in ("image", "masks", "out")},
+        "instances": names,
+        "timings_s": {**result.timings, "report": time.perf_counter() - start},
+        "diagnostics": [dataclasses.asdict(d) for d in result.diagnostics],
+        "purity": [{"step": r.step, "layer": r.layer, "purity": r.purity} for r in records],
+        "split": split.summary().splitlines(),
+        "warnings": result.warnings,
+    }
+    files.append(write_summary(folder / "summary.json", summary))
+    return files

@@ -17,7 +17,8 @@ Eq.7       momentum update                        :func:`momentum`, :func:`sgu_u
 """
 
 from .config import TIMIConfig
-from .masks import area_pooling_matrix, pool_masks
+from .masks import area_pooling_matrix, pool_masks, stack_token_masks
+from .outputs import StepDiagnostics, TIMIPipelineOutput
 from .separation import (instance_probability, instance_separation_loss, normalize_over_instances, separation_loss,
                          spatial_weights)
 from .smoothing import gaussian_kernel1d, gaussian_smooth
@@ -37,4 +38,7 @@ __all__ = [
     "sgu_update",
     "pool_masks",
     "area_pooling_matrix",
+    "stack_token_masks",
+    "StepDiagnostics",
+    "TIMIPipelineOutput",
 ]

@@ -6,7 +6,7 @@ import numpy as np
 
 from ._backend import array_namespace, device
 
-__all__ = ["pool_masks", "area_pooling_matrix"]
+__all__ = ["pool_masks", "area_pooling_matrix", "stack_token_masks"]
 
 
 def area_pooling_matrix(n_pixels: int, n_cells: int) -> np.ndarray:
@@ -76,3 +76,24 @@ def pool_masks(masks, grid, prefix_tokens=0):
     if prefix_tokens:
         pooled = xp.concat([xp.zeros((K, prefix_tokens), dtype=m.dtype, device=dev), pooled], axis=1)
     return pooled
+
+
+def stack_token_masks(token_masks):
+    """Stack per-image condition-token masks (K_b, M) into one (B, K_max, M) batch.
+
+    Images with fewer instances are padded with all-zero masks, which add exactly 0 to Eq.4
+    (their weights W are 0) and 0 to its gradient. All inputs must share one backend and M.
+    """
+    token_masks = list(token_masks)
+    if not token_masks:
+        raise ValueError("stack_token_masks needs at least one image's masks.")
+    xp = array_namespace(*token_masks)
+    k_max = max(int(t.shape[0]) for t in token_masks)
+    num_tokens = int(token_masks[0].shape[1])
+    padded = []
+    for t in token_masks:
+        if t.ndim != 2 or int(t.shape[1]) != num_tokens:
+            raise ValueError(f"token masks of shape {tuple(t.shape)}: expected (K, {num_tokens}).")
+        pad = xp.zeros((k_max - int(t.shape[0]), num_tokens), dtype=t.dtype, device=device(t))
+        padded.append(xp.concat([t, pad], axis=0))
+    return xp.stack(padded)

@@ -84,7 +84,8 @@ def _image_processor(image):
 
 
 class BenchModel:
-    """A random DiT in hy3dgen's pipeline plus ``TIMIPipeline``s for plain and guided sampling.
+    """A random DiT in hy3dgen's pipeline plus a ``TIMIPipeline`` for guided sampling and its copy
+    (:meth:`~timi_torch.TIMIPipeline.with_config`) for plain sampling.
 
     ``sample(guided)`` runs the whole ``cfg.steps``-step loop once from the same seed and returns
     the final latents.
@@ -107,8 +108,8 @@ class BenchModel:
         self.cond = cond
         self.tokens = stripe_token_masks(cfg).to(self.base.device)
         timi_cfg = TIMIConfig(guided_layers=cfg.guided_layers, guided_steps=cfg.guided_steps)
-        self.pipelines = {True: _RawTokenPipeline(self.base, timi_cfg, attention, self.tokens),
-                          False: _RawTokenPipeline(self.base, timi_cfg.replace(isg=False), attention, self.tokens)}
+        guided = _RawTokenPipeline(self.base, timi_cfg, attention, self.tokens)
+        self.pipelines = {True: guided, False: guided.with_config(timi_cfg.replace(isg=False))}  # same weights
         self._image = Image.new("RGB", (1, 1))
 
     def noise(self) -> torch.Tensor:
@@ -120,30 +121,28 @@ class BenchModel:
         gen = torch.Generator(self.base.device).manual_seed(self.cfg.seed)
         self.pipelines[guided].guide_seconds = 0.0
         images = [self._image] * self.cfg.batch_size
-        masks = [None] * self.cfg.batch_size
+        masks = [self.pipelines[guided].masks] * self.cfg.batch_size
         out = self.pipelines[guided](images, masks, num_inference_steps=self.cfg.steps,
                                      guidance_scale=self.cfg.guidance_scale, generator=gen,
-                                     output_type="latent", enable_pbar=False)
+                                     output_type="latent", enable_pbar=False).latents
         if out.is_cuda:
             torch.cuda.synchronize()
         return out.cpu()
 
 
 class _RawTokenPipeline(TIMIPipeline):
-    """``TIMIPipeline`` whose condition-token masks are given directly (no image geometry): its
-    ``condition_masks`` returns them. The sampling loop and ``guide`` are the adapter's, unchanged;
-    ``guide`` is only wrapped to add up the wall time spent in it (``guide_seconds``)."""
+    """``TIMIPipeline`` called with condition-token masks given directly (``masks``: a
+    :class:`ConditionMasks` with no image geometry, which the call uses as is). The sampling loop
+    and ``guide`` are the adapter's, unchanged; ``guide`` is only extended to add up the wall time
+    spent in it (``guide_seconds``)."""
 
     def __init__(self, base, config, attention, tokens):
         super().__init__(base, config=config, attention=attention)
         g = int(round((tokens.shape[1] - 1) ** 0.5))
-        self._masks = ConditionMasks(tokens=tokens, frame_masks=np.zeros((tokens.shape[0], 1, 1), bool),
-                                     frame_image=np.zeros((1, 1, 3), np.uint8), image=Image.new("RGB", (1, 1)),
-                                     grid=(g, g), prefix_tokens=1)
+        self.masks = ConditionMasks(tokens=tokens, frame_masks=np.zeros((tokens.shape[0], 1, 1), bool),
+                                    frame_image=np.zeros((1, 1, 3), np.uint8), image=Image.new("RGB", (1, 1)),
+                                    grid=(g, g), prefix_tokens=1)
         self.guide_seconds = 0.0
-
-    def condition_masks(self, image, masks):
-        return self._masks
 
     def guide(self, *args, **kwargs):
         t0 = time.perf_counter()

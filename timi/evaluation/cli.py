@@ -77,11 +77,11 @@ def eval_command(
         raise typer.BadParameter("pass exactly one of --model (hy3dgen model) or --generator MODULE:CALLABLE",
                                  param_hint="--model")
     if model is None and generator is None and not predictions:
-        from timi.testbed import default_model_path
+        from timi.pipelines import ModelNotFoundError, resolve_model
 
         try:
-            model = str(default_model_path())  # the model shipped with the project, as `timi generate`
-        except FileNotFoundError as e:
+            model = resolve_model(None)  # the model shipped with the project, as `timi generate`
+        except ModelNotFoundError as e:
             raise typer.BadParameter(f"no --model given and {e}", param_hint="--model") from None
     if model is None and generator is None and (ablation or sweep or no_timi or baseline or set_):
         raise typer.BadParameter("--ablation/--sweep/--no-timi/--baseline/--set need a model (--model or "

@@ -47,8 +47,10 @@ def generator_identity(generate: Callable) -> dict[str, Any]:
 class TIMITorchGenerator:
     """Generation with :class:`timi_torch.TIMIPipeline` (hy3dgen sampler + TIMI guidance).
 
-    The pipeline is loaded once, on first use; each call sets its ``config`` and seeds a
-    ``torch.Generator``. The time covers sampling and surface extraction (the paper's "Time").
+    The pipeline is loaded once, on first use, through the application's one door
+    (:func:`timi.pipelines.load_pipeline`); each call passes its ``config`` to the pipeline's call
+    (the shared pipeline is not changed) and seeds a ``torch.Generator``. The time covers sampling
+    and surface extraction (the paper's "Time").
     """
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None, steps: int = 50,
@@ -67,25 +69,22 @@ class TIMITorchGenerator:
 
     def pipeline(self):
         if self._pipe is None:
-            import torch
-            from timi_torch import TIMIPipeline
+            from timi.pipelines import load_pipeline
 
-            dtype = getattr(torch, self.dtype) if self.dtype else None
-            self._pipe = TIMIPipeline.from_pretrained(self.model, device=self.device, dtype=dtype)
+            self._pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype)
         return self._pipe
 
     def __call__(self, image, masks, config: TIMIConfig, seed: int):
         import torch
 
         pipe = self.pipeline()
-        pipe.config = config
         rng = torch.Generator(device=pipe.device).manual_seed(int(seed))
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         start = time.perf_counter()
         meshes = pipe(image, masks, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                       generator=rng, octree_resolution=self.octree_resolution, mc_level=self.mc_level,
-                      num_chunks=self.num_chunks, enable_pbar=False)
+                      num_chunks=self.num_chunks, enable_pbar=False, config=config).meshes
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         seconds = time.perf_counter() - start

@@ -119,10 +119,11 @@ def ceiling(
 
     from timi.io import write_text
 
-    from . import default_model_path
+    from timi.pipelines import resolve_model
+
     from .quality import vae_ceiling
 
-    res = vae_ceiling(model or default_model_path(), dataset, octree_resolution=octree_resolution, limit=limit)
+    res = vae_ceiling(model or resolve_model(None), dataset, octree_resolution=octree_resolution, limit=limit)
     if out is not None:
         write_text(out, json.dumps(res, indent=1))
     m = res["mean"]
@@ -151,11 +152,12 @@ def mechanism(
 
     from timi.io import write_text
 
-    from . import default_model_path
+    from timi.pipelines import resolve_model
+
     from .mechanism import run_mechanism, summarise
 
     torch.set_num_threads(threads)
-    rows = run_mechanism(model or default_model_path(), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps)
+    rows = run_mechanism(model or resolve_model(None), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps)
     write_text(out, json.dumps(rows, indent=1))
     csv_path = eval_dir / "per_scene.csv" if eval_dir else None
     typer.echo(summarise(rows, csv_path))

@@ -3,7 +3,8 @@
 For scenes of a folder (``timi testbed scenes``) and a model, per guided layer ``l``:
 
 * **Guided runs** (``TIMIPipeline``, base vs TIMI, same seed): at the last guided step, from the
-  denoiser's conditional forward (recorded by :class:`timi.report.AttentionRecorder`):
+  denoiser's conditional forward (recorded by :class:`timi.report.AttentionRecorder`, the hook
+  passed to the pipeline's call, with the config passed to the call too):
   *purity* of each instance's image map (share of its masked mass on its own mask), *selectivity*
   ``mean_v max_k P[v,k] / sum_k P[v,k]`` (chance 1/K), *instance mass* ``mean_v sum_k P[v,k]``
   (how much attention the latent tokens pay to any instance; Eq.2's ``P``), and the cosine
@@ -36,13 +37,11 @@ def selectivity_and_mass(P: torch.Tensor) -> tuple[float, float]:
 
 
 def _encode(pipe, image, masks):
-    cm = pipe.condition_masks(image, masks)
-    base = pipe.base
-    inputs = base.prepare_image([cm.image])
-    img = inputs.pop("image")
-    cond = base.encode_cond(image=img, additional_cond_inputs=inputs, do_classifier_free_guidance=False,
-                            dual_guidance=False)
-    return cm, cond["main"][:1], cm.tokens[None].to(pipe.device)
+    from timi_torch.frontend import prepare_inputs
+
+    inputs = prepare_inputs(pipe.base, image, masks, do_classifier_free_guidance=False,
+                            condition_masks=pipe.condition_masks)
+    return inputs.condition_masks[0], inputs.cond_main, inputs.tokens
 
 
 def optimise_latent(pipe, image, masks, *, steps: int = 30, normalise: bool = False, seed: int = 0,
@@ -86,23 +85,23 @@ def guided_run(pipe, image, masks, config: TIMIConfig, *, seed: int = 0, steps: 
     """Per guided layer at the last guided step: purity, selectivity, mass, key cosine (conditional forward)."""
     from timi.report import AttentionRecorder
 
+    from timi.pipelines import pipeline_depth
+
     cm = pipe.condition_masks(image, masks)
-    depth = len(pipe.base.model.double_blocks)
-    layers = min(config.guided_layers, depth)
+    layers = min(config.guided_layers, pipeline_depth(pipe))
     last = config.guided_steps - 1
-    pipe.config = config
-    recorder = AttentionRecorder(pipe, cm.tokens, layers=layers, steps=last + 1)
+    recorder = AttentionRecorder(cm.tokens, layers=layers, steps=last + 1)
     gen = torch.Generator(device=pipe.device).manual_seed(int(seed))
-    with recorder():
-        pipe(image, masks, num_inference_steps=steps, generator=gen, output_type="latent", enable_pbar=False)
+    out = pipe(image, cm, num_inference_steps=steps, generator=gen, output_type="latent", enable_pbar=False,
+               config=config, recorder=recorder)
     k = cm.num_instances
     off = ~np.eye(k, dtype=bool)
     rows = []
-    for r in sorted((r for r in recorder.records if r.step == last), key=lambda r: r.layer):
+    for r in sorted((r for r in out.recordings if r.step == last), key=lambda r: r.layer):
         sel, mass = selectivity_and_mass(torch.from_numpy(r.probability))
         rows.append({"layer": r.layer, "purity": float(np.mean(r.purity)), "selectivity": sel, "mass": mass,
                      "key_cosine": float(r.key_cosine[off].mean()) if k > 1 else float("nan")})
-    return {"layers": rows, "loss": [d.loss[0] for d in pipe.diagnostics]}
+    return {"layers": rows, "loss": [d.loss[0] for d in out.diagnostics]}
 
 
 def run_mechanism(model_dir: str | Path, dataset_dir: str | Path, *, seeds=(0,), limit: int | None = None,
@@ -110,9 +109,9 @@ def run_mechanism(model_dir: str | Path, dataset_dir: str | Path, *, seeds=(0,),
     from tqdm import tqdm
 
     from timi.evaluation.dataset import discover_scenes, load_scene
-    from timi_torch import TIMIPipeline
+    from timi.pipelines import load_pipeline
 
-    pipe = TIMIPipeline.from_pretrained(str(model_dir), device="cpu", dtype=torch.float32)
+    pipe = load_pipeline(str(model_dir), device="cpu", dtype="float32")
     rows = []
     folders = discover_scenes(dataset_dir)[:limit]
     for folder in tqdm(folders, desc="mechanism", disable=not progress):

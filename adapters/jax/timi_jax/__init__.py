@@ -1,20 +1,23 @@
 """TIMI for JAX: a Flax Hunyuan3D-DiT that loads hy3dgen weights, with a jitted TIMI sampler.
 
-Public surface: :class:`Hunyuan3DDiT` (hy3dgen's constructor), :func:`from_torch` /
-:func:`from_checkpoint` (hy3dgen weights), :func:`sample` (hy3dgen's flow-matching Euler + CFG
-schedule with TIMI guidance, one compiled program, optional data-parallel ``mesh``),
-:func:`separation_loss_and_grad` (``L_sep`` and ``dL_sep/dz``), :func:`data_parallel_mesh`, and
-:class:`TIMIPipelineJAX` (hy3dgen's torch preprocessing/conditioner/VAE around the JAX loop).
+Laid out as jax-ml/bonsai lays out a model: :mod:`timi_jax.modeling` (the network,
+:class:`Hunyuan3DDiT`, and its frozen :class:`ModelConfig` with named :data:`PRESETS` ``"v2.0"``
+and ``"mini"``), :mod:`timi_jax.params` (the torch -> Flax key table and loading:
+:func:`from_torch`, :func:`from_checkpoint`), :mod:`timi_jax.sampler` (:func:`sample`: hy3dgen's
+flow-matching Euler + CFG schedule with TIMI guidance, one compiled program, optional
+data-parallel ``mesh``; :func:`separation_loss_and_grad`; :func:`data_parallel_mesh`) and
+:mod:`timi_jax.pipeline` (:class:`TIMIPipelineJAX`: hy3dgen's torch preprocessing, conditioner and
+VAE around the JAX loop, returning a :class:`TIMIPipelineOutput` like ``timi_torch.TIMIPipeline``).
 """
 
-from timi_core import TIMIConfig
+from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
 
-from .modeling import Hunyuan3DDiT
+from .modeling import PRESETS, Hunyuan3DDiT, ModelConfig
 from .params import from_checkpoint, from_torch
 from .pipeline import TIMIPipelineJAX
 from .sampler import (SampleOutput, data_parallel_mesh, flow_matching_schedule, sample,
                       separation_loss_and_grad)
 
-__all__ = ["Hunyuan3DDiT", "from_torch", "from_checkpoint", "sample", "SampleOutput",
+__all__ = ["Hunyuan3DDiT", "ModelConfig", "PRESETS", "from_torch", "from_checkpoint", "sample", "SampleOutput",
            "separation_loss_and_grad", "flow_matching_schedule", "data_parallel_mesh",
-           "TIMIPipelineJAX", "TIMIConfig"]
+           "TIMIPipelineJAX", "TIMIPipelineOutput", "StepDiagnostics", "TIMIConfig"]

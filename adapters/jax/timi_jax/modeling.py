@@ -1,7 +1,13 @@
 """A Flax NNX reimplementation of hy3dgen's ``Hunyuan3DDiT`` (the Hunyuan3D 2.0 flow-matching DiT).
 
-Same constructor arguments, the same module names (so that :mod:`timi_jax.params` maps hy3dgen's
-state dict onto it key by key) and the same numerics:
+Laid out as jax-ml/bonsai lays out a model: this module holds the network and its configuration
+(:class:`ModelConfig`, a frozen dataclass with named presets, :data:`PRESETS`: ``"v2.0"`` and
+``"mini"``); :mod:`timi_jax.params` holds the torch -> Flax key table and the loading, and this
+module does not import it (``Hunyuan3DDiT`` builds randomly initialised weights;
+``timi_jax.from_checkpoint`` / ``from_torch`` build it and fill it).
+
+Same constructor arguments as hy3dgen, the same module names (so that :mod:`timi_jax.params` maps
+hy3dgen's state dict onto it key by key) and the same numerics:
 
 * joint attention over ``[condition; latent]`` tokens (Sec. 3, Eq.1 of the paper), no positional
   embedding, softmax scale ``head_dim ** -0.5``;
@@ -25,14 +31,17 @@ read from the unnormalised weights of the block's own attention (:func:`instance
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 __all__ = [
+    "ModelConfig",
+    "PRESETS",
     "Hunyuan3DDiT",
     "DoubleStreamBlock",
     "SingleStreamBlock",
@@ -45,6 +54,70 @@ __all__ = [
 ]
 
 _NORM_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """hy3dgen's ``Hunyuan3DDiT`` constructor arguments (defaults: the 1.1B-parameter Hunyuan3D 2.0
+    DiT, preset ``"v2.0"``). Checked on construction: ``hidden_size`` divisible by ``num_heads``
+    and ``sum(axes_dim)`` equal to the head dim, as hy3dgen requires."""
+
+    in_channels: int = 64
+    context_in_dim: int = 1536
+    hidden_size: int = 1024
+    mlp_ratio: float = 4.0
+    num_heads: int = 16
+    depth: int = 16
+    depth_single_blocks: int = 32
+    axes_dim: tuple[int, ...] = (64,)
+    theta: int = 10_000
+    qkv_bias: bool = True
+    time_factor: float = 1000
+    guidance_embed: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dim", tuple(int(a) for a in self.axes_dim))
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if sum(self.axes_dim) != self.head_dim:
+            raise ValueError(f"axes_dim {list(self.axes_dim)} must sum to the head dim "
+                             f"{self.head_dim} (hidden_size / num_heads), as in hy3dgen")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def v2_0(cls) -> "ModelConfig":
+        """Hunyuan3D 2.0's DiT (``tencent/Hunyuan3D-2``, ``hunyuan3d-dit-v2-0``): hy3dgen's defaults."""
+        return cls()
+
+    @classmethod
+    def mini(cls) -> "ModelConfig":
+        """A small DiT of the testbed's size (``timi.testbed.model.SIZES['v2']``: 128 wide, 4 + 1
+        blocks, 8 latent channels, 64-dim condition tokens), for tests and CPU runs."""
+        return cls(in_channels=8, context_in_dim=64, hidden_size=128, num_heads=4, depth=4,
+                   depth_single_blocks=1, axes_dim=(32,))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "ModelConfig":
+        """From hy3dgen's keyword arguments (e.g. a ``config.yaml``'s ``model.params``); keys that are
+        no constructor argument are ignored, as hy3dgen's ``**kwargs`` does."""
+        if kwargs.get("ckpt_path") is not None:
+            raise TypeError("timi_jax.Hunyuan3DDiT builds the network only; load a checkpoint with "
+                            "timi_jax.from_checkpoint(path) or timi_jax.params.load_into(model, path).")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in names})
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: Named configurations: ``ModelConfig.preset(name)`` / ``Hunyuan3DDiT(PRESETS[name])``.
+PRESETS: dict[str, ModelConfig] = {"v2.0": ModelConfig.v2_0(), "mini": ModelConfig.mini()}
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
@@ -321,71 +394,48 @@ class LastLayer(nnx.Module):
 
 
 class Hunyuan3DDiT(nnx.Module):
-    """hy3dgen's ``Hunyuan3DDiT`` in Flax NNX (defaults: the 1.1B-parameter Hunyuan3D 2.0 model).
+    """hy3dgen's ``Hunyuan3DDiT`` in Flax NNX, randomly initialised.
 
-    The positional arguments and defaults are hy3dgen's. ``ckpt_path`` loads a hy3dgen checkpoint
-    (``.ckpt``/``.pt`` or ``.safetensors``, ``model.`` prefixed keys allowed) through
-    :func:`timi_jax.params.load_into`. Keyword-only extras: ``dtype`` (compute), ``param_dtype``
-    (storage) and ``rngs`` (random initialisation; default ``nnx.Rngs(0)``).
+    ``Hunyuan3DDiT(config)`` with a :class:`ModelConfig` (default: the v2.0 preset), or with
+    hy3dgen's keyword arguments (``Hunyuan3DDiT(hidden_size=..., depth=...)``; they replace the
+    config's fields). Keyword-only extras: ``dtype`` (compute), ``param_dtype`` (storage) and
+    ``rngs`` (random initialisation; default ``nnx.Rngs(0)``). Weights come from
+    :mod:`timi_jax.params` (``from_torch``, ``from_checkpoint``, ``load_into``).
     """
 
-    def __init__(
-        self,
-        in_channels: int = 64,
-        context_in_dim: int = 1536,
-        hidden_size: int = 1024,
-        mlp_ratio: float = 4.0,
-        num_heads: int = 16,
-        depth: int = 16,
-        depth_single_blocks: int = 32,
-        axes_dim: Sequence[int] = (64,),
-        theta: int = 10_000,
-        qkv_bias: bool = True,
-        time_factor: float = 1000,
-        guidance_embed: bool = False,
-        ckpt_path: str | None = None,
-        *,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs | None = None,
-        **kwargs,
-    ):
-        if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
-        if sum(axes_dim) != hidden_size // num_heads:
-            raise ValueError(f"axes_dim {list(axes_dim)} must sum to the head dim "
-                             f"{hidden_size // num_heads} (hidden_size / num_heads), as in hy3dgen")
+    def __init__(self, config: ModelConfig | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None, **hy3dgen_kwargs):
+        base = ModelConfig() if config is None else config
+        config = ModelConfig.from_kwargs(**{**base.as_dict(), **hy3dgen_kwargs})
         ctx = _Ctx(dtype, param_dtype, rngs if rngs is not None else nnx.Rngs(0))
-        self.in_channels = in_channels
-        self.out_channels = in_channels
-        self.context_in_dim = context_in_dim
+        self.config = config
+        hidden_size, num_heads, mlp_ratio = config.hidden_size, config.num_heads, config.mlp_ratio
+        self.in_channels = config.in_channels
+        self.out_channels = config.in_channels
+        self.context_in_dim = config.context_in_dim
         self.hidden_size = hidden_size
         self.mlp_ratio = mlp_ratio
         self.num_heads = num_heads
-        self.depth = depth
-        self.depth_single_blocks = depth_single_blocks
-        self.axes_dim = tuple(axes_dim)
-        self.theta = theta
-        self.qkv_bias = qkv_bias
-        self.time_factor = time_factor
-        self.guidance_embed = guidance_embed
+        self.depth = config.depth
+        self.depth_single_blocks = config.depth_single_blocks
+        self.axes_dim = config.axes_dim
+        self.theta = config.theta
+        self.qkv_bias = config.qkv_bias
+        self.time_factor = config.time_factor
+        self.guidance_embed = config.guidance_embed
         self.dtype = dtype
         self.param_dtype = param_dtype
 
-        self.latent_in = ctx.linear(in_channels, hidden_size)
+        self.latent_in = ctx.linear(config.in_channels, hidden_size)
         self.time_in = MLPEmbedder(256, hidden_size, ctx)
-        self.cond_in = ctx.linear(context_in_dim, hidden_size)
-        self.guidance_in = MLPEmbedder(256, hidden_size, ctx) if guidance_embed else None
+        self.cond_in = ctx.linear(config.context_in_dim, hidden_size)
+        self.guidance_in = MLPEmbedder(256, hidden_size, ctx) if config.guidance_embed else None
         self.double_blocks = nnx.List(
-            [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, qkv_bias, ctx) for _ in range(depth)])
+            [DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, config.qkv_bias, ctx) for _ in range(config.depth)])
         self.single_blocks = nnx.List(
             [SingleStreamBlock(hidden_size, num_heads, mlp_ratio, ctx)
-             for _ in range(depth_single_blocks)])
+             for _ in range(config.depth_single_blocks)])
         self.final_layer = LastLayer(hidden_size, self.out_channels, ctx)
-        if ckpt_path is not None:
-            from .params import load_into
-
-            load_into(self, ckpt_path)
 
     # -- pieces of the forward, public for per-block parity tests and the guidance pass --
     def embed(self, x, t, cond, guidance=None):

@@ -14,12 +14,15 @@ Accepted sources (:func:`load_state_dict`):
 * a path to such a checkpoint, ``.safetensors`` (read without torch) or ``.ckpt`` / ``.pt`` /
   ``.pth`` (``torch.load(weights_only=True)``).
 
-The model configuration comes from hy3dgen's ``config.yaml`` (:func:`config_from_yaml`), from the
-torch module's attributes, or is inferred from the tensor shapes (:func:`infer_config`).
+The model configuration (:class:`timi_jax.modeling.ModelConfig`'s fields) comes from hy3dgen's
+``config.yaml`` (:func:`config_from_yaml`), from the torch module's attributes, or is inferred from
+the tensor shapes (:func:`infer_config`). This module builds the network of
+:mod:`timi_jax.modeling` and fills it; the network never imports this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .modeling import Hunyuan3DDiT
+from .modeling import Hunyuan3DDiT, ModelConfig
 
 __all__ = [
     "KEY_TABLE",
@@ -151,9 +154,7 @@ def load_state_dict(source) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- configuration
-_CONFIG_ATTRS = ("in_channels", "context_in_dim", "hidden_size", "mlp_ratio", "num_heads", "depth",
-                 "depth_single_blocks", "axes_dim", "theta", "qkv_bias", "time_factor",
-                 "guidance_embed")
+_CONFIG_ATTRS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def infer_config(state_dict: Mapping[str, np.ndarray]) -> dict:

@@ -62,7 +62,7 @@ def flow_matching_schedule(num_inference_steps: int, *, num_train_timesteps: int
 @dataclasses.dataclass(frozen=True)
 class SampleOutput:
     """``latents`` (B, L, C) in the model's dtype and per-step diagnostics, each (N, B) float32 and
-    0 for unguided steps (as ``timi_torch.StepDiagnostics``): ``losses`` ``L_sep`` before the step's
+    0 for unguided steps (as ``timi_core.StepDiagnostics``): ``losses`` ``L_sep`` before the step's
     update, ``scales`` the step size lambda (Eq.6; ``alpha`` without GM), ``max_updates`` the
     largest ``|z_new - z|`` of the float32 latent."""
 

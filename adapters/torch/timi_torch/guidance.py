@@ -18,8 +18,15 @@ for latent keys) give ``P = mean_h SDPA(q_z, k, V)`` for the latent queries ``q_
   [k, 0], [v, V])`` at the original scale ``d^-1/2`` is ``[attention(q, k, v), SDPA(q, k, V)]``
   (:func:`attention_and_probability`). The last guided block only needs ``P`` (the forward stops
   there), so it runs ``SDPA(q_z, k, V)`` alone (:func:`fused_probability`).
-* ``mode="explicit"``: the reference; materialises the head-averaged softmax, slices ``A_zc`` and
-  calls ``timi_core.instance_probability``; the blocks run hy3dgen's own attention.
+* ``mode="explicit"``: the reference; materialises the head-averaged softmax, slices ``A_zc``
+  (:func:`condition_attention`) and calls ``timi_core.instance_probability``; the blocks run
+  hy3dgen's own attention.
+
+Observation without guidance: :func:`observe_attention` hands the first blocks' ``q`` and ``k`` to
+an observer (``observer(layer, q, k)``) during an ordinary forward, which then runs on unchanged.
+``TIMIPipeline`` uses it for a recorder passed to its call (e.g. ``timi.report.AttentionRecorder``);
+it is the same wrapper (:func:`capture_attention`, ``mode="observe"``), the only place where
+hy3dgen's ``attention`` is wrapped.
 
 ``P`` is computed in float32 from the model's q and k, so the loss is float32 for fp16/bf16 models
 (in the fused path the guided blocks' attention output is computed in float32 too, then cast back).
@@ -35,7 +42,8 @@ from einops import rearrange
 
 import timi_core
 
-__all__ = ["capture_attention", "separation_loss_and_grad", "guided_probabilities", "MODES"]
+__all__ = ["capture_attention", "observe_attention", "condition_attention", "separation_loss_and_grad",
+           "guided_probabilities", "MODES"]
 
 MODES = ("fused", "explicit")
 
@@ -93,11 +101,28 @@ def attention_and_probability(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return rearrange(out[..., :D].to(v.dtype), "B H L D -> B L (H D)"), out[:, :, M:, D:D + K].mean(dim=1)
 
 
+def condition_attention(q_z: torch.Tensor, k: torch.Tensor, num_cond: int, head_chunk: int | None = None):
+    """Eq.1's block ``A_zc``, averaged over heads, float32: the explicit softmax over the joint sequence.
+
+    ``q_z`` (..., H, L, D) latent queries, ``k`` (..., H, M + L, D) keys (condition tokens first),
+    ``num_cond`` = M -> (..., L, M). ``head_chunk``: heads per softmax (bounds the memory of the
+    (heads, L, M + L) scores); default all at once.
+    """
+    H, D = q_z.shape[-3], q_z.shape[-1]
+    if head_chunk is None:
+        scores = torch.matmul(q_z.float(), k.float().transpose(-1, -2)) * D ** -0.5
+        return scores.softmax(dim=-1)[..., :num_cond].mean(dim=-3)
+    total = 0
+    for h in range(0, H, head_chunk):
+        heads = slice(h, h + head_chunk)
+        scores = torch.matmul(q_z[..., heads, :, :].float(), k[..., heads, :, :].float().transpose(-1, -2)) * D ** -0.5
+        total = total + scores.softmax(dim=-1)[..., :num_cond].sum(dim=-3)
+    return total / H
+
+
 def explicit_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Eq.2 with the explicit attention matrix (reference path); same shapes as the fused one."""
-    M = tokens.shape[-1]
-    scores = torch.matmul(q_z.float(), k.float().transpose(-1, -2)) * q_z.shape[-1] ** -0.5
-    attn_zc = scores.softmax(dim=-1)[..., :M].mean(dim=1)                 # (B, L, M), Eq.1 block A_zc
+    attn_zc = condition_attention(q_z, k, tokens.shape[-1])               # (B, L, M), Eq.1 block A_zc
     return torch.stack([timi_core.instance_probability(attn_zc[b], tokens[b])
                         for b in range(tokens.shape[0])])
 
@@ -108,21 +133,31 @@ class _Capture:
     num_layers: int
     mode: str
     probabilities: list = dataclasses.field(default_factory=list)
+    calls: int = 0
 
 
 @contextlib.contextmanager
-def capture_attention(tokens: torch.Tensor, num_layers: int, mode: str = "fused"):
+def capture_attention(tokens: torch.Tensor | None, num_layers: int, mode: str = "fused", observer=None):
     """Within the block, the DiT's first ``num_layers`` attention calls record ``P`` (B, L, K) (Eq.2).
 
     ``tokens``: (B, K, M) condition-token masks. The forward stops (``_StopForward``) after the
     ``num_layers``-th call; use :func:`guided_probabilities`, which handles that.
+    ``mode="observe"``: nothing is recorded or stopped; each of the first ``num_layers`` calls
+    hands its ``(layer, q, k)`` (each (B, H, M + L, D)) to ``observer`` and runs hy3dgen's
+    attention (:func:`observe_attention`).
     """
-    if mode not in MODES:
+    if mode not in MODES + ("observe",):
         raise ValueError(f"attention mode {mode!r} is not one of {MODES}.")
     module = _dit_module()
     original = module.attention
     state = _Capture(tokens, num_layers, mode)
     probability = fused_probability if mode == "fused" else explicit_probability
+
+    def observe(q, k, v, **kwargs):
+        if state.calls < state.num_layers:
+            observer(state.calls, q, k)
+        state.calls += 1
+        return original(q, k, v, **kwargs)
 
     def attention(q, k, v, **kwargs):
         M = state.tokens.shape[-1]
@@ -139,11 +174,18 @@ def capture_attention(tokens: torch.Tensor, num_layers: int, mode: str = "fused"
             raise _StopForward
         return original(q, k, v, **kwargs)
 
-    module.attention = attention
+    module.attention = observe if mode == "observe" else attention
     try:
         yield state
     finally:
         module.attention = original
+
+
+def observe_attention(observer, num_layers: int):
+    """Context manager around ONE DiT forward: its first ``num_layers`` attention calls (the first
+    double-stream blocks) hand ``(layer, q, k)`` to ``observer``; the forward itself is unchanged
+    (:func:`capture_attention` with ``mode="observe"``)."""
+    return capture_attention(None, num_layers, "observe", observer)
 
 
 def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode="fused", **kwargs):

@@ -1,7 +1,11 @@
 """``TIMIPipeline``: hy3dgen's Hunyuan3D-DiT flow-matching sampler with TIMI guidance.
 
 One denoising loop in diffusers style that reuses the wrapped hy3dgen pipeline's scheduler,
-conditioner, image processor, DiT and ShapeVAE. Per step ``i`` (paper Sec. 4, Fig. 2):
+conditioner, image processor, DiT and ShapeVAE. A call runs in numbered stages: check the
+arguments; condition tokens and masks (:func:`timi_torch.frontend.prepare_inputs`, shared with
+``timi_jax``); timesteps and noise; the loop; meshes (:func:`timi_torch.frontend.export_meshes`).
+It returns a :class:`timi_core.TIMIPipelineOutput` and keeps nothing on the pipeline; the
+``TIMIConfig`` may be the call's own. Per step ``i`` (paper Sec. 4, Fig. 2):
 
 1. if ``config.guidance_active(i)``: ISG (Eqs.2-4, :mod:`timi_torch.guidance`) on the conditional
    branch gives ``dL_sep/dz``; SGU (Eqs.5-7, ``timi_core.sgu_update``, smoothing along the latent
@@ -25,41 +29,28 @@ bfloat16).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import copy
+import functools
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import timi_core
-from timi_core import TIMIConfig
+from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
 
-from .guidance import MODES, separation_loss_and_grad
+from .frontend import check_output_type, export_meshes, prepare_inputs
+from .guidance import MODES, observe_attention, separation_loss_and_grad
 from .masks import ConditionMasks, condition_token_masks
 
-__all__ = ["TIMIPipeline", "StepDiagnostics", "ModelLoadError"]
+__all__ = ["TIMIPipeline", "TIMIPipelineOutput", "StepDiagnostics", "ModelLoadError"]
 
 DEFAULT_SUBFOLDER = "hunyuan3d-dit-v2-0"
-
-
-@dataclasses.dataclass(frozen=True)
-class StepDiagnostics:
-    """What one guided step did, per sample of the batch (lists of length B).
-
-    ``loss``: L_sep (Eq.4, mean over the guided layers) before the update; ``scale``: the step
-    size lambda (Eq.6 with GM, else alpha); ``max_update``: max |z_new - z| of the step (Eq.7),
-    what the float32 latent actually moved (guided runs carry the latent in float32).
-    """
-
-    step: int
-    timestep: float
-    loss: list[float]
-    scale: list[float]
-    max_update: list[float]
 
 
 def smoothing_axes(latents: torch.Tensor) -> tuple[int, ...]:
@@ -80,6 +71,11 @@ class ModelLoadError(ValueError):
 def _one_line(e: BaseException, limit: int = 300) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:limit]}{' ...' if len(text) > limit else ''}"
+
+
+def _check_config(config) -> None:
+    if not isinstance(config, TIMIConfig):
+        raise TypeError(f"config must be a timi_core.TIMIConfig, got {type(config).__name__}.")
 
 
 def _default_device() -> str:
@@ -105,25 +101,32 @@ class TIMIPipeline:
     >>> from timi_torch import TIMIPipeline                                  # doctest: +SKIP
     >>> pipe = TIMIPipeline.from_pretrained()           # the shipped testbed model  # doctest: +SKIP
     >>> pipe = TIMIPipeline.from_pretrained("tencent/Hunyuan3D-2")           # doctest: +SKIP
-    >>> mesh = pipe("scene.png", masks, generator=torch.manual_seed(0))[0]   # doctest: +SKIP
+    >>> out = pipe("scene.png", masks, generator=torch.manual_seed(0))       # doctest: +SKIP
+    >>> mesh, steps = out.meshes[0], out.diagnostics                         # doctest: +SKIP
 
-    ``base``: a ``hy3dgen.shapegen.Hunyuan3DDiTFlowMatchingPipeline``; ``config``: a
-    ``timi_core.TIMIConfig`` (paper defaults). After each call ``self.diagnostics`` holds one
-    :class:`StepDiagnostics` per guided step.
+    ``base``: a ``hy3dgen.shapegen.Hunyuan3DDiTFlowMatchingPipeline``; ``config``: the default
+    ``timi_core.TIMIConfig`` of the calls (paper defaults); a call may pass its own ``config``, and
+    :meth:`with_config` gives a copy with another default. A call returns a
+    :class:`timi_core.TIMIPipelineOutput`; the pipeline keeps no state between calls.
     """
 
     def __init__(self, base, config: TIMIConfig = TIMIConfig(), attention: str = "fused"):
         if not hasattr(base, "model") or not hasattr(base.model, "double_blocks"):
             raise TypeError("TIMIPipeline needs a loaded hy3dgen Hunyuan3DDiTFlowMatchingPipeline "
                             f"(with a Hunyuan3DDiT `model`), got {type(base).__name__}.")
-        if not isinstance(config, TIMIConfig):
-            raise TypeError(f"config must be a timi_core.TIMIConfig, got {type(config).__name__}.")
+        _check_config(config)
         if attention not in MODES:
             raise ValueError(f"attention={attention!r} must be one of {MODES}.")
         self.base = base
         self.config = config
         self.attention = attention
-        self.diagnostics: list[StepDiagnostics] = []
+
+    def with_config(self, config: TIMIConfig) -> "TIMIPipeline":
+        """A shallow copy (same hy3dgen pipeline and weights) whose calls default to ``config``."""
+        _check_config(config)
+        other = copy.copy(self)
+        other.config = config
+        return other
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -137,7 +140,8 @@ class TIMIPipeline:
         .safetensors``; (b) a single checkpoint file (then ``config_path`` is required); or (c) a
         hy3dgen model id such as ``"tencent/Hunyuan3D-2"``, resolved by hy3dgen as
         ``$HY3DGEN_MODELS/<path>/<subfolder>`` (default ``~/.cache/hy3dgen``) and otherwise the hub;
-        (d) ``None``: the small model shipped with the project (``timi.testbed.default_model_path()``).
+        (d) ``None``: the small model shipped with the project (``timi.testbed.default_model_path()``;
+        the application resolves ``--model`` through ``timi.pipelines.resolve_model``).
         ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA, float32 on CPU.
         Raises ``FileNotFoundError`` for missing files and :class:`ModelLoadError` when hy3dgen
         cannot build the model from them.
@@ -213,26 +217,27 @@ class TIMIPipeline:
         """:func:`timi_torch.condition_token_masks` with this pipeline's processor and conditioner."""
         return condition_token_masks(image, masks, self.base, names=names)
 
-    def _guided_layers(self) -> int:
+    def _guided_layers(self, config: TIMIConfig) -> int:
         depth = len(self.base.model.double_blocks)
-        n = self.config.guided_layers
+        n = config.guided_layers
         if n > depth:
             warnings.warn(f"TIMIConfig.guided_layers={n} exceeds the model's {depth} double-stream blocks; "
                           f"guiding all {depth}.", stacklevel=3)
         return min(n, depth)
 
-    def guide(self, latents, timestep, cond_main, tokens, momentum=None, *, step: int = 0):
+    def guide(self, latents, timestep, cond_main, tokens, momentum=None, *, step: int = 0,
+              config: Optional[TIMIConfig] = None):
         """One ISG + SGU update (Eqs.2-7) of ``latents`` (B, L, C) -> (latents, momentum, diagnostics).
 
         ``latents`` in any dtype; the returned latents are float32 (``latents`` upcast minus the
-        float32 momentum), not rounded to the model dtype.
+        float32 momentum), not rounded to the model dtype. ``config``: default ``self.config``.
         """
-        cfg = self.config
+        cfg = self.config if config is None else config
         model_kwargs = {}
         if getattr(self.base.model, "guidance_embed", False):
             raise NotImplementedError("guidance-distilled DiTs (guidance_embed=True) are not supported.")
         loss, grad = separation_loss_and_grad(self.base.model, latents, timestep, cond_main, tokens, cfg,
-                                              self._guided_layers(), self.attention, **model_kwargs)
+                                              self._guided_layers(cfg), self.attention, **model_kwargs)
         z = latents.detach().to(torch.float32)
         axes = smoothing_axes(z)
         z_new, momentum = timi_core.sgu_update(z, grad, momentum, cfg, axes=axes)
@@ -251,39 +256,45 @@ class TIMIPipeline:
                  generator=None, output_type: str = "trimesh", callback: Optional[Callable] = None,
                  callback_steps: int = 1, sigmas=None, box_v: float = 1.01, octree_resolution: int = 384,
                  mc_level: float = 0.0, mc_algo=None, num_chunks: int = 8000, enable_pbar: bool = True,
-                 latents: Optional[torch.Tensor] = None):
+                 latents: Optional[torch.Tensor] = None, config: Optional[TIMIConfig] = None,
+                 recorder=None) -> TIMIPipelineOutput:
         """Sample 3D shapes of ``image`` with its instances kept apart (TIMI).
 
         ``image``: a path, PIL image or (H, W, 3|4) array (or a list of them, a batch);
-        ``masks``: its instance masks, see :func:`timi_torch.condition_token_masks` (a list, one per
-        image, for a batch). Other arguments as in hy3dgen's ``Hunyuan3DDiTFlowMatchingPipeline``;
+        ``masks``: its instance masks, see :func:`timi_torch.condition_token_masks`, or the
+        :class:`ConditionMasks` already computed for the image (a list, one per image, for a
+        batch). Other arguments as in hy3dgen's ``Hunyuan3DDiTFlowMatchingPipeline``;
         ``callback(step, t, scheduler_output)`` is called every ``callback_steps`` steps (with
         guidance on, ``scheduler_output.prev_sample`` is the float32 master latent).
-        ``output_type``: ``"trimesh"`` (list of meshes), ``"mesh"`` (hy3dgen's raw outputs) or
-        ``"latent"`` (the (B, L, C) latents, in the model's dtype as hy3dgen returns them).
+        ``output_type``: ``"trimesh"`` (meshes), ``"mesh"`` (hy3dgen's raw outputs) or ``"latent"``
+        (no meshes). ``config``: this call's ``TIMIConfig`` (default ``self.config``).
+        ``recorder``: an observer of the denoiser's conditional forward (the hook behind
+        ``timi.report.AttentionRecorder``): for each step ``i`` with ``recorder.wants(i)``, the
+        first ``recorder.layers`` blocks call ``recorder.observe(i, layer, q, k)``; its
+        ``records`` become the output's ``recordings``.
+
+        Returns a :class:`timi_core.TIMIPipelineOutput`: ``meshes`` (None for ``"latent"``), the
+        (B, L, C) ``latents`` in the model's dtype, one ``StepDiagnostics`` per guided step, and
+        ``recordings``.
         """
         from hy3dgen.shapegen.pipelines import retrieve_timesteps
 
-        if output_type not in ("trimesh", "mesh", "latent"):
-            raise ValueError(f"output_type={output_type!r} must be 'trimesh', 'mesh' or 'latent'.")
+        # 1. check the arguments
+        check_output_type(output_type)
         _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas)
-        base, cfg = self.base, self.config
+        cfg = self.config if config is None else config
+        _check_config(cfg)
+        base = self.base
         base.set_surface_extractor(mc_algo)
-        images, mask_sets = (image, masks) if isinstance(image, (list, tuple)) else ([image], [masks])
-        if len(mask_sets) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(mask_sets)} mask sets; pass one per image.")
-        cond_masks = [self.condition_masks(im, ms) for im, ms in zip(images, mask_sets)]
-
         device, dtype = base.device, base.dtype
-        do_cfg = guidance_scale >= 0 and not getattr(base.model, "guidance_embed", False)
-        cond_inputs = base.prepare_image([cm.image for cm in cond_masks])
-        image_tensor = cond_inputs.pop("image")
-        cond = base.encode_cond(image=image_tensor, additional_cond_inputs=cond_inputs,
-                                do_classifier_free_guidance=do_cfg, dual_guidance=False)
-        batch_size = image_tensor.shape[0]
-        tokens = self._stack_tokens(cond_masks, device)
-        cond_main = cond["main"][:batch_size]                                 # conditional branch
 
+        # 2. condition tokens and condition-token masks (shared front end)
+        do_cfg = guidance_scale >= 0 and not getattr(base.model, "guidance_embed", False)
+        inputs = prepare_inputs(base, image, masks, do_classifier_free_guidance=do_cfg,
+                                condition_masks=self.condition_masks)
+        batch_size, cond = inputs.batch_size, inputs.cond
+
+        # 3. timesteps and initial latents (hy3dgen's)
         sigmas = np.linspace(0, 1, num_inference_steps) if sigmas is None else sigmas
         timesteps, num_inference_steps = retrieve_timesteps(base.scheduler, num_inference_steps, device,
                                                             sigmas=sigmas)
@@ -295,7 +306,8 @@ class TIMIPipeline:
         if getattr(base.model, "guidance_embed", False):
             guidance = torch.tensor([guidance_scale] * batch_size, device=device, dtype=dtype)
 
-        self.diagnostics = []
+        # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's CFG Euler step
+        diagnostics = []
         momentum = None
         # Guidance on: float32 master latent (module docstring). Off: hy3dgen's loop, model dtype.
         master = cfg.enabled
@@ -304,13 +316,15 @@ class TIMIPipeline:
         for i, t in enumerate(tqdm(timesteps, disable=not enable_pbar, desc="TIMI sampling")):
             timestep = t.expand(batch_size).to(dtype) / base.scheduler.config.num_train_timesteps
             if cfg.guidance_active(i):
-                latents, momentum, diag = self.guide(latents, timestep, cond_main, tokens, momentum, step=i)
-                self.diagnostics.append(diag)
+                latents, momentum, diag = self.guide(latents, timestep, inputs.cond_main, inputs.tokens, momentum,
+                                                     step=i, config=cfg)
+                diagnostics.append(diag)
 
             model_latents = latents.to(dtype)                  # no-op without guidance
             latent_model_input = torch.cat([model_latents] * 2) if do_cfg else model_latents
             timestep = t.expand(latent_model_input.shape[0]).to(dtype) / base.scheduler.config.num_train_timesteps
-            noise_pred = base.model(latent_model_input, timestep, cond, guidance=guidance)
+            with _observed(recorder, i):
+                noise_pred = base.model(latent_model_input, timestep, cond, guidance=guidance)
             if do_cfg:
                 noise_pred_cond, noise_pred_uncond = noise_pred.chunk(2)
                 noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
@@ -323,23 +337,18 @@ class TIMIPipeline:
             if callback is not None and i % callback_steps == 0:
                 callback(i // getattr(base.scheduler, "order", 1), t, outputs)
 
-        latents = latents.to(dtype)                            # the master latent, rounded once
-        if output_type == "latent":
-            return latents
-        meshes = base._export(latents, "trimesh" if output_type == "trimesh" else "mesh", box_v, mc_level,
-                              num_chunks, octree_resolution, mc_algo, enable_pbar=enable_pbar)
-        failed = [b for b, m in enumerate(meshes) if m is None]
-        if failed:
-            raise RuntimeError(f"surface extraction found no surface for sample(s) {failed} at mc_level={mc_level} "
-                               f"(octree_resolution={octree_resolution}); try another mc_level or seed.")
-        return meshes
+        # 5. the master latent, rounded once; meshes (shared back end)
+        latents = latents.to(dtype)
+        meshes = None
+        if output_type != "latent":
+            meshes = export_meshes(base, latents, output_type, box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
+                                   octree_resolution=octree_resolution, mc_algo=mc_algo, enable_pbar=enable_pbar)
+        return TIMIPipelineOutput(meshes, latents, diagnostics,
+                                  list(recorder.records) if recorder is not None else None)
 
-    @staticmethod
-    def _stack_tokens(cond_masks: list[ConditionMasks], device) -> torch.Tensor:
-        """(B, K_max, M) float32; samples with fewer instances get all-zero masks, which add exactly
-        0 to Eq.4 (W = 0 there) and 0 to its gradient."""
-        k_max = max(cm.num_instances for cm in cond_masks)
-        out = torch.zeros(len(cond_masks), k_max, cond_masks[0].tokens.shape[1])
-        for b, cm in enumerate(cond_masks):
-            out[b, : cm.num_instances] = cm.tokens
-        return out.to(device)
+
+def _observed(recorder, step: int):
+    """The forward of ``step`` observed by ``recorder`` (see ``TIMIPipeline.__call__``), or not."""
+    if recorder is None or not recorder.wants(step):
+        return contextlib.nullcontext()
+    return observe_attention(functools.partial(recorder.observe, step), recorder.layers)
