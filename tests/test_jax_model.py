@@ -170,12 +170,12 @@ def test_same_parameters_as_hy3dgen_and_errors():
     n = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(v20, nnx.Param)))
     assert n == 1_113_274_432  # hy3dgen's count (shared/notes/hy3dgen-facts.md)
     assert v20.config == timi_jax.ModelConfig() == timi_jax.PRESETS["v2.0"] == timi_jax.ModelConfig.v2_0()
-    mini = nnx.eval_shape(lambda: timi_jax.Hunyuan3DDiT(timi_jax.PRESETS["mini"]))
-    assert (mini.hidden_size, mini.depth, mini.config) == (128, 4, timi_jax.ModelConfig.mini())
-    deeper = nnx.eval_shape(lambda: timi_jax.Hunyuan3DDiT(timi_jax.PRESETS["mini"], depth=2))  # kwargs replace fields
-    assert deeper.config == timi_jax.PRESETS["mini"].replace(depth=2) and len(deeper.double_blocks) == 2
+    mini = nnx.eval_shape(lambda: timi_jax.Hunyuan3DDiT(timi_jax.PRESETS["testbed"]))
+    assert (mini.hidden_size, mini.depth, mini.config) == (128, 4, timi_jax.ModelConfig.testbed())
+    deeper = nnx.eval_shape(lambda: timi_jax.Hunyuan3DDiT(timi_jax.PRESETS["testbed"], depth=2))  # kwargs replace fields
+    assert deeper.config == timi_jax.PRESETS["testbed"].replace(depth=2) and len(deeper.double_blocks) == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
-        timi_jax.PRESETS["mini"].depth = 3
+        timi_jax.PRESETS["testbed"].depth = 3
     with pytest.raises(ValueError, match="divisible"):
         timi_jax.ModelConfig(hidden_size=10, num_heads=3)
     with pytest.raises(ValueError, match="divisible"):

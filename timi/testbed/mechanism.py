@@ -167,7 +167,9 @@ def summarise(rows: list[dict], per_scene_csv: str | Path | None = None) -> str:
                     ssr[(r["run"], r["scene"])] = float(r["ssr"])
         dp, ds = [], []
         for r in rows:
-            a, b = ("base model (no TIMI)", r["scene"]), ("TIMI", r["scene"])
+            # an eval with one seed names scenes without the "@seed<s>" suffix
+            sid = r["scene"] if ("TIMI", r["scene"]) in ssr else r["scene"].split("@")[0]
+            a, b = ("base model (no TIMI)", sid), ("TIMI", sid)
             if a in ssr and b in ssr:
                 dp.append(np.mean([x["purity"] for x in r["timi"]["layers"]]) -
                           np.mean([x["purity"] for x in r["base"]["layers"]]))

@@ -2,7 +2,7 @@
 
 Laid out as jax-ml/bonsai lays out a model: :mod:`timi_jax.modeling` (the network,
 :class:`Hunyuan3DDiT`, and its frozen :class:`ModelConfig` with named :data:`PRESETS` ``"v2.0"``
-and ``"mini"``), :mod:`timi_jax.params` (the torch -> Flax key table and loading:
+and ``"testbed"``), :mod:`timi_jax.params` (the torch -> Flax key table and loading:
 :func:`from_torch`, :func:`from_checkpoint`), :mod:`timi_jax.sampler` (:func:`sample`: hy3dgen's
 flow-matching Euler + CFG schedule with TIMI guidance, one compiled program, optional
 data-parallel ``mesh``; :func:`separation_loss_and_grad`; :func:`data_parallel_mesh`) and

@@ -2,7 +2,7 @@
 
 Laid out as jax-ml/bonsai lays out a model: this module holds the network and its configuration
 (:class:`ModelConfig`, a frozen dataclass with named presets, :data:`PRESETS`: ``"v2.0"`` and
-``"mini"``); :mod:`timi_jax.params` holds the torch -> Flax key table and the loading, and this
+``"testbed"`` (the testbed v2 DiT sizes; Hunyuan3D-2mini is not a preset yet)); :mod:`timi_jax.params` holds the torch -> Flax key table and the loading, and this
 module does not import it (``Hunyuan3DDiT`` builds randomly initialised weights;
 ``timi_jax.from_checkpoint`` / ``from_torch`` build it and fill it).
 
@@ -93,7 +93,7 @@ class ModelConfig:
         return cls()
 
     @classmethod
-    def mini(cls) -> "ModelConfig":
+    def testbed(cls) -> "ModelConfig":
         """A small DiT of the testbed's size (``timi.testbed.model.SIZES['v2']``: 128 wide, 4 + 1
         blocks, 8 latent channels, 64-dim condition tokens), for tests and CPU runs."""
         return cls(in_channels=8, context_in_dim=64, hidden_size=128, num_heads=4, depth=4,
@@ -117,7 +117,7 @@ class ModelConfig:
 
 
 #: Named configurations: ``ModelConfig.preset(name)`` / ``Hunyuan3DDiT(PRESETS[name])``.
-PRESETS: dict[str, ModelConfig] = {"v2.0": ModelConfig.v2_0(), "mini": ModelConfig.mini()}
+PRESETS: dict[str, ModelConfig] = {"v2.0": ModelConfig.v2_0(), "testbed": ModelConfig.testbed()}
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,
