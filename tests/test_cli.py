@@ -16,6 +16,7 @@ import hy3dgen.shapegen  # noqa: F401  (binds hy3dgen's log handler to the real 
 from typer.testing import CliRunner
 
 from timi.cli import app
+from torch_helpers import tiny_model  # noqa: F401  (fixture)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "timi" / "assets" / "example"
 FAST = ["--steps", "2", "--guided-steps", "2", "--octree-resolution", "16", "--quiet"]
@@ -23,11 +24,6 @@ FAST = ["--steps", "2", "--guided-steps", "2", "--octree-resolution", "16", "--q
 pytestmark = pytest.mark.skipif(not (EXAMPLE / "masks.png").exists(), reason="example scene not present")
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    from timi_torch import write_tiny_model_dir
-
-    return write_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", image_size=112)
 
 
 @pytest.fixture(scope="module")

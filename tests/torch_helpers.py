@@ -74,3 +74,11 @@ def scene(alpha: bool = True, size=(200, 300)):
     masks[0, 50:150, 60:120] = True
     masks[1, 80:170, 150:260] = True
     return (img if alpha else img[..., :3]), masks
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny hy3dgen model directory with a 112 px conditioner, for the command-line tests."""
+    from timi_torch import write_tiny_model_dir
+
+    return write_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", image_size=112)

@@ -47,7 +47,7 @@ def _encode(pipe, image, masks):
 def optimise_latent(pipe, image, masks, *, steps: int = 30, normalise: bool = False, seed: int = 0,
                     layers: int = 4) -> dict:
     """Plain gradient steps on the first latent (t = 0); selectivity/mass per layer before and after."""
-    from timi_torch.guidance import guided_probabilities
+    from timi_torch.guidance import frozen_parameters, guided_probabilities
 
     model = pipe.base.model
     layers = min(layers, len(model.double_blocks))
@@ -56,10 +56,7 @@ def optimise_latent(pipe, image, masks, *, steps: int = 30, normalise: bool = Fa
     z = pipe.base.prepare_latents(1, torch.float32, pipe.device, gen).float()
     t = torch.zeros(1, device=pipe.device)
     out = {"loss": []}
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
+    with frozen_parameters(model):
         for i in range(steps + 1):
             with torch.enable_grad():
                 zz = z.clone().requires_grad_(True)
@@ -67,17 +64,13 @@ def optimise_latent(pipe, image, masks, *, steps: int = 30, normalise: bool = Fa
                 if i in (0, steps):
                     key = "before" if i == 0 else "after"
                     out[key] = [selectivity_and_mass(P[0]) for P in Ps]
-                if normalise:
-                    Ps = [P / P.sum(-1, keepdim=True).clamp_min(1e-12) for P in Ps]
-                loss = torch.stack([timi_core.instance_separation_loss(P, 1e-6) for P in Ps]).mean(0).sum()
+                loss = torch.stack([timi_core.instance_separation_loss(P, 1e-6, normalize_instances=normalise)
+                                    for P in Ps]).mean(0).sum()
                 out["loss"].append(float(loss.detach()))
                 if i == steps:
                     break
                 (g,) = torch.autograd.grad(loss, zz)
             z = z - 0.1 * z.std() * g / g.abs().max().clamp_min(1e-12)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
     return out
 
 

@@ -77,6 +77,7 @@ class Scene:
     labels: np.ndarray  # (H, W) uint8, instance ids 1..K
     instance_of: list[int] = field(default_factory=list)  # 1-based instance of each primitive
     _meshes: list | None = field(default=None, repr=False, compare=False)
+    _gaps: list | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.instance_of:
@@ -103,13 +104,16 @@ class Scene:
         return scene
 
     def gaps(self) -> list[float]:
-        """Surface gap of every pair of instances (world units; negative = they overlap)."""
+        """Surface gap of every pair of instances (world units; negative = they overlap), computed once."""
+        if self._gaps is not None:
+            return list(self._gaps)
         meshes = self.instance_meshes()
         out = []
         for a in range(len(meshes)):
             for b in range(a + 1, len(meshes)):
                 out.append(_mesh_gap(meshes[a], self.parts(a + 1), meshes[b], self.parts(b + 1)))
-        return out
+        self._gaps = out
+        return list(out)
 
     def layout(self) -> dict:
         instances = []

@@ -209,7 +209,7 @@ def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode
 
 
 @contextlib.contextmanager
-def _frozen(model):
+def frozen_parameters(model):
     """Parameters temporarily excluded from autograd (hy3dgen leaves ``requires_grad=True`` on the
     DiT): the backward then keeps and computes only what ``dL/dz`` needs."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -231,7 +231,7 @@ def separation_loss_and_grad(model, latents, timestep, cond_main, tokens, config
     gradient is that of the *sum* of the per-sample losses.
     """
     dtype = next(model.parameters()).dtype
-    with torch.enable_grad(), _frozen(model):
+    with torch.enable_grad(), frozen_parameters(model):
         z = latents.detach().to(torch.float32).clone().requires_grad_(True)
         Ps = guided_probabilities(model, z.to(dtype), timestep, cond_main, tokens, num_layers, mode, **model_kwargs)
         per_layer = torch.stack([timi_core.instance_separation_loss(P, config.eps, config.detach_weights,
