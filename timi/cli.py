@@ -33,6 +33,9 @@ app.command("eval")(_eval_command)
 from timi.bench.cli import app as _bench_app  # noqa: E402
 
 app.add_typer(_bench_app, name="bench")
+from timi.webapp.cli import app_command as _app_command  # noqa: E402  (gradio is imported when it runs)
+
+app.command("app")(_app_command)
 
 
 def main() -> None:

@@ -10,7 +10,8 @@ from .io import OutputError
 from .masks_io import MaskInputError
 from .pipelines import BackendUnavailableError, ModelConfigError, ModelNotFoundError
 
-__all__ = ["split_image_and_masks", "run_cli", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "BAD_INPUT_ERRORS"]
+__all__ = ["split_image_and_masks", "run_cli", "error_line", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "BAD_INPUT_ERRORS",
+           "INTERRUPTED_LINE"]
 
 #: Exit status for bad input (as click/typer use for usage errors); 1 for failures while running.
 EXIT_BAD_INPUT = 2
@@ -20,6 +21,7 @@ EXIT_INTERRUPTED = 130
 #: ``RuntimeError``) and other ``OSError``s while running are failures: exit 1.
 BAD_INPUT_ERRORS = (MaskInputError, OutputError, ModelNotFoundError, ModelConfigError, BackendUnavailableError,
                     FileNotFoundError, ValueError)
+INTERRUPTED_LINE = "interrupted (Ctrl-C): stopped; no output was written."
 
 
 def split_image_and_masks(paths: list[Path], masks: list[Path]) -> tuple[Path, list[Path]]:
@@ -28,19 +30,27 @@ def split_image_and_masks(paths: list[Path], masks: list[Path]) -> tuple[Path, l
     return paths[0], list(masks) + list(paths[1:])
 
 
+def error_line(exc: BaseException) -> tuple[str, int] | None:
+    """The one line and exit status the command line shows for ``exc``: bad input -> (``error: ...``, 2),
+    other failures while running (``RuntimeError``, ``OSError``) -> (``error: ...``, 1), Ctrl-C -> 130;
+    ``None`` for anything else (a bug: let it raise). ``timi app`` shows the same lines on the page."""
+    if isinstance(exc, BAD_INPUT_ERRORS):
+        code = EXIT_BAD_INPUT
+    elif isinstance(exc, (RuntimeError, OSError)):
+        code = 1
+    elif isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED_LINE, EXIT_INTERRUPTED
+    else:
+        return None
+    return f"error: {' '.join(str(exc).split())}", code
+
+
 def run_cli(fn, err):
     """Run ``fn``; bad input -> one ``error:`` line and exit 2, other failures -> one line and exit 1,
-    Ctrl-C -> one line and exit 130."""
-    def fail(msg: str, code: int):
-        err.print(f"error: {' '.join(str(msg).split())}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(code)
-
+    Ctrl-C -> one line and exit 130 (:func:`error_line`)."""
     try:
         return fn()
-    except BAD_INPUT_ERRORS as e:
-        fail(e, EXIT_BAD_INPUT)
-    except (RuntimeError, OSError) as e:
-        fail(e, 1)
-    except KeyboardInterrupt:
-        err.print("interrupted (Ctrl-C): stopped; no output was written.", markup=False, highlight=False)
-        raise typer.Exit(EXIT_INTERRUPTED)
+    except (*BAD_INPUT_ERRORS, RuntimeError, OSError, KeyboardInterrupt) as e:
+        line, code = error_line(e)
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code)
