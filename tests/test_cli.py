@@ -129,6 +129,7 @@ def test_same_seed_same_mesh_and_python_api(tiny_model, scene, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
 def test_jax_backend_matches_torch(tiny_model, scene, tmp_path):
     """--backend jax samples with timi_jax (same noise, condition and masks) and lands on the torch
     backend's latents and L_sep values."""

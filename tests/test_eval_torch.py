@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
 def test_timi_eval_with_the_torch_pipeline(tmp_path):
     model = write_tiny_model_dir(tmp_path / "tiny", image_size=112)
     data = tmp_path / "data"
