@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -94,5 +95,8 @@ def app_command(
 
     demo = build_app(cfg)
     demo.queue(default_concurrency_limit=4, max_size=32)
-    err.print(f"model: {cfg.model}; work folder: {cfg.workdir}", markup=False, highlight=False)
-    run_cli(lambda: demo.launch(**launch_options(host, port, share, max_upload_mb)), err)
+    err.print(f"model: {cfg.model}; work folder: {cfg.workdir} (removed on exit)", markup=False, highlight=False)
+    try:
+        run_cli(lambda: demo.launch(**launch_options(host, port, share, max_upload_mb)), err)
+    finally:
+        shutil.rmtree(cfg.workdir, ignore_errors=True)

@@ -60,7 +60,7 @@ def _views(st, cfg: AppConfig, timi: bool = True):
 def build_app(cfg: AppConfig):
     """The ``gr.Blocks`` of ``timi app`` for the command line's :class:`AppConfig`."""
     d = page_defaults()
-    with gr.Blocks(title="TIMI") as demo:
+    with gr.Blocks(title="TIMI", delete_cache=(3600, 24 * 3600)) as demo:  # Gradio's copies: a day
         st = gr.State(None)
         gr.Markdown(INTRO)
         with gr.Row():
