@@ -112,6 +112,27 @@ def test_export_loads_in_hy3dgen(tmp_path, tiny_cache):
     write_scene(generate_scene(seed=0, split="val", index=0, num_instances=2, resolution=64), tmp_path / "data")
     res = vae_ceiling(d, tmp_path / "data", octree_resolution=24, points_per_object=500, progress=False)
     assert res["n"] == 1 and len(res["rows"]) == 1 and res["rows"][0]["k"] == 2
+    _check_condition_use(d, tmp_path / "data", tmp_path / "blind")
+
+
+def _check_condition_use(model_dir, data_dir, blind_dir):
+    """A DiT that sees the image uses it (loss differs with zeros); one whose ``cond_in`` is zeroed cannot
+    see it, so its loss with the image equals its loss with hy3dgen's zero embedding exactly."""
+    import shutil
+
+    import safetensors.torch
+
+    from timi.testbed.condition_use import condition_use
+
+    seeing = condition_use(model_dir, data_dir, progress=False)
+    assert [r["t"] for r in seeing["by_t"]] == [0.2, 0.5, 0.8]
+    assert any(r["difference"] != 0 for r in seeing["by_t"])
+    shutil.copytree(model_dir, blind_dir)
+    weights = safetensors.torch.load_file(str(blind_dir / "model.fp16.safetensors"))
+    weights["model.cond_in.weight"].zero_()
+    safetensors.torch.save_file(weights, str(blind_dir / "model.fp16.safetensors"), metadata={"format": "pt"})
+    blind = condition_use(blind_dir, data_dir, progress=False)
+    assert all(r["difference"] == 0.0 and r["low"] == r["high"] == 0.0 for r in blind["by_t"])
 
 
 def test_shipped_model_generates_a_mesh_in_the_unit_box():

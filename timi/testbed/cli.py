@@ -132,6 +132,32 @@ def ceiling(
                + f"; right number of parts on {res['right_part_count']:.0%}")
 
 
+@app.command("condition-use")
+def condition_use_cmd(
+    dataset: Path = typer.Argument(..., help="Folder of scenes (from `timi testbed scenes`)."),
+    model: Path = typer.Option(None, "--model", help="Exported testbed model directory (default: the shipped one)."),
+    limit: int = typer.Option(None, "--limit", min=1),
+    seed: int = typer.Option(0, "--seed", help="Seed of the surface samples and the noise."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
+    out: Path = typer.Option(None, "--out", help="Write the result (per t and per scene) as JSON here."),
+) -> None:
+    """Does the DiT use its image? Velocity loss with the image condition vs with zeros, per noise level."""
+    import json
+
+    import torch
+
+    from timi.io import write_text
+    from timi.pipelines import resolve_model
+
+    from .condition_use import condition_use, condition_use_markdown
+
+    torch.set_num_threads(threads)
+    res = condition_use(model or resolve_model(None), dataset, limit=limit, seed=seed)
+    if out is not None:
+        write_text(out, json.dumps(res, indent=1))
+    typer.echo(f"{res['n']} scenes\n" + condition_use_markdown(res))
+
+
 @app.command()
 def mechanism(
     dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
