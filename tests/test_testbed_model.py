@@ -164,3 +164,28 @@ def test_shipped_vae_reconstructs_the_first_single_asset_test_scene(tmp_path):
     res = vae_ceiling(default_model_path(), tmp_path, octree_resolution=96, points_per_object=4096, progress=False)
     row = res["rows"][0]
     assert row["fs_s"] >= 0.9 and row["n_pred"] == 1, row
+
+
+def test_fixed_conditioner_is_frozen_and_exports_to_hy3dgen(tmp_path, tiny_cache):
+    """The ``fixed`` conditioner (v3): no layers, its weights do not move in training, hy3dgen's loader
+    rebuilds exactly its tokens, and its tokens tell image positions apart (distinct per patch)."""
+    from timi.testbed.export import export_model_dir, load_pipeline
+
+    sizes = TINY.replace(conditioner="fixed", cond_layers=0)
+    t = Trainer(tmp_path / "run", tiny_cache, _cfg(vae_steps=1, dit_steps=2), sizes, progress=False)
+    before = {k: v.clone() for k, v in t.cond.state_dict().items()}
+    t.run()
+    for key, value in t.cond.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+    assert len(t.state["condition_use"]) == 2  # logged at each save (save_every=1)
+    d = export_model_dir(t.export_state(), sizes.replace(scale_factor=t.state["scale_factor"]), tmp_path / "m")
+    pipe = load_pipeline(d)
+    image = torch.ones(1, 3, sizes.image_size, sizes.image_size)  # blank (white) image
+    ours, theirs = t.cond(image=image)["main"], pipe.conditioner(image=image)["main"]
+    torch.testing.assert_close(theirs, ours, rtol=2e-3, atol=2e-3)  # fp16 weights
+    patches = torch.nn.functional.normalize(ours[0, 1:], dim=-1)
+    cos = patches @ patches.T
+    assert (cos - torch.eye(len(cos))).max() < 0.999  # every patch token differs from every other
+    with pytest.raises(ValueError, match="no transformer layers"):
+        from timi.testbed.model import build_parts
+        build_parts(TINY.replace(conditioner="fixed"))

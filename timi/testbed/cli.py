@@ -42,7 +42,9 @@ def train(
     vae_gap_steps: int = typer.Option(0, "--vae-gap-steps", min=0,
                                       help="Second VAE stage: half multi-instance batches, queries in the gaps."),
     dit_steps: int = typer.Option(3000, "--dit-steps", min=0),
-    preset: str = typer.Option("v2", "--preset", help="Model sizes: v2 (shipped), v1 (first testbed), tiny."),
+    preset: str = typer.Option("v2", "--preset",
+                               help="Model sizes: v2, v3 (v2 with the fixed conditioner), v1 (first testbed), tiny."),
+    dit_lr: float = typer.Option(1e-3, "--dit-lr", min=0.0, help="Peak learning rate of the DiT (cosine decay)."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
     workers: int = typer.Option(2, "--workers", min=1, help="Processes that build the training cache."),
     cache: Path = typer.Option(None, "--cache", help="Training cache .npz (default: OUT/train_cache.npz)."),
@@ -63,13 +65,15 @@ def train(
         raise typer.BadParameter(f"unknown preset {preset!r}; use one of {list(SIZES)}", param_hint="--preset")
     torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps,
-                      vae_gap_steps=vae_gap_steps, dit_steps=dit_steps, threads=threads)
+                      vae_gap_steps=vae_gap_steps, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads)
     sizes = SIZES[preset]
     cache = build_cache(cache or out / "train_cache.npz", n_train, seed=seed, image_size=sizes.image_size,
                         num_latents=sizes.num_latents, n_encoder=cfg.n_surface, n_multi=n_multi, workers=workers)
     trainer = Trainer(out, cache, cfg, sizes)
     if init_from is not None and not trainer.ckpt.exists():
-        trainer.init_from(init_from)
+        took_dit = trainer.init_from(init_from)
+        typer.echo(f"starting from {init_from}: its VAE and encoder"
+                   + (", DiT and conditioner" if took_dit else "; the DiT trains from scratch (other sizes)"))
     summary = trainer.run()
     groups = trainer.export_state()
     final = sizes.replace(scale_factor=trainer.state["scale_factor"])

@@ -42,6 +42,11 @@ class TestbedSizes:
     cond_layers: int = 2
     image_size: int = 224
     scale_factor: float = 1.0
+    #: ``dino``: a small DINOv2 trained from scratch with the DiT; ``fixed``: a DINOv2 with no layers whose
+    #: weights are set by :func:`set_fixed_conditioner` and frozen (patch colours + explicit positions)
+    conditioner: str = "dino"
+    #: gain of the fixed conditioner's position channels
+    position_gain: float = 3.0
 
     def replace(self, **kw) -> "TestbedSizes":
         return TestbedSizes(**{**asdict(self), **kw})
@@ -52,10 +57,12 @@ class TestbedSizes:
 
 
 #: named presets: ``v1`` the first testbed model (issue 8: 64 latents, 8x8 condition grid),
-#: ``v2`` the single-asset-prior model of issue 12 (256 latents, 16x16 grid), ``tiny`` for tests
+#: ``v2`` the single-asset-prior model of issue 12 (256 latents, 16x16 grid), ``v3`` v2 with the fixed
+#: conditioner (``docs/testbed.md``: v2's DiT learnt to ignore its trained conditioner), ``tiny`` for tests
 SIZES = {
     "v1": TestbedSizes(num_latents=64, vae_width=64, hidden_size=96, image_size=112),
     "v2": TestbedSizes(),
+    "v3": TestbedSizes(conditioner="fixed", cond_layers=0),
     "tiny": TestbedSizes(num_latents=32, vae_width=32, vae_heads=2, vae_layers=1, hidden_size=32, num_heads=2,
                          depth=2, cond_width=24, cond_heads=2, cond_layers=1, image_size=56),
 }
@@ -86,13 +93,57 @@ def build_parts(sizes: TestbedSizes) -> dict[str, nn.Module]:
     """
     from hy3dgen.shapegen.pipelines import instantiate_from_config
 
+    if sizes.conditioner not in ("dino", "fixed"):
+        raise ValueError(f"unknown conditioner {sizes.conditioner!r}; use 'dino' or 'fixed'")
     cfg = hy3dgen_config(sizes)
     parts = {name: instantiate_from_config(copy.deepcopy(cfg[name])) for name in ("model", "vae", "conditioner")}
     dino = parts["conditioner"].main_image_encoder.model
+    if sizes.conditioner == "fixed":
+        set_fixed_conditioner(dino, sizes)
+        return parts
     pos = dino.embeddings.position_embeddings  # (1, 1 + g*g, width)
     with torch.no_grad():
         pos[0, 1:] = 0.5 * sincos_2d(sizes.condition_grid, pos.shape[-1])
     return parts
+
+
+@torch.no_grad()
+def set_fixed_conditioner(dino: nn.Module, sizes: TestbedSizes, seed: int = 7) -> None:
+    """Weights of a layer-free DINOv2 (hy3dgen's class) whose tokens say what is where, fixed and frozen.
+
+    Half the channels come from the 14x14 patch convolution: the mean of each colour over the
+    patch's four 7x7 quarters (12 channels) and fixed random projections of the patch (shading,
+    edges); the other half from the position table: the patch centre ``(u, v)`` in [-1, 1] (image x
+    right, y up: the world x, y of the front view), a constant, and a 2-D sin-cos table, all times
+    ``position_gain``. The DINOv2 output LayerNorm then normalises each token. A query that is linear
+    in a latent token's position can then peak on the patches at that position (cosine attention
+    with QK-norm), which a trained conditioner has to discover first.
+    """
+    if sizes.cond_layers != 0:
+        raise ValueError("the fixed conditioner has no transformer layers (cond_layers=0)")
+    width, grid, gain = sizes.cond_width, sizes.condition_grid, sizes.position_gain
+    half = width // 2
+    conv = dino.embeddings.patch_embeddings.projection  # Conv2d(3, width, 14, stride 14)
+    conv.weight.zero_()
+    conv.bias.zero_()
+    k = 0
+    for c in range(3):
+        for by in range(2):
+            for bx in range(2):
+                conv.weight[k, c, by * 7:(by + 1) * 7, bx * 7:(bx + 1) * 7] = 1.0 / 49
+                k += 1
+    gen = torch.Generator().manual_seed(seed)
+    conv.weight[k:half] = torch.randn(half - k, 3, 14, 14, generator=gen) / (14.0 * 3 ** 0.5)
+    pos = dino.embeddings.position_embeddings  # (1, 1 + grid^2, width)
+    pos.zero_()
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 - 1
+    vv, uu = torch.meshgrid(-centres, centres, indexing="ij")
+    pos[0, 1:, half] = gain * uu.reshape(-1)
+    pos[0, 1:, half + 1] = gain * vv.reshape(-1)
+    pos[0, 1:, half + 2] = gain
+    pos[0, 1:, half + 4:] = gain * sincos_2d(grid, width - half - 4)
+    dino.embeddings.cls_token.zero_()
+    dino.requires_grad_(False)
 
 
 def sincos_2d(grid: int, width: int) -> torch.Tensor:

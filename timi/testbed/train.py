@@ -88,13 +88,15 @@ class Trainer:
         parts = build_parts(sizes)
         self.vae, self.dit, self.cond = parts["vae"], parts["model"], parts["conditioner"]
         self.encoder = PointEncoder(self.vae, sizes)
-        self.cond.requires_grad_(True)
+        #: a fixed conditioner (``sizes.conditioner == "fixed"``) stays frozen: its tokens are computed once
+        self.cond_trains = sizes.conditioner != "fixed"
+        self.cond.requires_grad_(self.cond_trains)
         self.dit_ema = copy.deepcopy(self.dit).requires_grad_(False)
         self.cond_ema = copy.deepcopy(self.cond).requires_grad_(False)
         self.vae_opt = torch.optim.AdamW(list(self.encoder.parameters()) + list(self.vae.parameters()),
                                          lr=cfg.vae_lr, weight_decay=0.0)
-        self.dit_opt = torch.optim.AdamW(list(self.dit.parameters()) + list(self.cond.parameters()),
-                                         lr=cfg.dit_lr, weight_decay=0.0)
+        self.dit_opt = torch.optim.AdamW(self._dit_params(), lr=cfg.dit_lr, weight_decay=0.0)
+        self._cond_tokens: torch.Tensor | None = None
         self.state = {"vae_step": 0, "vae_gap_step": 0, "dit_step": 0, "scale_factor": None, "vae_loss": [],
                       "vae_gap_loss": [], "dit_loss": [], "latents_at": None}
         self.latents: torch.Tensor | None = None
@@ -194,6 +196,38 @@ class Trainer:
         return torch.cat(means)
 
     # -- stage 3: DiT ---------------------------------------------------------------------------
+    def _dit_params(self) -> list[torch.nn.Parameter]:
+        return list(self.dit.parameters()) + (list(self.cond.parameters()) if self.cond_trains else [])
+
+    def condition_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """Conditioner tokens of training samples ``idx`` (a frozen conditioner's are computed once)."""
+        if self.cond_trains:
+            return self.cond(image=self.data["image"][idx].float())["main"]
+        if self._cond_tokens is None:
+            images = self.data["image"]
+            with torch.no_grad():
+                self._cond_tokens = torch.cat([self.cond(image=images[i:i + 64].float())["main"]
+                                               for i in range(0, len(images), 64)])
+        return self._cond_tokens[idx]
+
+    @torch.no_grad()
+    def condition_use(self, n: int = 32, ts: tuple[float, ...] = (0.5, 0.8)) -> dict[str, float]:
+        """Velocity loss of the live DiT with vs without the image on ``n`` fixed training assets
+        (:mod:`timi.testbed.condition_use` measures the exported model on test scenes the same way)."""
+        rng, gen = _rng(self.cfg, 5, 0)
+        idx = torch.from_numpy(self.dit_pool[rng.choice(len(self.dit_pool), min(n, len(self.dit_pool)), replace=False)])
+        x1 = self.latents[idx] * self.state["scale_factor"]
+        cond = self.condition_tokens(idx)
+        out = {}
+        for t in ts:
+            x0 = torch.randn(x1.shape, generator=gen)
+            xt, target = flow_matching_pair(x1, x0, torch.full((len(idx),), t))
+            tt = torch.full((len(idx),), t)
+            with_image = F.mse_loss(self.dit(xt, tt, {"main": cond}), target).item()
+            with_zeros = F.mse_loss(self.dit(xt, tt, {"main": torch.zeros_like(cond)}), target).item()
+            out[f"t{t}"] = (with_zeros - with_image) / with_zeros
+        return out
+
     def dit_step(self, step: int) -> float:
         cfg = self.cfg
         rng, gen = _rng(cfg, 3, step)
@@ -202,7 +236,7 @@ class Trainer:
         x0 = torch.randn(x1.shape, generator=gen)
         t = torch.rand(len(idx), generator=gen)
         xt, target = flow_matching_pair(x1, x0, t)
-        cond = self.cond(image=self.data["image"][idx].float())["main"]
+        cond = self.condition_tokens(idx)
         keep = (torch.rand(len(idx), generator=gen) >= cfg.cond_drop).float()[:, None, None]
         cond = cond * keep  # dropped samples get zeros = hy3dgen's unconditional embedding
         v = self.dit(xt, t, {"main": cond})
@@ -211,10 +245,11 @@ class Trainer:
             g["lr"] = _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.warmup)
         self.dit_opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.dit.parameters()) + list(self.cond.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(self._dit_params(), 1.0)
         self.dit_opt.step()
+        pairs = ((self.dit_ema, self.dit), (self.cond_ema, self.cond)) if self.cond_trains else ((self.dit_ema, self.dit),)
         with torch.no_grad():
-            for ema, live in ((self.dit_ema, self.dit), (self.cond_ema, self.cond)):
+            for ema, live in pairs:
                 for pe, pl in zip(ema.parameters(), live.parameters()):
                     pe.lerp_(pl, 1.0 - cfg.ema)
         return loss.item()
@@ -235,6 +270,11 @@ class Trainer:
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{np.mean(hist[-50:]):.4f}")
             if (step + 1) % self.cfg.save_every == 0 or step + 1 == total:
+                if name == "dit":  # does the DiT use its image yet? (relative loss drop with the image)
+                    use = self.condition_use()
+                    self.state.setdefault("condition_use", []).append({"step": step + 1, **use})
+                    bar.write(f"dit step {step + 1}: loss drop with the image "
+                              + ", ".join(f"{k} {v:.1%}" for k, v in use.items()))
                 self._save()
         bar.close()
         self.state.setdefault("seconds", {})[name] = self.state.get("seconds", {}).get(name, 0.0) + time.time() - t0
@@ -287,22 +327,36 @@ class Trainer:
         return {"model": self.dit_ema.state_dict(), "vae": self.vae.state_dict(),
                 "conditioner": self.cond_ema.state_dict(), "encoder": self.encoder.state_dict()}
 
-    def init_from(self, model_dir: str | Path, vae_done: bool = True) -> None:
+    def init_from(self, model_dir: str | Path, vae_done: bool = True) -> bool:
         """Start from an exported model directory (its fp16 weights; fresh optimisers).
 
-        With ``vae_done`` the VAE stage counts as finished (its weights are the directory's): only
-        the DiT trains on, from the directory's EMA weights. Needs the shipped encoder file.
+        With ``vae_done`` the VAE stage counts as finished (its weights are the directory's). The DiT
+        and conditioner start from the directory's EMA weights when their sizes are this run's;
+        otherwise (e.g. a new conditioner on a kept VAE) they train from scratch. Needs the shipped
+        encoder file. Returns whether the DiT weights were taken.
         """
+        import yaml
+
         from .export import load_groups
 
+        extra = yaml.safe_load((Path(model_dir) / "config.yaml").read_text()).get("timi_testbed", {})
+        theirs = TestbedSizes(**extra.get("sizes", {}))
+        for field in ("num_latents", "latent_channels", "vae_width", "vae_heads", "vae_layers", "vae_mlp_ratio",
+                      "encoder_layers"):
+            if getattr(theirs, field) != getattr(self.sizes, field):
+                raise ValueError(f"{model_dir}: its VAE has {field}={getattr(theirs, field)}, this run "
+                                 f"{getattr(self.sizes, field)}; start without --init-from")
+        dit = theirs.replace(scale_factor=1.0) == self.sizes.replace(scale_factor=1.0)
         groups = load_groups(model_dir)
         if "encoder" not in groups:
             raise FileNotFoundError(f"{model_dir} has no encoder weights; it cannot seed a new run")
-        self.dit.load_state_dict(groups["model"])
-        self.dit_ema.load_state_dict(groups["model"])
-        self.cond.load_state_dict(groups["conditioner"])
-        self.cond_ema.load_state_dict(groups["conditioner"])
+        if dit:
+            self.dit.load_state_dict(groups["model"])
+            self.dit_ema.load_state_dict(groups["model"])
+            self.cond.load_state_dict(groups["conditioner"])
+            self.cond_ema.load_state_dict(groups["conditioner"])
         self.vae.load_state_dict(groups["vae"])
         self.encoder.load_state_dict(groups["encoder"])
         if vae_done:
             self.state["vae_step"], self.state["vae_gap_step"] = self.cfg.vae_steps, self.cfg.vae_gap_steps
+        return dit
