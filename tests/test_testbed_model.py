@@ -189,3 +189,21 @@ def test_fixed_conditioner_is_frozen_and_exports_to_hy3dgen(tmp_path, tiny_cache
     with pytest.raises(ValueError, match="no transformer layers"):
         from timi.testbed.model import build_parts
         build_parts(TINY.replace(conditioner="fixed"))
+
+
+def test_latent_positions_are_the_farthest_point_samples():
+    """With ``latent_positions`` the first three channels of each latent token are exactly its FPS
+    point (times the gain) with no posterior noise; the other channels are the encoder's."""
+    from timi.testbed.model import PointEncoder, build_parts
+
+    sizes = TINY.replace(latent_positions=2.0)
+    enc = PointEncoder(build_parts(sizes)["vae"], sizes)
+    pts = torch.rand(2, 300, 3) * 1.8 - 0.9
+    fps = torch.stack([torch.randperm(300)[: sizes.num_latents] for _ in range(2)])
+    mean, logvar = enc(pts, fps)
+    expect = torch.gather(pts, 1, fps[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(mean[..., :3], 2.0 * expect, rtol=0, atol=0)
+    assert (logvar[..., :3] == -20.0).all() and mean.shape[-1] == sizes.latent_channels
+    plain = PointEncoder(build_parts(TINY)["vae"], TINY)
+    plain.load_state_dict(enc.state_dict())
+    assert not torch.equal(plain(pts, fps)[0][..., :3], mean[..., :3])

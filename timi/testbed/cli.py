@@ -71,9 +71,7 @@ def train(
                         num_latents=sizes.num_latents, n_encoder=cfg.n_surface, n_multi=n_multi, workers=workers)
     trainer = Trainer(out, cache, cfg, sizes)
     if init_from is not None and not trainer.ckpt.exists():
-        took_dit = trainer.init_from(init_from)
-        typer.echo(f"starting from {init_from}: its VAE and encoder"
-                   + (", DiT and conditioner" if took_dit else "; the DiT trains from scratch (other sizes)"))
+        typer.echo(f"starting from {init_from}: its {trainer.init_from(init_from)}")
     summary = trainer.run()
     groups = trainer.export_state()
     final = sizes.replace(scale_factor=trainer.state["scale_factor"])

@@ -47,6 +47,10 @@ class TestbedSizes:
     conditioner: str = "dino"
     #: gain of the fixed conditioner's position channels
     position_gain: float = 3.0
+    #: > 0: the first 3 channels of each latent token are its farthest-point sample's position times this
+    #: (exact, no posterior noise), the rest are learnt; 0: all channels learnt (hy3dgen's VAE has no
+    #: encoder, so this is our choice; it makes a latent token's value say where it is)
+    latent_positions: float = 0.0
 
     def replace(self, **kw) -> "TestbedSizes":
         return TestbedSizes(**{**asdict(self), **kw})
@@ -63,6 +67,7 @@ SIZES = {
     "v1": TestbedSizes(num_latents=64, vae_width=64, hidden_size=96, image_size=112),
     "v2": TestbedSizes(),
     "v3": TestbedSizes(conditioner="fixed", cond_layers=0),
+    "v3p": TestbedSizes(conditioner="fixed", cond_layers=0, latent_positions=1.0),
     "tiny": TestbedSizes(num_latents=32, vae_width=32, vae_heads=2, vae_layers=1, hidden_size=32, num_heads=2,
                          depth=2, cond_width=24, cond_heads=2, cond_layers=1, image_size=56),
 }
@@ -185,6 +190,7 @@ class PointEncoder(nn.Module):
 
         width = sizes.vae_width
         self.num_latents = sizes.num_latents
+        self.latent_positions = float(sizes.latent_positions)
         self.fourier = FourierEmbedder(num_freqs=8, include_pi=False)
         self.input_proj = nn.Linear(self.fourier.out_dim, width)
         self.cross = ResidualCrossAttentionBlock(width=width, heads=sizes.vae_heads, qkv_bias=False, qk_norm=True)
@@ -203,7 +209,11 @@ class PointEncoder(nn.Module):
         q = self.input_proj(self.fourier(queries))
         x = self.self_attn(self.cross(q, data))
         mean, logvar = self.to_moments(self.ln(x)).chunk(2, dim=-1)
-        return mean, logvar.clamp(-20.0, 5.0)
+        logvar = logvar.clamp(-20.0, 5.0)
+        if self.latent_positions:
+            mean = torch.cat([self.latent_positions * queries, mean[..., 3:]], dim=-1)
+            logvar = torch.cat([torch.full_like(logvar[..., :3], -20.0), logvar[..., 3:]], dim=-1)
+        return mean, logvar
 
 
 def decode_occupancy(vae: nn.Module, latents: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:

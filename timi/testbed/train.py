@@ -175,7 +175,8 @@ class Trainer:
         z = mean + torch.randn(mean.shape, generator=gen) * (0.5 * logvar).exp()
         logits = decode_occupancy(self.vae, z, queries)
         bce = F.binary_cross_entropy_with_logits(logits, occ)
-        kl = 0.5 * (mean**2 + logvar.exp() - logvar - 1).mean()
+        learnt = slice(3, None) if self.sizes.latent_positions else slice(None)  # exact positions: no KL
+        kl = 0.5 * (mean**2 + logvar.exp() - logvar - 1)[..., learnt].mean()
         loss = bce + cfg.kl_weight * kl
         for g in self.vae_opt.param_groups:
             g["lr"] = lr
@@ -327,13 +328,14 @@ class Trainer:
         return {"model": self.dit_ema.state_dict(), "vae": self.vae.state_dict(),
                 "conditioner": self.cond_ema.state_dict(), "encoder": self.encoder.state_dict()}
 
-    def init_from(self, model_dir: str | Path, vae_done: bool = True) -> bool:
+    def init_from(self, model_dir: str | Path, vae_done: bool = True) -> str:
         """Start from an exported model directory (its fp16 weights; fresh optimisers).
 
         With ``vae_done`` the VAE stage counts as finished (its weights are the directory's). The DiT
         and conditioner start from the directory's EMA weights when their sizes are this run's;
         otherwise (e.g. a new conditioner on a kept VAE) they train from scratch. Needs the shipped
-        encoder file. Returns whether the DiT weights were taken.
+        encoder file. When the latent layout differs (``latent_positions``) the VAE stages run on from
+        these weights. Returns what was taken, in words.
         """
         import yaml
 
@@ -347,6 +349,8 @@ class Trainer:
                 raise ValueError(f"{model_dir}: its VAE has {field}={getattr(theirs, field)}, this run "
                                  f"{getattr(self.sizes, field)}; start without --init-from")
         dit = theirs.replace(scale_factor=1.0) == self.sizes.replace(scale_factor=1.0)
+        if theirs.latent_positions != self.sizes.latent_positions:
+            vae_done = False  # the latents mean something else: the VAE stages fine-tune from these weights
         groups = load_groups(model_dir)
         if "encoder" not in groups:
             raise FileNotFoundError(f"{model_dir} has no encoder weights; it cannot seed a new run")
@@ -359,4 +363,5 @@ class Trainer:
         self.encoder.load_state_dict(groups["encoder"])
         if vae_done:
             self.state["vae_step"], self.state["vae_gap_step"] = self.cfg.vae_steps, self.cfg.vae_gap_steps
-        return dit
+        return ("VAE and encoder (trained)" if vae_done else "VAE and encoder (to fine-tune)") + \
+            (", DiT and conditioner" if dit else "; the DiT trains from scratch (other sizes)")
