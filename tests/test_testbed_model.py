@@ -186,6 +186,18 @@ def test_fixed_conditioner_is_frozen_and_exports_to_hy3dgen(tmp_path, tiny_cache
     patches = torch.nn.functional.normalize(ours[0, 1:], dim=-1)
     cos = patches @ patches.T
     assert (cos - torch.eye(len(cos))).max() < 0.999  # every patch token differs from every other
+    # the oracle control: condition tokens = a CLS slot + one token per latent, a linear image of x_1
+    o = Trainer(tmp_path / "oracle", tiny_cache, _cfg(vae_steps=1, dit_steps=1, condition="oracle"), sizes,
+                progress=False)
+    o.run()
+    idx = torch.tensor([0, 1])
+    tokens = o.condition_tokens(idx)
+    assert tokens.shape == (2, 1 + sizes.num_latents, sizes.cond_width) and (tokens[:, 0] == 0).all()
+    x1 = o.latents[idx] * o.state["scale_factor"]
+    assert torch.linalg.matrix_rank(tokens[0, 1:], rtol=1e-4) == torch.linalg.matrix_rank(x1[0], rtol=1e-4) <= 8
+    with pytest.raises(ValueError, match="unknown condition"):
+        Trainer(tmp_path / "bad", tiny_cache, _cfg(vae_steps=1, dit_steps=1, condition="text"), sizes,
+                progress=False).run()
     with pytest.raises(ValueError, match="no transformer layers"):
         from timi.testbed.model import build_parts
         build_parts(TINY.replace(conditioner="fixed"))

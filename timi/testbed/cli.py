@@ -51,6 +51,12 @@ def train(
     init_from: Path = typer.Option(None, "--init-from",
                                    help="Start from an exported model directory (e.g. the shipped one): "
                                         "its VAE and encoder are kept, the DiT trains on with a fresh optimiser."),
+    init_dit: bool = typer.Option(True, "--init-dit/--no-init-dit",
+                                  help="With --init-from: also take its DiT (when the sizes match)."),
+    save_every: int = typer.Option(250, "--save-every", min=1,
+                                   help="Checkpoint (and, for the DiT, condition-use line) every N steps."),
+    condition: str = typer.Option("image", "--condition",
+                                  help="image, or oracle: a control whose condition tokens are the clean latents."),
     export: Path = typer.Option(None, "--export", help="Also write the hy3dgen model directory here."),
 ) -> None:
     """Train the testbed ShapeVAE and DiT (resumable) and export an hy3dgen model directory."""
@@ -65,13 +71,14 @@ def train(
         raise typer.BadParameter(f"unknown preset {preset!r}; use one of {list(SIZES)}", param_hint="--preset")
     torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps,
-                      vae_gap_steps=vae_gap_steps, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads)
+                      vae_gap_steps=vae_gap_steps, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
+                      save_every=save_every, condition=condition)
     sizes = SIZES[preset]
     cache = build_cache(cache or out / "train_cache.npz", n_train, seed=seed, image_size=sizes.image_size,
                         num_latents=sizes.num_latents, n_encoder=cfg.n_surface, n_multi=n_multi, workers=workers)
     trainer = Trainer(out, cache, cfg, sizes)
     if init_from is not None and not trainer.ckpt.exists():
-        typer.echo(f"starting from {init_from}: its {trainer.init_from(init_from)}")
+        typer.echo(f"starting from {init_from}: its {trainer.init_from(init_from, dit=init_dit)}")
     summary = trainer.run()
     groups = trainer.export_state()
     final = sizes.replace(scale_factor=trainer.state["scale_factor"])

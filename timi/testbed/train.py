@@ -54,6 +54,10 @@ class TrainConfig:
     dit_batch: int = 16
     dit_lr: float = 1e-3
     cond_drop: float = 0.1
+    #: ``image``: the conditioner's tokens of the rendered image; ``oracle`` (a control, never shipped):
+    #: the clean latents themselves through a fixed random projection, to tell whether the DiT can read
+    #: condition tokens at all (docs/testbed.md, "Does the DiT use its image?")
+    condition: str = "image"
     ema: float = 0.999
     warmup: int = 100
     save_every: int = 250
@@ -202,6 +206,12 @@ class Trainer:
 
     def condition_tokens(self, idx: torch.Tensor) -> torch.Tensor:
         """Conditioner tokens of training samples ``idx`` (a frozen conditioner's are computed once)."""
+        if self.cfg.condition == "oracle":
+            x1 = self.latents[idx] * self.state["scale_factor"]
+            proj = torch.randn(x1.shape[-1], self.sizes.cond_width, generator=torch.Generator().manual_seed(5))
+            return torch.cat([torch.zeros(len(idx), 1, self.sizes.cond_width), x1 @ proj / x1.shape[-1] ** 0.5], 1)
+        if self.cfg.condition != "image":
+            raise ValueError(f"unknown condition {self.cfg.condition!r}; use 'image' or 'oracle'")
         if self.cond_trains:
             return self.cond(image=self.data["image"][idx].float())["main"]
         if self._cond_tokens is None:
@@ -328,12 +338,12 @@ class Trainer:
         return {"model": self.dit_ema.state_dict(), "vae": self.vae.state_dict(),
                 "conditioner": self.cond_ema.state_dict(), "encoder": self.encoder.state_dict()}
 
-    def init_from(self, model_dir: str | Path, vae_done: bool = True) -> str:
+    def init_from(self, model_dir: str | Path, vae_done: bool = True, dit: bool = True) -> str:
         """Start from an exported model directory (its fp16 weights; fresh optimisers).
 
         With ``vae_done`` the VAE stage counts as finished (its weights are the directory's). The DiT
         and conditioner start from the directory's EMA weights when their sizes are this run's;
-        otherwise (e.g. a new conditioner on a kept VAE) they train from scratch. Needs the shipped
+        otherwise (e.g. a new conditioner on a kept VAE), or without ``dit``, they train from scratch. Needs the shipped
         encoder file. When the latent layout differs (``latent_positions``) the VAE stages run on from
         these weights. Returns what was taken, in words.
         """
@@ -348,7 +358,7 @@ class Trainer:
             if getattr(theirs, field) != getattr(self.sizes, field):
                 raise ValueError(f"{model_dir}: its VAE has {field}={getattr(theirs, field)}, this run "
                                  f"{getattr(self.sizes, field)}; start without --init-from")
-        dit = theirs.replace(scale_factor=1.0) == self.sizes.replace(scale_factor=1.0)
+        dit = dit and theirs.replace(scale_factor=1.0) == self.sizes.replace(scale_factor=1.0)
         if theirs.latent_positions != self.sizes.latent_positions:
             vae_done = False  # the latents mean something else: the VAE stages fine-tune from these weights
         groups = load_groups(model_dir)
@@ -364,4 +374,4 @@ class Trainer:
         if vae_done:
             self.state["vae_step"], self.state["vae_gap_step"] = self.cfg.vae_steps, self.cfg.vae_gap_steps
         return ("VAE and encoder (trained)" if vae_done else "VAE and encoder (to fine-tune)") + \
-            (", DiT and conditioner" if dit else "; the DiT trains from scratch (other sizes)")
+            (", DiT and conditioner" if dit else "; the DiT trains from scratch")
