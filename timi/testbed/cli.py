@@ -46,6 +46,8 @@ def train(
                                help="Model sizes: v2, v3 (v2 with the fixed conditioner), v1 (first testbed), tiny."),
     dit_lr: float = typer.Option(1e-3, "--dit-lr", min=0.0, help="Peak learning rate of the DiT (cosine decay)."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
+    device: str = typer.Option("cpu", "--device", help="torch device for training (cpu, cuda)."),
+    dit_batch: int = typer.Option(16, "--dit-batch", min=1, help="DiT batch size."),
     workers: int = typer.Option(2, "--workers", min=1, help="Processes that build the training cache."),
     cache: Path = typer.Option(None, "--cache", help="Training cache .npz (default: OUT/train_cache.npz)."),
     init_from: Path = typer.Option(None, "--init-from",
@@ -72,7 +74,7 @@ def train(
     torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps,
                       vae_gap_steps=vae_gap_steps, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
-                      save_every=save_every, condition=condition)
+                      save_every=save_every, condition=condition, device=device, dit_batch=dit_batch)
     sizes = SIZES[preset]
     cache = build_cache(cache or out / "train_cache.npz", n_train, seed=seed, image_size=sizes.image_size,
                         num_latents=sizes.num_latents, n_encoder=cfg.n_surface, n_multi=n_multi, workers=workers)
@@ -107,7 +109,7 @@ def export_cmd(
     if not ckpt.exists():
         raise typer.BadParameter(f"{ckpt} not found; run `timi testbed train --out {run}` first", param_hint="RUN")
     blob = torch.load(ckpt, map_location="cpu", weights_only=False)
-    sizes, cfg = TestbedSizes(**blob["sizes"]), TrainConfig(**blob["cfg"])
+    sizes, cfg = TestbedSizes(**blob["sizes"]), TrainConfig(**{**blob["cfg"], "device": "cpu"})
     trainer = Trainer(run, None, cfg, sizes, progress=False)
     st = trainer.state
     extra = {"train_config": blob["cfg"], "vae_step": st["vae_step"], "dit_step": st["dit_step"]}

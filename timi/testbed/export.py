@@ -33,10 +33,10 @@ def export_model_dir(groups: dict[str, dict[str, torch.Tensor]], sizes: TestbedS
     tensors = {}
     for group in ("model", "vae", "conditioner"):
         for key, value in groups[group].items():
-            tensors[f"{group}.{key}"] = value.detach().to(torch.float16).contiguous().clone()
+            tensors[f"{group}.{key}"] = value.detach().cpu().to(torch.float16).contiguous().clone()
     safetensors.torch.save_file(tensors, str(out / "model.fp16.safetensors"), metadata={"format": "pt"})
     if "encoder" in groups:  # our point encoder (hy3dgen has none): lets a later run resume training
-        enc = {k: v.detach().to(torch.float16).contiguous().clone() for k, v in groups["encoder"].items()}
+        enc = {k: v.detach().cpu().to(torch.float16).contiguous().clone() for k, v in groups["encoder"].items()}
         safetensors.torch.save_file(enc, str(out / ENCODER_FILE), metadata={"format": "pt"})
     config = hy3dgen_config(sizes)
     config["timi_testbed"] = {"sizes": asdict(sizes), **(extra or {})}  # hy3dgen ignores this key

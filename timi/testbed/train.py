@@ -62,6 +62,9 @@ class TrainConfig:
     warmup: int = 100
     save_every: int = 250
     threads: int = 2
+    #: torch device of the modules and batches (random draws stay on the CPU, so a seed gives the
+    #: same batches and noise on any device); the cache stays in CPU memory
+    device: str = "cpu"
 
 
 def flow_matching_pair(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +95,9 @@ class Trainer:
         parts = build_parts(sizes)
         self.vae, self.dit, self.cond = parts["vae"], parts["model"], parts["conditioner"]
         self.encoder = PointEncoder(self.vae, sizes)
+        self.device = torch.device(cfg.device)
+        for module in (self.vae, self.dit, self.cond, self.encoder):
+            module.to(self.device)
         #: a fixed conditioner (``sizes.conditioner == "fixed"``) stays frozen: its tokens are computed once
         self.cond_trains = sizes.conditioner != "fixed"
         self.cond.requires_grad_(self.cond_trains)
@@ -140,7 +146,8 @@ class Trainer:
             raise ValueError(f"{self.ckpt} was written with other sizes or seed; use another --out")
         for name in ("encoder", "vae", "dit", "cond", "dit_ema", "cond_ema", "vae_opt", "dit_opt"):
             getattr(self, name).load_state_dict(blob[name])
-        self.state, self.latents = blob["state"], blob["latents"]
+        self.state = blob["state"]
+        self.latents = None if blob["latents"] is None else blob["latents"].to(self.device)
         for key, value in (("vae_gap_step", 0), ("vae_gap_loss", []), ("latents_at", None)):
             self.state.setdefault(key, value)  # checkpoints written before the gap stage existed
         if self.latents is not None and self.state["latents_at"] is None:
@@ -168,15 +175,16 @@ class Trainer:
     def _vae_update(self, rng, gen, idx, lr: float, gap: bool) -> float:
         cfg, d = self.cfg, self.data
         pick = lambda n, k: torch.from_numpy(rng.choice(n, k, replace=False))  # noqa: E731
-        surface = d["surface"][idx][:, : cfg.n_surface]
+        dev = self.device
+        surface = d["surface"][idx][:, : cfg.n_surface].to(dev)
         qv, qn = pick(d["volume"].shape[1], cfg.n_query), pick(d["near"].shape[1], cfg.n_query)
         parts = [(d["volume"], d["volume_occ"], qv), (d["near"], d["near_occ"], qn)]
         if gap:
             parts.append((d["gap"], d["gap_occ"], pick(d["gap"].shape[1], cfg.n_query)))
         queries = torch.cat([q[idx][:, sel] for q, _, sel in parts], 1)
-        occ = torch.cat([o[idx][:, sel] for _, o, sel in parts], 1).float()
-        mean, logvar = self.encoder(surface, d["fps"][idx])
-        z = mean + torch.randn(mean.shape, generator=gen) * (0.5 * logvar).exp()
+        queries, occ = queries.to(dev), torch.cat([o[idx][:, sel] for _, o, sel in parts], 1).float().to(dev)
+        mean, logvar = self.encoder(surface, d["fps"][idx].to(dev))
+        z = mean + torch.randn(mean.shape, generator=gen).to(dev) * (0.5 * logvar).exp()
         logits = decode_occupancy(self.vae, z, queries)
         bce = F.binary_cross_entropy_with_logits(logits, occ)
         learnt = slice(3, None) if self.sizes.latent_positions else slice(None)  # exact positions: no KL
@@ -195,7 +203,8 @@ class Trainer:
     def encode_all(self) -> torch.Tensor:
         self.encoder.eval()
         d, n = self.data, len(self.data["surface"])
-        means = [self.encoder(d["surface"][i:i + 64, : self.cfg.n_surface], d["fps"][i:i + 64])[0]
+        dev = self.device
+        means = [self.encoder(d["surface"][i:i + 64, : self.cfg.n_surface].to(dev), d["fps"][i:i + 64].to(dev))[0]
                  for i in range(0, n, 64)]
         self.encoder.train()
         return torch.cat(means)
@@ -209,15 +218,16 @@ class Trainer:
         if self.cfg.condition == "oracle":
             x1 = self.latents[idx] * self.state["scale_factor"]
             proj = torch.randn(x1.shape[-1], self.sizes.cond_width, generator=torch.Generator().manual_seed(5))
-            return torch.cat([torch.zeros(len(idx), 1, self.sizes.cond_width), x1 @ proj / x1.shape[-1] ** 0.5], 1)
+            return torch.cat([torch.zeros(len(idx), 1, self.sizes.cond_width, device=x1.device),
+                              x1 @ proj.to(x1.device) / x1.shape[-1] ** 0.5], 1)
         if self.cfg.condition != "image":
             raise ValueError(f"unknown condition {self.cfg.condition!r}; use 'image' or 'oracle'")
         if self.cond_trains:
-            return self.cond(image=self.data["image"][idx].float())["main"]
+            return self.cond(image=self.data["image"][idx].float().to(self.device))["main"]
         if self._cond_tokens is None:
             images = self.data["image"]
             with torch.no_grad():
-                self._cond_tokens = torch.cat([self.cond(image=images[i:i + 64].float())["main"]
+                self._cond_tokens = torch.cat([self.cond(image=images[i:i + 64].float().to(self.device))["main"]
                                                for i in range(0, len(images), 64)])
         return self._cond_tokens[idx]
 
@@ -231,9 +241,9 @@ class Trainer:
         cond = self.condition_tokens(idx)
         out = {}
         for t in ts:
-            x0 = torch.randn(x1.shape, generator=gen)
-            xt, target = flow_matching_pair(x1, x0, torch.full((len(idx),), t))
-            tt = torch.full((len(idx),), t)
+            x0 = torch.randn(x1.shape, generator=gen).to(self.device)
+            tt = torch.full((len(idx),), t, device=self.device)
+            xt, target = flow_matching_pair(x1, x0, tt)
             with_image = F.mse_loss(self.dit(xt, tt, {"main": cond}), target).item()
             with_zeros = F.mse_loss(self.dit(xt, tt, {"main": torch.zeros_like(cond)}), target).item()
             out[f"t{t}"] = (with_zeros - with_image) / with_zeros
@@ -244,11 +254,11 @@ class Trainer:
         rng, gen = _rng(cfg, 3, step)
         idx = torch.from_numpy(self.dit_pool[rng.choice(len(self.dit_pool), cfg.dit_batch, replace=False)])
         x1 = self.latents[idx] * self.state["scale_factor"]
-        x0 = torch.randn(x1.shape, generator=gen)
-        t = torch.rand(len(idx), generator=gen)
+        x0 = torch.randn(x1.shape, generator=gen).to(self.device)
+        t = torch.rand(len(idx), generator=gen).to(self.device)
         xt, target = flow_matching_pair(x1, x0, t)
         cond = self.condition_tokens(idx)
-        keep = (torch.rand(len(idx), generator=gen) >= cfg.cond_drop).float()[:, None, None]
+        keep = (torch.rand(len(idx), generator=gen) >= cfg.cond_drop).float()[:, None, None].to(self.device)
         cond = cond * keep  # dropped samples get zeros = hy3dgen's unconditional embedding
         v = self.dit(xt, t, {"main": cond})
         loss = F.mse_loss(v, target)
