@@ -106,3 +106,80 @@ def _guide_inputs(base):
     cond = base.conditioner(base.prepare_image(cm.image)["image"])["main"]
     z = base.prepare_latents(1, torch.float32, "cpu", torch.Generator().manual_seed(0))
     return z, torch.zeros(1), cond, cm.tokens[None]
+
+
+# ----------------------------------------------------------------------------- multi-view (2mv)
+
+def _mv_call(pipe, images, masks, seed=3, **kw):
+    return pipe(images, masks, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(seed),
+                output_type="latent", enable_pbar=False, **kw)
+
+
+@pytest.mark.parametrize("variant", ["hunyuan3d-dit-v2-mv", "hunyuan3d-dit-v2-mv-turbo"])
+def test_multiview_guidance_off_equals_hy3dgen_and_guided_runs_differ(variant, variant_base):
+    from torch_helpers import views_scene
+
+    base = variant_base(variant)
+    images, masks = views_scene(("left", "front"))            # hy3dgen sorts the views: front, left
+    expected = base({v: Image.fromarray(im) for v, im in images.items()}, num_inference_steps=STEPS,
+                    generator=torch.Generator().manual_seed(3), output_type="latent", enable_pbar=False)
+    assert torch.equal(_mv_call(TIMIPipeline(base, TIMIConfig(isg=False)), images, masks).latents, expected)
+    a = _mv_call(TIMIPipeline(base, TIMIConfig(guided_layers=2)), images, masks)
+    b = _mv_call(TIMIPipeline(base, TIMIConfig(guided_layers=2)), images, masks)
+    assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, expected)
+    assert [d.step for d in a.diagnostics] == [0, 1]
+
+
+def test_multiview_masks_follow_each_views_image_processing(variant_base):
+    """Per view: the masks' frame is hy3dgen's processed view image (MVImageProcessorV2 + the
+    encoder's resize/crop) and the tokens are the single-view mapping of that view; the mask matrix
+    holds the views side by side in hy3dgen's order, each CLS column 0."""
+    from timi_torch import condition_token_masks
+    from timi_torch.masks import _resize_crop
+    from torch_helpers import views_scene
+
+    base, single = variant_base("hunyuan3d-dit-v2-mv"), variant_base("hunyuan3d-dit-v2-0-fast")
+    images, masks = views_scene(("left", "front"))
+    cm = condition_token_masks(images, masks, base)
+    assert list(cm.views) == ["front", "left"] and cm.num_instances == 2
+    processed = base.prepare_image(cm.image)                      # hy3dgen's own processing of the dict
+    assert list(processed["view_idxs"][0]) == [0, 1]
+    geo = _resize_crop(base.conditioner.main_image_encoder)
+    n = cm.views["front"].tokens.shape[1]
+    assert cm.tokens.shape == (2, 2 * n)
+    for v_index, view in enumerate(["front", "left"]):
+        frame = geo(((processed["image"][0, v_index] + 1) / 2).float())
+        expected = (frame.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(cm.views[view].frame_image, expected)
+        block = cm.tokens[:, v_index * n:(v_index + 1) * n]
+        assert torch.equal(block, cm.views[view].tokens) and not block[:, 0].any()      # CLS: 0
+        shown = [k for k in range(2) if masks[view][k].any()]
+        alone = condition_token_masks(images[view], masks[view][shown], single)        # the single-view mapping
+        assert torch.equal(block[shown], alone.tokens)
+    assert not cm.tokens[1, n:].any() and cm.tokens[1, :n].any()   # the blue object is hidden in 'left'
+
+
+def test_multiview_instances_match_by_label_and_bad_inputs_are_named(variant_base):
+    from timi_torch import condition_token_masks
+    from torch_helpers import views_scene
+
+    base = variant_base("hunyuan3d-dit-v2-mv")
+    images, masks = views_scene(("front", "left"))
+    labels = {"front": masks["front"][0] * 3 + masks["front"][1] * 7, "left": masks["left"][0].astype(np.int64) * 3}
+    by_label = condition_token_masks(images, labels, base)
+    assert by_label.names == ("label_3", "label_7")
+    assert torch.equal(by_label.tokens, condition_token_masks(images, masks, base).tokens)
+    img = images["front"]
+    cases = [
+        (img, masks["front"], "multi-view.*pass the image as a \\{view: image\\} dict"),
+        ({"top": img}, {"top": masks["front"]}, "unknown view.*'top'.*front, left, back, right"),
+        (images, {"front": masks["front"]}, "masks must be a \\{view: masks\\} dict with the image's views"),
+        (images, {"front": masks["front"] * [[[1]], [[0]]], "left": masks["left"] * [[[1]], [[0]]]},
+         "instance 1 \\(instance_1\\) is shown by no view"),
+        (images, {"front": masks["front"], "left": masks["left"][:, :50]}, "view 'left'.*mask size"),
+    ]
+    for im, ms, match in cases:
+        with pytest.raises(ValueError, match=match):
+            condition_token_masks(im, ms, base)
+    with pytest.raises(ValueError, match="needs a multi-view model"):
+        condition_token_masks(images, masks, variant_base("hunyuan3d-dit-v2-0-fast"))

@@ -21,7 +21,7 @@ import torch
 
 import timi_core
 
-from .masks import ConditionMasks, condition_token_masks
+from .masks import ConditionMasks, MultiViewConditionMasks, condition_token_masks
 
 __all__ = ["OUTPUT_TYPES", "PreparedInputs", "NoSurfaceError", "as_batch", "check_output_type", "prepare_inputs",
            "set_schedule", "start_noise_levels", "export_meshes"]
@@ -80,7 +80,8 @@ def prepare_inputs(base, image, masks, *, do_classifier_free_guidance: bool,
     """
     images, mask_sets = as_batch(image, masks)
     make = condition_masks or (lambda im, ms: condition_token_masks(im, ms, base))
-    cond_masks = [ms if isinstance(ms, ConditionMasks) else make(im, ms) for im, ms in zip(images, mask_sets)]
+    cond_masks = [ms if isinstance(ms, (ConditionMasks, MultiViewConditionMasks)) else make(im, ms)
+                  for im, ms in zip(images, mask_sets)]
     with torch.no_grad():
         cond_inputs = base.prepare_image([cm.image for cm in cond_masks])
         image_tensor = cond_inputs.pop("image")
