@@ -386,6 +386,23 @@ def _view_order(base, image, masks) -> list[str]:
     return sorted(image, key=processor.view2idx.__getitem__)
 
 
+def _view_instances(source, max_labels: int) -> tuple[np.ndarray, list[str]]:
+    """:func:`named_instance_masks` of one view, where a label-map file holding the single label 1
+    (which ``timi.masks_io`` reads as one binary mask named after the file) is instance ``label_1``:
+    in multi-view input a view may show only one of the labelled instances."""
+    m, names = named_instance_masks(source, max_labels)
+    if isinstance(source, (str, os.PathLike)) and len(names) == 1 and os.path.isfile(source):
+        from timi.masks_io import open_image
+
+        try:
+            values = np.unique(np.asarray(open_image(source)))
+        except ValueError:
+            return m, names
+        if values.tolist() == [0, 1]:
+            names = ["label_1"]
+    return m, names
+
+
 def multiview_token_masks(images, masks, pipeline, names: Sequence[str] | None = None) -> MultiViewConditionMasks:
     """Instance masks of a multi-view input on the condition tokens of ``DinoImageEncoderMV``.
 
@@ -394,7 +411,7 @@ def multiview_token_masks(images, masks, pipeline, names: Sequence[str] | None =
     any form :func:`condition_token_masks` takes. Instances are matched across views by identity:
     slice ``k`` of a (K, H, W) array, label value of a label map (``label_3``), a mask file's
     name; an all-zero mask, or a missing label or file, means the view does not show that
-    instance. Each view's masks follow exactly the processing of its image (the single-view
+    instance (a label-map file holding only label 1 is ``label_1``). Each view's masks follow exactly the processing of its image (the single-view
     geometry, view by view); the mask matrix is the views' token masks side by side in hy3dgen's
     view order, each view's CLS column 0. Raises ``ValueError`` for views that differ from the
     images', and for an instance that no view shows (at the conditioner's resolution).
@@ -402,7 +419,7 @@ def multiview_token_masks(images, masks, pipeline, names: Sequence[str] | None =
     base, encoder = _encoder(pipeline)
     order = _view_order(base, images, masks)
     grid, _, _ = _token_grid(encoder)
-    per_view = {v: named_instance_masks(masks[v], max_labels=grid[0] * grid[1]) for v in order}
+    per_view = {v: _view_instances(masks[v], grid[0] * grid[1]) for v in order}
     ids = list(dict.fromkeys(n for v in order for n in per_view[v][1]))     # first appearance, view order
     if names is not None and len(names) != len(ids):
         raise ValueError(f"names: {len(names)} given for the {len(ids)} instances of the views ({', '.join(ids)}).")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-__all__ = ["write_tiny_model_dir", "tiny_config", "VARIANTS"]
+__all__ = ["write_tiny_model_dir", "write_tiny_vae_dir", "tiny_config", "VARIANTS"]
 
 #: The published shape DiTs (hy3dgen's subfolder names) -> what distinguishes their config.yaml,
 #: as :func:`tiny_config` keywords: guidance-distilled (fast, turbo: ``guidance_embed``), turbo's
@@ -231,4 +231,26 @@ def write_tiny_model_dir(
                                 str(out / "model.fp16.safetensors"))
     with open(out / "config.yaml", "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
+    return out
+
+
+def write_tiny_vae_dir(path, model_dir) -> Path:
+    """A ShapeVAE folder in hy3dgen's format (``config.yaml`` with ``target``/``params``, and
+    ``model.fp16.safetensors`` / ``model.safetensors`` holding the bare VAE state dict), made from
+    the VAE of the tiny model in ``model_dir``: what ``ShapeVAE.from_pretrained`` /
+    ``from_single_file`` read, e.g. a stand-in for the turbo VAE ``hunyuan3d-vae-v2-0-turbo`` that
+    FlashVDM decoding uses (same architecture; its weights are the model's own here)."""
+    import safetensors.torch
+
+    model_dir = Path(model_dir)
+    with open(model_dir / "config.yaml") as f:
+        vae_config = yaml.safe_load(f)["vae"]
+    weights = safetensors.torch.load_file(str(model_dir / "model.safetensors"))
+    vae = {k[len("vae."):]: v for k, v in weights.items() if k.startswith("vae.")}
+    out = Path(os.path.expanduser(str(path)))
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(vae, str(out / "model.safetensors"))
+    safetensors.torch.save_file({k: v.to(torch.float16) for k, v in vae.items()}, str(out / "model.fp16.safetensors"))
+    with open(out / "config.yaml", "w") as f:
+        yaml.safe_dump(vae_config, f, sort_keys=False)
     return out
