@@ -281,7 +281,7 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
             from .report import AttentionRecorder
 
             recorder = AttentionRecorder(cond.tokens, layers=min(opts.guided_layers, depth),
-                                         steps=max(pipe.num_guided_steps(opts.steps), 1))
+                                         steps=max(pipe.num_guided_steps(opts.steps, _config(opts).replace(isg=True)), 1))
 
     # 3. denoise (either backend, one call)
     generator = torch.Generator(device=resolve_device(opts.device)).manual_seed(opts.seed)
