@@ -141,6 +141,21 @@ def test_floor_of_the_paper_schedule():
     assert 1 < f["floor_as_implemented"] < f["floor"]  # the last block stops at P
 
 
+def test_guidance_distilled_overhead_runs_one_branch_and_doubles_the_relative_floor(tmp_path):
+    """A guidance-distilled DiT (fast / turbo): plain sampling has one forward per step, not the CFG
+    pair, so the same guidance pass is twice the relative extra cost."""
+    paper = BenchConfig(hidden_size=1024, num_heads=16, num_latents=3072, num_cond_tokens=1370, steps=50,
+                        guided_steps=15)
+    cfg_floor, distilled = overhead_floor(paper), overhead_floor(paper.replace(guidance_embed=True))
+    assert distilled["branches"] == 1 and cfg_floor["branches"] == 2
+    for key in ("floor", "floor_input_grad", "floor_as_implemented"):
+        assert distilled[key] - 1 == pytest.approx(2 * (cfg_floor[key] - 1))
+    r = _run(tmp_path, "overhead", "--tiny", "--guidance-distilled", "--repeats", "1", "--warmup", "0")
+    _check_common(r, "torch")
+    assert r["config"]["guidance_embed"] is True and r["max_abs_latent_diff_timi_vs_plain"] > 0
+    assert r["floor"] == pytest.approx(overhead_floor(BenchConfig(**r["config"]))["floor"])
+
+
 def test_report_renders_results(tmp_path):
     r = _run(tmp_path, "overhead", "--tiny", "--repeats", "1", "--warmup", "0")
     res = runner.invoke(app, ["bench", "report", str(tmp_path / "result.json")])

@@ -163,10 +163,13 @@ def test_jax_sgu_update_runs_under_jit_and_grad():
 
 def test_config_defaults_and_validation():
     cfg = tc.TIMIConfig()
-    assert (cfg.alpha, cfg.sigma, cfg.beta, cfg.eps, cfg.guided_layers, cfg.guided_steps) == (0.1, 1.5, 0.9, 1e-6, 4, 15)
-    assert cfg.guidance_active(14) and not cfg.guidance_active(15)
-    assert not cfg.replace(isg=False).guidance_active(0)
-    for bad in (dict(alpha=-0.1), dict(beta=1.0), dict(guided_layers=2.5), dict(eps=float("nan")), dict(gm="yes")):
+    assert (cfg.alpha, cfg.sigma, cfg.beta, cfg.eps, cfg.guided_layers, cfg.guided_steps) == (0.1, 1.5, 0.9, 1e-6, 4, None)
+    assert cfg.guided_fraction == tc.PAPER_GUIDED_FRACTION == 0.3
+    paper = np.linspace(0, 1, 50).astype(np.float32)          # hy3dgen's 50-step schedule (float32)
+    assert cfg.guidance_active(14, paper) and not cfg.guidance_active(15, paper)
+    assert not cfg.replace(isg=False).guidance_active(0, paper)
+    for bad in (dict(alpha=-0.1), dict(beta=1.0), dict(guided_layers=2.5), dict(eps=float("nan")), dict(gm="yes"),
+                dict(guided_steps=-1), dict(guided_steps=2.0), dict(guided_fraction=1.5), dict(guided_fraction=None)):
         with pytest.raises(ValueError, match="TIMIConfig"):
             tc.TIMIConfig(**bad)
 
@@ -188,3 +191,27 @@ def test_jax_and_torch_differentiate_sgu_update_alike():
     (tc.sgu_update(z_t, torch.tensor(g), None, cfg, axes=(1,))[0] * torch.tensor(w)).sum().backward()
     np.testing.assert_allclose(np.asarray(d_j), z_t.grad.numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(z_t.grad.numpy(), w)  # the update really depends on z through std(z)
+
+
+@pytest.mark.parametrize("steps, expected", [(50, 15), (30, 9), (10, 3), (8, 3), (5, 2), (2, 1), (1, 1), (100, 30)])
+def test_guided_window_is_the_first_30_percent_of_the_trajectory(steps, expected):
+    """Default window: the steps starting below sigma 0.3 (15 of 50 on the paper's schedule), in float32
+    and float64 alike; at 30 steps the first 9; a step starting exactly at 0.3 is not guided."""
+    cfg = tc.TIMIConfig()
+    for dtype in (np.float32, np.float64):
+        sigmas = np.linspace(0, 1, steps).astype(dtype)
+        n = cfg.num_guided_steps(sigmas)
+        assert n == expected
+        assert all(s < 0.3 for s in sigmas[:n]) and all(s >= 0.3 - 1e-6 for s in sigmas[n:])
+    assert cfg.num_guided_steps(np.linspace(0, 1, 11)) == 3           # sigma_3 = 0.3 exactly: not guided
+
+
+def test_guided_window_explicit_count_fraction_and_off():
+    sigmas = np.linspace(0, 1, 8)
+    assert tc.TIMIConfig(guided_steps=4).num_guided_steps(sigmas) == 4
+    assert tc.TIMIConfig(guided_steps=20).num_guided_steps(sigmas) == 8      # at most the schedule
+    assert tc.TIMIConfig(guided_fraction=0.5).num_guided_steps(sigmas) == 4  # 0, 1/7, 2/7, 3/7 < 0.5
+    assert tc.TIMIConfig(guided_fraction=1.0).num_guided_steps(sigmas) == 7  # all but the last (sigma 1)
+    for off in (tc.TIMIConfig(guided_steps=0), tc.TIMIConfig(guided_fraction=0.0), tc.TIMIConfig(isg=False),
+                tc.TIMIConfig(guided_layers=0)):
+        assert not off.enabled and off.num_guided_steps(sigmas) == 0

@@ -238,6 +238,7 @@ def test_ablations_map_to_timi_config_fields():
     assert [r.config.alpha for r in ablation_runs("alpha")] == [0.1, 0.2, 0.3, 0.4, 0.5]
     assert [r.value for r in ablation_runs("sigma")] == [0.5, 1.0, 1.5, 2.0, 2.5]
     assert [r.config.guided_steps for r in sweep_runs("guided-steps=3,7")] == [3, 7]
+    assert [r.config.guided_fraction for r in sweep_runs("guided-fraction=0.2,0.4")] == [0.2, 0.4]
     assert [r.config.sr for r in sweep_runs("sr=off,on")] == [False, True]
     assert [r.label for r in plan_runs()] == ["TIMI"]
     assert [r.config.isg for r in plan_runs(no_timi=True)] == [False]

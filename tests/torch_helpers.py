@@ -82,3 +82,61 @@ def tiny_model(tmp_path_factory):
     from timi_torch import write_tiny_model_dir
 
     return write_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", image_size=112)
+
+
+#: hy3dgen's model id of each family (``$HY3DGEN_MODELS/<id>/<subfolder>``).
+FAMILY_IDS = {"v2-0": "tencent/Hunyuan3D-2", "v2-mini": "tencent/Hunyuan3D-2mini", "v2-mv": "tencent/Hunyuan3D-2mv"}
+
+
+def family_id(variant: str) -> str:
+    return next(mid for fam, mid in FAMILY_IDS.items() if variant.startswith(f"hunyuan3d-dit-{fam}"))
+
+
+@pytest.fixture(scope="session")
+def variant_root(tmp_path_factory):
+    """``$HY3DGEN_MODELS``-style root; ``variant_dir(name)`` writes (once) the tiny model folder of a
+    published variant (hy3dgen's subfolder name, 112 px conditioner) at ``<root>/<id>/<name>``."""
+    return tmp_path_factory.mktemp("hy3dgen_family")
+
+
+@pytest.fixture(scope="session")
+def variant_dir(variant_root):
+    from timi_torch import write_tiny_model_dir
+
+    def make(variant: str):
+        d = variant_root / family_id(variant) / variant
+        if not (d / "config.yaml").is_file():
+            write_tiny_model_dir(d, variant=variant, seed=0, image_size=112)
+        return d
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def variant_base(variant_dir):
+    """``variant_base(name)``: hy3dgen's own pipeline of that tiny variant (float32, cached)."""
+    cache = {}
+
+    def get(variant: str):
+        if variant not in cache:
+            cache[variant] = load_base(variant_dir(variant))
+        return cache[variant]
+
+    return get
+
+
+def views_scene(views=("front", "left"), size=(200, 300)):
+    """A two-object scene seen from several views (the objects move between views; in 'left' the
+    blue one is hidden): ``({view: RGBA image}, {view: (2, H, W) masks})``."""
+    img, masks = scene(alpha=True, size=size)
+    images, mask_sets = {}, {}
+    for i, view in enumerate(views):
+        shift = 20 * i
+        im, m = np.roll(img, shift, axis=1), np.roll(masks, shift, axis=2)
+        if view == "left":
+            im = im.copy()
+            im[m[1]] = 0
+            m = m.copy()
+            m[1] = False
+        images[view], mask_sets[view] = im, m
+    return images, mask_sets

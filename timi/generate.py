@@ -26,9 +26,9 @@ from .cli_common import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_INTERRUPTED, run
 from .inspect_cmd import prepare_masks
 from .io import OutputError, check_mesh_path, check_writable, first_missing, mesh_bytes, write_bytes
 from .masks_io import InstanceMasks, check_input_picture
-from .pipelines import (BACKENDS, DTYPES, BackendUnavailableError, ModelNotFoundError,  # noqa: F401 (re-exported)
-                        check_backend, load_pipeline, model_config_path, pipeline_depth, resolve_device,
-                        resolve_model)
+from .pipelines import (BACKENDS, DTYPES, MC_ALGOS, BackendUnavailableError, ModelNotFoundError,  # noqa: F401
+                        check_backend, check_mc_algo, is_multiview, load_pipeline, model_config_path, pipeline_depth,
+                        resolve_device, resolve_model, turbo_vae_path)
 
 __all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "ModelNotFoundError", "check_options",
            "prepare_masks", "choose_threads"]
@@ -46,7 +46,7 @@ SMALL_MODEL_BYTES = 200 * 2**20
 class GenerateOptions:
     """Everything ``timi generate`` accepts (see ``timi generate --help``)."""
 
-    image: Path
+    image: Optional[Path]
     masks: list[Path]
     out: Path
     model: Optional[str] = None
@@ -57,7 +57,8 @@ class GenerateOptions:
     alpha: float = 0.1
     sigma: float = 1.5
     guided_layers: int = 4
-    guided_steps: int = 15
+    guided_steps: Optional[int] = None   # None: the guided_fraction window (the paper's 15 of 50 steps)
+    guided_fraction: float = 0.3
     timi: bool = True
     octree_resolution: int = 384
     device: Optional[str] = None
@@ -68,6 +69,10 @@ class GenerateOptions:
     assign: str = "projection"
     progress: bool = True
     threads: Optional[int] = None     # torch intra-op threads; None: choose_threads(model)
+    flashvdm: bool = False            # decode with the turbo VAE + FlashVDM (hy3dgen's enable_flashvdm)
+    mc_algo: Optional[str] = None     # hy3dgen's surface extractor: mc or dmc
+    views: dict = dataclasses.field(default_factory=dict)       # multi-view: {view: picture}
+    view_masks: dict = dataclasses.field(default_factory=dict)  # multi-view: {view: mask source}
 
 
 @dataclasses.dataclass
@@ -125,7 +130,8 @@ class _Clock:
 def _config(opts: GenerateOptions):
     from timi_core import TIMIConfig
 
-    cfg = TIMIConfig(alpha=opts.alpha, sigma=opts.sigma, guided_layers=opts.guided_layers, guided_steps=opts.guided_steps)
+    cfg = TIMIConfig(alpha=opts.alpha, sigma=opts.sigma, guided_layers=opts.guided_layers, guided_steps=opts.guided_steps,
+                     guided_fraction=opts.guided_fraction)
     return cfg if opts.timi else cfg.replace(isg=False)
 
 
@@ -137,11 +143,15 @@ def check_options(opts: GenerateOptions) -> tuple[Path, str]:
         if value not in choices:
             raise ValueError(f"{name} {value!r}: choose one of {', '.join(choices)}.")
     check_backend(opts.backend)  # fail early when the JAX adapter cannot sample
+    check_mc_algo(opts.mc_algo)
     for name, value, lo in (("--steps", opts.steps, 1), ("--octree-resolution", opts.octree_resolution, 8),
-                            ("--guided-layers", opts.guided_layers, 1), ("--guided-steps", opts.guided_steps, 0),
+                            ("--guided-layers", opts.guided_layers, 1),
+                            ("--guided-steps", 0 if opts.guided_steps is None else opts.guided_steps, 0),
                             ("--threads", 1 if opts.threads is None else opts.threads, 1)):
         if value < lo:
             raise ValueError(f"{name} {value}: must be at least {lo}.")
+    if not (math.isfinite(opts.guided_fraction) and 0 <= opts.guided_fraction <= 1):
+        raise ValueError(f"--guided-fraction {opts.guided_fraction}: must be a number from 0 to 1 (paper: 0.3).")
     if not 0 <= opts.seed <= MAX_SEED:
         raise ValueError(f"--seed {opts.seed}: must be a whole number from 0 to {MAX_SEED} (2^64 - 1).")
     for name, value in (("--guidance-scale", opts.guidance_scale), ("--alpha", opts.alpha), ("--sigma", opts.sigma)):
@@ -153,8 +163,52 @@ def check_options(opts: GenerateOptions) -> tuple[Path, str]:
             raise OutputError(f"{opts.report}: --report needs a folder, and this is a file; pass a folder name.")
         check_writable(opts.report, folder=True)
     resolve_device(opts.device)
-    check_input_picture(opts.image, opts.masks)
-    return out, resolve_model(opts.model)
+    if opts.views:
+        _check_views(opts)
+    else:
+        check_input_picture(opts.image, opts.masks)
+    model = resolve_model(opts.model)
+    if opts.views and model_config_path(model) is not None and not is_multiview(model):
+        raise ValueError(f"--view: --model {model} takes one picture (its image processor is not hy3dgen's "
+                         "MVImageProcessorV2); pass IMAGE --masks ..., or a multi-view model (Hunyuan3D-2mv).")
+    if not opts.views and is_multiview(model):
+        raise ValueError(f"--model {model} is multi-view (Hunyuan3D-2mv): pass the pictures as --view front=a.png "
+                         "--view left=b.png with --view-masks front=... --view-masks left=...")
+    if opts.flashvdm:
+        turbo_vae_path(model)
+    return out, model
+
+
+def _check_views(opts: GenerateOptions) -> None:
+    """The multi-view form: pictures and mask sources per view, the same views, nothing single-view."""
+    from .masks_io import MaskFileNotFoundError, read_image_size
+
+    if opts.image is not None or opts.masks:
+        raise ValueError("--view: give the pictures as --view NAME=PICTURE only, not also IMAGE / --masks.")
+    if set(opts.view_masks) != set(opts.views):
+        raise ValueError(f"--view-masks: give one mask source per view; views {sorted(opts.views)}, "
+                         f"masks for {sorted(opts.view_masks)}.")
+    for flag, on in (("--split-instances", opts.split_instances), ("--report", opts.report is not None),
+                     ("--assign tokens", opts.assign == "tokens")):
+        if on:
+            raise ValueError(f"{flag} takes one picture; it is not available with --view (multi-view input).")
+    for view, picture in opts.views.items():
+        read_image_size(picture)
+        if not Path(opts.view_masks[view]).exists():
+            raise MaskFileNotFoundError(f"{opts.view_masks[view]}: mask source of view {view!r} not found; check the path.")
+
+
+def parse_views(items: Optional[list[str]], flag: str = "--view") -> dict:
+    """``NAME=PATH`` items -> ``{NAME: Path}`` (each view once)."""
+    out: dict = {}
+    for item in items or []:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} {item!r}: write it as VIEW=PATH, e.g. {flag} front=front.png.")
+        if name in out:
+            raise ValueError(f"{flag} {name}: given twice; one {flag} per view.")
+        out[name] = Path(path)
+    return out
 
 
 def generate(opts: GenerateOptions, log=print) -> GenerateResult:
@@ -166,12 +220,38 @@ def generate(opts: GenerateOptions, log=print) -> GenerateResult:
         return _generate(opts, out, model, log)
 
 
+def _view_masks(opts: GenerateOptions, model: str):
+    """Multi-view inputs checked with the model's geometry (no weights): (instances, condition masks, notes)."""
+    import timi_torch
+
+    from .masks_io import MaskInputError
+    from .pipelines import geometry_pipeline
+
+    pictures = {v: str(p) for v, p in opts.views.items()}
+    sources = {v: str(p) for v, p in opts.view_masks.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            cond = timi_torch.condition_token_masks(pictures, sources, geometry_pipeline(model))
+        except ValueError as e:
+            raise MaskInputError(f"--view-masks: {e}") from None
+    first = next(iter(cond.views.values()))
+    found = InstanceMasks(first.frame_masks, list(cond.names), [sources[v] for v in cond.views][:1] * cond.num_instances)
+    notes = []
+    if cond.num_instances == 1 and opts.timi:
+        notes.append("only one instance mask: TIMI's separation loss has nothing to separate (Eq.4); pass one mask per object.")
+    return found, cond, notes
+
+
 def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResult:
     clock = _Clock()
     # 1. the inputs, checked with the model's geometry (its config.yaml) before any weight loads; the
     #    condition masks computed here are the loaded model's own (the same geometry, from the same file)
     with clock.stage("inputs"):
-        found, cond_preview, notes = prepare_masks(opts.image, opts.masks, model, opts.overlap, opts.timi)
+        if opts.views:
+            found, cond_preview, notes = _view_masks(opts, model)
+        else:
+            found, cond_preview, notes = prepare_masks(opts.image, opts.masks, model, opts.overlap, opts.timi)
     for n in notes:
         log(f"warning: {n}")
     log(f"{found.count} instance(s): " + ", ".join(found.names) + f"; condition grid {cond_preview.grid[0]}x{cond_preview.grid[1]}")
@@ -182,9 +262,10 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
 
     # 2. the pipeline (the one door), and the masks on its condition tokens
     with clock.stage("load model"):
-        pipe = load_pipeline(model, backend=opts.backend, device=opts.device, dtype=opts.dtype, config=_config(opts))
+        pipe = load_pipeline(model, backend=opts.backend, device=opts.device, dtype=opts.dtype, config=_config(opts),
+                             flashvdm=opts.flashvdm, mc_algo=opts.mc_algo)
     cond = cond_preview
-    if model_config_path(model) is None:  # the preview used Hunyuan3D 2.0's geometry: the model's own now
+    if model_config_path(model) is None and not opts.views:  # the preview used Hunyuan3D 2.0's geometry: the model's own now
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*only one instance mask.*")  # already in the notes
             cond = timi_torch.condition_token_masks(str(opts.image), found.masks, pipe.base, names=found.names)
@@ -200,22 +281,23 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
             from .report import AttentionRecorder
 
             recorder = AttentionRecorder(cond.tokens, layers=min(opts.guided_layers, depth),
-                                         steps=max(opts.guided_steps, 1))
+                                         steps=max(pipe.num_guided_steps(opts.steps, _config(opts).replace(isg=True)), 1))
 
     # 3. denoise (either backend, one call)
     generator = torch.Generator(device=resolve_device(opts.device)).manual_seed(opts.seed)
     with clock.stage("denoise"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*guided_layers.*exceeds.*")
         warnings.filterwarnings("ignore", message=".*only one instance mask.*")
-        output = pipe(str(opts.image), cond, num_inference_steps=opts.steps, guidance_scale=opts.guidance_scale,
-                      generator=generator, output_type="latent", enable_pbar=opts.progress, recorder=recorder)
+        output = pipe(cond.image if opts.views else str(opts.image), cond, num_inference_steps=opts.steps,
+                      guidance_scale=opts.guidance_scale, generator=generator, output_type="latent",
+                      enable_pbar=opts.progress, recorder=recorder)
     latents = output.latents
 
     # 4. mesh (the shared back end)
     with clock.stage("mesh"):
         try:
             meshes = export_meshes(pipe.base, latents, "trimesh", octree_resolution=opts.octree_resolution,
-                                   enable_pbar=opts.progress)
+                                   mc_algo=opts.mc_algo, enable_pbar=opts.progress)
         except NoSurfaceError:
             meshes = []
         mesh = meshes[0] if meshes else None
@@ -298,11 +380,36 @@ def summary_table(result: GenerateResult):
     return t, lines
 
 
+GENERATE_HELP = """Generate a 3D scene from IMAGE and its instance masks with TIMI guidance.
+
+Any shape DiT of the Hunyuan3D-2 family (--model FOLDER: standard, -fast, -turbo, mini, mv):
+
+
+  timi generate scene.png --masks labels.png -o scene.glb
+  timi generate scene.png --masks labels.png -o scene.glb --model models/Hunyuan3D-2/hunyuan3d-dit-v2-0-turbo --steps 5
+  timi generate scene.png --masks labels.png -o scene.glb --model models/Hunyuan3D-2mini/hunyuan3d-dit-v2-mini-fast --steps 10
+  timi generate scene.png --masks labels.png -o scene.glb --model DIT_FOLDER --flashvdm --mc-algo mc
+
+Multi-view (Hunyuan3D-2mv): one picture and one mask source per view (front, left, back, right); an
+instance keeps its label value (label map) or file name (folder of mask PNGs) in every view, and
+may be missing from some views:
+
+
+  timi generate --view front=front.png --view left=left.png \\
+      --view-masks front=front_labels.png --view-masks left=left_labels.png \\
+      --model models/Hunyuan3D-2mv/hunyuan3d-dit-v2-mv-turbo --steps 5 -o scene.glb
+
+The guided window is the paper's first 30 % of the trajectory (15 of 50 steps, 9 of 30, 2 of turbo's
+5); --guided-steps N guides the first N steps instead."""
+
+
 def generate_command(
-    image_and_masks: list[Path] = typer.Argument(..., metavar="IMAGE", help="Input picture (PNG/JPEG; RGBA alpha = foreground, else the masks' union). Paths after the first one are more mask files, so `--masks a.png b.png` works."),
-    masks: list[Path] = typer.Option(..., "--masks", "-m", help="Label-map PNG, folder or list of mask PNGs, (K,H,W) .npy, or SAM/Grounded-SAM RLE .json. Repeat for several files."),
+    image_and_masks: Optional[list[Path]] = typer.Argument(None, metavar="IMAGE", help="Input picture (PNG/JPEG; RGBA alpha = foreground, else the masks' union). Paths after the first one are more mask files, so `--masks a.png b.png` works. Not with --view."),
+    masks: Optional[list[Path]] = typer.Option(None, "--masks", "-m", help="Label-map PNG, folder or list of mask PNGs, (K,H,W) .npy, or SAM/Grounded-SAM RLE .json. Repeat for several files."),
     out: Path = typer.Option(..., "--out", "-o", help="Scene mesh to write: .glb, .obj or .ply (atomic)."),
-    model: Optional[str] = typer.Option(None, help="hy3dgen model directory or id (e.g. tencent/Hunyuan3D-2 under $HY3DGEN_MODELS); default: the shipped model."),
+    model: Optional[str] = typer.Option(None, help="hy3dgen model folder of any variant (config.yaml + model.fp16.safetensors, e.g. .../hunyuan3d-dit-v2-0-turbo) or id (tencent/Hunyuan3D-2 under $HY3DGEN_MODELS); default: the shipped model."),
+    view: Optional[list[str]] = typer.Option(None, "--view", help="Multi-view input (Hunyuan3D-2mv): VIEW=PICTURE, VIEW one of front, left, back, right. Repeat per view."),
+    view_masks: Optional[list[str]] = typer.Option(None, "--view-masks", help="VIEW=MASKS for each --view: a label map (labels are instance ids in every view), a folder of mask PNGs (file names are the ids), a (K,H,W) .npy (slice k is instance k) or an RLE .json."),
     backend: str = typer.Option("torch", help="torch (hy3dgen) or jax."),
     steps: int = typer.Option(50, help="Denoising steps."),
     guidance_scale: float = typer.Option(5.0, help="Classifier-free guidance scale."),
@@ -310,7 +417,8 @@ def generate_command(
     alpha: float = typer.Option(0.1, help="TIMI update size alpha (Eq.6)."),
     sigma: float = typer.Option(1.5, help="Gaussian smoothing sigma of the gradient (Eq.5)."),
     guided_layers: int = typer.Option(4, help="Guide the first N double-stream blocks."),
-    guided_steps: int = typer.Option(15, help="Guide the first N denoising steps."),
+    guided_steps: Optional[int] = typer.Option(None, help="Guide the first N denoising steps (default: the --guided-fraction window)."),
+    guided_fraction: float = typer.Option(0.3, help="Guide the steps that start in this first part of the trajectory (noise level below it; paper: 15/50 = 0.3)."),
     no_timi: bool = typer.Option(False, "--no-timi", help="Plain hy3dgen sampling (no guidance), for comparison."),
     octree_resolution: int = typer.Option(384, help="Marching-cubes grid resolution."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
@@ -320,19 +428,34 @@ def generate_command(
     overlap: str = typer.Option("error", help="Overlapping masks: error, first or last (which mask keeps a shared pixel)."),
     assign: str = typer.Option("projection", help="How --split-instances gives parts to instances: projection (into the input view's masks) or tokens (the instance map carried from the latent tokens through the VAE decoder)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: 1 for small models such as the shipped one, all usable cores for checkpoints of 200 MB and more; docs/benchmarks.md)."),
+    flashvdm: bool = typer.Option(False, "--flashvdm", help="Decode with hy3dgen's turbo VAE and FlashVDM (enable_flashvdm); needs hunyuan3d-vae-v2-0-turbo (or -mini-turbo) beside the model folder. Changes the decoding only."),
+    mc_algo: Optional[str] = typer.Option(None, "--mc-algo", help="Surface extractor: mc (marching cubes, CPU) or dmc (CUDA, needs diso). Changes the decoding only."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Generate a 3D scene from IMAGE and its instance masks with TIMI guidance."""
+    """Generate a 3D scene from IMAGE and its instance masks with TIMI guidance (see GENERATE_HELP)."""
     from rich.console import Console
 
     err = Console(stderr=True, soft_wrap=True)
-    image, masks = split_image_and_masks(image_and_masks, masks)
-    opts = GenerateOptions(image=image, masks=masks, out=out, model=model, backend=backend, steps=steps,
-                           guidance_scale=guidance_scale, seed=seed, alpha=alpha, sigma=sigma,
-                           guided_layers=guided_layers, guided_steps=guided_steps, timi=not no_timi,
-                           octree_resolution=octree_resolution, device=device, dtype=dtype,
-                           split_instances=split_instances, report=report, overlap=overlap, assign=assign,
-                           progress=not quiet, threads=threads)
+
+    def options() -> GenerateOptions:
+        views, vmasks = parse_views(view), parse_views(view_masks, "--view-masks")
+        if views:
+            image, mask_paths = (image_and_masks or [None])[0], list(masks or []) + list((image_and_masks or [])[1:])
+        elif not image_and_masks or not masks:
+            raise ValueError("give IMAGE --masks MASKS (one picture) or --view VIEW=PICTURE with --view-masks "
+                             "VIEW=MASKS (multi-view); see timi generate --help.")
+        else:
+            image, mask_paths = split_image_and_masks(image_and_masks, masks)
+        return GenerateOptions(image=image, masks=mask_paths, out=out, model=model, backend=backend, steps=steps,
+                               guidance_scale=guidance_scale, seed=seed, alpha=alpha, sigma=sigma,
+                               guided_layers=guided_layers, guided_steps=guided_steps,
+                               guided_fraction=guided_fraction, timi=not no_timi,
+                               octree_resolution=octree_resolution, device=device, dtype=dtype,
+                               split_instances=split_instances, report=report, overlap=overlap, assign=assign,
+                               progress=not quiet, threads=threads, flashvdm=flashvdm, mc_algo=mc_algo,
+                               views=views, view_masks=vmasks)
+
+    opts = run_cli(options, err)
     result = run_cli(lambda: generate(opts, log=lambda m: err.print(m, markup=False, highlight=False)), err)
     table, lines = summary_table(result)
     console = Console(soft_wrap=True)

@@ -548,13 +548,15 @@ def validate_masks(
     overlap: str = "error",
     max_instances: int | None = None,
     foreground: np.ndarray | None = None,
+    allow_empty: bool = False,
 ) -> np.ndarray:
     """Check masks against the image and return them disjoint (see :func:`resolve_overlaps`).
 
     ``image_size`` is (H, W); ``max_instances`` is the number of condition tokens of the patch grid
     (an instance needs at least one token); ``foreground`` (H, W) bool is where the picture's alpha
-    is non-zero (:func:`image_foreground`), ``None`` for a picture without alpha. Raises
-    :class:`MaskInputError`.
+    is non-zero (:func:`image_foreground`), ``None`` for a picture without alpha.
+    ``allow_empty``: an empty mask is an instance this view does not show (multi-view input); the
+    other checks then apply to the non-empty masks. Raises :class:`MaskInputError`.
     """
     masks = np.asarray(masks)
     if masks.ndim != 3:
@@ -575,18 +577,19 @@ def validate_masks(
             f"{_name(sources, 0)}: {K} instances but the condition-token grid holds only {max_instances} tokens; "
             "merge small instances or pass fewer masks."
         )
+    present = [k for k in range(K) if masks[k].any()]
     for k in range(K):
-        if not masks[k].any():
+        if k not in present and not allow_empty:
             raise MaskInputError(f"{_name(sources, k)}: {instance_label(k, names)} is empty; remove it or fix the mask.")
     if foreground is not None and foreground.shape == (H, W):
-        for k in range(K):
+        for k in present:
             if not (masks[k] & foreground).any():
                 raise MaskInputError(
                     f"{_name(sources, k)}: {instance_label(k, names)} lies entirely outside the picture's foreground "
                     "(its alpha is 0 under the whole mask); fix the mask or the picture's alpha."
                 )
     out = resolve_overlaps(masks, overlap, sources)
-    for k in range(K):
+    for k in present:
         if not out[k].any():
             raise MaskInputError(
                 f"{_name(sources, k)}: {instance_label(k, names)} is entirely covered by other masks after --overlap "

@@ -31,7 +31,8 @@ from timi_core import TIMIConfig
 __all__ = ["ModelNotFoundError", "ModelConfigError", "BackendUnavailableError", "BACKENDS", "DTYPES",
            "resolve_model", "model_notes", "model_config_path", "read_model_config", "check_model_config",
            "geometry_from_config", "geometry_pipeline", "grid_tokens", "resolve_device", "torch_dtype",
-           "check_backend", "load_pipeline", "pipeline_depth", "DEFAULT_GEOMETRY", "DEFAULT_SUBFOLDER"]
+           "check_backend", "load_pipeline", "pipeline_depth", "DEFAULT_GEOMETRY", "DEFAULT_SUBFOLDER", "MC_ALGOS",
+           "check_mc_algo", "turbo_vae_path", "enable_flashvdm", "is_multiview"]
 
 BACKENDS = ("torch", "jax")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -40,7 +41,14 @@ DEFAULT_SUBFOLDER = "hunyuan3d-dit-v2-0"
 #: A hy3dgen model id (``owner/name``), looked up under ``$HY3DGEN_MODELS`` and then on the hub.
 _MODEL_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 #: Hunyuan3D 2.0's conditioner and image processor settings (used when no config.yaml is found).
-DEFAULT_GEOMETRY = {"image_size": 518, "patch_size": 14, "use_cls_token": True, "processor_size": 512, "border_ratio": 0.15}
+DEFAULT_GEOMETRY = {"image_size": 518, "patch_size": 14, "use_cls_token": True, "processor_size": 512, "border_ratio": 0.15,
+                    "multiview": False}
+#: hy3dgen's surface extractors (``SurfaceExtractors``): marching cubes on CPU, ``dmc`` (CUDA, ``diso``).
+MC_ALGOS = ("mc", "dmc")
+#: hy3dgen's ``enable_flashvdm`` mapping: the turbo VAE a family's DiTs decode with (model id, subfolder).
+TURBO_VAES = {"Hunyuan3D-2": ("tencent/Hunyuan3D-2", "hunyuan3d-vae-v2-0-turbo"),
+              "Hunyuan3D-2mv": ("tencent/Hunyuan3D-2", "hunyuan3d-vae-v2-0-turbo"),
+              "Hunyuan3D-2mini": ("tencent/Hunyuan3D-2mini", "hunyuan3d-vae-v2-mini-turbo")}
 #: The sections hy3dgen's loader builds the pipeline from (each a ``target`` class and ``params``).
 CONFIG_SECTIONS = ("model", "vae", "conditioner", "scheduler", "image_processor")
 #: ``Hunyuan3DDiT``'s defaults (hy3dgen 2.0.2) for the settings that must agree: each head's
@@ -181,6 +189,7 @@ def geometry_from_config(config: dict | None) -> dict:
         geo["use_cls_token"] = bool(enc.get("use_cls_token", True))
         geo["patch_size"] = int((enc.get("config") or {}).get("patch_size", 14))
         proc = config.get("image_processor", {}).get("params") or {}
+        geo["multiview"] = str(config.get("image_processor", {}).get("target", "")).endswith("MVImageProcessorV2")
         geo["processor_size"] = int(proc.get("size", 512))
         if proc.get("border_ratio") is not None:
             geo["border_ratio"] = float(proc["border_ratio"])
@@ -196,7 +205,7 @@ def geometry_from_config(config: dict | None) -> dict:
 def geometry_pipeline(model: str | Path | None = None, geometry: dict | None = None):
     """A stand-in with the attributes :func:`timi_torch.condition_token_masks` reads (hy3dgen's real
     ``ImageProcessorV2`` and the conditioner's torchvision transform) and no network weights."""
-    from hy3dgen.shapegen.preprocessors import ImageProcessorV2
+    from hy3dgen.shapegen.preprocessors import ImageProcessorV2, MVImageProcessorV2
     from torchvision import transforms
 
     if geometry is None:
@@ -210,7 +219,8 @@ def geometry_pipeline(model: str | Path | None = None, geometry: dict | None = N
             raise ModelConfigError(f"{path}:{msg[len('config.yaml:'):]}") from None
     geo = geometry
     S, patch = geo["image_size"], geo["patch_size"]
-    processor = ImageProcessorV2(size=geo["processor_size"], border_ratio=geo["border_ratio"])
+    processor = (MVImageProcessorV2 if geo.get("multiview") else ImageProcessorV2)(
+        size=geo["processor_size"], border_ratio=geo["border_ratio"])
     encoder = types.SimpleNamespace(
         transform=transforms.Compose([
             transforms.Resize(S, transforms.InterpolationMode.BILINEAR, antialias=True),
@@ -283,8 +293,62 @@ def check_backend(backend: str) -> None:
                                           "use --backend torch.") from None
 
 
+def check_mc_algo(mc_algo: Optional[str]) -> None:
+    """``--mc-algo``: one of :data:`MC_ALGOS`; ``dmc`` needs the ``diso`` package (CUDA)."""
+    if mc_algo is None:
+        return
+    if mc_algo not in MC_ALGOS:
+        raise ValueError(f"--mc-algo {mc_algo!r}: choose one of {', '.join(MC_ALGOS)}.")
+    if mc_algo == "dmc":
+        import importlib.util
+
+        if importlib.util.find_spec("diso") is None:
+            raise BackendUnavailableError("--mc-algo dmc: hy3dgen's differentiable marching cubes needs the diso "
+                                          "package (CUDA); install it or use --mc-algo mc.")
+
+
+def turbo_vae_path(model: str) -> Path:
+    """The turbo ShapeVAE folder FlashVDM decoding uses for ``model`` (hy3dgen's ``enable_flashvdm``
+    mapping, :data:`TURBO_VAES`): beside a model folder (``<family>/hunyuan3d-vae-v2-0-turbo``, or
+    ``-mini-turbo`` for a mini DiT, as the model repositories lay them out), else under
+    ``$HY3DGEN_MODELS/<id>/<subfolder>``. Raises :class:`ModelNotFoundError` naming where it looked."""
+    p = Path(str(model)).expanduser()
+    folder = p.parent if p.is_file() else p
+    family = folder.parent.name if folder.is_dir() else str(model).split("/")[-1]
+    mini = "mini" in folder.name or family.endswith("mini")
+    subfolder = "hunyuan3d-vae-v2-mini-turbo" if mini else "hunyuan3d-vae-v2-0-turbo"
+    candidates = []
+    if folder.is_dir():
+        candidates.append(folder.parent / subfolder)
+    mid, sub = TURBO_VAES.get(family, (None, None))
+    if mid is not None:
+        candidates.append(Path(_models_root()).expanduser() / mid / sub)
+    for c in candidates:
+        if (c / "config.yaml").is_file() and (c / "model.fp16.safetensors").is_file():
+            return c
+    looked = ", ".join(str(c) for c in candidates) or "nowhere (not a model folder or a known id)"
+    raise ModelNotFoundError(f"--flashvdm needs the turbo VAE ({subfolder}: config.yaml + model.fp16.safetensors); "
+                             f"looked in {looked}. Put it beside the model folder, or drop --flashvdm.")
+
+
+def enable_flashvdm(pipe, model: str, mc_algo: Optional[str] = None) -> None:
+    """hy3dgen's ``enable_flashvdm`` on a loaded pipeline, for any model folder: the turbo VAE
+    (:func:`turbo_vae_path`, loaded by hy3dgen's ``ShapeVAE.from_single_file``) replaces the VAE
+    and decodes with ``FlashVDMVolumeDecoding`` (adaptive KV selection, ``topk_mode='mean'``) and
+    ``mc_algo`` (default ``mc``), as hy3dgen's defaults. Only the decoding changes: the DiT, its
+    latents and TIMI's guidance are untouched."""
+    from hy3dgen.shapegen.models.autoencoders import ShapeVAE
+
+    folder = turbo_vae_path(model)
+    base = pipe.base
+    base.vae = ShapeVAE.from_single_file(str(folder / "model.fp16.safetensors"), str(folder / "config.yaml"),
+                                         device=base.device, dtype=base.dtype, use_safetensors=True)
+    base.vae.enable_flashvdm_decoder(enabled=True, adaptive_kv_selection=True, topk_mode="mean", mc_algo=mc_algo or "mc")
+
+
 def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device: Optional[str] = None,
-                  dtype=None, config: TIMIConfig = TIMIConfig(), attention: str = "fused"):
+                  dtype=None, config: TIMIConfig = TIMIConfig(), attention: str = "fused", flashvdm: bool = False,
+                  mc_algo: Optional[str] = None):
     """A pipeline for ``model`` (default: the shipped one; see :func:`resolve_model`).
 
     ``backend="torch"``: ``timi_torch.TIMIPipeline`` (``attention`` its ISG path);
@@ -292,14 +356,24 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
     the torch model's dtype. ``device``: default CUDA when available; ``dtype``: a name of
     :data:`DTYPES` or a torch dtype (default ``"auto"``: float16 on CUDA, float32 on CPU).
     ``config``: the calls' default ``TIMIConfig``. Both return a ``timi_core.TIMIPipelineOutput``.
+    Any variant of the Hunyuan3D-2 family loads (its ``config.yaml`` names the DiT, scheduler,
+    conditioner and image processor). ``flashvdm``: decode with the turbo VAE and FlashVDM
+    (:func:`enable_flashvdm`); ``mc_algo``: hy3dgen's surface extractor (:data:`MC_ALGOS`).
     """
     import timi_torch
 
     check_backend(backend)
+    check_mc_algo(mc_algo)
     path = resolve_model(model)
+    if flashvdm:
+        turbo_vae_path(path)              # before the weights load
     device = resolve_device(device)
     pipe = timi_torch.TIMIPipeline.from_pretrained(path, config, device=device, dtype=torch_dtype(dtype, device),
                                                    attention=attention)
+    if flashvdm:
+        enable_flashvdm(pipe, path, mc_algo)
+    elif mc_algo is not None:
+        pipe.base.set_surface_extractor(mc_algo)
     if backend == "torch":
         return pipe
     import jax.numpy as jnp
@@ -308,6 +382,12 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
 
     jdtype = {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16}[pipe.dtype]
     return TIMIPipelineJAX(pipe.base, config, dtype=jdtype)
+
+
+def is_multiview(model: str | Path | None) -> bool:
+    """Whether ``model``'s ``config.yaml`` names hy3dgen's multi-view image processor (Hunyuan3D-2mv)."""
+    path = model_config_path(model)
+    return bool(path is not None and geometry_from_config(read_model_config(path)).get("multiview"))
 
 
 def pipeline_depth(pipe) -> int:

@@ -16,7 +16,7 @@ Eq.7       momentum update                        :func:`momentum`, :func:`sgu_u
 =========  =====================================  ============================================
 """
 
-from .config import TIMIConfig
+from .config import PAPER_GUIDED_FRACTION, TIMIConfig
 from .masks import area_pooling_matrix, pool_masks, stack_token_masks
 from .outputs import StepDiagnostics, TIMIPipelineOutput
 from .separation import (instance_probability, instance_separation_loss, normalize_over_instances, separation_loss,
@@ -26,6 +26,7 @@ from .update import adaptive_scale, momentum, sgu_update
 
 __all__ = [
     "TIMIConfig",
+    "PAPER_GUIDED_FRACTION",
     "instance_probability",
     "spatial_weights",
     "separation_loss",

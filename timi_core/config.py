@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional, Sequence
+
+#: The paper's guided window (Sec. 5.1: the first 15 of 50 steps) as a part of the trajectory:
+#: the steps that start in the first 15/50 = 30 % of flow time (noise level sigma < 0.3).
+PAPER_GUIDED_FRACTION = 15 / 50
+#: A step that starts within this distance below the fraction counts as starting at it (not guided):
+#: schedules are float32, and a sigma equal to the fraction must not depend on its rounding.
+_WINDOW_TOL = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,8 +19,15 @@ class TIMIConfig:
     """Configuration of TIMI guidance.
 
     Paper defaults (Sec. 5.1): ISG on the first ``guided_layers=4`` double-stream blocks during the
-    first ``guided_steps=15`` of the denoising steps; SGU with ``alpha=0.1`` (Eq.6), ``sigma=1.5``
-    (Eq.5), ``beta=0.9`` (Eq.7) and ``eps=1e-6`` (Eqs.3, 4, 6).
+    first 15 of the 50 denoising steps; SGU with ``alpha=0.1`` (Eq.6), ``sigma=1.5`` (Eq.5),
+    ``beta=0.9`` (Eq.7) and ``eps=1e-6`` (Eqs.3, 4, 6).
+
+    The guided window (:meth:`num_guided_steps`) is a part of the trajectory, not a step count:
+    a step is guided when it starts at a noise level ``sigma < guided_fraction`` (flow time of
+    hy3dgen's schedule, 0 = noise, 1 = data; default ``15/50``). On hy3dgen's 50-step
+    ``linspace(0, 1, 50)`` schedule that is exactly the paper's first 15 steps (``sigma_14 = 14/49
+    < 0.3 <= sigma_15 = 15/49``); at 30 steps the first 9, on turbo's 5-step consistency schedule
+    the first 2. ``guided_steps=N`` guides the first ``N`` steps instead, whatever the schedule.
 
     Ablation switches (Tables 2 and 5):
 
@@ -37,7 +52,8 @@ class TIMIConfig:
     beta: float = 0.9
     eps: float = 1e-6
     guided_layers: int = 4
-    guided_steps: int = 15
+    guided_steps: Optional[int] = None
+    guided_fraction: float = PAPER_GUIDED_FRACTION
     isg: bool = True
     sgu: bool = True
     gm: bool = True
@@ -58,10 +74,14 @@ class TIMIConfig:
         check("sigma", finite(self.sigma) and self.sigma >= 0, "use a finite number >= 0 (paper: 1.5)")
         check("beta", finite(self.beta) and 0 <= self.beta < 1, "use 0 <= beta < 1 (paper: 0.9)")
         check("eps", finite(self.eps) and self.eps >= 0, "use a finite number >= 0 (paper: 1e-6)")
-        for name, paper in (("guided_layers", 4), ("guided_steps", 15)):
-            v = getattr(self, name)
-            check(name, isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                  f"use an integer >= 0 (paper: {paper})")
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+        check("guided_layers", count(self.guided_layers), "use an integer >= 0 (paper: 4)")
+        check("guided_steps", self.guided_steps is None or count(self.guided_steps),
+              "use an integer >= 0, or None for the guided_fraction window (paper: 15 of 50 steps)")
+        check("guided_fraction", finite(self.guided_fraction) and 0 <= self.guided_fraction <= 1,
+              "use a number in [0, 1], the part of the trajectory to guide (paper: 15/50 = 0.3)")
         for name in ("isg", "sgu", "gm", "sr", "detach_weights", "normalize_instances"):
             check(name, isinstance(getattr(self, name), bool), "use True or False")
 
@@ -71,9 +91,26 @@ class TIMIConfig:
 
     @property
     def enabled(self) -> bool:
-        """Whether any guidance runs at all."""
-        return self.isg and self.guided_steps > 0 and self.guided_layers > 0
+        """Whether any guidance runs at all (on some schedule)."""
+        window = self.guided_fraction > 0 if self.guided_steps is None else self.guided_steps > 0
+        return self.isg and window and self.guided_layers > 0
 
-    def guidance_active(self, step_index: int) -> bool:
-        """Whether the denoising step ``step_index`` (0-based) is guided: the first ``t`` steps."""
-        return self.enabled and step_index < self.guided_steps
+    def num_guided_steps(self, sigmas: Sequence[float]) -> int:
+        """How many leading steps of a schedule are guided (the guided window, paper Sec. 5.1).
+
+        ``sigmas``: the noise level at which each denoising step starts, in hy3dgen's flow time
+        (``scheduler.timesteps / num_train_timesteps``: 0 = noise, 1 = data, increasing). With
+        ``guided_steps=None`` the steps before the first one starting at ``sigma >=
+        guided_fraction`` (to within 1e-6); else ``min(guided_steps, len(sigmas))``. 0 when off.
+        """
+        sigmas = [float(s) for s in sigmas]
+        if not self.enabled:
+            return 0
+        if self.guided_steps is not None:
+            return min(self.guided_steps, len(sigmas))
+        limit = self.guided_fraction - _WINDOW_TOL
+        return next((i for i, s in enumerate(sigmas) if not s < limit), len(sigmas))
+
+    def guidance_active(self, step_index: int, sigmas: Sequence[float]) -> bool:
+        """Whether the denoising step ``step_index`` (0-based) of the schedule ``sigmas`` is guided."""
+        return step_index < self.num_guided_steps(sigmas)

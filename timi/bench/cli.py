@@ -94,6 +94,7 @@ def overhead(
     heads: Optional[int] = _HEADS, depth: Optional[int] = _DEPTH, single_depth: Optional[int] = _SDEPTH,
     latents: Optional[int] = _L, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
     guided_layers: Optional[int] = _LAYERS, seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
+    distilled: bool = typer.Option(False, "--guidance-distilled", help="A guidance-distilled DiT (guidance_embed, the fast / turbo models): one branch per step, no CFG pair."),
     threads: int = _THREADS, json_path: Optional[Path] = _JSON,
 ) -> None:
     """Plain vs TIMI sampling (same model, seed, schedule): medians, ratio timi/plain and its FLOP floor."""
@@ -105,6 +106,8 @@ def overhead(
     base = tiny_config() if tiny else full_size_config() if full_size else default_config()
     cfg = _config(base, **_shape_options(steps, guided_steps, hidden, heads, depth, single_depth, latents,
                                          cond_tokens, instances, guided_layers, seed, dtype))
+    if distilled:
+        cfg = cfg.replace(guidance_embed=True)
     if backend == "jax":
         from .jax_backend import jax_available
 

@@ -3,7 +3,8 @@
 The default is the Hunyuan3D 2.0 DiT *architecture* at full depth (16 double + 32 single blocks,
 head dim 64) at a CPU-friendly width (hidden 128, 2 heads) with L=512 latent and M=257 condition
 tokens (a 16x16 patch grid plus one CLS token), 20 steps of which 6 are guided (the paper's 30%),
-guidance on the first 4 double blocks, CFG batch 2 as hy3dgen does. ``full_size()`` is the real
+guidance on the first 4 double blocks, CFG batch 2 as hy3dgen does (``guidance_embed=True``: a
+guidance-distilled DiT, the fast / turbo models, one branch per step). ``full_size()`` is the real
 model (hidden 1024, 16 heads, 64 latent channels, condition width 1536, L=3072, M=1370, 50 steps
 with 15 guided).
 """
@@ -32,7 +33,8 @@ class BenchConfig:
     guided_steps: int = 6
     guided_layers: int = 4
     num_instances: int = 3           # K
-    guidance_scale: float = 5.0      # CFG (batch 2)
+    guidance_scale: float = 5.0      # CFG (batch 2), or the guidance embedding's scale (distilled)
+    guidance_embed: bool = False     # a guidance-distilled DiT (fast / turbo): one branch, no CFG pair
     batch_size: int = 1              # images per call (the CFG batch is twice this)
     dtype: str = "float32"
     seed: int = 0

@@ -9,12 +9,14 @@ condition width ``c``:
 * single-stream block: ``2*12*h^2*S`` (linear1 ``h -> 7h``, linear2 ``5h -> h``) ``+ 4*S^2*h + 2*3*h^2``;
 * embeddings: ``2*(L*C*h + M*c*h + 256*h + h^2)``; final layer ``2*(L*h*C + 2*h^2)``.
 
-Plain sampling costs ``T`` steps of ``2`` CFG branches of a full forward ``F_full``. TIMI adds, on
-``t`` of the ``T`` steps, one forward + backward through the embeddings and the first ``l`` double
-blocks on one branch (``F_guide``); with the usual "backward = 2 x forward" rule
+Plain sampling costs ``T`` steps of ``n`` branches of a full forward ``F_full`` (``n = 2``, the CFG
+pair; ``n = 1`` for a guidance-distilled DiT, fast / turbo, which hy3dgen runs without CFG). TIMI
+adds, on ``t`` of the ``T`` steps, one forward + backward through the embeddings and the first ``l``
+double blocks on one branch (``F_guide``); with the usual "backward = 2 x forward" rule
 
-    floor = 1 + (t / T) * (1 + 2) * F_guide / (2 * F_full)
+    floor = 1 + (t / T) * (1 + 2) * F_guide / (n * F_full)
 
+(so the relative overhead of a distilled model is twice that of its CFG parent at equal shapes)
 (issue 7's "about 4%" for l=4 of 48 blocks, t=15 of 50 steps). Only input gradients are needed
 (the weights are frozen), for which backward ~ 1 x forward on the linear layers: ``floor_input_grad``
 uses ``1 + 1`` instead of ``1 + 2``, a lower bound.
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from .config import BenchConfig
 
-__all__ = ["forward_flops", "overhead_floor", "guide_flops_as_implemented"]
+__all__ = ["forward_flops", "overhead_floor", "guide_flops_as_implemented", "branches"]
 
 
 def _double_block(h: int, L: int, M: int) -> float:
@@ -78,11 +80,19 @@ def overhead_floor(cfg: BenchConfig) -> dict:
     full = forward_flops(cfg)
     guide = forward_flops(cfg, double_blocks=cfg.guided_layers, single_blocks=0, final=False)
     frac = cfg.guided_steps / cfg.steps
+    n = branches(cfg)
     return {
-        "floor": 1 + frac * 3 * guide / (2 * full),
-        "floor_input_grad": 1 + frac * 2 * guide / (2 * full),
-        "floor_as_implemented": 1 + frac * 3 * guide_flops_as_implemented(cfg) / (2 * full),
+        "floor": 1 + frac * 3 * guide / (n * full),
+        "floor_input_grad": 1 + frac * 2 * guide / (n * full),
+        "floor_as_implemented": 1 + frac * 3 * guide_flops_as_implemented(cfg) / (n * full),
         "forward_gflops_per_sample": full / 1e9,
         "guided_forward_gflops_per_sample": guide / 1e9,
-        "formula": "1 + (t/T) * (1 + b) * F_guide / (2 * F_full), b = 2 (floor) or 1 (floor_input_grad)",
+        "branches": n,
+        "formula": f"1 + (t/T) * (1 + b) * F_guide / ({n} * F_full), b = 2 (floor) or 1 (floor_input_grad)",
     }
+
+
+def branches(cfg: BenchConfig) -> int:
+    """Forwards per plain step: the CFG pair (2), or 1 for a guidance-distilled DiT (hy3dgen runs no
+    CFG batch when ``guidance_embed``)."""
+    return 1 if cfg.guidance_embed else 2

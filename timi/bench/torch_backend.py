@@ -37,7 +37,8 @@ def build_dit(cfg: BenchConfig, seed: int | None = None):
     torch.manual_seed(cfg.seed if seed is None else seed)
     model = Hunyuan3DDiT(in_channels=cfg.latent_channels, context_in_dim=cfg.context_dim,
                          hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, depth=cfg.depth,
-                         depth_single_blocks=cfg.depth_single_blocks, axes_dim=[cfg.head_dim])
+                         depth_single_blocks=cfg.depth_single_blocks, axes_dim=[cfg.head_dim],
+                         guidance_embed=cfg.guidance_embed)
     model.requires_grad_(False)
     return model.eval().to(_DTYPES[cfg.dtype])
 

@@ -53,6 +53,8 @@ ALIASES = {"table2": "components", "table3": "layers", "table4": "steps", "table
            "table6": "alpha", "table7": "sigma", "isg-sgu": "components", "gm-sr": "sgu-parts",
            "l": "layers", "t": "steps"}
 SWEEPABLE = tuple(f.name for f in dataclasses.fields(TIMIConfig))
+#: Each field's annotation (``guided_steps: Optional[int]`` defaults to None: still an integer sweep).
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TIMIConfig)}
 
 
 def ablation_runs(name: str, base: TIMIConfig = TIMIConfig()) -> list[Run]:
@@ -78,10 +80,11 @@ def _parse_value(field_name: str, text: str, default):
         if text.lower() in ("0", "false", "off", "no"):
             return False
         raise ValueError(f"--sweep {field_name}: {text!r} is not a boolean (use true/false).")
+    integer = isinstance(default, int) or (default is None and "int" in str(_FIELD_TYPES.get(field_name, "")))
     try:
-        return int(text) if isinstance(default, int) else float(text)
+        return int(text) if integer else float(text)
     except ValueError:
-        kind = "an integer" if isinstance(default, int) else "a number"
+        kind = "an integer" if integer else "a number"
         raise ValueError(f"--sweep {field_name}: {text!r} is not {kind}.") from None
 
 

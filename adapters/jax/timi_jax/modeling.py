@@ -1,8 +1,9 @@
 """A Flax NNX reimplementation of hy3dgen's ``Hunyuan3DDiT`` (the Hunyuan3D 2.0 flow-matching DiT).
 
 Laid out as jax-ml/bonsai lays out a model: this module holds the network and its configuration
-(:class:`ModelConfig`, a frozen dataclass with named presets, :data:`PRESETS`: ``"v2.0"`` and
-``"testbed"`` (the testbed v2 DiT sizes; Hunyuan3D-2mini is not a preset yet)); :mod:`timi_jax.params` holds the torch -> Flax key table and the loading, and this
+(:class:`ModelConfig`, a frozen dataclass with named presets, :data:`PRESETS`: ``"v2.0"``,
+``"mini"`` (Hunyuan3D-2mini) and ``"testbed"`` (the testbed v2 DiT sizes); the fast and turbo DiTs of
+each family are the same preset with ``guidance_embed=True``); :mod:`timi_jax.params` holds the torch -> Flax key table and the loading, and this
 module does not import it (``Hunyuan3DDiT`` builds randomly initialised weights;
 ``timi_jax.from_checkpoint`` / ``from_torch`` build it and fill it).
 
@@ -93,6 +94,15 @@ class ModelConfig:
         return cls()
 
     @classmethod
+    def mini(cls) -> "ModelConfig":
+        """Hunyuan3D-2mini's DiT (``tencent/Hunyuan3D-2mini``, ``hunyuan3d-dit-v2-mini``): 8 double- and
+        16 single-stream blocks (as third-party copies of its config.yaml have it), the other fields
+        v2.0's: 559,196,224 parameters, the published "0.6 B" (its 512 latent tokens are the VAE's
+        ``num_latents``, not a DiT setting). TIMI's ``guided_layers=4`` guides half of its double
+        blocks (a quarter of v2.0's 16). ``-fast`` / ``-turbo``: ``.replace(guidance_embed=True)``."""
+        return cls(depth=8, depth_single_blocks=16)
+
+    @classmethod
     def testbed(cls) -> "ModelConfig":
         """A small DiT of the testbed's size (``timi.testbed.model.SIZES['v2']``: 128 wide, 4 + 1
         blocks, 8 latent channels, 64-dim condition tokens), for tests and CPU runs."""
@@ -117,7 +127,8 @@ class ModelConfig:
 
 
 #: Named configurations: ``ModelConfig.preset(name)`` / ``Hunyuan3DDiT(PRESETS[name])``.
-PRESETS: dict[str, ModelConfig] = {"v2.0": ModelConfig.v2_0(), "testbed": ModelConfig.testbed()}
+PRESETS: dict[str, ModelConfig] = {"v2.0": ModelConfig.v2_0(), "mini": ModelConfig.mini(),
+                                   "testbed": ModelConfig.testbed()}
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0,

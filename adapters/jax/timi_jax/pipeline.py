@@ -20,7 +20,7 @@ from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
 from .params import from_torch
 from .sampler import SampleOutput, sample
 
-__all__ = ["TIMIPipelineJAX", "step_diagnostics"]
+__all__ = ["TIMIPipelineJAX", "step_diagnostics", "scheduler_schedule"]
 
 
 class TIMIPipelineJAX:
@@ -40,6 +40,12 @@ class TIMIPipelineJAX:
         other = copy.copy(self)
         other.config = config
         return other
+
+    def num_guided_steps(self, num_inference_steps: int, config: TIMIConfig | None = None) -> int:
+        """How many leading steps a call with ``num_inference_steps`` guides (as ``TIMIPipeline``'s)."""
+        cfg = self.config if config is None else config
+        timesteps, _ = scheduler_schedule(self.base, num_inference_steps)
+        return cfg.num_guided_steps((np.asarray(timesteps, np.float64) / self.base.scheduler.config.num_train_timesteps).tolist())
 
     def __call__(self, image, masks, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  generator=None, output_type: str = "trimesh", latents=None, box_v: float = 1.01,
@@ -75,7 +81,7 @@ class TIMIPipelineJAX:
                      as_jax(uncond) if uncond is not None else None, as_jax(inputs.tokens),
                      num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, config=cfg,
                      num_train_timesteps=base.scheduler.config.num_train_timesteps,
-                     shift=base.scheduler.config.get("shift", 1.0), mesh=self.mesh)
+                     schedule=scheduler_schedule(base, num_inference_steps), mesh=self.mesh)
         result = torch.from_numpy(np.array(out.latents.astype(jnp.float32))).to(
             device=base.device, dtype=base.dtype)
 
@@ -84,12 +90,24 @@ class TIMIPipelineJAX:
         if output_type != "latent":
             meshes = export_meshes(base, result, output_type, box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
                                    octree_resolution=octree_resolution, mc_algo=mc_algo, enable_pbar=enable_pbar)
-        return TIMIPipelineOutput(meshes, result, step_diagnostics(out, cfg, num_inference_steps))
+        return TIMIPipelineOutput(meshes, result, step_diagnostics(out))
 
 
-def step_diagnostics(out: SampleOutput, config: TIMIConfig, num_inference_steps: int) -> list[StepDiagnostics]:
-    """``StepDiagnostics`` (one per guided step) from a :class:`SampleOutput`."""
+def scheduler_schedule(base, num_inference_steps: int):
+    """``(timesteps (N,), sigmas (N+1,))`` numpy arrays, set by hy3dgen's own scheduler exactly as its
+    pipeline sets them (:func:`timi_torch.frontend.set_schedule`): the flow-matching scheduler's
+    float32 arrays or the turbo consistency scheduler's float64 ones."""
+    from timi_torch.frontend import set_schedule
+
+    if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a whole number of at least 1.")
+    timesteps, _, sigmas = set_schedule(base, int(num_inference_steps), "cpu")
+    return timesteps.cpu().numpy(), sigmas.cpu().numpy()
+
+
+def step_diagnostics(out: SampleOutput) -> list[StepDiagnostics]:
+    """``StepDiagnostics`` (one per guided step, the first ``out.num_guided``) from a :class:`SampleOutput`."""
     losses, scales, updates = (np.asarray(a, dtype=np.float64) for a in (out.losses, out.scales, out.max_updates))
-    return [StepDiagnostics(i, i / max(num_inference_steps - 1, 1), losses[i].tolist(), scales[i].tolist(),
-                            updates[i].tolist())
-            for i in range(num_inference_steps) if config is not None and config.guidance_active(i)]
+    times = out.times if out.times is not None else np.zeros(len(losses))
+    return [StepDiagnostics(i, float(times[i]), losses[i].tolist(), scales[i].tolist(), updates[i].tolist())
+            for i in range(out.num_guided)]

@@ -8,7 +8,10 @@ gets ``t = timesteps[i] / 1000`` in the latent dtype; a final sigma 1 is appende
 ``[cond; uncond]`` and mixes ``v = v_u + w (v_c - v_u)``; guidance-distilled models
 (``guidance_embed``) get ``guidance = w`` and no CFG, as in hy3dgen.
 
-TIMI (paper Sec. 4): at step ``i < guided_steps``, before the CFG step and on the conditional branch
+Turbo models use hy3dgen's ``ConsistencyFlowMatchEulerDiscreteScheduler``: :func:`consistency_schedule`
+(or the scheduler's own arrays) passed as ``schedule``; its last step ends at sigma 1 (``dt > 0``).
+
+TIMI (paper Sec. 4): at the steps of the guided window (``TIMIConfig.num_guided_steps``), before the CFG step and on the conditional branch
 only, ``jax.value_and_grad`` of ``L_sep`` (Eqs.2-4, ``timi_core.instance_separation_loss``, mean
 over the first ``guided_layers`` double blocks, summed over independent samples) through the
 forward truncated after those blocks (:meth:`Hunyuan3DDiT.instance_probabilities`, P as an
@@ -42,13 +45,14 @@ from timi_core import TIMIConfig
 
 from .modeling import Hunyuan3DDiT, batched_mask_tokens
 
-__all__ = ["flow_matching_schedule", "sample", "prepare_sample", "SampleOutput",
+__all__ = ["flow_matching_schedule", "consistency_schedule", "schedule_of", "sample", "prepare_sample", "SampleOutput",
            "data_parallel_mesh", "separation_loss_and_grad"]
 
 
 def flow_matching_schedule(num_inference_steps: int, *, num_train_timesteps: int = 1000,
                            shift: float = 1.0, sigmas=None):
-    """``(timesteps (N,), sigmas (N+1,))`` float32, exactly as hy3dgen's scheduler sets them."""
+    """``(timesteps (N,), sigmas (N+1,))`` float32, exactly as hy3dgen's
+    ``FlowMatchEulerDiscreteScheduler`` sets them."""
     if sigmas is None:
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
@@ -59,17 +63,36 @@ def flow_matching_schedule(num_inference_steps: int, *, num_train_timesteps: int
     return timesteps, np.concatenate([s, np.ones(1, np.float32)])
 
 
+def consistency_schedule(num_inference_steps: int, *, num_train_timesteps: int = 1000,
+                         pcm_timesteps: int = 50):
+    """``(timesteps (N,), sigmas (N+1,))`` float64, as hy3dgen's
+    ``ConsistencyFlowMatchEulerDiscreteScheduler`` (the turbo models') sets them: N points
+    ``floor(linspace(0, pcm_timesteps, N, endpoint=False))`` of its PCM grid of ``linspace(0, 1,
+    num_train_timesteps)``, then a final sigma 1 (so the last step ends at the data, ``dt > 0``)."""
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
+    grid = np.linspace(0, 1, num_train_timesteps)
+    ratio = num_train_timesteps // pcm_timesteps
+    euler = np.concatenate([[0], (np.arange(1, pcm_timesteps) * ratio).round().astype(np.int64) - 1])
+    picks = np.floor(np.linspace(0, pcm_timesteps, num_inference_steps, endpoint=False)).astype(np.int64)
+    s = grid[euler][picks]
+    return s * num_train_timesteps, np.concatenate([s, np.ones(1)])
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleOutput:
     """``latents`` (B, L, C) in the model's dtype and per-step diagnostics, each (N, B) float32 and
     0 for unguided steps (as ``timi_core.StepDiagnostics``): ``losses`` ``L_sep`` before the step's
     update, ``scales`` the step size lambda (Eq.6; ``alpha`` without GM), ``max_updates`` the
-    largest ``|z_new - z|`` of the float32 latent."""
+    largest ``|z_new - z|`` of the float32 latent. ``num_guided``: the guided window (the first
+    steps, ``TIMIConfig.num_guided_steps``); ``times``: each step's starting noise level."""
 
     latents: jax.Array
     losses: jax.Array
     scales: jax.Array
     max_updates: jax.Array
+    num_guided: int = 0
+    times: np.ndarray | None = None   # (N,) the noise level each step starts at (flow time)
 
 
 def _guidance_vector(model: Hunyuan3DDiT, batch: int, guidance_scale, dtype):
@@ -110,9 +133,9 @@ def _loss_and_grad_jit(graphdef, state, latents, t, cond, tokens, *, config, num
     return _loss_and_grad(nnx.merge(graphdef, state), latents, t, cond, tokens, config, num_layers)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "config", "num_layers", "do_cfg"))
-def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, sigmas, guidance_scale,
-                    *, config: TIMIConfig, num_layers: int, do_cfg: bool):
+@partial(jax.jit, static_argnames=("graphdef", "config", "num_layers", "do_cfg", "master"))
+def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, dts, guided, guidance_scale,
+                    *, config: TIMIConfig, num_layers: int, do_cfg: bool, master: bool):
     model = nnx.merge(graphdef, state)
     batch = noise.shape[0]
     guidance = _guidance_vector(model, batch, guidance_scale, model.dtype)
@@ -138,28 +161,24 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, sigma
         max_update = jnp.max(jnp.abs(z_new - z), axis=(1, 2))
         return z_new, m_new, (loss, scale, max_update)
 
-    # Guidance on: the carried latent is float32 (master latent; cast for the model only).
-    master = config.enabled
+    # Some step guided (``master``): the carried latent is float32 (cast for the model only).
 
     def step(carry, xs):
         z, m = carry
-        i, t, sigma, sigma_next = xs
+        g, t, dt = xs
         if master:
-            z, m, diag = jax.lax.cond(i < config.guided_steps, guide,
-                                      lambda z, m, t: (z, m, (no_loss,) * 3), z, m, t)
+            z, m, diag = jax.lax.cond(g, guide, lambda z, m, t: (z, m, (no_loss,) * 3), z, m, t)
         else:
             diag = (no_loss,) * 3
         v = velocity(z.astype(model.dtype), t)
         # scheduler.step: float32 sample + (sigma_next - sigma) * v, cast to v's dtype; with the
         # master latent the same in float32 (float32 v) and no cast back
-        z = z.astype(jnp.float32) + (sigma_next - sigma) * v.astype(jnp.float32)
+        z = z.astype(jnp.float32) + dt * v.astype(jnp.float32)
         z = z if master else z.astype(v.dtype)
         return (z, m), diag
 
-    n = t_model.shape[0]
     carry = (noise.astype(jnp.float32) if master else noise, jnp.zeros(noise.shape, jnp.float32))
-    (latents, _), diags = jax.lax.scan(
-        step, carry, (jnp.arange(n), t_model, sigmas[:-1], sigmas[1:]))
+    (latents, _), diags = jax.lax.scan(step, carry, (guided, t_model, dts))
     return latents.astype(model.dtype), diags
 
 
@@ -180,7 +199,7 @@ def data_parallel_mesh(devices=None, axis_name: str = "data") -> Mesh:
 def sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
            num_inference_steps: int = 50, guidance_scale: float = 5.0,
            config: TIMIConfig | None = TIMIConfig(), num_train_timesteps: int = 1000,
-           shift: float = 1.0, sigmas=None, mesh: Mesh | None = None) -> SampleOutput:
+           shift: float = 1.0, sigmas=None, schedule=None, mesh: Mesh | None = None) -> SampleOutput:
     """Sample latents with hy3dgen's schedule and CFG, with TIMI guidance when ``config`` says so.
 
     ``noise`` (B, L, C): the initial latents (hy3dgen's ``prepare_latents``; cast to the model's
@@ -191,7 +210,9 @@ def sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
     instance masks pooled onto the condition tokens (``timi_core.pool_masks``), needed when
     guidance is on. ``config=None`` or ``TIMIConfig(isg=False)``: plain hy3dgen sampling. ``mesh``:
     shard the batch over the mesh's first axis (data parallel; B must be a multiple of its size)
-    with the weights replicated.
+    with the weights replicated. ``schedule``: ``(timesteps (N,), sigmas (N+1,))`` of another
+    scheduler (turbo's :func:`consistency_schedule`); default hy3dgen's flow-matching one. The
+    guided steps are the schedule's first ``config.num_guided_steps(timesteps / num_train_timesteps)``.
 
     One compiled program per (model structure, shapes, dtypes, config, step count); later calls
     with new noise, conditions or masks reuse it.
@@ -200,15 +221,30 @@ def sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
                                   num_inference_steps=num_inference_steps,
                                   guidance_scale=guidance_scale, config=config,
                                   num_train_timesteps=num_train_timesteps, shift=shift,
-                                  sigmas=sigmas, mesh=mesh)
+                                  sigmas=sigmas, schedule=schedule, mesh=mesh)
     latents, diags = _sample_program(*args, **static)
-    return SampleOutput(latents, *diags)
+    timesteps, _ = schedule_of(num_inference_steps, num_train_timesteps, shift, sigmas, schedule)
+    times = np.asarray(timesteps, np.float64) / num_train_timesteps
+    num_guided = (TIMIConfig(isg=False) if config is None else config).num_guided_steps(times.tolist())
+    return SampleOutput(latents, *diags, num_guided=num_guided, times=times)
+
+
+def schedule_of(num_inference_steps, num_train_timesteps=1000, shift=1.0, sigmas=None, schedule=None):
+    """``(timesteps (N,), sigmas (N+1,))``: ``schedule`` when given (e.g. :func:`consistency_schedule`
+    or a hy3dgen scheduler's own arrays), else :func:`flow_matching_schedule`."""
+    if schedule is not None:
+        timesteps, sig = (np.asarray(a) for a in schedule)
+        if timesteps.ndim != 1 or sig.shape != (timesteps.shape[0] + 1,):
+            raise ValueError(f"schedule: timesteps {timesteps.shape} and sigmas {sig.shape} must be (N,) and (N+1,)")
+        return timesteps, sig
+    return flow_matching_schedule(num_inference_steps, num_train_timesteps=num_train_timesteps, shift=shift,
+                                  sigmas=sigmas)
 
 
 def prepare_sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
                    num_inference_steps: int = 50, guidance_scale: float = 5.0,
                    config: TIMIConfig | None = TIMIConfig(), num_train_timesteps: int = 1000,
-                   shift: float = 1.0, sigmas=None, mesh: Mesh | None = None):
+                   shift: float = 1.0, sigmas=None, schedule=None, mesh: Mesh | None = None):
     """Validated ``(args, static_kwargs)`` of the compiled sampling program (see :func:`sample`);
     ``_sample_program(*args, **static_kwargs)`` runs it, ``.lower(...)`` compiles it ahead of time
     (:mod:`timi_jax.bench`)."""
@@ -222,21 +258,24 @@ def prepare_sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=No
     uncond = jnp.zeros_like(cond) if uncond is None else jnp.asarray(uncond, dtype)
     if uncond.shape != cond.shape:
         raise ValueError(f"uncond {uncond.shape} must have cond's shape {cond.shape}")
+    timesteps, sig = schedule_of(num_inference_steps, num_train_timesteps, shift, sigmas, schedule)
+    num_guided = config.num_guided_steps((np.asarray(timesteps, np.float64) / num_train_timesteps).tolist())
     num_layers = 0
-    if config.enabled:
+    if num_guided > 0:
         if mask_tokens is None:
             raise ValueError("TIMI guidance is on: pass mask_tokens (B, K, M) or (K, M) from "
                              "timi_core.pool_masks, or config=None for plain sampling")
+        if model.depth == 0:
+            raise ValueError("the model has no double-stream blocks to guide")
         num_layers = _num_layers(model, config)
         tokens = batched_mask_tokens(mask_tokens, noise.shape[0], cond.shape[1])
-        if config.enabled and config.guided_steps > 0 and model.depth == 0:
-            raise ValueError("the model has no double-stream blocks to guide")
     else:
         tokens = None
-    timesteps, sig = flow_matching_schedule(num_inference_steps,
-                                            num_train_timesteps=num_train_timesteps, shift=shift,
-                                            sigmas=sigmas)
-    t_model = jnp.asarray(timesteps).astype(dtype) / num_train_timesteps
+    # hy3dgen: t.to(model dtype) / num_train; dt = sigma_next - sigma in the schedule's dtype,
+    # rounded to float32 where it meets the velocity
+    t_model = jnp.asarray(np.asarray(timesteps).astype(jnp.dtype(dtype))) / num_train_timesteps
+    dts = jnp.asarray((sig[1:] - sig[:-1]).astype(np.float32))
+    guided = jnp.asarray(np.arange(len(timesteps)) < num_guided)
     do_cfg = guidance_scale >= 0 and not model.guidance_embed
     graphdef, state = nnx.split(model)
     if mesh is not None:
@@ -250,6 +289,6 @@ def prepare_sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=No
         if tokens is not None:
             tokens = jax.device_put(tokens, batch_spec)
         state = jax.device_put(state, replicated)
-    args = (graphdef, state, noise, cond, uncond, tokens, t_model, jnp.asarray(sig),
+    args = (graphdef, state, noise, cond, uncond, tokens, t_model, dts, guided,
             jnp.asarray(guidance_scale, jnp.float32))
-    return args, dict(config=config, num_layers=num_layers, do_cfg=do_cfg)
+    return args, dict(config=config, num_layers=num_layers, do_cfg=do_cfg, master=num_guided > 0)

@@ -7,7 +7,8 @@ cubes. ``timi_torch.TIMIPipeline`` and ``timi_jax.TIMIPipelineJAX`` both call
 
 1. :func:`prepare_inputs`: images + masks -> :class:`PreparedInputs` (condition masks, the
    conditioner's tokens, the (B, K_max, M) mask batch of ``timi_core.stack_token_masks``);
-2. their own denoising loop;
+2. their own denoising loop on hy3dgen's schedule (:func:`set_schedule`; the guided window from
+   :func:`start_noise_levels`);
 3. :func:`export_meshes`: latents -> meshes (the one call of hy3dgen's ``_export`` in the project).
 """
 
@@ -20,10 +21,10 @@ import torch
 
 import timi_core
 
-from .masks import ConditionMasks, condition_token_masks
+from .masks import ConditionMasks, MultiViewConditionMasks, condition_token_masks
 
 __all__ = ["OUTPUT_TYPES", "PreparedInputs", "NoSurfaceError", "as_batch", "check_output_type", "prepare_inputs",
-           "export_meshes"]
+           "set_schedule", "start_noise_levels", "export_meshes"]
 
 OUTPUT_TYPES = ("trimesh", "mesh", "latent")
 
@@ -79,7 +80,8 @@ def prepare_inputs(base, image, masks, *, do_classifier_free_guidance: bool,
     """
     images, mask_sets = as_batch(image, masks)
     make = condition_masks or (lambda im, ms: condition_token_masks(im, ms, base))
-    cond_masks = [ms if isinstance(ms, ConditionMasks) else make(im, ms) for im, ms in zip(images, mask_sets)]
+    cond_masks = [ms if isinstance(ms, (ConditionMasks, MultiViewConditionMasks)) else make(im, ms)
+                  for im, ms in zip(images, mask_sets)]
     with torch.no_grad():
         cond_inputs = base.prepare_image([cm.image for cm in cond_masks])
         image_tensor = cond_inputs.pop("image")
@@ -87,6 +89,28 @@ def prepare_inputs(base, image, masks, *, do_classifier_free_guidance: bool,
                                 do_classifier_free_guidance=do_classifier_free_guidance, dual_guidance=False)
     tokens = timi_core.stack_token_masks([cm.tokens for cm in cond_masks]).to(base.device)
     return PreparedInputs(cond_masks, cond, tokens, int(image_tensor.shape[0]), do_classifier_free_guidance)
+
+
+def set_schedule(base, num_inference_steps: int, device=None, sigmas=None):
+    """hy3dgen's timesteps for a call, set on its own scheduler exactly as
+    ``Hunyuan3DDiTFlowMatchingPipeline.__call__`` sets them (``retrieve_timesteps`` with ``sigmas =
+    linspace(0, 1, N)`` unless given; turbo's ``ConsistencyFlowMatchEulerDiscreteScheduler`` keeps
+    only their count and picks its own PCM points). Returns ``(timesteps, N, step_sigmas)``:
+    ``step_sigmas`` (N+1,) the noise levels the scheduler's Euler steps go between (its final 1
+    included) and the timesteps as a tensor on ``device``."""
+    import numpy as np
+    from hy3dgen.shapegen.pipelines import retrieve_timesteps
+
+    sigmas = np.linspace(0, 1, num_inference_steps) if sigmas is None else sigmas
+    timesteps, n = retrieve_timesteps(base.scheduler, num_inference_steps, device, sigmas=sigmas)
+    table = getattr(base.scheduler, "sigmas_", None)      # the consistency scheduler's step table
+    return timesteps, n, base.scheduler.sigmas if table is None else table
+
+
+def start_noise_levels(base, timesteps: torch.Tensor) -> list[float]:
+    """The noise level (flow time, 0 = noise, 1 = data) each step starts at: ``timesteps /
+    num_train_timesteps``, as the DiT sees it (the input of ``TIMIConfig.num_guided_steps``)."""
+    return (timesteps.detach().double().cpu() / base.scheduler.config.num_train_timesteps).tolist()
 
 
 def export_meshes(base, latents: torch.Tensor, output_type: str = "trimesh", *, box_v: float = 1.01,

@@ -7,12 +7,19 @@ arguments; condition tokens and masks (:func:`timi_torch.frontend.prepare_inputs
 It returns a :class:`timi_core.TIMIPipelineOutput` and keeps nothing on the pipeline; the
 ``TIMIConfig`` may be the call's own. Per step ``i`` (paper Sec. 4, Fig. 2):
 
-1. if ``config.guidance_active(i)``: ISG (Eqs.2-4, :mod:`timi_torch.guidance`) on the conditional
+1. if step ``i`` lies in the guided window (``config.num_guided_steps`` of the scheduler's noise
+   levels: the paper's first 30 % of the trajectory by default): ISG (Eqs.2-4, :mod:`timi_torch.guidance`) on the conditional
    branch gives ``dL_sep/dz``; SGU (Eqs.5-7, ``timi_core.sgu_update``, smoothing along the latent
    token axis ``axes=(1,)``) updates ``z_t``, all in float32;
-2. hy3dgen's classifier-free-guidance step on the (updated) latent, with hy3dgen's scheduler.
+2. hy3dgen's classifier-free-guidance step on the (updated) latent, with hy3dgen's scheduler
+   (its ``FlowMatchEulerDiscreteScheduler`` or turbo's ``ConsistencyFlowMatchEulerDiscreteScheduler``,
+   whichever the model's ``config.yaml`` names; their ``step`` is called as hy3dgen calls it).
 
-Float32 master latent: when guidance is on (``config.enabled``) the loop carries ``z_t`` in float32
+Guidance-distilled DiTs (``guidance_embed=True``: the fast and turbo models) have no CFG batch;
+hy3dgen passes them ``guidance=torch.tensor([guidance_scale] * B)`` in the model dtype, and so does
+this loop, in the sampling forward and in the guidance pass (which then runs on the single branch).
+
+Float32 master latent: when some step is guided (``num_guided > 0``) the loop carries ``z_t`` in float32
 for the whole run, whatever the model's dtype. The DiT sees ``z_t`` cast to the model dtype; the
 guided update is applied to the float32 latent; the Euler step is hy3dgen's
 ``scheduler.step`` (which also keeps its step index) on the float32 latent and the float32 velocity,
@@ -44,7 +51,7 @@ from tqdm.auto import tqdm
 import timi_core
 from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
 
-from .frontend import check_output_type, export_meshes, prepare_inputs
+from .frontend import check_output_type, export_meshes, prepare_inputs, set_schedule, start_noise_levels
 from .guidance import MODES, observe_attention, separation_loss_and_grad
 from .masks import ConditionMasks, condition_token_masks
 
@@ -217,6 +224,13 @@ class TIMIPipeline:
         """:func:`timi_torch.condition_token_masks` with this pipeline's processor and conditioner."""
         return condition_token_masks(image, masks, self.base, names=names)
 
+    def num_guided_steps(self, num_inference_steps: int, config: Optional[TIMIConfig] = None, sigmas=None) -> int:
+        """How many leading steps a call with ``num_inference_steps`` guides (``config``: default
+        ``self.config``): ``TIMIConfig.num_guided_steps`` on this model's scheduler's schedule."""
+        cfg = self.config if config is None else config
+        timesteps, _, _ = set_schedule(self.base, num_inference_steps, "cpu", sigmas)
+        return cfg.num_guided_steps(start_noise_levels(self.base, timesteps))
+
     def _guided_layers(self, config: TIMIConfig) -> int:
         depth = len(self.base.model.double_blocks)
         n = config.guided_layers
@@ -226,16 +240,19 @@ class TIMIPipeline:
         return min(n, depth)
 
     def guide(self, latents, timestep, cond_main, tokens, momentum=None, *, step: int = 0,
-              config: Optional[TIMIConfig] = None):
+              config: Optional[TIMIConfig] = None, guidance: Optional[torch.Tensor] = None):
         """One ISG + SGU update (Eqs.2-7) of ``latents`` (B, L, C) -> (latents, momentum, diagnostics).
 
         ``latents`` in any dtype; the returned latents are float32 (``latents`` upcast minus the
         float32 momentum), not rounded to the model dtype. ``config``: default ``self.config``.
+        ``guidance``: the (B,) guidance-scale tensor of a guidance-distilled DiT
+        (``guidance_embed=True``), passed to its forward as hy3dgen's pipeline passes it.
         """
         cfg = self.config if config is None else config
-        model_kwargs = {}
-        if getattr(self.base.model, "guidance_embed", False):
-            raise NotImplementedError("guidance-distilled DiTs (guidance_embed=True) are not supported.")
+        distilled = bool(getattr(self.base.model, "guidance_embed", False))
+        if distilled and guidance is None:
+            raise ValueError("this DiT is guidance-distilled (guidance_embed=True): pass guidance=<(B,) scale tensor>.")
+        model_kwargs = {"guidance": guidance} if distilled else {}
         loss, grad = separation_loss_and_grad(self.base.model, latents, timestep, cond_main, tokens, cfg,
                                               self._guided_layers(cfg), self.attention, **model_kwargs)
         z = latents.detach().to(torch.float32)
@@ -277,8 +294,6 @@ class TIMIPipeline:
         (B, L, C) ``latents`` in the model's dtype, one ``StepDiagnostics`` per guided step, and
         ``recordings``.
         """
-        from hy3dgen.shapegen.pipelines import retrieve_timesteps
-
         # 1. check the arguments
         check_output_type(output_type)
         _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas)
@@ -295,34 +310,34 @@ class TIMIPipeline:
         batch_size, cond = inputs.batch_size, inputs.cond
 
         # 3. timesteps and initial latents (hy3dgen's)
-        sigmas = np.linspace(0, 1, num_inference_steps) if sigmas is None else sigmas
-        timesteps, num_inference_steps = retrieve_timesteps(base.scheduler, num_inference_steps, device,
-                                                            sigmas=sigmas)
+        timesteps, num_inference_steps, _ = set_schedule(base, num_inference_steps, device, sigmas)
         if latents is None:
             latents = base.prepare_latents(batch_size, dtype, device, generator)
         else:
             latents = latents.to(device=device, dtype=dtype)
         guidance = None
-        if getattr(base.model, "guidance_embed", False):
+        if getattr(base.model, "guidance_embed", False):  # guidance-distilled DiT: hy3dgen's tensor
             guidance = torch.tensor([guidance_scale] * batch_size, device=device, dtype=dtype)
+        num_train = base.scheduler.config.num_train_timesteps
+        num_guided = cfg.num_guided_steps(start_noise_levels(base, timesteps))   # the guided window
 
-        # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's CFG Euler step
+        # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's (CFG) Euler step
         diagnostics = []
         momentum = None
         # Guidance on: float32 master latent (module docstring). Off: hy3dgen's loop, model dtype.
-        master = cfg.enabled
+        master = num_guided > 0
         if master:
             latents = latents.to(torch.float32)
         for i, t in enumerate(tqdm(timesteps, disable=not enable_pbar, desc="TIMI sampling")):
-            timestep = t.expand(batch_size).to(dtype) / base.scheduler.config.num_train_timesteps
-            if cfg.guidance_active(i):
+            timestep = t.expand(batch_size).to(dtype) / num_train
+            if i < num_guided:
                 latents, momentum, diag = self.guide(latents, timestep, inputs.cond_main, inputs.tokens, momentum,
-                                                     step=i, config=cfg)
+                                                     step=i, config=cfg, guidance=guidance)
                 diagnostics.append(diag)
 
             model_latents = latents.to(dtype)                  # no-op without guidance
             latent_model_input = torch.cat([model_latents] * 2) if do_cfg else model_latents
-            timestep = t.expand(latent_model_input.shape[0]).to(dtype) / base.scheduler.config.num_train_timesteps
+            timestep = t.expand(latent_model_input.shape[0]).to(dtype) / num_train
             with _observed(recorder, i):
                 noise_pred = base.model(latent_model_input, timestep, cond, guidance=guidance)
             if do_cfg:

@@ -1,4 +1,4 @@
-"""Tiny random-weight Hunyuan3D 2.0 model directories in hy3dgen's own on-disk format.
+"""Tiny random-weight Hunyuan3D-2 family model directories in hy3dgen's own on-disk format.
 
 :func:`write_tiny_model_dir` writes what hy3dgen's loaders read (``config.yaml`` plus
 ``model.fp16.safetensors`` and ``model.safetensors`` holding the ``model.``, ``vae.`` and
@@ -26,7 +26,49 @@ from pathlib import Path
 import torch
 import yaml
 
-__all__ = ["write_tiny_model_dir", "tiny_config"]
+__all__ = ["write_tiny_model_dir", "write_tiny_vae_dir", "tiny_config", "VARIANTS"]
+
+#: The published shape DiTs (hy3dgen's subfolder names) -> what distinguishes their config.yaml,
+#: as :func:`tiny_config` keywords: guidance-distilled (fast, turbo: ``guidance_embed``), turbo's
+#: consistency scheduler, 2mini's 8 double-stream blocks, 2mv's multi-view conditioner.
+VARIANTS: dict[str, dict] = {}
+for _family, _extra in (("v2-0", {}), ("v2-mini", {"depth": 8}), ("v2-mv", {"multiview": True})):
+    VARIANTS[f"hunyuan3d-dit-{_family}"] = dict(_extra)
+    VARIANTS[f"hunyuan3d-dit-{_family}-fast"] = dict(_extra, guidance_embed=True)
+    VARIANTS[f"hunyuan3d-dit-{_family}-turbo"] = dict(_extra, guidance_embed=True, scheduler="consistency")
+
+
+def _conditioner(cond_width: int, cond_layers: int, image_size: int, multiview: bool) -> dict:
+    encoder = {
+        "type": "DinoImageEncoderMV" if multiview else "DinoImageEncoder",
+        "kwargs": {
+            "config": {
+                "attention_probs_dropout_prob": 0.0,
+                "drop_path_rate": 0.0,
+                "hidden_act": "gelu",
+                "hidden_dropout_prob": 0.0,
+                "hidden_size": cond_width,
+                "image_size": image_size,
+                "initializer_range": 0.02,
+                "layer_norm_eps": 1.0e-6,
+                "layerscale_value": 1.0,
+                "mlp_ratio": 4,
+                "model_type": "dinov2",
+                "num_attention_heads": 2,
+                "num_channels": 3,
+                "num_hidden_layers": cond_layers,
+                "patch_size": 14,
+                "qkv_bias": True,
+                "torch_dtype": "float32",
+                "use_swiglu_ffn": False,
+            },
+            "image_size": image_size,
+            "use_cls_token": True,
+        },
+    }
+    if multiview:
+        encoder["kwargs"]["view_num"] = 4
+    return {"target": "hy3dgen.shapegen.models.SingleImageEncoder", "params": {"main_image_encoder": encoder}}
 
 
 def tiny_config(
@@ -42,12 +84,23 @@ def tiny_config(
     image_size: int = 518,
     vae_width: int = 32,
     vae_layers: int = 1,
+    guidance_embed: bool = False,
+    scheduler: str = "flow",
+    pcm_timesteps: int = 100,
+    multiview: bool = False,
 ) -> dict:
     """The ``config.yaml`` content of a tiny model: hy3dgen v2.0's layout and classes, toy sizes.
 
     ``image_size`` is the conditioner's input size (518 and a 37x37 DINOv2 patch grid, as in the
     real model, by default; use a multiple of 14 such as 112 for faster tests).
+    The family's variants (:data:`VARIANTS`): ``guidance_embed=True`` (a guidance-distilled DiT,
+    the fast and turbo models), ``scheduler="consistency"`` (turbo's
+    ``ConsistencyFlowMatchEulerDiscreteScheduler`` with ``pcm_timesteps``; 100 as third-party
+    copies of the turbo configs have it), ``multiview=True`` (2mv: ``DinoImageEncoderMV`` with four
+    views and ``MVImageProcessorV2``), ``depth=8`` (2mini's double-stream blocks).
     """
+    if scheduler not in ("flow", "consistency"):
+        raise ValueError(f"scheduler={scheduler!r} must be 'flow' or 'consistency'.")
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}.")
     if image_size % 14:
@@ -66,7 +119,7 @@ def tiny_config(
                 "axes_dim": [hidden_size // num_heads],
                 "theta": 10000,
                 "qkv_bias": True,
-                "guidance_embed": False,
+                "guidance_embed": guidance_embed,
             },
         },
         "vae": {
@@ -84,44 +137,16 @@ def tiny_config(
                 "scale_factor": 0.9990943042622529,
             },
         },
-        "conditioner": {
-            "target": "hy3dgen.shapegen.models.SingleImageEncoder",
-            "params": {
-                "main_image_encoder": {
-                    "type": "DinoImageEncoder",
-                    "kwargs": {
-                        "config": {
-                            "attention_probs_dropout_prob": 0.0,
-                            "drop_path_rate": 0.0,
-                            "hidden_act": "gelu",
-                            "hidden_dropout_prob": 0.0,
-                            "hidden_size": cond_width,
-                            "image_size": image_size,
-                            "initializer_range": 0.02,
-                            "layer_norm_eps": 1.0e-6,
-                            "layerscale_value": 1.0,
-                            "mlp_ratio": 4,
-                            "model_type": "dinov2",
-                            "num_attention_heads": 2,
-                            "num_channels": 3,
-                            "num_hidden_layers": cond_layers,
-                            "patch_size": 14,
-                            "qkv_bias": True,
-                            "torch_dtype": "float32",
-                            "use_swiglu_ffn": False,
-                        },
-                        "image_size": image_size,
-                        "use_cls_token": True,
-                    },
-                }
-            },
-        },
+        "conditioner": _conditioner(cond_width, cond_layers, image_size, multiview),
         "scheduler": {
             "target": "hy3dgen.shapegen.schedulers.FlowMatchEulerDiscreteScheduler",
             "params": {"num_train_timesteps": 1000},
+        } if scheduler == "flow" else {
+            "target": "hy3dgen.shapegen.schedulers.ConsistencyFlowMatchEulerDiscreteScheduler",
+            "params": {"num_train_timesteps": 1000, "pcm_timesteps": pcm_timesteps},
         },
         "image_processor": {
-            "target": "hy3dgen.shapegen.preprocessors.ImageProcessorV2",
+            "target": f"hy3dgen.shapegen.preprocessors.{'MVImageProcessorV2' if multiview else 'ImageProcessorV2'}",
             "params": {"size": 512, "border_ratio": 0.15},
         },
     }
@@ -150,7 +175,8 @@ def write_tiny_model_dir(
     path,
     *,
     seed: int = 0,
-    depth: int = 2,
+    variant: str = "hunyuan3d-dit-v2-0",
+    depth: int | None = None,
     depth_single_blocks: int = 2,
     **sizes,
 ) -> Path:
@@ -164,7 +190,12 @@ def write_tiny_model_dir(
         To load it with ``from_pretrained(model_path, subfolder=...)`` write it to
         ``$HY3DGEN_MODELS/<model_path>/<subfolder>``.
     seed : seeds the random weights (same seed, same files).
-    depth, depth_single_blocks : number of double- and single-stream DiT blocks.
+    variant : which published DiT's layout (a key of :data:`VARIANTS`, hy3dgen's subfolder name):
+        ``hunyuan3d-dit-v2-0`` (default), ``-fast``/``-turbo`` (guidance-distilled; turbo with the
+        consistency scheduler), ``hunyuan3d-dit-v2-mini*`` (8 double-stream blocks),
+        ``hunyuan3d-dit-v2-mv*`` (multi-view conditioner and image processor).
+    depth, depth_single_blocks : number of double- and single-stream DiT blocks (``depth``
+        default: the variant's, 2 for v2-0 and mv, 8 for mini).
     **sizes : any other keyword of :func:`tiny_config` (``hidden_size``, ``num_heads``,
         ``latent_channels``, ``num_latents``, ``cond_width``, ``cond_layers``, ``image_size``, ...).
 
@@ -173,7 +204,12 @@ def write_tiny_model_dir(
     from hy3dgen.shapegen.pipelines import instantiate_from_config
     import safetensors.torch
 
-    config = tiny_config(depth=depth, depth_single_blocks=depth_single_blocks, **sizes)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is not one of {sorted(VARIANTS)}.")
+    options = {**VARIANTS[variant], **sizes, "depth_single_blocks": depth_single_blocks}
+    if depth is not None:
+        options["depth"] = depth
+    config = tiny_config(**options)
     out = Path(os.path.expanduser(str(path)))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -195,4 +231,26 @@ def write_tiny_model_dir(
                                 str(out / "model.fp16.safetensors"))
     with open(out / "config.yaml", "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
+    return out
+
+
+def write_tiny_vae_dir(path, model_dir) -> Path:
+    """A ShapeVAE folder in hy3dgen's format (``config.yaml`` with ``target``/``params``, and
+    ``model.fp16.safetensors`` / ``model.safetensors`` holding the bare VAE state dict), made from
+    the VAE of the tiny model in ``model_dir``: what ``ShapeVAE.from_pretrained`` /
+    ``from_single_file`` read, e.g. a stand-in for the turbo VAE ``hunyuan3d-vae-v2-0-turbo`` that
+    FlashVDM decoding uses (same architecture; its weights are the model's own here)."""
+    import safetensors.torch
+
+    model_dir = Path(model_dir)
+    with open(model_dir / "config.yaml") as f:
+        vae_config = yaml.safe_load(f)["vae"]
+    weights = safetensors.torch.load_file(str(model_dir / "model.safetensors"))
+    vae = {k[len("vae."):]: v for k, v in weights.items() if k.startswith("vae.")}
+    out = Path(os.path.expanduser(str(path)))
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(vae, str(out / "model.safetensors"))
+    safetensors.torch.save_file({k: v.to(torch.float16) for k, v in vae.items()}, str(out / "model.fp16.safetensors"))
+    with open(out / "config.yaml", "w") as f:
+        yaml.safe_dump(vae_config, f, sort_keys=False)
     return out
