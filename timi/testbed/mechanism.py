@@ -82,7 +82,7 @@ def guided_run(pipe, image, masks, config: TIMIConfig, *, seed: int = 0, steps: 
 
     cm = pipe.condition_masks(image, masks)
     layers = min(config.guided_layers, pipeline_depth(pipe))
-    last = config.guided_steps - 1
+    last = pipe.num_guided_steps(steps, config.replace(isg=True)) - 1  # the guided window, also for the base run
     recorder = AttentionRecorder(cm.tokens, layers=layers, steps=last + 1)
     gen = torch.Generator(device=pipe.device).manual_seed(int(seed))
     out = pipe(image, cm, num_inference_steps=steps, generator=gen, output_type="latent", enable_pbar=False,

@@ -119,7 +119,8 @@ def build_app(cfg: AppConfig):
                 alpha = gr.Number(d["alpha"], label="alpha (Eq.6)", elem_id="alpha")
                 sigma = gr.Number(d["sigma"], label="sigma (Eq.5)")
                 guided_layers = gr.Number(d["guided_layers"], label="guided layers", precision=0, minimum=1)
-                guided_steps = gr.Number(d["guided_steps"], label="guided steps", precision=0, minimum=0,
+                guided_steps = gr.Number(d["guided_steps"], label="guided steps (empty: the paper's first 30 % of the trajectory)",
+                                         precision=0, minimum=0,
                                          elem_id="guided-steps")
         go = gr.Button("Run", variant="primary", elem_id="run")
         status = gr.Textbox(label="status", interactive=False, lines=2, elem_id="status")
