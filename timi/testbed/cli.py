@@ -181,6 +181,10 @@ def mechanism(
                                   help="A `timi eval --baseline` output on the same scenes and seeds: "
                                        "correlate the change of purity with the change of SSR."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
+    alpha: float = typer.Option(0.1, "--alpha", min=0.0, help="TIMI's step size (Eq.6) in the guided run."),
+    normalize_instances: bool = typer.Option(False, "--normalize-instances/--as-written",
+                                             help="Guided run with P normalised over the instances "
+                                                  "(TIMIConfig.normalize_instances) instead of Eq.4 as written."),
 ) -> None:
     """Purity, selectivity, instance mass and key similarity of P (Eq.2), base vs TIMI (docs/results.md)."""
     import json
@@ -194,7 +198,11 @@ def mechanism(
     from .mechanism import run_mechanism, summarise
 
     torch.set_num_threads(threads)
-    rows = run_mechanism(model or resolve_model(None), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps)
+    from timi_core import TIMIConfig
+
+    config = TIMIConfig(alpha=alpha, normalize_instances=normalize_instances)
+    rows = run_mechanism(model or resolve_model(None), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps,
+                         config=config)
     write_text(out, json.dumps(rows, indent=1))
     csv_path = eval_dir / "per_scene.csv" if eval_dir else None
     typer.echo(summarise(rows, csv_path))
