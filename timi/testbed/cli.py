@@ -43,7 +43,8 @@ def train(
                                       help="Second VAE stage: half multi-instance batches, queries in the gaps."),
     dit_steps: int = typer.Option(3000, "--dit-steps", min=0),
     preset: str = typer.Option("v2", "--preset",
-                               help="Model sizes: v2, v3 (v2 with the fixed conditioner), v1 (first testbed), tiny."),
+                               help="Model sizes: v2 (shipped), v3 (v2 with the fixed conditioner), v3p (v3 + "
+                                    "positions in the latents), v1 (first testbed), tiny."),
     dit_lr: float = typer.Option(1e-3, "--dit-lr", min=0.0, help="Peak learning rate of the DiT (cosine decay)."),
     threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
     device: str = typer.Option("cpu", "--device", help="torch device for training (cpu, cuda)."),
@@ -51,8 +52,9 @@ def train(
     workers: int = typer.Option(2, "--workers", min=1, help="Processes that build the training cache."),
     cache: Path = typer.Option(None, "--cache", help="Training cache .npz (default: OUT/train_cache.npz)."),
     init_from: Path = typer.Option(None, "--init-from",
-                                   help="Start from an exported model directory (e.g. the shipped one): "
-                                        "its VAE and encoder are kept, the DiT trains on with a fresh optimiser."),
+                                   help="Start from an exported model directory (e.g. the shipped one): its VAE "
+                                        "and encoder (fine-tuned if the latent layout differs), and its DiT when "
+                                        "the sizes match (fresh optimiser)."),
     init_dit: bool = typer.Option(True, "--init-dit/--no-init-dit",
                                   help="With --init-from: also take its DiT (when the sizes match)."),
     save_every: int = typer.Option(250, "--save-every", min=1,
@@ -197,9 +199,9 @@ def mechanism(
 
     from .mechanism import run_mechanism, summarise
 
-    torch.set_num_threads(threads)
     from timi_core import TIMIConfig
 
+    torch.set_num_threads(threads)
     config = TIMIConfig(alpha=alpha, normalize_instances=normalize_instances)
     rows = run_mechanism(model or resolve_model(None), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps,
                          config=config)

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .train import losses_with_and_without_image
+
 #: noise levels (hy3dgen's t: 0 = noise, 1 = data) at which the loss is compared
 DEFAULT_TS = (0.2, 0.5, 0.8)
 
@@ -54,11 +56,7 @@ def condition_use(model_dir: str | Path, dataset_dir: str | Path, ts: tuple[floa
         c = cond(image=conditioner_image(rgba, sizes.image_size)[None])["main"]
         gen = torch.Generator().manual_seed(seed * 100_003 + i)
         for j, t in enumerate(ts):
-            x0 = torch.randn(x1.shape, generator=gen)
-            xt, target = t * x1 + (1 - t) * x0, x1 - x0
-            tt = torch.full((1,), float(t))
-            for k, context in enumerate((c, torch.zeros_like(c))):
-                losses[i, j, k] = float(((dit(xt, tt, {"main": context}) - target) ** 2).mean())
+            losses[i, j] = losses_with_and_without_image(dit, x1, torch.randn(x1.shape, generator=gen), t, c)
     rows = []
     for j, t in enumerate(ts):
         diff = losses[:, j, 1] - losses[:, j, 0]

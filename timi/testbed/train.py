@@ -73,6 +73,16 @@ def flow_matching_pair(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> t
     return tt * x1 + (1 - tt) * x0, x1 - x0
 
 
+@torch.no_grad()
+def losses_with_and_without_image(dit, x1: torch.Tensor, x0: torch.Tensor, t: float,
+                                  cond: torch.Tensor) -> tuple[float, float]:
+    """Velocity MSE of ``dit`` at ``x_t`` with the condition tokens ``cond`` and with zeros (hy3dgen's
+    unconditional embedding), in the training convention (:func:`flow_matching_pair`); :mod:`timi.testbed.condition_use`."""
+    tt = torch.full((x1.shape[0],), float(t), device=x1.device)
+    xt, target = flow_matching_pair(x1, x0, tt)
+    return tuple(float(((dit(xt, tt, {"main": c}) - target) ** 2).mean()) for c in (cond, torch.zeros_like(cond)))
+
+
 def _lr(step: int, total: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -242,10 +252,7 @@ class Trainer:
         out = {}
         for t in ts:
             x0 = torch.randn(x1.shape, generator=gen).to(self.device)
-            tt = torch.full((len(idx),), t, device=self.device)
-            xt, target = flow_matching_pair(x1, x0, tt)
-            with_image = F.mse_loss(self.dit(xt, tt, {"main": cond}), target).item()
-            with_zeros = F.mse_loss(self.dit(xt, tt, {"main": torch.zeros_like(cond)}), target).item()
+            with_image, with_zeros = losses_with_and_without_image(self.dit, x1, x0, t, cond)
             out[f"t{t}"] = (with_zeros - with_image) / with_zeros
         return out
 
