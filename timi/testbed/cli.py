@@ -61,6 +61,9 @@ def train(
                                    help="Checkpoint (and, for the DiT, condition-use line) every N steps."),
     condition: str = typer.Option("image", "--condition",
                                   help="image, or oracle: a control whose condition tokens are the clean latents."),
+    coupling: str = typer.Option("independent", "--coupling",
+                                 help="independent (hy3dgen's training), or ot: each noise token paired with "
+                                      "a data token of the same sample by an optimal assignment."),
     export: Path = typer.Option(None, "--export", help="Also write the hy3dgen model directory here."),
 ) -> None:
     """Train the testbed ShapeVAE and DiT (resumable) and export an hy3dgen model directory."""
@@ -69,14 +72,17 @@ def train(
     from .data import build_cache
     from .export import export_model_dir
     from .model import SIZES
-    from .train import Trainer, TrainConfig
+    from .train import COUPLINGS, Trainer, TrainConfig
 
+    if coupling not in COUPLINGS:
+        raise typer.BadParameter(f"unknown coupling {coupling!r}; use one of {list(COUPLINGS)}", param_hint="--coupling")
     if preset not in SIZES:
         raise typer.BadParameter(f"unknown preset {preset!r}; use one of {list(SIZES)}", param_hint="--preset")
     torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps,
                       vae_gap_steps=vae_gap_steps, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
-                      save_every=save_every, condition=condition, device=device, dit_batch=dit_batch)
+                      save_every=save_every, condition=condition, device=device, dit_batch=dit_batch,
+                      coupling=coupling)
     sizes = SIZES[preset]
     cache = build_cache(cache or out / "train_cache.npz", n_train, seed=seed, image_size=sizes.image_size,
                         num_latents=sizes.num_latents, n_encoder=cfg.n_surface, n_multi=n_multi, workers=workers)

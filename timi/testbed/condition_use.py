@@ -7,7 +7,8 @@ tokens (``A_zc`` of Eq.2, which TIMI steers) carries no instance information to 
 
 For each scene of a folder (what ``timi testbed scenes`` writes) the ground-truth surface is encoded
 with the model's point encoder (``x_1 = mean * scale_factor``, the latents the DiT was trained on),
-noised as in training (``x_t = t x_1 + (1 - t) x_0``, fixed noise per scene), and the velocity loss
+noised as in training (``x_t = t x_1 + (1 - t) x_0``, fixed noise per scene, tokens paired as the
+model's training paired them: ``train_config.coupling`` in its config), and the velocity loss
 ``|v(x_t, t, c) - (x_1 - x_0)|^2`` is measured with the scene's image condition ``c`` and with zeros.
 The paired difference (unconditional - conditional, per scene) gets a bootstrap 90 % interval
 (:func:`timi.evaluation.paired.bootstrap_mean_interval`).
@@ -41,7 +42,11 @@ def condition_use(model_dir: str | Path, dataset_dir: str | Path, ts: tuple[floa
     from .export import load_pipeline
     from .quality import load_encoder
 
+    import yaml
+
     vae, encoder, sizes = load_encoder(model_dir)
+    extra = yaml.safe_load((Path(model_dir) / "config.yaml").read_text()).get("timi_testbed", {})
+    coupling = extra.get("train_config", {}).get("coupling", "independent")  # the loss it was trained on
     pipe = load_pipeline(model_dir)
     dit, cond = pipe.model.float().eval(), pipe.conditioner.float().eval()
     folders = discover_scenes(dataset_dir)[:limit]
@@ -56,7 +61,8 @@ def condition_use(model_dir: str | Path, dataset_dir: str | Path, ts: tuple[floa
         c = cond(image=conditioner_image(rgba, sizes.image_size)[None])["main"]
         gen = torch.Generator().manual_seed(seed * 100_003 + i)
         for j, t in enumerate(ts):
-            losses[i, j] = losses_with_and_without_image(dit, x1, torch.randn(x1.shape, generator=gen), t, c)
+            losses[i, j] = losses_with_and_without_image(dit, x1, torch.randn(x1.shape, generator=gen), t, c,
+                                                           coupling)
     rows = []
     for j, t in enumerate(ts):
         diff = losses[:, j, 1] - losses[:, j, 0]
@@ -65,7 +71,7 @@ def condition_use(model_dir: str | Path, dataset_dir: str | Path, ts: tuple[floa
                      "unconditional": float(losses[:, j, 1].mean()), "difference": float(diff.mean()),
                      "low": low, "high": high,
                      "relative": float(diff.mean() / max(losses[:, j, 1].mean(), 1e-12))})
-    return {"model": str(model_dir), "dataset": str(dataset_dir), "n": len(folders), "by_t": rows,
+    return {"model": str(model_dir), "dataset": str(dataset_dir), "n": len(folders), "coupling": coupling, "by_t": rows,
             "per_scene": [{"scene": f.name, "losses": losses[i].tolist()} for i, f in enumerate(folders)]}
 
 

@@ -58,6 +58,10 @@ class TrainConfig:
     #: the clean latents themselves through a fixed random projection, to tell whether the DiT can read
     #: condition tokens at all (docs/testbed.md, "Does the DiT use its image?")
     condition: str = "image"
+    #: how noise tokens pair with data tokens: ``independent`` (token i with token i, hy3dgen's
+    #: training) or ``ot``: within each sample, the assignment of noise tokens to data tokens that
+    #: minimises the summed squared distance (:func:`ot_coupling`)
+    coupling: str = "independent"
     ema: float = 0.999
     warmup: int = 100
     save_every: int = 250
@@ -73,11 +77,43 @@ def flow_matching_pair(x1: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> t
     return tt * x1 + (1 - tt) * x0, x1 - x0
 
 
+COUPLINGS = ("independent", "ot")
+
+
+@torch.no_grad()
+def ot_coupling(x1: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """``x1`` with each sample's tokens reordered so that token i pairs with noise token i at least total cost.
+
+    The latent tokens are a set (hy3dgen's DiT has no latent position embedding and its VAE decoder
+    is permutation invariant), so any reordering of a sample's tokens is the same shape; pairing each
+    noise token with the data token an optimal assignment gives it (``scipy.optimize.linear_sum_assignment``
+    on squared distances) leaves the marginals of ``x_0`` and ``x_1`` as they were but makes the
+    velocity target nearly a function of ``x_t`` and the shape (equivariant optimal-transport flow
+    matching, Klein et al. 2023; Song et al. 2023), so what remains to predict is what the image tells.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.cdist(x0.double(), x1.double()).square().cpu().numpy()
+    order = np.stack([linear_sum_assignment(c)[1] for c in cost])
+    return torch.gather(x1, 1, torch.from_numpy(order).to(x1.device)[..., None].expand_as(x1))
+
+
+def couple(x1: torch.Tensor, x0: torch.Tensor, coupling: str) -> torch.Tensor:
+    """The data tokens paired with ``x0`` under ``coupling`` (one of :data:`COUPLINGS`)."""
+    if coupling == "independent":
+        return x1
+    if coupling == "ot":
+        return ot_coupling(x1, x0)
+    raise ValueError(f"unknown coupling {coupling!r}; use one of {COUPLINGS}")
+
+
 @torch.no_grad()
 def losses_with_and_without_image(dit, x1: torch.Tensor, x0: torch.Tensor, t: float,
-                                  cond: torch.Tensor) -> tuple[float, float]:
+                                  cond: torch.Tensor, coupling: str = "independent") -> tuple[float, float]:
     """Velocity MSE of ``dit`` at ``x_t`` with the condition tokens ``cond`` and with zeros (hy3dgen's
-    unconditional embedding), in the training convention (:func:`flow_matching_pair`); :mod:`timi.testbed.condition_use`."""
+    unconditional embedding), in the training convention (:func:`flow_matching_pair`, ``coupling``
+    as the model was trained); :mod:`timi.testbed.condition_use`."""
+    x1 = couple(x1, x0, coupling)
     tt = torch.full((x1.shape[0],), float(t), device=x1.device)
     xt, target = flow_matching_pair(x1, x0, tt)
     return tuple(float(((dit(xt, tt, {"main": c}) - target) ** 2).mean()) for c in (cond, torch.zeros_like(cond)))
@@ -252,7 +288,7 @@ class Trainer:
         out = {}
         for t in ts:
             x0 = torch.randn(x1.shape, generator=gen).to(self.device)
-            with_image, with_zeros = losses_with_and_without_image(self.dit, x1, x0, t, cond)
+            with_image, with_zeros = losses_with_and_without_image(self.dit, x1, x0, t, cond, self.cfg.coupling)
             out[f"t{t}"] = (with_zeros - with_image) / with_zeros
         return out
 
@@ -262,6 +298,7 @@ class Trainer:
         idx = torch.from_numpy(self.dit_pool[rng.choice(len(self.dit_pool), cfg.dit_batch, replace=False)])
         x1 = self.latents[idx] * self.state["scale_factor"]
         x0 = torch.randn(x1.shape, generator=gen).to(self.device)
+        x1 = couple(x1, x0, cfg.coupling)
         t = torch.rand(len(idx), generator=gen).to(self.device)
         xt, target = flow_matching_pair(x1, x0, t)
         cond = self.condition_tokens(idx)
