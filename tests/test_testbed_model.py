@@ -99,6 +99,9 @@ def test_export_loads_in_hy3dgen(tmp_path, tiny_cache):
         for key, value in module.state_dict().items():
             torch.testing.assert_close(getattr(pipe, name).state_dict()[key], value.half().float())
     assert pipe.vae.scale_factor == pytest.approx(t.state["scale_factor"])
+    live = t.export_state(ema=False)["model"]  # `timi testbed export --live`: the live DiT, not its EMA
+    assert all(torch.equal(live[k], v) for k, v in t.dit.state_dict().items())
+    assert any(not torch.equal(live[k], v) for k, v in t.dit_ema.state_dict().items())
     # a new run seeded from the exported directory starts from its weights and trains the DiT only
     u = Trainer(tmp_path / "resumed", tiny_cache, _cfg(vae_steps=1, dit_steps=2), TINY, progress=False)
     u.init_from(d)
@@ -127,7 +130,7 @@ def _check_condition_use(model_dir, data_dir, blind_dir):
     from timi.testbed.condition_use import condition_use
 
     seeing = condition_use(model_dir, data_dir, progress=False)
-    assert [r["t"] for r in seeing["by_t"]] == [0.2, 0.5, 0.8]
+    assert [r["t"] for r in seeing["by_t"]] == [0.05, 0.2, 0.5, 0.8]
     assert any(r["difference"] != 0 for r in seeing["by_t"])
     shutil.copytree(model_dir, blind_dir)
     weights = safetensors.torch.load_file(str(blind_dir / "model.fp16.safetensors"))

@@ -103,8 +103,11 @@ def train(
 def export_cmd(
     run: Path = typer.Argument(..., help="Run folder holding checkpoint.pt (from `timi testbed train`)."),
     out: Path = typer.Option(..., "--out", help="hy3dgen model directory to write."),
+    ema: bool = typer.Option(True, "--ema/--live",
+                             help="The DiT's EMA weights (what training exports), or its live weights: for a "
+                                  "short probe, whose EMA (0.999) still mostly holds the initial weights."),
 ) -> None:
-    """Export a (possibly unfinished) training checkpoint as an hy3dgen model directory (EMA weights)."""
+    """Export a (possibly unfinished) training checkpoint as an hy3dgen model directory."""
     import json
 
     import torch
@@ -120,8 +123,9 @@ def export_cmd(
     sizes, cfg = TestbedSizes(**blob["sizes"]), TrainConfig(**{**blob["cfg"], "device": "cpu"})
     trainer = Trainer(run, None, cfg, sizes, progress=False)
     st = trainer.state
-    extra = {"train_config": blob["cfg"], "vae_step": st["vae_step"], "dit_step": st["dit_step"]}
-    export_model_dir(trainer.export_state(), sizes.replace(scale_factor=st["scale_factor"]), out, extra=extra)
+    extra = {"train_config": blob["cfg"], "vae_step": st["vae_step"], "dit_step": st["dit_step"],
+             "weights": "ema" if ema else "live"}
+    export_model_dir(trainer.export_state(ema=ema), sizes.replace(scale_factor=st["scale_factor"]), out, extra=extra)
     typer.echo(json.dumps({"exported": str(out), **extra["train_config"], "dit_step": st["dit_step"]}))
 
 

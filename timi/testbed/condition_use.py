@@ -23,8 +23,9 @@ import torch
 
 from .train import losses_with_and_without_image
 
-#: noise levels (hy3dgen's t: 0 = noise, 1 = data) at which the loss is compared
-DEFAULT_TS = (0.2, 0.5, 0.8)
+#: noise levels (hy3dgen's t: 0 = noise, 1 = data) at which the loss is compared; 0.05 is inside
+#: TIMI's guided window (the first 30 % of the steps), where the image has most to tell
+DEFAULT_TS = (0.05, 0.2, 0.5, 0.8)
 
 
 @torch.no_grad()
@@ -80,6 +81,6 @@ def condition_use_markdown(res: dict) -> str:
     lines = ["| t | loss with image | loss with zeros | zeros - image [90 % interval] | relative |",
              "|---|---|---|---|---|"]
     for r in res["by_t"]:
-        lines.append(f"| {r['t']:.1f} | {r['conditional']:.3f} | {r['unconditional']:.3f} | "
+        lines.append(f"| {r['t']:g} | {r['conditional']:.3f} | {r['unconditional']:.3f} | "
                      f"{r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] | {r['relative']:.1%} |")
     return "\n".join(lines)

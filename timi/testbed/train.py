@@ -278,7 +278,7 @@ class Trainer:
         return self._cond_tokens[idx]
 
     @torch.no_grad()
-    def condition_use(self, n: int = 32, ts: tuple[float, ...] = (0.5, 0.8)) -> dict[str, float]:
+    def condition_use(self, n: int = 32, ts: tuple[float, ...] = (0.05, 0.5, 0.8)) -> dict[str, float]:
         """Velocity loss of the live DiT with vs without the image on ``n`` fixed training assets
         (:mod:`timi.testbed.condition_use` measures the exported model on test scenes the same way)."""
         rng, gen = _rng(self.cfg, 5, 0)
@@ -385,12 +385,14 @@ class Trainer:
         fig.savefig(path, dpi=100)
         plt.close(fig)
 
-    def export_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Key groups (EMA DiT / conditioner, VAE decoder, our encoder) for :func:`~timi.testbed.export.export_model_dir`."""
+    def export_state(self, ema: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Key groups (DiT / conditioner: EMA or live weights, VAE decoder, our encoder) for
+        :func:`~timi.testbed.export.export_model_dir`."""
         if self.state["scale_factor"] is None:
             raise RuntimeError("the VAE stage has not finished; no scale_factor yet")
-        return {"model": self.dit_ema.state_dict(), "vae": self.vae.state_dict(),
-                "conditioner": self.cond_ema.state_dict(), "encoder": self.encoder.state_dict()}
+        dit, cond = (self.dit_ema, self.cond_ema) if ema else (self.dit, self.cond)
+        return {"model": dit.state_dict(), "vae": self.vae.state_dict(),
+                "conditioner": cond.state_dict(), "encoder": self.encoder.state_dict()}
 
     def init_from(self, model_dir: str | Path, vae_done: bool = True, dit: bool = True) -> str:
         """Start from an exported model directory (its fp16 weights; fresh optimisers).
