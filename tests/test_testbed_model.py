@@ -171,6 +171,28 @@ def test_shipped_vae_reconstructs_the_first_single_asset_test_scene(tmp_path):
     assert row["fs_s"] >= 0.9 and row["n_pred"] == 1, row
 
 
+@pytest.mark.xdist_group("heavy")
+def test_shipped_model_follows_the_first_single_asset_test_scene(tmp_path):
+    """A seeded generation of test scene 1000 (the first single asset of the test set; docs/results.md,
+    "Testbed v4") with the shipped model, scored as `timi eval` scores it. Measured FS-S 0.716 (v4);
+    the earlier models, which did not use their image, scored 0.534 (v2) and 0.666 (v3p). The floor
+    asserted is 0.65, not issue 12's 0.8, which the model does not reach (docs/testbed.md)."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from timi.cli import app
+    from timi.testbed.scenes import generate_scene, write_scene
+
+    write_scene(generate_scene(seed=0, split="test", index=1000, num_instances=1), tmp_path / "data")
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "data"), "--no-timi", "--seed", "0",
+                                      "--octree-resolution", "96", "--device", "cpu", "--icp-points", "4096",
+                                      "--out", str(tmp_path / "eval"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    row = next(csv.DictReader(open(tmp_path / "eval" / "per_scene.csv")))
+    assert row["status"] == "ok" and float(row["fs_s"]) >= 0.65, row
+
+
 def test_fixed_conditioner_is_frozen_and_exports_to_hy3dgen(tmp_path, tiny_cache):
     """The ``fixed`` conditioner (v3): no layers, its weights do not move in training, hy3dgen's loader
     rebuilds exactly its tokens, and its tokens tell image positions apart (distinct per patch)."""
