@@ -40,14 +40,11 @@ def condition_use(model_dir: str | Path, dataset_dir: str | Path, ts: tuple[floa
     from timi.evaluation.paired import bootstrap_mean_interval
 
     from .data import conditioner_image, farthest_point_indices
-    from .export import load_pipeline
+    from .export import load_pipeline, testbed_extra
     from .quality import load_encoder
 
-    import yaml
-
     vae, encoder, sizes = load_encoder(model_dir)
-    extra = yaml.safe_load((Path(model_dir) / "config.yaml").read_text()).get("timi_testbed", {})
-    coupling = extra.get("train_config", {}).get("coupling", "independent")  # the loss it was trained on
+    coupling = testbed_extra(model_dir).get("train_config", {}).get("coupling", "independent")  # the loss it was trained on
     pipe = load_pipeline(model_dir)
     dit, cond = pipe.model.float().eval(), pipe.conditioner.float().eval()
     folders = discover_scenes(dataset_dir)[:limit]

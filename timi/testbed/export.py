@@ -23,6 +23,12 @@ SUBFOLDER = "hunyuan3d-dit-v2-0"
 ENCODER_FILE = "encoder.fp16.safetensors"
 
 
+def testbed_extra(model_dir: str | Path) -> dict:
+    """The ``timi_testbed`` block :func:`export_model_dir` writes into ``config.yaml`` (sizes, training
+    config, summary); empty for a directory that was not exported by the testbed."""
+    return yaml.safe_load((Path(model_dir) / "config.yaml").read_text()).get("timi_testbed", {})
+
+
 def export_model_dir(groups: dict[str, dict[str, torch.Tensor]], sizes: TestbedSizes, out_dir: str | Path,
                      extra: dict | None = None) -> Path:
     """Write ``config.yaml`` and ``model.fp16.safetensors`` into ``out_dir`` (created)."""

@@ -18,13 +18,11 @@ import trimesh
 
 def load_encoder(model_dir: str | Path):
     """(hy3dgen ``ShapeVAE``, our ``PointEncoder``, sizes) of an exported testbed model directory."""
-    import yaml
-
-    from .export import ENCODER_FILE, load_groups, load_pipeline
+    from .export import ENCODER_FILE, load_groups, load_pipeline, testbed_extra
     from .model import PointEncoder, TestbedSizes
 
     d = Path(model_dir)
-    extra = yaml.safe_load((d / "config.yaml").read_text()).get("timi_testbed", {})
+    extra = testbed_extra(d)
     if "sizes" not in extra or not (d / ENCODER_FILE).exists():
         raise FileNotFoundError(f"{d} holds no testbed encoder ({ENCODER_FILE} and the sizes in config.yaml); "
                                 "export it with `timi testbed train` / `timi testbed export`")

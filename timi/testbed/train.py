@@ -403,11 +403,9 @@ class Trainer:
         encoder file. When the latent layout differs (``latent_positions``) the VAE stages run on from
         these weights. Returns what was taken, in words.
         """
-        import yaml
+        from .export import load_groups, testbed_extra
 
-        from .export import load_groups
-
-        extra = yaml.safe_load((Path(model_dir) / "config.yaml").read_text()).get("timi_testbed", {})
+        extra = testbed_extra(model_dir)
         theirs = TestbedSizes(**extra.get("sizes", {}))
         for field in ("num_latents", "latent_channels", "vae_width", "vae_heads", "vae_layers", "vae_mlp_ratio",
                       "encoder_layers"):
