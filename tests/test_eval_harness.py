@@ -356,3 +356,25 @@ def test_several_seeds_give_one_pair_per_scene_and_seed(dataset, tmp_path):
     paired = text[text.index("Paired differences"):]
     line = next(l for l in paired.splitlines() if l.startswith("| TIMI | "))
     assert "**better**" in line.split("|")[3] and f"| {len(ok)} |" in line
+
+
+def test_a_seed_evaluated_alone_is_scored_as_in_a_multi_seed_call(dataset, tmp_path):
+    """The metric seed does not follow the sampling seeds: ``--seed 1`` alone (e.g. in a second
+    process) writes the scores that ``--seed 0 --seed 1`` reads, so merging per-seed runs scores
+    nothing again, and the merged table equals the one-call table."""
+    common = ["--generator", f"{__name__}:fake_generate", "--baseline", "--points", str(POINTS), "--quiet"]
+    split, joint = tmp_path / "split", tmp_path / "joint"
+    for seeds in (["--seed", "1"], ["--seed", "0"]):
+        assert CliRunner().invoke(app, ["eval", str(dataset), *common, *seeds, "--out", str(split)]).exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in split.glob("cache/*/*/scores-*.json")}
+    both = ["--seed", "0", "--seed", "1"]
+    result = CliRunner().invoke(app, ["eval", str(dataset), *common, *both, "--out", str(split)])
+    assert result.exit_code == 0, result.output
+    after = {p: p.stat().st_mtime_ns for p in split.glob("cache/*/*/scores-*.json")}
+    assert before and after == before  # no new score file, none rewritten
+    assert CliRunner().invoke(app, ["eval", str(dataset), *common, *both, "--out", str(joint)]).exit_code == 0
+    assert (split / "per_scene.csv").read_text() == (joint / "per_scene.csv").read_text()
+    # another --metric-seed is another set of scores
+    result = CliRunner().invoke(app, ["eval", str(dataset), *common, "--seed", "1", "--metric-seed", "3",
+                                      "--out", str(split)])
+    assert result.exit_code == 0 and len(list(split.glob("cache/*/*/scores-*.json"))) > len(after)

@@ -59,6 +59,8 @@ def eval_command(
     align: str = typer.Option("icp", "--align", help="icp | icp-search | none (docs/metrics.md)."),
     icp_points: Optional[int] = typer.Option(None, "--icp-points", min=3,
                                              help="Fit ICP on N points per cloud (faster; default all, as MIDI)."),
+    metric_seed: int = typer.Option(0, "--metric-seed", help="Seed of the metrics' surface sampling and ICP, the same "
+                                    "for every sampling seed (so runs made one --seed at a time share their scores)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N scenes."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -114,9 +116,11 @@ def eval_command(
         generate = TIMITorchGenerator(model, device=device, dtype=dtype, steps=steps, guidance_scale=guidance_scale,
                                       octree_resolution=octree_resolution)
     per_seed = []
-    for seed in dict.fromkeys(seeds):  # metric sampling uses the first seed, so pairs differ only in sampling
-        metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=seeds[0],
-                                 icp_points=icp_points)
+    # one metric seed for every sampling seed: pairs differ only in sampling, and a seed evaluated on its
+    # own (e.g. in a second process) is scored as it is in a multi-seed call, so its scores are reused
+    metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=metric_seed,
+                             icp_points=icp_points)
+    for seed in dict.fromkeys(seeds):
         evaluator = Evaluator(dataset_dir, generate, out, seed=seed, metrics=metrics, limit=limit,
                               progress=not quiet, log=typer.echo if quiet else None)
         per_seed.append((seed, evaluator.evaluate(runs)))

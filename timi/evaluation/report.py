@@ -74,14 +74,19 @@ def per_scene_csv(summaries: list[RunSummary]) -> str:
 
 
 def plot_sweeps(summaries: list[RunSummary], out_dir: Path, baseline: RunSummary | None = None) -> list[Path]:
-    """One PNG per swept parameter: the six metrics against the parameter's value (matplotlib, Agg).
+    """One PNG per swept parameter, a panel per metric (matplotlib, Agg): a dose-response plot.
 
-    The baseline (no TIMI), when evaluated, is drawn as a dashed line.
+    With the baseline (no TIMI) evaluated, each panel shows the paired difference ``run - base`` over
+    the (scene, seed) pairs with its 90 % bootstrap interval (:mod:`timi.evaluation.paired`) against
+    the parameter's value, and 0 (no difference) as a dashed line; an interval clear of 0 is filled.
+    Without it, the metric's mean per value.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from .paired import DIRECTION, paired_differences
 
     by_param: dict[str, list[RunSummary]] = {}
     for s in summaries:
@@ -91,17 +96,32 @@ def plot_sweeps(summaries: list[RunSummary], out_dir: Path, baseline: RunSummary
     for param, rows in by_param.items():
         rows = sorted(rows, key=lambda s: s.run.value)
         xs = [s.run.value for s in rows]
+        diffs = [dict((d.metric, d) for d in paired_differences(s, baseline)) for s in rows] if baseline else None
         fig, axes = plt.subplots(2, 3, figsize=(11, 6), constrained_layout=True)
         for ax, metric in zip(axes.flat, METRIC_NAMES):
-            ax.plot(xs, [s.means[metric] for s in rows], "o-", color="tab:blue", label="TIMI")
-            if baseline is not None and not math.isnan(baseline.means[metric]):
-                ax.axhline(baseline.means[metric], ls="--", color="tab:gray", label="no TIMI")
-            ax.set_title(METRIC_LABELS[metric])
+            arrow = "↑" if DIRECTION[metric] > 0 else "↓"
+            if diffs is None:
+                ax.plot(xs, [s.means[metric] for s in rows], "o-", color="tab:blue", label="TIMI")
+                ax.set_title(METRIC_LABELS[metric])
+            else:
+                d = [row[metric] for row in diffs]
+                mean = [x.mean for x in d]
+                err = [[x.mean - x.low for x in d], [x.high - x.mean for x in d]]
+                ax.errorbar(xs, mean, yerr=err, fmt="-", color="tab:blue", capsize=3, label="TIMI - base, 90 %")
+                for x, di in zip(xs, d):
+                    clear = di.verdict != "no difference"
+                    ax.plot([x], [di.mean], "o", color="tab:blue", mfc="tab:blue" if clear else "white")
+                ax.axhline(0.0, ls="--", color="tab:gray", label="no difference")
+                ax.set_title(f"{METRIC_LABELS[metric]}: run - base ({arrow} better)")
             ax.set_xlabel(param)
+            if min(xs) > 0 and max(xs) / min(xs) >= 10:  # e.g. alpha 0.03 ... 1.0
+                ax.set_xscale("log")
             ax.grid(alpha=0.3)
         axes.flat[0].legend(fontsize=8)
         n = max(s.n_ok for s in rows)
-        fig.suptitle(f"Metrics vs {param} ({n} scenes)")
+        what = "paired difference from the base model" if diffs is not None else "means"
+        fig.suptitle(f"Metrics vs {param}: {what} ({n} scene-seed pairs; filled: interval excludes 0)"
+                     if diffs is not None else f"Metrics vs {param} ({n} scenes)")
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
