@@ -70,3 +70,21 @@ def test_merge_seeds_keeps_every_scene_seed_pair():
     assert sorted(r.scene_id for r in merged.results) == ["a@seed0", "a@seed1", "b@seed0", "b@seed1", "c@seed1"]
     assert merged.n_ok == 4 and merged.means["lcd"] == pytest.approx(0.25)
     assert merge_seeds([(0, s0)]) == s0
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(1, 4)), min_size=1, max_size=30))
+def test_part_counts_split_ssr_below_one_into_fused_and_fragmented(pairs):
+    """Eq.10's SSR is 1 exactly on the pairs counted 'right'; the other pairs are fewer or more."""
+    from timi.evaluation.report import part_count_markdown, part_counts
+    from timi.metrics.instances import separation_success_rate
+
+    results = [SceneResult("r", f"s{i}", "ok", SceneScores(lcd=0, cd_s=0, fs_s=0, ssr=separation_success_rate(p, g),
+                                                           cd_o=0, fs_o=0, n_pred=p, n_gt=g), 1.0)
+               for i, (p, g) in enumerate(pairs)]
+    summary = summarize(Run("r", TIMIConfig()), results + [SceneResult("r", "bad", "failed", error="x")])
+    c = part_counts(summary)
+    assert sum(c.values()) == len(pairs)
+    assert c["right"] == sum(r.scores.ssr == 1.0 for r in results)
+    assert c["fewer"] == sum(p < g for p, g in pairs) and c["more"] == sum(p > g for p, g in pairs)
+    assert f"| r | {100 * c['fewer'] / len(pairs):.0f} % |" in part_count_markdown([summary])

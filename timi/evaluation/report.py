@@ -50,6 +50,30 @@ def markdown_table(summaries: list[RunSummary], title: str | None = None) -> str
     return "\n".join(out)
 
 
+def part_counts(summary: RunSummary) -> dict[str, int]:
+    """How many scored (scene, seed) pairs came out with fewer separate parts than instances (some
+    fused), as many, or more (fragments): SSR (Eq.10) is below 1 either way, this tells which."""
+    counts = {"fewer": 0, "right": 0, "more": 0}
+    for r in summary.results:
+        if r.status == "ok":
+            key = "fewer" if r.scores.n_pred < r.scores.n_gt else "more" if r.scores.n_pred > r.scores.n_gt else "right"
+            counts[key] += 1
+    return counts
+
+
+def part_count_markdown(summaries: list[RunSummary]) -> str:
+    """One row per run: shares of pairs with fewer / the right number of / more parts than instances."""
+    lines = ["## Separate parts vs instances\n", "| Run | fewer (fused) | right count | more (fragments) | Pairs |",
+             "|---|---|---|---|---|"]
+    for s in summaries:
+        c = part_counts(s)
+        n = sum(c.values())
+        if n:
+            lines.append(f"| {s.run.label} | " + " | ".join(f"{100 * c[k] / n:.0f} %" for k in ("fewer", "right", "more"))
+                         + f" | {n} |")
+    return "\n".join(lines) + "\n" if len(lines) > 3 else ""
+
+
 def summary_csv(summaries: list[RunSummary]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -170,7 +194,8 @@ def write_report(summaries: list[RunSummary], out_dir: str | Path, title: str | 
 
     out = Path(out_dir)
     paths = {
-        "markdown": write_text(out / "results.md", markdown_table(summaries, title) + "\n" + paired_markdown(summaries)),
+        "markdown": write_text(out / "results.md", markdown_table(summaries, title) + "\n" + paired_markdown(summaries)
+                               + "\n" + part_count_markdown(summaries)),
         "csv": write_text(out / "results.csv", summary_csv(summaries)),
         "per_scene": write_text(out / "per_scene.csv", per_scene_csv(summaries)),
     }
