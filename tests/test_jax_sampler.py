@@ -53,6 +53,7 @@ def setup(fast_base):
 
 
 probabilities = nnx.jit(lambda m, *a: m.instance_probabilities(*a, num_layers=2))
+head_probabilities = nnx.jit(lambda m, *a: m.instance_probabilities(*a, num_layers=2, per_head=True))
 
 
 def jx(t):
@@ -101,7 +102,11 @@ def test_probabilities_loss_and_gradient_match_torch_adapter(fast_base, setup):
         got_p = probabilities(jm, jx(z), jx(t), jx(cond), jx(tokens))
         for a, b in zip(got_p, ref_p):
             assert a.shape == b.shape and rel_err(a, b) < 1e-5
-    for cfg in (GUIDED, GUIDED.replace(detach_weights=True)):
+        with torch.no_grad():
+            ref_h = guided_probabilities(fast_base.model, z, t, cond, tokens, 2, mode, per_head=True)
+        for a, b in zip(head_probabilities(jm, jx(z), jx(t), jx(cond), jx(tokens)), ref_h):
+            assert a.ndim == 4 and a.shape == b.shape and rel_err(a, b) < 1e-5
+    for cfg in (GUIDED, GUIDED.replace(detach_weights=True), GUIDED.replace(per_head=True)):
         ref_loss, ref_grad = separation_loss_and_grad(fast_base.model, z, t, cond, tokens, cfg, 2)
         loss, grad = timi_jax.separation_loss_and_grad(jm, jx(z), jx(t), jx(cond), jx(tokens), cfg)
         assert loss.shape == (2,) and grad.dtype == jnp.float32
@@ -110,8 +115,8 @@ def test_probabilities_loss_and_gradient_match_torch_adapter(fast_base, setup):
 
 
 @pytest.mark.parametrize("config", [GUIDED, GUIDED.replace(gm=False, sr=False, beta=0.5),
-                                    GUIDED.replace(normalize_instances=True)],
-                         ids=["paper-sgu", "no-gm-no-sr", "P-over-instances"])
+                                    GUIDED.replace(normalize_instances=True), GUIDED.replace(per_head=True)],
+                         ids=["paper-sgu", "no-gm-no-sr", "P-over-instances", "P-per-head"])
 def test_guided_run_matches_timi_torch_pipeline(fast_base, setup, config):
     from timi_torch import TIMIPipeline
 

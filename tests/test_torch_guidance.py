@@ -46,12 +46,38 @@ def test_fused_and_explicit_give_the_same_P_and_gradient(fast_base):
     assert g_f.abs().max() > 0
 
 
+def test_fused_and_explicit_agree_per_head_and_per_head_is_another_loss(fast_base):
+    """``TIMIConfig.per_head``: P (B, H, L, K) whose head mean is the usual P; Eqs.3-4 per head
+    then averaged is not Eq.4 of the averaged map (the loss is not linear in P)."""
+    z, t, cond, tokens = _inputs(fast_base)
+    heads = fast_base.model.double_blocks[0].num_heads
+    assert heads > 1
+    with torch.no_grad():
+        P_h = guided_probabilities(fast_base.model, z, t, cond, tokens, 2, "fused", per_head=True)
+        P_e = guided_probabilities(fast_base.model, z, t, cond, tokens, 2, "explicit", per_head=True)
+        P = guided_probabilities(fast_base.model, z, t, cond, tokens, 2, "fused")
+    for a, b, m in zip(P_h, P_e, P):
+        assert a.shape == (2, heads, 64, 2)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a.mean(dim=1), m, rtol=1e-5, atol=1e-7)
+    cfg = CFG.replace(per_head=True)
+    loss_f, g_f = _grad(fast_base, z, t, cond, tokens, "fused", cfg)
+    loss_e, g_e = _grad(fast_base, z, t, cond, tokens, "explicit", cfg)
+    torch.testing.assert_close(loss_f, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_f, g_e, rtol=1e-4, atol=1e-7)
+    expected = torch.stack([timi_core.instance_separation_loss(p, CFG.eps) for p in P_h]).mean(dim=(0, 2))
+    torch.testing.assert_close(loss_f, expected, rtol=1e-5, atol=1e-6)
+    loss_avg, _ = _grad(fast_base, z, t, cond, tokens, "fused")
+    assert not torch.allclose(loss_f, loss_avg, rtol=1e-3)
+
+
 def test_P_of_the_first_block_matches_an_independent_computation(fast_base):
     """Rebuild block 0's attention from its weights (token order [cond; latent], RMS QK-norm)."""
     model = fast_base.model
     z, t, cond, tokens = _inputs(fast_base, batch=1)
     with torch.no_grad():
         (P,) = guided_probabilities(model, z, t, cond, tokens, 1, "fused")
+        (P_h,) = guided_probabilities(model, z, t, cond, tokens, 1, "fused", per_head=True)
         from hy3dgen.shapegen.models.denoisers.hunyuan3ddit import timestep_embedding
         block = model.double_blocks[0]
         vec = model.time_in(timestep_embedding(t, 256, model.time_factor))
@@ -67,9 +93,12 @@ def test_P_of_the_first_block_matches_an_independent_computation(fast_base):
         q_img, k_img = qk("img", model.latent_in(z))
         _, k_txt = qk("txt", model.cond_in(cond))
         keys = torch.cat([k_txt, k_img], dim=2)
-        attn = torch.softmax(q_img @ keys.transpose(-1, -2) / q_img.shape[-1] ** 0.5, dim=-1).mean(1)
+        heads = torch.softmax(q_img @ keys.transpose(-1, -2) / q_img.shape[-1] ** 0.5, dim=-1)
+        attn = heads.mean(1)
         expected = timi_core.instance_probability(attn[0, :, : cond.shape[1]], tokens[0])
+        expected_h = timi_core.instance_probability(heads[0, :, :, : cond.shape[1]], tokens[0])
     torch.testing.assert_close(P[0], expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(P_h[0], expected_h, rtol=1e-5, atol=1e-7)
 
 
 def test_forward_stops_after_the_last_guided_block(fast_base):

@@ -45,6 +45,10 @@ class TIMIConfig:
     latent token's row by its sum over the instances before Eqs.3-4 (a variant studied on the
     testbed, docs/results.md: on hy3dgen's joint attention the rows of ``A_zc`` do not sum to 1
     over the image tokens, so Eq.4 as written can be lowered by raising the total instance mass).
+
+    ``per_head=False`` averages Eq.2's ``A_zc`` over the attention heads (one map per layer); ``True``
+    keeps one ``P`` per head, applies Eqs.3-4 to each and averages the losses over the heads (a
+    variant studied on the testbed: a head-averaged map can be pure while no single head is).
     """
 
     alpha: float = 0.1
@@ -60,6 +64,7 @@ class TIMIConfig:
     sr: bool = True
     detach_weights: bool = False
     normalize_instances: bool = False
+    per_head: bool = False
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, rule: str) -> None:
@@ -82,7 +87,7 @@ class TIMIConfig:
               "use an integer >= 0, or None for the guided_fraction window (paper: 15 of 50 steps)")
         check("guided_fraction", finite(self.guided_fraction) and 0 <= self.guided_fraction <= 1,
               "use a number in [0, 1], the part of the trajectory to guide (paper: 15/50 = 0.3)")
-        for name in ("isg", "sgu", "gm", "sr", "detach_weights", "normalize_instances"):
+        for name in ("isg", "sgu", "gm", "sr", "detach_weights", "normalize_instances", "per_head"):
             check(name, isinstance(getattr(self, name), bool), "use True or False")
 
     def replace(self, **changes) -> "TIMIConfig":

@@ -85,6 +85,11 @@ def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+#: TIMIConfig fields added after caches were first written: left out of the key at their default
+#: value, so a configuration that does not use them keeps the key (and the cached outputs) it had.
+KEY_OMITTED_AT_DEFAULT = {"per_head": False}
+
+
 def run_key(run: Run, seed: int, identity: dict) -> str:
     """Cache key of a run: hash of its TIMIConfig fields, the seed and the generator identity.
 
@@ -92,7 +97,9 @@ def run_key(run: Run, seed: int, identity: dict) -> str:
     layer) samples exactly the base model, so they all share the key of ``TIMIConfig(isg=False)``.
     """
     config = run.config if run.config.enabled else TIMIConfig(isg=False)
-    return _digest({"config": dataclasses.asdict(config), "seed": seed, "generator": identity})[:12]
+    fields = {k: v for k, v in dataclasses.asdict(config).items()
+              if not (k in KEY_OMITTED_AT_DEFAULT and v == KEY_OMITTED_AT_DEFAULT[k])}
+    return _digest({"config": fields, "seed": seed, "generator": identity})[:12]
 
 
 def inputs_digest(scene) -> str:

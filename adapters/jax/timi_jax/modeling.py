@@ -203,8 +203,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return out.reshape(*out.shape[:2], -1)
 
 
-def instance_probability_heads(e: jax.Array, den: jax.Array, mask_values: jax.Array) -> jax.Array:
-    """Eq.2 from the weights of the latent queries: ``P = mean_h A_zc M^T`` (B, Lq, K) float32.
+def instance_probability_heads(e: jax.Array, den: jax.Array, mask_values: jax.Array,
+                               per_head: bool = False) -> jax.Array:
+    """Eq.2 from the weights of the latent queries: ``P = mean_h A_zc M^T`` (B, Lq, K) float32, or
+    one map per head, (B, H, Lq, K), with ``per_head`` (``TIMIConfig.per_head``).
 
     ``e`` (B, H, Lq, S) and ``den`` (B, H, Lq) from :func:`softmax_weights` of the latent queries
     over all ``S = M + L`` keys; ``mask_values`` (B, M, K) the instance masks of the M condition
@@ -212,7 +214,8 @@ def instance_probability_heads(e: jax.Array, den: jax.Array, mask_values: jax.Ar
     """
     m = mask_values.shape[1]
     p = jnp.einsum("bhqm,bmk->bhqk", e[..., :m], mask_values.astype(jnp.float32))
-    return jnp.mean(p / den[..., None], axis=1)
+    p = p / den[..., None]
+    return p if per_head else jnp.mean(p, axis=1)
 
 
 def _split_heads(qkv: jax.Array, num_heads: int):
@@ -346,30 +349,30 @@ class DoubleStreamBlock(nnx.Module):
         mods, (q, k, v) = self.joint_qkv(img, txt, vec)
         return self.finish(img, txt, mods, attention(q, k, v))
 
-    def call_with_probabilities(self, img, txt, vec, mask_values):
+    def call_with_probabilities(self, img, txt, vec, mask_values, per_head: bool = False):
         """The block's outputs and the head-averaged instance probabilities of its latent tokens.
 
         ``mask_values`` (B, M, K): pooled instance masks of the condition tokens. Eq.2,
         ``P = A_zc M^T`` with ``A_zc`` the latent-to-condition block of the joint softmax (Eq.1),
         is read from the block's own attention weights (one ``q k^T``, float32): the same
         unnormalised weights give the attention output and, over the condition keys, P.
-        Returns ``(img, txt, P)`` with P (B, L, K).
+        Returns ``(img, txt, P)`` with P (B, L, K), or (B, H, L, K) with ``per_head``.
         """
         mods, (q, k, v) = self.joint_qkv(img, txt, vec)
         m = mask_values.shape[1]
         e, den = softmax_weights(q.astype(jnp.float32), k.astype(jnp.float32))
         attn = weighted_values(e, den, v.astype(jnp.float32)).astype(v.dtype)
-        probs = instance_probability_heads(e[:, :, m:], den[:, :, m:], mask_values)
+        probs = instance_probability_heads(e[:, :, m:], den[:, :, m:], mask_values, per_head)
         img, txt = self.finish(img, txt, mods, attn.reshape(*attn.shape[:2], -1))
         return img, txt, probs
 
-    def probabilities(self, img, txt, vec, mask_values):
+    def probabilities(self, img, txt, vec, mask_values, per_head: bool = False):
         """Only P (B, L, K) of :meth:`call_with_probabilities`: the latent queries' weights, no
         attention output (the last guided block: nothing after it is evaluated)."""
         _, (q, k, _) = self.joint_qkv(img, txt, vec)
         m = txt.shape[1]
         e, den = softmax_weights(q[:, m:].astype(jnp.float32), k.astype(jnp.float32))
-        return instance_probability_heads(e, den, mask_values)
+        return instance_probability_heads(e, den, mask_values, per_head)
 
 
 class SingleStreamBlock(nnx.Module):
@@ -479,12 +482,14 @@ class Hunyuan3DDiT(nnx.Module):
             h = block(h, vec)
         return self.final_layer(h[:, m:], vec)
 
-    def instance_probabilities(self, x, t, cond, mask_tokens, num_layers: int, guidance=None):
+    def instance_probabilities(self, x, t, cond, mask_tokens, num_layers: int, guidance=None,
+                               per_head: bool = False):
         """Truncated forward: P (Eq.2) of the first ``num_layers`` double blocks.
 
         ``mask_tokens`` (B, K, M) or (K, M): instance masks pooled onto the condition tokens
         (``timi_core.pool_masks``; the torch adapter's ``tokens``). Returns a list of
-        ``num_layers`` float32 arrays (B, L, K); no block after the last guided one is evaluated.
+        ``num_layers`` float32 arrays (B, L, K) ((B, H, L, K) with ``per_head``); no block after the
+        last guided one is evaluated.
         """
         if not 0 < num_layers <= self.depth:
             raise ValueError(f"num_layers={num_layers} must be in 1..depth={self.depth}")
@@ -493,9 +498,9 @@ class Hunyuan3DDiT(nnx.Module):
         mask_values = jnp.swapaxes(tokens, 1, 2)  # (B, M, K)
         probs = []
         for block in self.double_blocks[:num_layers - 1]:
-            latent, cond, p = block.call_with_probabilities(latent, cond, vec, mask_values)
+            latent, cond, p = block.call_with_probabilities(latent, cond, vec, mask_values, per_head)
             probs.append(p)
-        probs.append(self.double_blocks[num_layers - 1].probabilities(latent, cond, vec, mask_values))
+        probs.append(self.double_blocks[num_layers - 1].probabilities(latent, cond, vec, mask_values, per_head))
         return probs
 
 

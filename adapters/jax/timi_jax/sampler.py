@@ -103,11 +103,13 @@ def _loss_and_grad(model: Hunyuan3DDiT, z, t, cond, tokens, config: TIMIConfig, 
                    guidance=None):
     def total(zf):
         probs = model.instance_probabilities(zf.astype(model.dtype), t, cond, tokens, num_layers,
-                                             guidance)
+                                             guidance, config.per_head)
         per_layer = jnp.stack([timi_core.instance_separation_loss(p, config.eps,
                                                                   config.detach_weights,
                                                                   config.normalize_instances)
-                               for p in probs])  # (layers, B)
+                               for p in probs])  # (layers, B[, H])
+        if config.per_head:  # Eqs.3-4 per head, then the mean over heads
+            per_layer = jnp.mean(per_layer, axis=-1)
         loss = jnp.mean(per_layer, axis=0)
         return jnp.sum(loss), loss  # samples are independent: d(sum)/dz_b = dL_b/dz_b
 

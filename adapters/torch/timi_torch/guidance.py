@@ -66,8 +66,9 @@ def _mask_values(tokens: torch.Tensor, num_keys: int, width: int) -> torch.Tenso
     return values
 
 
-def fused_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Eq.2 via SDPA: q_z (B, H, L, D), k (B, H, M+L, D), tokens (B, K, M) -> P (B, L, K).
+def fused_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, per_head: bool = False) -> torch.Tensor:
+    """Eq.2 via SDPA: q_z (B, H, L, D), k (B, H, M+L, D), tokens (B, K, M) -> P (B, L, K), the mean
+    over heads, or (B, H, L, K), one map per head, with ``per_head``.
 
     The values are the masks for the condition keys and 0 for the latent keys, zero-padded to the
     head width D (in chunks of D instances when K > D) so that PyTorch picks its fused
@@ -81,11 +82,14 @@ def fused_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) 
         chunk = tokens[:, start:start + D]
         values = _mask_values(chunk, S, D)[:, None].expand(B, H, S, D)
         out.append(F.scaled_dot_product_attention(q_z, k, values)[..., : chunk.shape[1]])
-    return torch.cat(out, dim=-1).mean(dim=1)
+    P = torch.cat(out, dim=-1)
+    return P if per_head else P.mean(dim=1)
 
 
-def attention_and_probability(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor):
-    """hy3dgen's ``attention(q, k, v)`` (B, S, H*D) and Eq.2's ``P`` (B, L, K) in one SDPA call.
+def attention_and_probability(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
+                              per_head: bool = False):
+    """hy3dgen's ``attention(q, k, v)`` (B, S, H*D) and Eq.2's ``P`` (B, L, K) in one SDPA call
+    (``per_head``: P per head, (B, H, L, K)).
 
     q, k, v (B, H, S, D) over ``[M condition; L latent]`` tokens, tokens (B, K, M). v gets the extra
     value channels ``[M^T; 0]`` and q, k as many zero channels (up to a multiple of 8), so all three
@@ -98,17 +102,22 @@ def attention_and_probability(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     values = torch.cat([v.float(), masks[:, None].expand(B, H, S, pad)], dim=-1)
     out = F.scaled_dot_product_attention(F.pad(q.float(), (0, pad)), F.pad(k.float(), (0, pad)), values,
                                          scale=D ** -0.5)
-    return rearrange(out[..., :D].to(v.dtype), "B H L D -> B L (H D)"), out[:, :, M:, D:D + K].mean(dim=1)
+    P = out[:, :, M:, D:D + K]
+    return rearrange(out[..., :D].to(v.dtype), "B H L D -> B L (H D)"), P if per_head else P.mean(dim=1)
 
 
-def condition_attention(q_z: torch.Tensor, k: torch.Tensor, num_cond: int, head_chunk: int | None = None):
+def condition_attention(q_z: torch.Tensor, k: torch.Tensor, num_cond: int, head_chunk: int | None = None,
+                        per_head: bool = False):
     """Eq.1's block ``A_zc``, averaged over heads, float32: the explicit softmax over the joint sequence.
 
     ``q_z`` (..., H, L, D) latent queries, ``k`` (..., H, M + L, D) keys (condition tokens first),
-    ``num_cond`` = M -> (..., L, M). ``head_chunk``: heads per softmax (bounds the memory of the
-    (heads, L, M + L) scores); default all at once.
+    ``num_cond`` = M -> (..., L, M), or (..., H, L, M) with ``per_head``. ``head_chunk``: heads per
+    softmax (bounds the memory of the (heads, L, M + L) scores); default all at once.
     """
     H, D = q_z.shape[-3], q_z.shape[-1]
+    if per_head:
+        scores = torch.matmul(q_z.float(), k.float().transpose(-1, -2)) * D ** -0.5
+        return scores.softmax(dim=-1)[..., :num_cond]
     if head_chunk is None:
         scores = torch.matmul(q_z.float(), k.float().transpose(-1, -2)) * D ** -0.5
         return scores.softmax(dim=-1)[..., :num_cond].mean(dim=-3)
@@ -120,9 +129,9 @@ def condition_attention(q_z: torch.Tensor, k: torch.Tensor, num_cond: int, head_
     return total / H
 
 
-def explicit_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def explicit_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, per_head: bool = False) -> torch.Tensor:
     """Eq.2 with the explicit attention matrix (reference path); same shapes as the fused one."""
-    attn_zc = condition_attention(q_z, k, tokens.shape[-1])               # (B, L, M), Eq.1 block A_zc
+    attn_zc = condition_attention(q_z, k, tokens.shape[-1], per_head=per_head)   # (B, [H,] L, M), Eq.1's A_zc
     return torch.stack([timi_core.instance_probability(attn_zc[b], tokens[b])
                         for b in range(tokens.shape[0])])
 
@@ -132,13 +141,16 @@ class _Capture:
     tokens: torch.Tensor
     num_layers: int
     mode: str
+    per_head: bool = False
     probabilities: list = dataclasses.field(default_factory=list)
     calls: int = 0
 
 
 @contextlib.contextmanager
-def capture_attention(tokens: torch.Tensor | None, num_layers: int, mode: str = "fused", observer=None):
-    """Within the block, the DiT's first ``num_layers`` attention calls record ``P`` (B, L, K) (Eq.2).
+def capture_attention(tokens: torch.Tensor | None, num_layers: int, mode: str = "fused", observer=None,
+                      per_head: bool = False):
+    """Within the block, the DiT's first ``num_layers`` attention calls record ``P`` (B, L, K) (Eq.2),
+    or (B, H, L, K) with ``per_head`` (``TIMIConfig.per_head``).
 
     ``tokens``: (B, K, M) condition-token masks. The forward stops (``_StopForward``) after the
     ``num_layers``-th call; use :func:`guided_probabilities`, which handles that.
@@ -150,7 +162,7 @@ def capture_attention(tokens: torch.Tensor | None, num_layers: int, mode: str = 
         raise ValueError(f"attention mode {mode!r} is not one of {MODES}.")
     module = _dit_module()
     original = module.attention
-    state = _Capture(tokens, num_layers, mode)
+    state = _Capture(tokens, num_layers, mode, per_head)
     probability = fused_probability if mode == "fused" else explicit_probability
 
     def observe(q, k, v, **kwargs):
@@ -166,10 +178,10 @@ def capture_attention(tokens: torch.Tensor | None, num_layers: int, mode: str = 
                              "plus latent tokens; do the masks belong to this conditioner?")
         last = len(state.probabilities) + 1 == state.num_layers
         if mode == "fused" and not last:                  # the block's output and P in one call
-            out, P = attention_and_probability(q, k, v, state.tokens)
+            out, P = attention_and_probability(q, k, v, state.tokens, state.per_head)
             state.probabilities.append(P)
             return out
-        state.probabilities.append(probability(q[:, :, M:], k, state.tokens))
+        state.probabilities.append(probability(q[:, :, M:], k, state.tokens, state.per_head))
         if last:
             raise _StopForward
         return original(q, k, v, **kwargs)
@@ -188,8 +200,9 @@ def observe_attention(observer, num_layers: int):
     return capture_attention(None, num_layers, "observe", observer)
 
 
-def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode="fused", **kwargs):
-    """P (list over the first ``num_layers`` double-stream blocks, each (B, L, K) float32).
+def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode="fused", per_head=False, **kwargs):
+    """P (list over the first ``num_layers`` double-stream blocks, each (B, L, K) float32; (B, H, L, K)
+    with ``per_head``).
 
     Runs ``model(x, timestep, {'main': cond_main})`` (hy3dgen's own forward) and stops after the
     last guided block.
@@ -197,7 +210,7 @@ def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode
     depth = len(model.double_blocks)
     if not 1 <= num_layers <= depth:
         raise ValueError(f"num_layers={num_layers} must be in [1, {depth}] (the model's double-stream blocks).")
-    with capture_attention(tokens, num_layers, mode) as state:
+    with capture_attention(tokens, num_layers, mode, per_head=per_head) as state:
         try:
             model(x, timestep, {"main": cond_main}, **kwargs)
         except _StopForward:
@@ -226,6 +239,9 @@ def separation_loss_and_grad(model, latents, timestep, cond_main, tokens, config
                              num_layers: int, mode: str = "fused", **model_kwargs):
     """Per-sample ``L_sep`` (B,) (mean over guided layers of Eq.4) and ``dL_sep/dz`` (float32).
 
+    ``config.per_head``: Eqs.3-4 on each head's ``P`` (Eq.2 without the mean over heads), then the
+    mean over heads.
+
     ``latents`` (B, L, C) in any dtype; the latent leaf is float32 and cast to the model's dtype
     for the forward, so the gradient and the loss are float32. Samples are independent: the
     gradient is that of the *sum* of the per-sample losses.
@@ -233,10 +249,13 @@ def separation_loss_and_grad(model, latents, timestep, cond_main, tokens, config
     dtype = next(model.parameters()).dtype
     with torch.enable_grad(), frozen_parameters(model):
         z = latents.detach().to(torch.float32).clone().requires_grad_(True)
-        Ps = guided_probabilities(model, z.to(dtype), timestep, cond_main, tokens, num_layers, mode, **model_kwargs)
+        Ps = guided_probabilities(model, z.to(dtype), timestep, cond_main, tokens, num_layers, mode,
+                                  config.per_head, **model_kwargs)
         per_layer = torch.stack([timi_core.instance_separation_loss(P, config.eps, config.detach_weights,
                                                                     config.normalize_instances)
-                                 for P in Ps])                               # (layers, B)
+                                 for P in Ps])                               # (layers, B[, H])
+        if config.per_head:
+            per_layer = per_layer.mean(dim=-1)
         loss = per_layer.mean(dim=0)
         (grad,) = torch.autograd.grad(loss.sum(), z)
     return loss.detach(), grad
