@@ -218,3 +218,32 @@ def mechanism(
     write_text(out, json.dumps(rows, indent=1))
     csv_path = eval_dir / "per_scene.csv" if eval_dir else None
     typer.echo(summarise(rows, csv_path))
+
+
+@app.command()
+def fusion(
+    dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
+    eval_dir: Path = typer.Option(..., "--eval-dir", help="A `timi eval --baseline` output on these scenes."),
+    run: list[str] = typer.Option(["TIMI"], "--run", help="Row label(s) of the eval table to compare with the base."),
+    base: str = typer.Option("base model (no TIMI)", "--base", help="Row label of the base model."),
+) -> None:
+    """Which way SSR moves: part-count transitions base -> run (fused / right / fragments), and the
+    share of fused pairs by the scene's smallest gap (docs/results.md)."""
+    from rich.console import Console
+
+    from timi.cli_common import run_cli
+
+    from .fusion import fusion_markdown, spearman_gap_fusion
+
+    def report() -> str:
+        csv_path = eval_dir / "per_scene.csv"
+        if not csv_path.is_file():
+            raise FileNotFoundError(f"--eval-dir {eval_dir}: {csv_path} does not exist; run `timi eval ... --baseline "
+                                    f"--out {eval_dir}` first.")
+        lines = [fusion_markdown(csv_path, dataset, base, list(run))]
+        for label in [base, *run]:
+            rho, p, n = spearman_gap_fusion(csv_path, dataset, label)
+            lines.append(f"{label}: Spearman(smallest gap, missing parts) = {rho:+.2f} (p = {p:.2g}, {n} pairs)")
+        return "\n".join(lines)
+
+    typer.echo(run_cli(report, Console(stderr=True, soft_wrap=True)))
