@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from timi.report import instance_key_cosine
 from timi.testbed.mechanism import selectivity_and_mass
@@ -46,3 +48,45 @@ def test_mechanism_end_to_end_on_a_tiny_model(fast_base):
     assert opt["loss"][-1] < opt["loss"][0]  # plain gradient steps lower Eq.4
     row = {"scene": "s@seed0", "k": 2, "base": base, "timi": timi, "opt_eq4": opt, "opt_normalised": opt}
     assert "P normalised over instances" in summarise([row])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_gradient_shares_are_the_anova_decomposition(L, C, K, seed):
+    """between + within = total (one-way ANOVA over the instance groups); a common shift is all
+    'common', a gradient constant per group is all 'between' minus the common part."""
+    from timi.testbed.gradient import shares
+
+    rng = np.random.default_rng(seed)
+    g = torch.from_numpy(rng.normal(size=(L, C)))
+    labels = torch.from_numpy(rng.integers(0, K, size=L))
+    common, between = shares(g, labels)
+    within = sum(float(((g[labels == k] - g[labels == k].mean(0)) ** 2).sum()) for k in labels.unique())
+    assert between + within / float((g ** 2).sum()) == pytest.approx(1.0 - common, abs=1e-9)
+    perm = torch.from_numpy(rng.permutation(L))
+    assert shares(g[perm], labels[perm]) == pytest.approx((common, between), abs=1e-12)
+    shift = torch.from_numpy(rng.normal(size=(1, C))).expand(L, C)
+    assert shares(shift, labels) == pytest.approx((1.0, 0.0), abs=1e-9)
+    per_group = torch.from_numpy(rng.normal(size=(K, C)))[labels]
+    c2, b2 = shares(per_group, labels)
+    assert c2 + b2 == pytest.approx(1.0, abs=1e-9)
+
+
+def test_gradient_structure_on_a_tiny_model(fast_base):
+    from timi.testbed.gradient import gradient_markdown, gradient_structure
+    from timi_core import TIMIConfig
+    from timi_torch import TIMIPipeline
+
+    pipe = TIMIPipeline(fast_base)
+    image, masks = scene()
+    rows = []
+    for i in range(2):
+        out = {name: gradient_structure(pipe, image, masks, cfg, seed=i)
+               for name, cfg in (("paper", TIMIConfig(guided_layers=2)),
+                                 ("normalised", TIMIConfig(guided_layers=2, normalize_instances=True)))}
+        for r in out.values():
+            assert 0.0 <= r["common"] <= 1.0 and 0.0 <= r["between"] <= 1.0 - r["common"] + 1e-9
+        rows.append({"scene": f"s{i}", **out})
+    assert rows[0]["paper"] != rows[0]["normalised"]
+    text = gradient_markdown(rows, "paper")
+    assert "| normalised |" in text and "2 scenes" in text

@@ -247,3 +247,51 @@ def fusion(
         return "\n".join(lines)
 
     typer.echo(run_cli(report, Console(stderr=True, soft_wrap=True)))
+
+
+@app.command()
+def gradient(
+    dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
+    model: Path = typer.Option(None, "--model", help="Model directory (default: the shipped one)."),
+    variant: list[str] = typer.Option([], "--variant", metavar="NAME=FIELD=VALUE[,FIELD=VALUE]",
+                                      help="A TIMIConfig to compare with the paper's (repeatable), e.g. "
+                                           "normalised=normalize-instances=true."),
+    seed: int = typer.Option(0, "--seed"),
+    limit: int = typer.Option(None, "--limit", min=1),
+    threads: int = typer.Option(2, "--threads", min=1, help="torch CPU threads."),
+    out: Path = typer.Option(None, "--out", help="JSON file for the per-scene rows."),
+) -> None:
+    """How much of TIMI's gradient moves the instances apart, at the first guided step (docs/results.md)."""
+    import json
+
+    import torch
+    from rich.console import Console
+
+    from timi.cli_common import run_cli
+    from timi.evaluation.cli import _base_config
+    from timi.io import write_text
+    from timi.pipelines import resolve_model
+
+    from .gradient import gradient_markdown, run_gradient
+
+    def parse() -> dict:
+        variants = {"paper": TIMIConfig()}
+        for spec in variant:
+            name, sep, fields = spec.partition("=")
+            if not sep or not name.strip() or not fields:
+                raise ValueError(f"--variant {spec!r}: use NAME=FIELD=VALUE[,FIELD=VALUE] (e.g. normalised="
+                                 "normalize-instances=true).")
+            try:
+                variants[name.strip()] = _base_config(fields.split(","))
+            except typer.BadParameter as e:
+                raise ValueError(f"--variant {spec!r}: {e.message}") from None
+        return variants
+
+    from timi_core import TIMIConfig
+
+    variants = run_cli(parse, Console(stderr=True, soft_wrap=True))
+    torch.set_num_threads(threads)
+    rows = run_gradient(model or resolve_model(None), dataset, variants, seed=seed, limit=limit)
+    if out is not None:
+        write_text(out, json.dumps(rows, indent=1))
+    typer.echo(gradient_markdown(rows, "paper"))
