@@ -40,3 +40,27 @@ def test_timi_eval_with_the_torch_pipeline(tmp_path):
     assert again.exit_code == 0, again.output
     assert [p.stat().st_mtime_ns for p in generated] == stamps
     assert list(csv.DictReader((out / "results.csv").open())) == list(rows.values())
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
+def test_shuffled_gradient_control_shares_timi_evals_cache(tmp_path):
+    """`timi testbed control` after `timi eval`: base and TIMI come from the cache, only the control
+    is generated, and its update (TIMI's gradient rows given to random tokens) changes the output."""
+    model = write_tiny_model_dir(tmp_path / "tiny", image_size=112)
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "timi" / "assets" / "example", data / "example")
+    out = tmp_path / "out"
+    common = ["--model", str(model), "--device", "cpu", "--steps", "2", "--octree-resolution", "32",
+              "--points", "300", "--set", "guided_layers=2", "--out", str(out), "--quiet"]
+    assert CliRunner().invoke(app, ["eval", str(data), "--baseline", *common]).exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in out.glob("cache/*/example/generation.json")}
+    result = CliRunner().invoke(app, ["testbed", "control", str(data), *common])
+    assert result.exit_code == 0, result.output
+    after = {p: p.stat().st_mtime_ns for p in out.glob("cache/*/example/generation.json")}
+    assert len(before) == 2 and len(after) == 3 and all(after[p] == t for p, t in before.items())
+    rows = {r["run"]: r for r in csv.DictReader((out / "control" / "results.csv").open())}
+    assert set(rows) == {"base model (no TIMI)", "TIMI", "TIMI, gradient rows shuffled (control)"}
+    (control,) = set(after) - set(before)
+    timi_run = next(p for p in before if '"isg": true' in (p.parents[1] / "config.json").read_text())
+    assert (control.parent / "scene.ply").read_bytes() != (timi_run.parent / "scene.ply").read_bytes()

@@ -197,3 +197,31 @@ def test_bad_inputs(fast_base):
         _run(TIMIPipeline(tiny_base, TIMIConfig(guided_steps=1)))
     with pytest.raises(TypeError, match="hy3dgen"):
         TIMIPipeline(object())
+
+
+def test_gradient_hook_sees_each_guided_gradient_and_the_shuffle_keeps_its_rows(fast_base):
+    """An identity hook leaves the latents bit for bit; the shuffled control permutes token rows
+    (same multiset of rows) and changes the result."""
+    from timi.testbed.controls import ShuffledGradient
+    from timi_torch import TIMIPipeline
+
+    image, masks = scene()
+    cfg = TIMIConfig(guided_layers=2, guided_steps=2)
+    seen = []
+
+    def identity(grad, step):
+        seen.append(step)
+        return grad
+
+    def run(hook):
+        pipe = TIMIPipeline(fast_base, cfg, gradient_hook=hook)
+        return pipe(image, masks, num_inference_steps=3, output_type="latent", enable_pbar=False,
+                    generator=torch.Generator().manual_seed(0)).latents
+
+    plain = run(None)
+    assert torch.equal(run(identity), plain) and seen == [0, 1]
+    g = torch.randn(2, 16, 3, generator=torch.Generator().manual_seed(1))
+    s = ShuffledGradient(0)(g, 0)
+    for b in range(2):
+        assert sorted(map(tuple, s[b].tolist())) == sorted(map(tuple, g[b].tolist()))
+    assert not torch.equal(s, g) and not torch.equal(run(ShuffledGradient(0)), plain)

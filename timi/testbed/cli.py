@@ -295,3 +295,41 @@ def gradient(
     if out is not None:
         write_text(out, json.dumps(rows, indent=1))
     typer.echo(gradient_markdown(rows, "paper"))
+
+
+@app.command()
+def control(
+    dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
+    model: str = typer.Option(None, "--model", help="Model directory, as given to `timi eval` (default: the shipped one)."),
+    set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help="Change the TIMIConfig, as in `timi eval`."),
+    seed: int = typer.Option(0, "--seed"),
+    limit: int = typer.Option(None, "--limit", min=1),
+    octree_resolution: int = typer.Option(384, "--octree-resolution", min=8),
+    steps: int = typer.Option(50, "--steps", min=1),
+    points: int = typer.Option(20480, "--points", min=1),
+    icp_points: int = typer.Option(None, "--icp-points", min=3),
+    device: str = typer.Option(None, "--device"),
+    out: Path = typer.Option(Path("outputs/eval"), "--out", help="`timi eval`'s output folder (its cache is shared); "
+                                                               "the report goes to OUT/control/."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Base vs TIMI vs TIMI with its gradient's token rows shuffled (a control for the update's direction)."""
+    from timi.evaluation.cli import _base_config
+    from timi.evaluation.generators import TIMITorchGenerator
+    from timi.evaluation.report import write_report
+    from timi.evaluation.runner import Evaluator, MetricSettings
+    from timi.evaluation.runs import BASELINE_LABEL, TIMI_LABEL, Run
+    from timi.pipelines import resolve_model
+
+    from .controls import CONTROL_LABEL, ShuffledGradientGenerator
+
+    config = _base_config(set_)
+    model = model or str(resolve_model(None))
+    options = dict(device=device, octree_resolution=octree_resolution, steps=steps)
+    runs = [Run(BASELINE_LABEL, config.replace(isg=False)), Run(TIMI_LABEL, config),
+            Run(CONTROL_LABEL, config, generator=ShuffledGradientGenerator(model, **options))]
+    evaluator = Evaluator(dataset, TIMITorchGenerator(model, **options), out, seed=seed, limit=limit,
+                          metrics=MetricSettings(points_per_object=points, icp_points=icp_points), progress=not quiet,
+                          log=typer.echo if quiet else None)
+    paths = write_report(evaluator.evaluate(runs), out / "control", title=f"timi testbed control {dataset}")
+    typer.echo(paths["markdown"].read_text())

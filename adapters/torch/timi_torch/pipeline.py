@@ -115,9 +115,12 @@ class TIMIPipeline:
     ``timi_core.TIMIConfig`` of the calls (paper defaults); a call may pass its own ``config``, and
     :meth:`with_config` gives a copy with another default. A call returns a
     :class:`timi_core.TIMIPipelineOutput`; the pipeline keeps no state between calls.
+    ``gradient_hook(grad, step) -> grad``: optional, applied to ``dL_sep/dz`` (B, L, C) float32 of
+    each guided step before SGU (Eqs.5-7); for controls such as ``timi.testbed.controls``.
     """
 
-    def __init__(self, base, config: TIMIConfig = TIMIConfig(), attention: str = "fused"):
+    def __init__(self, base, config: TIMIConfig = TIMIConfig(), attention: str = "fused",
+                 gradient_hook: Optional[Callable] = None):
         if not hasattr(base, "model") or not hasattr(base.model, "double_blocks"):
             raise TypeError("TIMIPipeline needs a loaded hy3dgen Hunyuan3DDiTFlowMatchingPipeline "
                             f"(with a Hunyuan3DDiT `model`), got {type(base).__name__}.")
@@ -127,6 +130,7 @@ class TIMIPipeline:
         self.base = base
         self.config = config
         self.attention = attention
+        self.gradient_hook = gradient_hook
 
     def with_config(self, config: TIMIConfig) -> "TIMIPipeline":
         """A shallow copy (same hy3dgen pipeline and weights) whose calls default to ``config``."""
@@ -255,6 +259,8 @@ class TIMIPipeline:
         model_kwargs = {"guidance": guidance} if distilled else {}
         loss, grad = separation_loss_and_grad(self.base.model, latents, timestep, cond_main, tokens, cfg,
                                               self._guided_layers(cfg), self.attention, **model_kwargs)
+        if self.gradient_hook is not None:
+            grad = self.gradient_hook(grad, step)
         z = latents.detach().to(torch.float32)
         axes = smoothing_axes(z)
         z_new, momentum = timi_core.sgu_update(z, grad, momentum, cfg, axes=axes)
