@@ -302,7 +302,7 @@ def control(
     dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
     model: str = typer.Option(None, "--model", help="Model directory, as given to `timi eval` (default: the shipped one)."),
     set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help="Change the TIMIConfig, as in `timi eval`."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: list[int] = typer.Option([0], "--seed", help="Sampling seed(s); repeat for several (one pair per scene and seed)."),
     limit: int = typer.Option(None, "--limit", min=1),
     octree_resolution: int = typer.Option(384, "--octree-resolution", min=8),
     steps: int = typer.Option(50, "--steps", min=1),
@@ -317,7 +317,7 @@ def control(
     from timi.evaluation.cli import _base_config
     from timi.evaluation.generators import TIMITorchGenerator
     from timi.evaluation.report import write_report
-    from timi.evaluation.runner import Evaluator, MetricSettings
+    from timi.evaluation.runner import Evaluator, MetricSettings, merge_seeds
     from timi.evaluation.runs import BASELINE_LABEL, TIMI_LABEL, Run
     from timi.pipelines import resolve_model
 
@@ -328,8 +328,9 @@ def control(
     options = dict(device=device, octree_resolution=octree_resolution, steps=steps)
     runs = [Run(BASELINE_LABEL, config.replace(isg=False)), Run(TIMI_LABEL, config),
             Run(CONTROL_LABEL, config, generator=ShuffledGradientGenerator(model, **options))]
-    evaluator = Evaluator(dataset, TIMITorchGenerator(model, **options), out, seed=seed, limit=limit,
-                          metrics=MetricSettings(points_per_object=points, icp_points=icp_points), progress=not quiet,
-                          log=typer.echo if quiet else None)
-    paths = write_report(evaluator.evaluate(runs), out / "control", title=f"timi testbed control {dataset}")
+    generate = TIMITorchGenerator(model, **options)
+    per_seed = [(s, Evaluator(dataset, generate, out, seed=s, limit=limit, progress=not quiet,
+                              metrics=MetricSettings(points_per_object=points, icp_points=icp_points),
+                              log=typer.echo if quiet else None).evaluate(runs)) for s in dict.fromkeys(seed)]
+    paths = write_report(merge_seeds(per_seed), out / "control", title=f"timi testbed control {dataset}")
     typer.echo(paths["markdown"].read_text())
