@@ -332,5 +332,20 @@ def control(
     per_seed = [(s, Evaluator(dataset, generate, out, seed=s, limit=limit, progress=not quiet,
                               metrics=MetricSettings(points_per_object=points, icp_points=icp_points),
                               log=typer.echo if quiet else None).evaluate(runs)) for s in dict.fromkeys(seed)]
-    paths = write_report(merge_seeds(per_seed), out / "control", title=f"timi testbed control {dataset}")
+    summaries = merge_seeds(per_seed)
+    paths = write_report(summaries, out / "control", title=f"timi testbed control {dataset}")
     typer.echo(paths["markdown"].read_text())
+    typer.echo(timi_minus_control(summaries[1], summaries[2]))
+
+
+def timi_minus_control(timi, control) -> str:
+    """Markdown row: TIMI - control per metric over the shared pairs, with the 90 % interval."""
+    from timi.evaluation.paired import paired_differences
+    from timi.metrics import METRIC_LABELS, METRIC_NAMES
+
+    diffs = paired_differences(timi, control)
+    cells = [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" + ("" if d.verdict == "no difference" else f" **{d.verdict}**")
+             for d in diffs]
+    return ("## TIMI - control (paired, 90 % bootstrap interval)\n\n| | " + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES)
+            + " | Pairs |\n|" + "---|" * (len(METRIC_NAMES) + 2) + "\n| TIMI - control | " + " | ".join(cells)
+            + f" | {max(d.n_pairs for d in diffs)} |\n")
