@@ -61,7 +61,8 @@ def test_shuffled_gradient_control_shares_timi_evals_cache(tmp_path):
     assert len(before) == 2 and len(after) == 3 and all(after[p] == t for p, t in before.items())
     rows = {r["run"]: r for r in csv.DictReader((out / "control" / "results.csv").open())}
     assert set(rows) == {"base model (no TIMI)", "TIMI", "TIMI, gradient rows shuffled (control)"}
-    assert "| TIMI - control |" in result.output
+    table = result.output[result.output.index("## TIMI - control"):]
+    assert "| Run - control |" in table and "\n| TIMI | " in table
     (control,) = set(after) - set(before)
     timi_run = next(p for p in before if '"isg": true' in (p.parents[1] / "config.json").read_text())
     assert (control.parent / "scene.ply").read_bytes() != (timi_run.parent / "scene.ply").read_bytes()

@@ -68,20 +68,25 @@ def paired_differences(run: RunSummary, base: RunSummary) -> list[PairedDifferen
     return out
 
 
+def paired_table(runs: list[RunSummary], base: RunSummary, title: str, against: str = "base") -> str:
+    """Markdown: each of ``runs`` against ``base`` (named ``against`` in the header) per metric, as
+    ``mean [low, high]`` with the verdict."""
+    head = [f"Run - {against}", *(METRIC_LABELS[m] for m in METRIC_NAMES), "Pairs"]
+    lines = [f"## {title}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in runs:
+        diffs = paired_differences(s, base)
+        cells = [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" + ("" if d.verdict == "no difference" else
+                                                                    f" **{d.verdict}**") for d in diffs]
+        lines.append("| " + " | ".join([s.run.label, *cells, str(max(d.n_pairs for d in diffs))]) + " |")
+    return "\n".join(lines)
+
+
 def paired_markdown(summaries: list[RunSummary]) -> str:
     """One table: each run against the first unguided run (the base model), as ``mean [low, high]``."""
     base = next((s for s in summaries if not s.run.config.isg), None)
     others = [s for s in summaries if s is not base and s.run.config.isg]
     if base is None or not others:
         return ""
-    head = ["Run - base", *(METRIC_LABELS[m] for m in METRIC_NAMES), "Pairs"]
-    lines = [f"## Paired differences vs {base.run.label} (mean, {LEVEL:.0%} bootstrap interval)\n",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in others:
-        diffs = paired_differences(s, base)
-        cells = [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" + ("" if d.verdict == "no difference" else
-                                                                    f" **{d.verdict}**") for d in diffs]
-        lines.append("| " + " | ".join([s.run.label, *cells, str(max(d.n_pairs for d in diffs))]) + " |")
-    lines.append("\nPairs: (scene, sampling seed) that scored in both runs. **better** / **worse**: the interval "
-                 "excludes 0; otherwise no difference.\n")
-    return "\n".join(lines)
+    table = paired_table(others, base, f"Paired differences vs {base.run.label} (mean, {LEVEL:.0%} bootstrap interval)")
+    return table + ("\n\nPairs: (scene, sampling seed) that scored in both runs. **better** / **worse**: the interval "
+                    "excludes 0; otherwise no difference.\n")

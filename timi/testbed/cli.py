@@ -316,6 +316,7 @@ def control(
     """Base vs TIMI vs TIMI with its gradient's token rows shuffled (a control for the update's direction)."""
     from timi.evaluation.cli import _base_config
     from timi.evaluation.generators import TIMITorchGenerator
+    from timi.evaluation.paired import LEVEL, paired_table
     from timi.evaluation.report import write_report
     from timi.evaluation.runner import Evaluator, MetricSettings, merge_seeds
     from timi.evaluation.runs import BASELINE_LABEL, TIMI_LABEL, Run
@@ -335,17 +336,5 @@ def control(
     summaries = merge_seeds(per_seed)
     paths = write_report(summaries, out / "control", title=f"timi testbed control {dataset}")
     typer.echo(paths["markdown"].read_text())
-    typer.echo(timi_minus_control(summaries[1], summaries[2]))
-
-
-def timi_minus_control(timi, control) -> str:
-    """Markdown row: TIMI - control per metric over the shared pairs, with the 90 % interval."""
-    from timi.evaluation.paired import paired_differences
-    from timi.metrics import METRIC_LABELS, METRIC_NAMES
-
-    diffs = paired_differences(timi, control)
-    cells = [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" + ("" if d.verdict == "no difference" else f" **{d.verdict}**")
-             for d in diffs]
-    return ("## TIMI - control (paired, 90 % bootstrap interval)\n\n| | " + " | ".join(METRIC_LABELS[m] for m in METRIC_NAMES)
-            + " | Pairs |\n|" + "---|" * (len(METRIC_NAMES) + 2) + "\n| TIMI - control | " + " | ".join(cells)
-            + f" | {max(d.n_pairs for d in diffs)} |\n")
+    typer.echo(paired_table([summaries[1]], summaries[2], f"TIMI - control (paired, {LEVEL:.0%} bootstrap interval)",
+                            against="control"))
