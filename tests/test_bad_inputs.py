@@ -477,3 +477,32 @@ def test_docs_table_quotes_only_checked_messages():
     assert len(quoted) >= 10
     for q in quoted:
         assert q in checked, f"docs/usage.md quotes {q!r}, which no test case checks"
+
+
+# ------------------------------------------------------------- usage errors: one line, exit 2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["generate", "--bogus"], ["No such option: --bogus", "timi generate --help"]),
+    (["eval", "some_dir", "--align", "foo"], ["--align", "'foo'", "icp", "timi eval --help"]),
+    (["testbed", "train", "--out", "r", "--preset", "nope"], ["--preset", "'nope'", "v3p", "timi testbed train --help"]),
+    (["testbed", "scenes", "--out", "d", "--n", "0"], ["--n", "timi testbed scenes --help"]),
+    (["bench", "overhead", "--threads", "x"], ["--threads", "timi bench overhead --help"]),
+    (["nosuchcommand"], ["No such command", "timi --help"]),
+])
+def test_usage_errors_anywhere_print_one_error_line(args, words, tmp_path, monkeypatch):
+    """An unknown option, command or refused value in any sub-command: exactly one ``error:`` line
+    that names what was wrong and the command's --help, exit 2, no box drawn and nothing written."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args, prog_name="timi")
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert all(w in lines[0] for w in words), (words, lines[0])
+    assert not any(ch in result.output for ch in "╭│╰"), result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_timi_without_arguments_still_prints_its_help():
+    result = CliRunner().invoke(app, [], prog_name="timi")
+    assert "Usage: timi" in result.output and "generate" in result.output and not result.output.startswith("error")

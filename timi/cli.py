@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from timi.cli_common import OneLineUsageErrors
+
 app = typer.Typer(
     name="timi",
+    cls=OneLineUsageErrors,
     help="TIMI: training-free image-to-3D multi-instance generation on Hunyuan3D 2.0.",
     no_args_is_help=True,
     add_completion=False,

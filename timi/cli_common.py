@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sys
+
 import typer
+from typer.core import TyperGroup
 
 from .io import OutputError
 from .masks_io import MaskInputError
 from .pipelines import BackendUnavailableError, ModelConfigError, ModelNotFoundError
 
-__all__ = ["split_image_and_masks", "run_cli", "error_line", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "BAD_INPUT_ERRORS",
+__all__ = ["split_image_and_masks", "run_cli", "error_line", "OneLineUsageErrors", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "BAD_INPUT_ERRORS",
            "INTERRUPTED_LINE"]
 
 #: Exit status for bad input (as click/typer use for usage errors); 1 for failures while running.
@@ -54,3 +57,32 @@ def run_cli(fn, err):
         line, code = error_line(e)
         err.print(line, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code)
+
+
+#: click's exception classes, from wherever this typer takes click (typer >= 0.20 vendors it)
+_click_exceptions = sys.modules[typer.BadParameter.__module__]
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The root ``timi`` group: a usage error anywhere below it (an unknown option, a value that
+    ``typer.BadParameter`` refuses) prints one ``error:`` line naming the command's ``--help``, exit 2,
+    instead of click's boxed panel; ``timi`` without arguments still prints the help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click_exceptions.ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `timi` alone: its help, as before
+                typer.echo(e.format_message(), err=True)
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo(INTERRUPTED_LINE, err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        # non-standalone click returns typer.Exit's code, or the command's return value (None)
+        sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
