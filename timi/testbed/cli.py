@@ -152,7 +152,8 @@ def ceiling(
     m = res["mean"]
     typer.echo(f"{res['n']} scenes ({res['failed']} without surface), octree {octree_resolution}: "
                + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
-               + f"; right number of parts on {res['right_part_count']:.0%}")
+               + f"; right number of parts on {res['right_part_count']:.0%}"
+               + f" (exact SDF on the same grid: {res['exact_right_part_count']:.0%})")
 
 
 @app.command("condition-use")
