@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 import typer
 from typer.core import TyperGroup
@@ -13,8 +12,8 @@ from .io import OutputError
 from .masks_io import MaskInputError
 from .pipelines import BackendUnavailableError, ModelConfigError, ModelNotFoundError
 
-__all__ = ["split_image_and_masks", "run_cli", "error_line", "OneLineUsageErrors", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "BAD_INPUT_ERRORS",
-           "INTERRUPTED_LINE"]
+__all__ = ["split_image_and_masks", "run_cli", "error_line", "OneLineUsageErrors", "EXIT_BAD_INPUT",
+           "EXIT_INTERRUPTED", "BAD_INPUT_ERRORS", "INTERRUPTED_LINE"]
 
 #: Exit status for bad input (as click/typer use for usage errors); 1 for failures while running.
 EXIT_BAD_INPUT = 2
