@@ -145,3 +145,12 @@ def test_exact_ground_truth_meshes_into_one_part_per_instance_at_octree_96(tmp_p
     for s in scenes:
         folder = write_scene(s, tmp_path)
         assert exact_part_count(folder, 96) == s.num_instances, s.scene_id
+    # the count reads the geometry, not the layout's instance labels: every primitive of a 3-instance
+    # scene moved to the same centre overlaps the others, and the scene meshes into one part
+    three = next(s for s in scenes if s.num_instances == 3)
+    layout_path = tmp_path / three.scene_id / "layout.json"
+    layout = json.loads(layout_path.read_text())
+    for d in layout["primitives"]:
+        d["translation"] = [0.0, 0.0, 0.0]
+    layout_path.write_text(json.dumps(layout))
+    assert exact_part_count(tmp_path / three.scene_id, 96) == 1

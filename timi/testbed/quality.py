@@ -17,6 +17,10 @@ import torch
 import trimesh
 
 
+#: half-size of the box hy3dgen's ``latents2mesh`` decodes and meshes (the pipeline's ``box_v``)
+MESH_BOUNDS = 1.01
+
+
 def load_encoder(model_dir: str | Path):
     """(hy3dgen ``ShapeVAE``, our ``PointEncoder``, sizes) of an exported testbed model directory."""
     from .export import ENCODER_FILE, load_groups, load_pipeline, testbed_extra
@@ -34,7 +38,7 @@ def load_encoder(model_dir: str | Path):
     return vae, encoder.eval(), sizes
 
 
-def exact_part_count(folder: str | Path, octree_resolution: int = 96, bounds: float = 1.01) -> int:
+def exact_part_count(folder: str | Path, octree_resolution: int = 96, bounds: float = MESH_BOUNDS) -> int:
     """Separate parts of a scene's exact ground truth on the grid the VAE is meshed on.
 
     The union SDF of the scene's primitives (``layout.json``) at the points of hy3dgen's own
@@ -81,7 +85,7 @@ def vae_ceiling(model_dir: str | Path, dataset_dir: str | Path, octree_resolutio
         surface = surface.astype(np.float32)
         fps = torch.from_numpy(farthest_point_indices(surface, sizes.num_latents))[None]
         mean, _ = encoder(torch.from_numpy(surface)[None], fps)
-        out = vae.latents2mesh(vae(mean), bounds=1.01, mc_level=0.0, num_chunks=20000,
+        out = vae.latents2mesh(vae(mean), bounds=MESH_BOUNDS, mc_level=0.0, num_chunks=20000,
                                octree_resolution=octree_resolution, enable_pbar=False)
         mesh = export_to_trimesh(out)[0]
         if mesh is None:
@@ -90,7 +94,7 @@ def vae_ceiling(model_dir: str | Path, dataset_dir: str | Path, octree_resolutio
         sc = score_scene(mesh, gt, points_per_object=points_per_object)
         rows.append({"scene": folder.name, "k": len(gt), "lcd": sc.lcd, "cd_s": sc.cd_s, "fs_s": sc.fs_s,
                      "ssr": sc.ssr, "cd_o": sc.cd_o, "fs_o": sc.fs_o, "n_pred": sc.n_pred,
-                     "n_exact": exact_part_count(folder, octree_resolution)})
+                     "n_exact": exact_part_count(folder, octree_resolution, MESH_BOUNDS)})
     ok = [r for r in rows if "error" not in r]
     keys = ("lcd", "cd_s", "fs_s", "ssr", "cd_o", "fs_o")
     return {"model": str(model_dir), "dataset": str(dataset_dir), "octree_resolution": octree_resolution,
