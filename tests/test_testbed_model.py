@@ -120,6 +120,34 @@ def test_export_loads_in_hy3dgen(tmp_path, tiny_cache):
     _check_condition_use(d, tmp_path / "data", tmp_path / "blind")
 
 
+def test_decoder_stage_trains_the_decoder_only_and_keeps_the_dit_usable(tmp_path, tiny_cache):
+    """Stage 1c (``--vae-decoder-steps``) after ``--init-from``: the decoder changes; the encoder, and
+    so the latents, the DiT and the latents' scale (the exported ``scale_factor``) stay as exported."""
+    from timi.testbed.export import export_model_dir, testbed_extra
+
+    t = Trainer(tmp_path / "run", tiny_cache, _cfg(vae_steps=1, dit_steps=1), TINY, progress=False)
+    t.run()
+    d = export_model_dir(t.export_state(), TINY.replace(scale_factor=t.state["scale_factor"]), tmp_path / "model",
+                         extra={"summary": {"dit_final_mse": 1.5}})
+    cfg = _cfg(vae_steps=1, vae_decoder_steps=2, dit_steps=0)
+    u = Trainer(tmp_path / "decoder", tiny_cache, cfg, TINY, progress=False)
+    u.init_from(d)
+    before = {name: {k: v.clone() for k, v in getattr(u, name).state_dict().items()}
+              for name in ("encoder", "vae", "dit_ema", "cond_ema")}
+    u.run()
+    assert len(u.state["vae_decoder_loss"]) == 2 and not u.state["vae_loss"] and not u.state["dit_loss"]
+    assert u.state["scale_factor"] == pytest.approx(testbed_extra(d)["sizes"]["scale_factor"])
+    for name in ("encoder", "dit_ema", "cond_ema"):
+        assert all(torch.equal(getattr(u, name).state_dict()[k], v) for k, v in before[name].items()), name
+    assert any(not torch.equal(u.vae.state_dict()[k], v) for k, v in before["vae"].items())
+    assert u.state["parent"]["model_dir"] == str(d) and u.state["parent"]["summary"]["dit_final_mse"] == 1.5
+    # reproducible from the seed, and resumable: the same two losses again
+    w = Trainer(tmp_path / "decoder2", tiny_cache, cfg, TINY, progress=False)
+    w.init_from(d)
+    w.run()
+    assert w.state["vae_decoder_loss"] == u.state["vae_decoder_loss"]
+
+
 def _check_condition_use(model_dir, data_dir, blind_dir):
     """A DiT that sees the image uses it (loss differs with zeros); one whose ``cond_in`` is zeroed cannot
     see it, so its loss with the image equals its loss with hy3dgen's zero embedding exactly."""

@@ -154,3 +154,22 @@ def test_exact_ground_truth_meshes_into_one_part_per_instance_at_octree_96(tmp_p
         d["translation"] = [0.0, 0.0, 0.0]
     layout_path.write_text(json.dumps(layout))
     assert exact_part_count(tmp_path / three.scene_id, 96) == 1
+
+
+def test_thin_queries_fill_the_thin_part_and_skip_the_thick_one():
+    """A thin torus (tube radius 0.04) beside a fat sphere (radius 0.5) that it pierces: the thin-part
+    queries lie inside the tube's chords (within the tube radius of its core circle, up to the
+    0.005 jitter), almost none inside the sphere, where every chord is longer than 0.16."""
+    from timi.testbed.data import thin_queries
+
+    torus = Primitive("torus", {"major": 0.35, "minor": 0.04}, translation=np.array([0.6, 0.0, 0.0]))
+    sphere = Primitive("sphere", {"radius": 0.5}, translation=np.array([-0.2, 0.0, 0.0]))
+    q = thin_queries([torus, sphere], np.random.default_rng(0), 3000)
+    to_core = torus.sdf(q) + 0.04  # distance to the tube's core circle
+    in_sphere_only = (sphere.sdf(q) < -0.02) & (torus.sdf(q) > 0)
+    assert np.mean(to_core < 0.04 + 3 * 0.005) > 0.97
+    assert np.mean(torus.sdf(q) < 0) > 0.85
+    assert np.mean(in_sphere_only) < 0.01
+    # no thin part at all: points close to the surface, half of them inside
+    fat = thin_queries([sphere], np.random.default_rng(0), 2000)
+    assert np.abs(sphere.sdf(fat)).mean() < 0.03 and 0.35 < np.mean(sphere.sdf(fat) < 0) < 0.65

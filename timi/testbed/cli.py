@@ -41,6 +41,11 @@ def train(
     vae_steps: int = typer.Option(3000, "--vae-steps", min=0),
     vae_gap_steps: int = typer.Option(0, "--vae-gap-steps", min=0,
                                       help="Second VAE stage: half multi-instance batches, queries in the gaps."),
+    vae_decoder_steps: int = typer.Option(0, "--vae-decoder-steps", min=0,
+                                          help="Third VAE stage: the decoder alone (encoder and latents kept), "
+                                               "half multi-instance batches, queries in gaps and thin parts."),
+    vae_decoder_lr: float = typer.Option(2e-4, "--vae-decoder-lr", min=0.0,
+                                         help="Peak learning rate of the decoder stage."),
     dit_steps: int = typer.Option(3000, "--dit-steps", min=0),
     preset: str = typer.Option("v2", "--preset",
                                help="Model sizes: v2 (shipped), v3 (v2 with the fixed conditioner), v3p (v3 + "
@@ -80,7 +85,8 @@ def train(
         raise typer.BadParameter(f"unknown preset {preset!r}; use one of {list(SIZES)}", param_hint="--preset")
     torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps,
-                      vae_gap_steps=vae_gap_steps, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
+                      vae_gap_steps=vae_gap_steps, vae_decoder_steps=vae_decoder_steps,
+                      vae_decoder_lr=vae_decoder_lr, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
                       save_every=save_every, condition=condition, device=device, dit_batch=dit_batch,
                       coupling=coupling)
     sizes = SIZES[preset]
@@ -94,7 +100,7 @@ def train(
     final = sizes.replace(scale_factor=trainer.state["scale_factor"])
     for target in [out / "model"] + ([export] if export else []):
         export_model_dir(groups, final, target, extra={"train_config": cfg.__dict__, "preset": preset,
-                                                       "summary": summary})
+                                                       "summary": summary, "parent": trainer.state.get("parent")})
         typer.echo(f"exported hy3dgen model directory: {target}")
     typer.echo(f"summary: {summary}")
 
@@ -124,7 +130,8 @@ def export_cmd(
     trainer = Trainer(run, None, cfg, sizes, progress=False)
     st = trainer.state
     extra = {"train_config": blob["cfg"], "vae_step": st["vae_step"], "dit_step": st["dit_step"],
-             "weights": "ema" if ema else "live"}
+             "vae_decoder_step": st.get("vae_decoder_step", 0),
+             "weights": "ema" if ema else "live", "parent": st.get("parent")}
     export_model_dir(trainer.export_state(ema=ema), sizes.replace(scale_factor=st["scale_factor"]), out, extra=extra)
     typer.echo(json.dumps({"exported": str(out), **extra["train_config"], "dit_step": st["dit_step"]}))
 

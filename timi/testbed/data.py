@@ -10,6 +10,8 @@ For each sample (see :mod:`timi.testbed.scenes`):
   jittered around the surface (three widths), with exact occupancy from the primitives' SDFs;
 * ``gap`` (N_g, 3) query points between nearby surfaces of different primitives (instance gaps,
   part creases; :func:`gap_queries`), with exact occupancy, for the VAE's gap stage;
+* ``thin`` (N_t, 3) query points inside the thin parts of the shape (a torus's tube, a cone's tip;
+  :func:`thin_queries`), with exact occupancy, for the decoder stage: there a decoder breaks a part;
 * ``image`` (3, S, S): the render through hy3dgen's own ``ImageProcessorV2`` (alpha crop, recentre
   with border 0.15 on white, 512 px, [-1, 1]) and then the conditioner's resize to ``S``, i.e.
   exactly what ``DinoImageEncoder`` sees at inference;
@@ -86,8 +88,36 @@ def gap_queries(primitives, rng: np.random.Generator, n: int, reach: float = 0.2
     return np.clip(out, -BOX, BOX)
 
 
+def thin_queries(primitives, rng: np.random.Generator, n: int, max_thickness: float = 0.16,
+                 n_candidates: int = 4000) -> np.ndarray:
+    """(n, 3) points inside the thin parts of the union of ``primitives`` (plus 0.005 jitter).
+
+    From surface points, march inwards along the normal until the exact SDF turns positive again;
+    where that chord is at most ``max_thickness`` long (about seven marching-cubes cells at octree
+    96: a torus's tube, a cone's tip, a thin slab), draw points along it. These are the regions that
+    a smooth decoder drops below its iso-level, so that a connected shape comes back in pieces.
+    Without thin parts: interior points near the surface (sigma 0.02)."""
+    mesh = trimesh.util.concatenate([p.mesh() for p in primitives])
+    pts, face = trimesh.sample.sample_surface(mesh, n_candidates, seed=int(rng.integers(2**31)))
+    on_union = np.abs(scene_sdf(primitives, pts)[0]) < 2e-3  # not a part's face buried in another part
+    pts, normals = pts[on_union], mesh.face_normals[face[on_union]]
+    steps = np.linspace(0.01, max_thickness, 16)
+    probe = pts[:, None, :] - normals[:, None, :] * steps[None, :, None]
+    inside = scene_sdf(primitives, probe.reshape(-1, 3))[0].reshape(len(pts), len(steps)) < 0
+    exit_at = np.argmin(inside, axis=1)  # first probe outside again
+    thin = inside[:, 0] & ~inside.all(1)
+    if not thin.any():
+        base = pts[rng.integers(len(pts), size=n)]
+        return np.clip(base + rng.normal(size=(n, 3)) * 0.02, -BOX, BOX)
+    keep = np.flatnonzero(thin)
+    pick = keep[rng.integers(len(keep), size=n)]
+    u = rng.uniform(0.05, 1.0, size=(n, 1)) * steps[exit_at[pick], None]
+    out = pts[pick] - normals[pick] * u + rng.normal(size=(n, 3)) * 0.005
+    return np.clip(out, -BOX, BOX)
+
+
 def scene_samples(scene, rng: np.random.Generator, n_surface: int = 4096, n_query: int = 4096,
-                  n_gap: int = 2048) -> dict:
+                  n_gap: int = 2048, n_thin: int = 2048) -> dict:
     combined = trimesh.util.concatenate(scene.instance_meshes())
     surface = trimesh.sample.sample_surface(combined, n_surface, seed=int(rng.integers(2**31)))[0]
     surface = surface[rng.permutation(len(surface))]
@@ -105,6 +135,8 @@ def scene_samples(scene, rng: np.random.Generator, n_surface: int = 4096, n_quer
     # drawn last, so the arrays above do not depend on whether gap queries are made
     gap = gap_queries(scene.primitives, rng, n_gap)
     out["gap"], out["gap_occ"] = gap.astype(np.float32), scene_sdf(scene.primitives, gap)[0] < 0
+    thin = thin_queries(scene.primitives, rng, n_thin)  # after the gap queries: those stay as they were
+    out["thin"], out["thin_occ"] = thin.astype(np.float32), scene_sdf(scene.primitives, thin)[0] < 0
     return out
 
 
@@ -131,7 +163,7 @@ def build_cache(path: str | Path, n: int, seed: int = 0, image_size: int = 224, 
 
     path = Path(path)
     meta = {"n": n, "n_multi": n_multi, "seed": seed, "image_size": image_size, "num_latents": num_latents,
-            "n_encoder": n_encoder, "cache_version": 2}
+            "n_encoder": n_encoder, "cache_version": 3}
     if path.exists():
         with np.load(path) as f:
             if all(k in f and int(f[k]) == v for k, v in meta.items()):

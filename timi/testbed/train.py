@@ -3,6 +3,9 @@
 Stage 1 (VAE): :class:`~timi.testbed.model.PointEncoder` + hy3dgen ``ShapeVAE`` decoder, binary
 cross-entropy on exact occupancy plus a small KL term (diagonal Gaussian per latent token).
 
+Stage 1c (decoder, optional): the decoder alone, on gap and thin-part queries; the encoder and so
+the latents stay as they are, and a DiT trained on them can be kept.
+
 Stage 2 (latents): encoder means of every training scene; ``scale_factor = 1 / std`` so the DiT
 sees unit-variance latents, as hy3dgen's pipeline divides by ``vae.scale_factor`` before decoding.
 
@@ -45,6 +48,11 @@ class TrainConfig:
     #: primitives (a decoder trained mostly on connected assets bridges gaps of 0.05-0.12)
     vae_gap_steps: int = 0
     vae_gap_lr: float = 3e-4
+    #: third VAE stage: the decoder alone (encoder frozen, so the latents and a DiT trained on them
+    #: stay valid), half multi-instance batches, queries in gaps and inside thin parts, where a
+    #: decoder trained on the first two stages breaks a connected part into pieces
+    vae_decoder_steps: int = 0
+    vae_decoder_lr: float = 2e-4
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
@@ -151,10 +159,12 @@ class Trainer:
         self.cond_ema = copy.deepcopy(self.cond).requires_grad_(False)
         self.vae_opt = torch.optim.AdamW(list(self.encoder.parameters()) + list(self.vae.parameters()),
                                          lr=cfg.vae_lr, weight_decay=0.0)
+        self.decoder_opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.vae_decoder_lr, weight_decay=0.0)
         self.dit_opt = torch.optim.AdamW(self._dit_params(), lr=cfg.dit_lr, weight_decay=0.0)
         self._cond_tokens: torch.Tensor | None = None
-        self.state = {"vae_step": 0, "vae_gap_step": 0, "dit_step": 0, "scale_factor": None, "vae_loss": [],
-                      "vae_gap_loss": [], "dit_loss": [], "latents_at": None}
+        self.state = {"vae_step": 0, "vae_gap_step": 0, "vae_decoder_step": 0, "dit_step": 0,
+                      "scale_factor": None, "vae_loss": [], "vae_gap_loss": [], "vae_decoder_loss": [],
+                      "dit_loss": [], "latents_at": None}
         self.latents: torch.Tensor | None = None
         self.data: dict[str, torch.Tensor] = {}
         if cache is not None:  # None: only to export a checkpoint
@@ -164,7 +174,7 @@ class Trainer:
                     raise ValueError(f"cache {cache} was built for other sizes (n, n_multi, num_latents, image_size)")
                 self.data = {k: torch.from_numpy(f[k]) for k in
                              ("surface", "fps", "volume", "volume_occ", "near", "near_occ", "gap", "gap_occ",
-                              "image", "num_instances")}
+                              "thin", "thin_occ", "image", "num_instances") if k in f}
         #: the DiT's training pool: single assets only (the single-object prior, issue 12)
         self.dit_pool = (np.flatnonzero(self.data["num_instances"].numpy() == 1) if self.data
                          else np.zeros(0, dtype=np.int64))
@@ -181,6 +191,7 @@ class Trainer:
                 "dit": self.dit.state_dict(), "cond": self.cond.state_dict(),
                 "dit_ema": self.dit_ema.state_dict(), "cond_ema": self.cond_ema.state_dict(),
                 "vae_opt": self.vae_opt.state_dict(), "dit_opt": self.dit_opt.state_dict(),
+                "decoder_opt": self.decoder_opt.state_dict(),
                 "latents": self.latents}
         tmp = self.ckpt.with_suffix(".tmp")
         torch.save(blob, tmp)
@@ -190,11 +201,13 @@ class Trainer:
         blob = torch.load(self.ckpt, map_location="cpu", weights_only=False)
         if blob["sizes"] != asdict(self.sizes) or blob["cfg"]["seed"] != self.cfg.seed:
             raise ValueError(f"{self.ckpt} was written with other sizes or seed; use another --out")
-        for name in ("encoder", "vae", "dit", "cond", "dit_ema", "cond_ema", "vae_opt", "dit_opt"):
-            getattr(self, name).load_state_dict(blob[name])
+        for name in ("encoder", "vae", "dit", "cond", "dit_ema", "cond_ema", "vae_opt", "dit_opt", "decoder_opt"):
+            if name in blob:  # decoder_opt: not in checkpoints written before the decoder stage existed
+                getattr(self, name).load_state_dict(blob[name])
         self.state = blob["state"]
         self.latents = None if blob["latents"] is None else blob["latents"].to(self.device)
-        for key, value in (("vae_gap_step", 0), ("vae_gap_loss", []), ("latents_at", None)):
+        for key, value in (("vae_gap_step", 0), ("vae_gap_loss", []), ("latents_at", None),
+                           ("vae_decoder_step", 0), ("vae_decoder_loss", [])):
             self.state.setdefault(key, value)  # checkpoints written before the gap stage existed
         if self.latents is not None and self.state["latents_at"] is None:
             self.state["latents_at"] = [self.state["vae_step"], 0]
@@ -206,7 +219,7 @@ class Trainer:
         rng, gen = _rng(cfg, 1, step)
         idx = torch.from_numpy(rng.choice(len(self.data["surface"]), cfg.vae_batch, replace=False))
         lr = _lr(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup)
-        return self._vae_update(rng, gen, idx, lr, gap=False)
+        return self._vae_update(rng, gen, idx, lr, ("volume", "near"))
 
     def vae_gap_step(self, step: int) -> float:
         """Stage 1b: half of each batch multi-instance scenes; a third of the queries in gaps."""
@@ -216,32 +229,45 @@ class Trainer:
         idx = np.concatenate([rng.choice(self.multi_pool, half, replace=False),
                               rng.choice(self.dit_pool, cfg.vae_batch - half, replace=False)])
         lr = _lr(step, cfg.vae_gap_steps, cfg.vae_gap_lr, cfg.warmup)
-        return self._vae_update(rng, gen, torch.from_numpy(idx), lr, gap=True)
+        return self._vae_update(rng, gen, torch.from_numpy(idx), lr, ("volume", "near", "gap"))
 
-    def _vae_update(self, rng, gen, idx, lr: float, gap: bool) -> float:
+    def vae_decoder_step(self, step: int) -> float:
+        """Stage 1c: the decoder alone; half multi-instance batches; queries also in gaps and thin parts."""
+        cfg = self.cfg
+        if "thin" not in self.data:
+            raise ValueError("the training cache has no thin-part queries (cache_version < 3); build a new one")
+        rng, gen = _rng(cfg, 5, step)
+        half = cfg.vae_batch // 2
+        idx = np.concatenate([rng.choice(self.multi_pool, half, replace=False),
+                              rng.choice(self.dit_pool, cfg.vae_batch - half, replace=False)])
+        lr = _lr(step, cfg.vae_decoder_steps, cfg.vae_decoder_lr, cfg.warmup)
+        return self._vae_update(rng, gen, torch.from_numpy(idx), lr, ("volume", "near", "gap", "thin"),
+                                decoder_only=True)
+
+    def _vae_update(self, rng, gen, idx, lr: float, query_sets: tuple[str, ...], decoder_only: bool = False) -> float:
         cfg, d = self.cfg, self.data
         pick = lambda n, k: torch.from_numpy(rng.choice(n, k, replace=False))  # noqa: E731
         dev = self.device
         surface = d["surface"][idx][:, : cfg.n_surface].to(dev)
-        qv, qn = pick(d["volume"].shape[1], cfg.n_query), pick(d["near"].shape[1], cfg.n_query)
-        parts = [(d["volume"], d["volume_occ"], qv), (d["near"], d["near_occ"], qn)]
-        if gap:
-            parts.append((d["gap"], d["gap_occ"], pick(d["gap"].shape[1], cfg.n_query)))
+        parts = [(d[name], d[f"{name}_occ"], pick(d[name].shape[1], cfg.n_query)) for name in query_sets]
         queries = torch.cat([q[idx][:, sel] for q, _, sel in parts], 1)
         queries, occ = queries.to(dev), torch.cat([o[idx][:, sel] for _, o, sel in parts], 1).float().to(dev)
-        mean, logvar = self.encoder(surface, d["fps"][idx].to(dev))
+        with torch.set_grad_enabled(not decoder_only):
+            mean, logvar = self.encoder(surface, d["fps"][idx].to(dev))
         z = mean + torch.randn(mean.shape, generator=gen).to(dev) * (0.5 * logvar).exp()
         logits = decode_occupancy(self.vae, z, queries)
         bce = F.binary_cross_entropy_with_logits(logits, occ)
         learnt = slice(3, None) if self.sizes.latent_positions else slice(None)  # exact positions: no KL
         kl = 0.5 * (mean**2 + logvar.exp() - logvar - 1)[..., learnt].mean()
-        loss = bce + cfg.kl_weight * kl
-        for g in self.vae_opt.param_groups:
+        loss = bce if decoder_only else bce + cfg.kl_weight * kl
+        opt = self.decoder_opt if decoder_only else self.vae_opt
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for g in opt.param_groups:
             g["lr"] = lr
-        self.vae_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.encoder.parameters()) + list(self.vae.parameters()), 1.0)
-        self.vae_opt.step()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
         return bce.item()
 
     # -- stage 2: latents -----------------------------------------------------------------------
@@ -348,18 +374,22 @@ class Trainer:
         torch.set_num_threads(self.cfg.threads)
         self._loop("vae", self.cfg.vae_steps, self.vae_step)
         self._loop("vae_gap", self.cfg.vae_gap_steps, self.vae_gap_step)
+        self._loop("vae_decoder", self.cfg.vae_decoder_steps, self.vae_decoder_step)  # latents unchanged
         vae_at = [self.state["vae_step"], self.state["vae_gap_step"]]
         if self.latents is None or self.state["latents_at"] != vae_at:
             if self.state["dit_step"]:
                 raise RuntimeError("the VAE changed after the DiT started training; use a new --out")
+            encoder_changed = self.state["latents_at"] is not None or not self.state.get("scale_factor_kept")
             self.state["latents_at"] = vae_at
             self.latents = self.encode_all()
-            self.state["scale_factor"] = float(1.0 / self.latents[torch.from_numpy(self.dit_pool)].std())
+            if encoder_changed:  # else: the encoder of --init-from, and the scale its DiT was trained with
+                self.state["scale_factor"] = float(1.0 / self.latents[torch.from_numpy(self.dit_pool)].std())
             self._save()
         self._loop("dit", self.cfg.dit_steps, self.dit_step)
         self.plot_losses(self.out / "loss_curve.png")
         tail = lambda h: float(np.mean(h[-100:])) if h else None  # noqa: E731 (None: stage not run here)
         summary = {"vae_final_bce": tail(self.state["vae_loss"]), "vae_gap_final_bce": tail(self.state["vae_gap_loss"]),
+                   "vae_decoder_final_bce": tail(self.state["vae_decoder_loss"]),
                    "dit_final_mse": tail(self.state["dit_loss"]),
                    "scale_factor": self.state["scale_factor"], "seconds": self.state.get("seconds", {})}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -373,7 +403,8 @@ class Trainer:
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, name, label in ((axes[0], "vae", "VAE occupancy BCE"), (axes[1], "dit", "DiT flow-matching MSE")):
-            h = np.asarray(self.state[f"{name}_loss"] + (self.state["vae_gap_loss"] if name == "vae" else []))
+            h = np.asarray(self.state[f"{name}_loss"] + (self.state["vae_gap_loss"] + self.state["vae_decoder_loss"]
+                                                         if name == "vae" else []))
             if h.size:
                 ax.plot(h, alpha=0.3, lw=0.5)
                 w = max(1, h.size // 50)
@@ -397,7 +428,8 @@ class Trainer:
     def init_from(self, model_dir: str | Path, vae_done: bool = True, dit: bool = True) -> str:
         """Start from an exported model directory (its fp16 weights; fresh optimisers).
 
-        With ``vae_done`` the VAE stage counts as finished (its weights are the directory's). The DiT
+        With ``vae_done`` the VAE stage counts as finished (its weights are the directory's) and the
+        latents keep the directory's ``scale_factor`` (its DiT was trained with it). The DiT
         and conditioner start from the directory's EMA weights when their sizes are this run's;
         otherwise (e.g. a new conditioner on a kept VAE), or without ``dit``, they train from scratch. Needs the shipped
         encoder file. When the latent layout differs (``latent_positions``) the VAE stages run on from
@@ -425,7 +457,12 @@ class Trainer:
             self.cond_ema.load_state_dict(groups["conditioner"])
         self.vae.load_state_dict(groups["vae"])
         self.encoder.load_state_dict(groups["encoder"])
+        #: what this run started from, exported with it (nested: the parent's own parent stays inside)
+        self.state["parent"] = {"model_dir": str(model_dir), "took": "vae" + ("+dit" if dit else ""),
+                                **{k: v for k, v in extra.items() if k != "sizes"}}
         if vae_done:
             self.state["vae_step"], self.state["vae_gap_step"] = self.cfg.vae_steps, self.cfg.vae_gap_steps
+            # the encoder is theirs, so is the latents' scale: the DiT was trained on latents * theirs
+            self.state["scale_factor"], self.state["scale_factor_kept"] = float(theirs.scale_factor), True
         return ("VAE and encoder (trained)" if vae_done else "VAE and encoder (to fine-tune)") + \
             (", DiT and conditioner" if dit else "; the DiT trains from scratch")
