@@ -46,6 +46,9 @@ def train(
                                                "half multi-instance batches, queries in gaps and thin parts."),
     vae_decoder_lr: float = typer.Option(2e-4, "--vae-decoder-lr", min=0.0,
                                          help="Peak learning rate of the decoder stage."),
+    decoder_uniform_queries: int = typer.Option(1024, "--decoder-uniform-queries", min=1,
+                                                help="Uniform queries per sample in the decoder stage "
+                                                     "(up to the cache's 4096)."),
     dit_steps: int = typer.Option(3000, "--dit-steps", min=0),
     preset: str = typer.Option("v2", "--preset",
                                help="Model sizes: v2 (shipped), v3 (v2 with the fixed conditioner), v3p (v3 + "
@@ -86,7 +89,7 @@ def train(
     torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps,
                       vae_gap_steps=vae_gap_steps, vae_decoder_steps=vae_decoder_steps,
-                      vae_decoder_lr=vae_decoder_lr, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
+                      vae_decoder_lr=vae_decoder_lr, decoder_uniform_queries=decoder_uniform_queries, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
                       save_every=save_every, condition=condition, device=device, dit_batch=dit_batch,
                       coupling=coupling)
     sizes = SIZES[preset]

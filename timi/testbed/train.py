@@ -53,6 +53,9 @@ class TrainConfig:
     #: decoder trained on the first two stages breaks a connected part into pieces
     vae_decoder_steps: int = 0
     vae_decoder_lr: float = 2e-4
+    #: uniform queries per sample in the decoder stage (the other sets take ``n_query`` each): more of
+    #: them hold down floaters, small blobs that a decoder trained near surfaces puts in empty space
+    decoder_uniform_queries: int = 1024
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
@@ -241,15 +244,19 @@ class Trainer:
         idx = np.concatenate([rng.choice(self.multi_pool, half, replace=False),
                               rng.choice(self.dit_pool, cfg.vae_batch - half, replace=False)])
         lr = _lr(step, cfg.vae_decoder_steps, cfg.vae_decoder_lr, cfg.warmup)
-        return self._vae_update(rng, gen, torch.from_numpy(idx), lr, ("volume", "near", "gap", "thin"),
-                                decoder_only=True)
+        sets = {"volume": cfg.decoder_uniform_queries, "near": cfg.n_query, "gap": cfg.n_query, "thin": cfg.n_query}
+        return self._vae_update(rng, gen, torch.from_numpy(idx), lr, sets, decoder_only=True)
 
-    def _vae_update(self, rng, gen, idx, lr: float, query_sets: tuple[str, ...], decoder_only: bool = False) -> float:
+    def _vae_update(self, rng, gen, idx, lr: float, query_sets: tuple[str, ...] | dict[str, int],
+                    decoder_only: bool = False) -> float:
+        """One AdamW step on BCE of exact occupancy; ``query_sets``: cached query sets, ``n_query`` each,
+        or a mapping set -> count."""
         cfg, d = self.cfg, self.data
         pick = lambda n, k: torch.from_numpy(rng.choice(n, k, replace=False))  # noqa: E731
         dev = self.device
         surface = d["surface"][idx][:, : cfg.n_surface].to(dev)
-        parts = [(d[name], d[f"{name}_occ"], pick(d[name].shape[1], cfg.n_query)) for name in query_sets]
+        counts = query_sets if isinstance(query_sets, dict) else dict.fromkeys(query_sets, cfg.n_query)
+        parts = [(d[name], d[f"{name}_occ"], pick(d[name].shape[1], k)) for name, k in counts.items()]
         queries = torch.cat([q[idx][:, sel] for q, _, sel in parts], 1)
         queries, occ = queries.to(dev), torch.cat([o[idx][:, sel] for _, o, sel in parts], 1).float().to(dev)
         with torch.set_grad_enabled(not decoder_only):
