@@ -225,3 +225,17 @@ def test_gradient_hook_sees_each_guided_gradient_and_the_shuffle_keeps_its_rows(
     for b in range(2):
         assert sorted(map(tuple, s[b].tolist())) == sorted(map(tuple, g[b].tolist()))
     assert not torch.equal(s, g) and not torch.equal(run(ShuffledGradient(0)), plain)
+
+
+def test_shuffled_gradient_generator_seeds_a_copy_of_the_pipeline_per_call(fast_base):
+    """The control's generator runs a copy with a hook seeded by the sampling seed; the shared pipeline
+    keeps no hook and no seed (same seed, same permutations; another seed, others)."""
+    from timi.testbed.controls import ShuffledGradientGenerator
+    from timi_torch import TIMIPipeline
+
+    gen = ShuffledGradientGenerator("unused")
+    gen._pipe = shared = TIMIPipeline(fast_base, TIMIConfig())
+    g = torch.randn(1, 16, 3, generator=torch.Generator().manual_seed(1))
+    first, again, other = (gen.pipeline_for(seed).gradient_hook(g, 0) for seed in (0, 0, 1))
+    assert shared.gradient_hook is None and gen.pipeline_for(0) is not shared
+    assert torch.equal(first, again) and not torch.equal(first, other)

@@ -74,10 +74,15 @@ class TIMITorchGenerator:
             self._pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype)
         return self._pipe
 
+    def pipeline_for(self, seed: int):
+        """The pipeline that one call with sampling ``seed`` runs: the shared one; a subclass may
+        return a copy with hooks of its own (e.g. the testbed's seeded gradient control)."""
+        return self.pipeline()
+
     def __call__(self, image, masks, config: TIMIConfig, seed: int):
         import torch
 
-        pipe = self.pipeline()
+        pipe = self.pipeline_for(int(seed))
         rng = torch.Generator(device=pipe.device).manual_seed(int(seed))
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)

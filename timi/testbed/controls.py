@@ -37,17 +37,12 @@ class ShuffledGradient:
 class ShuffledGradientGenerator(TIMITorchGenerator):
     """``timi eval``'s torch generator with :class:`ShuffledGradient` (seeded by the sampling seed)."""
 
-    _seed = 0
-
     @property
     def identity(self) -> dict:
         return {**super().identity, "control": "shuffled-gradient-rows"}
 
-    def pipeline(self):
-        pipe = copy.copy(super().pipeline())
-        pipe.gradient_hook = ShuffledGradient(self._seed)
+    def pipeline_for(self, seed: int):
+        """A shallow copy of the shared pipeline whose gradient hook is seeded by the sampling seed."""
+        pipe = copy.copy(self.pipeline())
+        pipe.gradient_hook = ShuffledGradient(seed)
         return pipe
-
-    def __call__(self, image, masks, config, seed: int):
-        self._seed = int(seed)
-        return super().__call__(image, masks, config, seed)
