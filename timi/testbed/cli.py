@@ -89,7 +89,8 @@ def train(
     torch.set_num_threads(threads)
     cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps,
                       vae_gap_steps=vae_gap_steps, vae_decoder_steps=vae_decoder_steps,
-                      vae_decoder_lr=vae_decoder_lr, decoder_uniform_queries=decoder_uniform_queries, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
+                      vae_decoder_lr=vae_decoder_lr, decoder_uniform_queries=decoder_uniform_queries,
+                      dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
                       save_every=save_every, condition=condition, device=device, dit_batch=dit_batch,
                       coupling=coupling)
     sizes = SIZES[preset]

@@ -3,8 +3,9 @@
 Stage 1 (VAE): :class:`~timi.testbed.model.PointEncoder` + hy3dgen ``ShapeVAE`` decoder, binary
 cross-entropy on exact occupancy plus a small KL term (diagonal Gaussian per latent token).
 
-Stage 1c (decoder, optional): the decoder alone, on gap and thin-part queries; the encoder and so
-the latents stay as they are, and a DiT trained on them can be kept.
+Stage 1c (decoder only, optional; "VAE stage 3" in docs/testbed.md): the decoder alone, on gap and
+thin-part queries besides the others; the encoder and so the latents stay as they are, and a DiT
+trained on them can be kept.
 
 Stage 2 (latents): encoder means of every training scene; ``scale_factor = 1 / std`` so the DiT
 sees unit-variance latents, as hy3dgen's pipeline divides by ``vae.scale_factor`` before decoding.
@@ -211,7 +212,7 @@ class Trainer:
         self.latents = None if blob["latents"] is None else blob["latents"].to(self.device)
         for key, value in (("vae_gap_step", 0), ("vae_gap_loss", []), ("latents_at", None),
                            ("vae_decoder_step", 0), ("vae_decoder_loss", [])):
-            self.state.setdefault(key, value)  # checkpoints written before the gap stage existed
+            self.state.setdefault(key, value)  # checkpoints written before the gap / decoder stages existed
         if self.latents is not None and self.state["latents_at"] is None:
             self.state["latents_at"] = [self.state["vae_step"], 0]
 
