@@ -14,7 +14,7 @@ from skimage.measure import marching_cubes
 
 from timi.metrics import (chamfer_distance, count_instances, f_score, icp_align, icp_align_search,
                           layout_consistency_distance, match_parts_to_instances, normalize_per_axis,
-                          sample_surface_points, scene_normalization, score_scene,
+                          part_count_class, sample_surface_points, scene_normalization, score_scene,
                           separation_success_rate, split_instances)
 
 N = 1500  # points per object in tests (the default, 20480, is MIDI's and slower)
@@ -226,6 +226,8 @@ def test_ssr_is_eq_10(n_pred, n_gt):
     assert 0 <= s <= 1 and (s == 1) == (n_pred == n_gt)
     if n_pred:
         assert s == separation_success_rate(n_gt, n_pred)
+    # the part-count class says which way SSR < 1 misses: fewer parts (fused) or more (fragments)
+    assert part_count_class(n_pred, n_gt) == ("right" if s == 1 else "fewer" if n_pred < n_gt else "more")
 
 
 # ---------------------------------------------------------------- bad input

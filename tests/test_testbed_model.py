@@ -117,6 +117,8 @@ def test_export_loads_in_hy3dgen(tmp_path, tiny_cache):
     write_scene(generate_scene(seed=0, split="val", index=0, num_instances=2, resolution=64), tmp_path / "data")
     res = vae_ceiling(d, tmp_path / "data", octree_resolution=24, points_per_object=500, progress=False)
     assert res["n"] == 1 and len(res["rows"]) == 1 and res["rows"][0]["k"] == 2
+    counts = res["part_counts"]  # bridged / right / fragmented: right exactly when SSR (Eq.10) is 1
+    assert sum(counts.values()) == 1 and (counts["right"] == 1) == (res["rows"][0]["ssr"] == 1.0)
     _check_condition_use(d, tmp_path / "data", tmp_path / "blind")
 
 

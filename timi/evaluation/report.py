@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from timi.io import write_bytes, write_text
-from timi.metrics import METRIC_LABELS, METRIC_NAMES
+from timi.metrics import METRIC_LABELS, METRIC_NAMES, PART_COUNT_CLASSES, part_count_class
 
 from .runner import RunSummary
 
@@ -53,11 +53,10 @@ def markdown_table(summaries: list[RunSummary], title: str | None = None) -> str
 def part_counts(summary: RunSummary) -> dict[str, int]:
     """How many scored (scene, seed) pairs came out with fewer separate parts than instances (some
     fused), as many, or more (fragments): SSR (Eq.10) is below 1 either way, this tells which."""
-    counts = {"fewer": 0, "right": 0, "more": 0}
+    counts = dict.fromkeys(PART_COUNT_CLASSES, 0)
     for r in summary.results:
         if r.status == "ok":
-            key = "fewer" if r.scores.n_pred < r.scores.n_gt else "more" if r.scores.n_pred > r.scores.n_gt else "right"
-            counts[key] += 1
+            counts[part_count_class(r.scores.n_pred, r.scores.n_gt)] += 1
     return counts
 
 

@@ -48,6 +48,15 @@ def separation_success_rate(n_pred: int, n_gt: int) -> float:
     return min(n_pred, n_gt) / max(n_pred, n_gt)
 
 
+PART_COUNT_CLASSES = ("fewer", "right", "more")
+
+
+def part_count_class(n_pred: int, n_gt: int) -> str:
+    """Which way a part count misses: ``fewer`` separate parts than instances (some fused or bridged),
+    the ``right`` number, or ``more`` (fragments). SSR (Eq.10) is below 1 either way; this tells which."""
+    return "fewer" if n_pred < n_gt else "more" if n_pred > n_gt else "right"
+
+
 def layout_consistency_distance(pred_centroids, gt_centroids) -> float:
     """Eqs.8-9: centroid Chamfer distance with **Euclidean** (not squared) distances.
 

@@ -164,7 +164,8 @@ def ceiling(
     typer.echo(f"{res['n']} scenes ({res['failed']} without surface), octree {octree_resolution}: "
                + ", ".join(f"{k} {v:.4f}" for k, v in m.items())
                + f"; right number of parts on {res['right_part_count']:.0%}"
-               + f" (exact SDF on the same grid: {res['exact_right_part_count']:.0%})")
+               + f" (exact SDF on the same grid: {res['exact_right_part_count']:.0%}); scenes with fewer / the right"
+               + " number of / more parts than instances: " + " / ".join(str(v) for v in res["part_counts"].values()))
 
 
 @app.command("condition-use")

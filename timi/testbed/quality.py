@@ -72,7 +72,7 @@ def vae_ceiling(model_dir: str | Path, dataset_dir: str | Path, octree_resolutio
     from tqdm import tqdm
 
     from timi.evaluation.dataset import discover_scenes
-    from timi.metrics import score_scene
+    from timi.metrics import PART_COUNT_CLASSES, part_count_class, score_scene
 
     from .data import farthest_point_indices
 
@@ -103,6 +103,8 @@ def vae_ceiling(model_dir: str | Path, dataset_dir: str | Path, octree_resolutio
             "right_part_count": float(np.mean([r["n_pred"] == r["k"] for r in ok])) if ok else float("nan"),
             #: the same count for the exact ground truth on the same grid: what no VAE can beat
             "exact_right_part_count": float(np.mean([r["n_exact"] == r["k"] for r in ok])) if ok else float("nan"),
+            #: scenes with fewer parts than instances (bridged), the right number, more (fragmented)
+            "part_counts": {c: sum(part_count_class(r["n_pred"], r["k"]) == c for r in ok) for c in PART_COUNT_CLASSES},
             "rows": rows}
 
 
