@@ -143,7 +143,7 @@ def test_decoder_stage_trains_the_decoder_only_and_keeps_the_dit_usable(tmp_path
         assert all(torch.equal(getattr(u, name).state_dict()[k], v) for k, v in before[name].items()), name
     assert any(not torch.equal(u.vae.state_dict()[k], v) for k, v in before["vae"].items())
     assert u.state["parent"]["model_dir"] == str(d) and u.state["parent"]["summary"]["dit_final_mse"] == 1.5
-    # reproducible from the seed, and resumable: the same two losses again
+    # reproducible from the seed: a second run from the same directory gives the same two losses
     w = Trainer(tmp_path / "decoder2", tiny_cache, cfg, TINY, progress=False)
     w.init_from(d)
     w.run()
