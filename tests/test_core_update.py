@@ -53,6 +53,71 @@ def test_sigma_zero_is_identity_and_negative_sigma_is_an_error(backend):
         tc.TIMIConfig(sigma=-1.0)
 
 
+@given(n=st.integers(14, 40), sigma=st.floats(0.3, 2.5), spacing=st.floats(0.01, 10.0), shift=st.floats(-5, 5),
+       seed=seeds)
+def test_point_smoothing_on_a_line_matches_scipy_away_from_the_ends(backend, n, sigma, spacing, shift, seed):
+    """Tokens on a regular line, given in random order: Eq.5 over positions equals SciPy's 1-D Gaussian
+    filter along the line (sigma in grid cells, whatever the spacing) wherever the kernel stays inside."""
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(1, n, 3))
+    perm = rng.permutation(n)
+    line = shift + spacing * np.arange(n, dtype=np.float64)
+    pos = np.stack([line, np.full(n, 0.3), np.full(n, -1.0)], axis=-1)[None]
+    got = backend.to_numpy(tc.gaussian_smooth_points(backend.asarray(g[:, perm]), backend.asarray(pos[:, perm]), sigma))
+    got = got[:, np.argsort(perm)]
+    expected = ndi.gaussian_filter1d(g, sigma, axis=1, mode="reflect", truncate=4.0)
+    r = int(4.0 * sigma + 0.5)
+    np.testing.assert_allclose(got[:, r:n - r], expected[:, r:n - r], atol=max(backend.atol, 1e-6))
+
+
+def test_point_smoothing_on_a_3d_grid_matches_scipy_inside(backend):
+    """On a 13x13x13 grid of tokens the spatial Eq.5 is the paper's 3-D convolution, away from the border.
+    SciPy cuts its kernel to a cube and this one to a ball; at 6 sigma both cut weights below 1e-8."""
+    rng = np.random.default_rng(0)
+    n, sigma, truncate = 13, 0.8, 6.0
+    grid = rng.normal(size=(1, 2, n, n, n))
+    pos = np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), axis=-1).reshape(1, -1, 3) * 0.25
+    tokens = grid.reshape(1, 2, -1).transpose(0, 2, 1)
+    got = backend.to_numpy(tc.gaussian_smooth_points(backend.asarray(tokens), backend.asarray(pos), sigma, truncate))
+    got = got.transpose(0, 2, 1).reshape(grid.shape)
+    expected = ndi.gaussian_filter(grid, sigma, axes=(2, 3, 4), mode="reflect", truncate=truncate)
+    r = int(truncate * sigma + 0.5)
+    inside = (slice(None), slice(None)) + (slice(r, n - r),) * 3
+    np.testing.assert_allclose(got[inside], expected[inside], atol=max(backend.atol, 1e-5))
+
+
+@given(n=st.integers(2, 30), c=st.integers(1, 4), sigma=st.floats(0.3, 4.0), scale=st.floats(0.01, 100.0), seed=seeds)
+def test_point_smoothing_follows_the_tokens_not_their_order_or_units(backend, n, c, sigma, scale, seed):
+    """Permuting the tokens permutes the result; scaling and shifting the positions changes nothing;
+    a constant gradient stays constant (the kernel is normalised)."""
+    rng = np.random.default_rng(seed)
+    g, pos = rng.normal(size=(2, n, c)), rng.uniform(-1, 1, size=(2, n, 3))
+    perm = rng.permutation(n)
+    ref = backend.to_numpy(tc.gaussian_smooth_points(backend.asarray(g), backend.asarray(pos), sigma))
+    permuted = tc.gaussian_smooth_points(backend.asarray(g[:, perm]), backend.asarray(pos[:, perm]), sigma)
+    moved = tc.gaussian_smooth_points(backend.asarray(g), backend.asarray(scale * pos + 0.5), sigma)
+    tol = max(backend.atol, 1e-5)
+    backend.assert_close(permuted, ref[:, perm], atol=tol)
+    backend.assert_close(moved, ref, atol=tol)
+    const = np.full((2, n, c), -1.5)
+    backend.assert_close(tc.gaussian_smooth_points(backend.asarray(const), backend.asarray(pos), sigma), const, atol=tol)
+
+
+def test_point_smoothing_checks_its_inputs_and_sgu_needs_positions_for_it(backend):
+    g = backend.asarray(np.random.default_rng(0).normal(size=(1, 5, 2)))
+    pos = backend.asarray(np.random.default_rng(1).normal(size=(1, 5, 3)))
+    backend.assert_close(tc.gaussian_smooth_points(g, pos, 0.0), backend.to_numpy(g))
+    with pytest.raises(ValueError, match="same B and L"):
+        tc.gaussian_smooth_points(g, pos[:, :4, :], 1.5)
+    cfg = tc.TIMIConfig(smoothing="positions")
+    with pytest.raises(ValueError, match="needs the tokens' positions"):
+        tc.sgu_update(g, g, None, cfg, axes=(1,))
+    z_new, m = tc.sgu_update(g, g, None, cfg, axes=(1,), positions=pos)
+    assert z_new.shape == g.shape
+    with pytest.raises(ValueError, match="smoothing"):
+        tc.TIMIConfig(smoothing="grid")
+
+
 @given(shape=st.tuples(st.integers(1, 3), st.integers(2, 12), st.integers(1, 5)), alpha=st.floats(0.01, 1.0), seed=seeds)
 def test_gm_step_peak_is_alpha_times_latent_std(backend, shape, alpha, seed):
     rng = np.random.default_rng(seed)

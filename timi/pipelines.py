@@ -32,7 +32,7 @@ __all__ = ["ModelNotFoundError", "ModelConfigError", "BackendUnavailableError", 
            "resolve_model", "model_notes", "model_config_path", "read_model_config", "check_model_config",
            "geometry_from_config", "geometry_pipeline", "grid_tokens", "resolve_device", "torch_dtype",
            "check_backend", "load_pipeline", "pipeline_depth", "DEFAULT_GEOMETRY", "DEFAULT_SUBFOLDER", "MC_ALGOS",
-           "check_mc_algo", "turbo_vae_path", "enable_flashvdm", "is_multiview"]
+           "check_mc_algo", "turbo_vae_path", "enable_flashvdm", "is_multiview", "token_positions"]
 
 BACKENDS = ("torch", "jax")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -364,6 +364,9 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
 
     check_backend(backend)
     check_mc_algo(mc_algo)
+    if backend == "jax" and config.smoothing == "positions":
+        raise BackendUnavailableError("TIMIConfig.smoothing='positions' (Eq.5 over token positions) runs on the "
+                                      "torch backend only; use --backend torch.")
     path = resolve_model(model)
     if flashvdm:
         turbo_vae_path(path)              # before the weights load
@@ -374,6 +377,7 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
         enable_flashvdm(pipe, path, mc_algo)
     elif mc_algo is not None:
         pipe.base.set_surface_extractor(mc_algo)
+    pipe.token_positions = token_positions(path)
     if backend == "torch":
         return pipe
     import jax.numpy as jnp
@@ -382,6 +386,16 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
 
     jdtype = {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16}[pipe.dtype]
     return TIMIPipelineJAX(pipe.base, config, dtype=jdtype)
+
+
+def token_positions(model: str | Path | None):
+    """The reader of the latent tokens' positions for ``model`` (``TIMIPipeline.token_positions``,
+    needed by ``TIMIConfig.smoothing="positions"``): the testbed's position channels when its
+    ``config.yaml`` says the latents carry them, else None (hy3dgen's latents carry no positions)."""
+    from timi.testbed.model import token_position_reader
+
+    path = model_config_path(model)
+    return None if path is None else token_position_reader(read_model_config(path))
 
 
 def is_multiview(model: str | Path | None) -> bool:

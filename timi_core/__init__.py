@@ -10,7 +10,9 @@ Eq.2       instance probability map P             :func:`instance_probability`
 Eq.3       structure-aware spatial weights W      :func:`spatial_weights`
 Eq.4       instance-consistent separation loss    :func:`separation_loss`,
                                                   :func:`instance_separation_loss`
-Eq.5       Gaussian smoothing of dL/dz (SR)       :func:`gaussian_smooth`
+Eq.5       Gaussian smoothing of dL/dz (SR)       :func:`gaussian_smooth` (axes),
+                                                  :func:`gaussian_smooth_points` (positions),
+                                                  :func:`smooth_gradient` (as configured)
 Eq.6       geometry-adaptive scale (GM)           :func:`adaptive_scale`
 Eq.7       momentum update                        :func:`momentum`, :func:`sgu_update`
 =========  =====================================  ============================================
@@ -21,8 +23,8 @@ from .masks import area_pooling_matrix, pool_masks, stack_token_masks
 from .outputs import StepDiagnostics, TIMIPipelineOutput
 from .separation import (instance_probability, instance_separation_loss, normalize_over_instances, separation_loss,
                          spatial_weights)
-from .smoothing import gaussian_kernel1d, gaussian_smooth
-from .update import adaptive_scale, momentum, sgu_update
+from .smoothing import gaussian_kernel1d, gaussian_smooth, gaussian_smooth_points, nearest_neighbour_spacing
+from .update import adaptive_scale, momentum, sgu_update, smooth_gradient
 
 __all__ = [
     "TIMIConfig",
@@ -33,10 +35,13 @@ __all__ = [
     "instance_separation_loss",
     "normalize_over_instances",
     "gaussian_smooth",
+    "gaussian_smooth_points",
+    "nearest_neighbour_spacing",
     "gaussian_kernel1d",
     "adaptive_scale",
     "momentum",
     "sgu_update",
+    "smooth_gradient",
     "pool_masks",
     "area_pooling_matrix",
     "stack_token_masks",

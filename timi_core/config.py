@@ -12,6 +12,8 @@ PAPER_GUIDED_FRACTION = 15 / 50
 #: A step that starts within this distance below the fraction counts as starting at it (not guided):
 #: schedules are float32, and a sigma equal to the fraction must not depend on its rounding.
 _WINDOW_TOL = 1e-6
+#: Eq.5's neighbours: along the latent's token axis, or by the tokens' positions in space.
+SMOOTHING = ("tokens", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,13 @@ class TIMIConfig:
     ``per_head=False`` averages Eq.2's ``A_zc`` over the attention heads (one map per layer); ``True``
     keeps one ``P`` per head, applies Eqs.3-4 to each and averages the losses over the heads (a
     variant studied on the testbed: a head-averaged map can be pure while no single head is).
+
+    ``smoothing`` chooses Eq.5's neighbours: ``"tokens"`` (default) filters along the latent's
+    axes, the token axis of hy3dgen's (B, L, C) latents, whose neighbours are unrelated tokens (the
+    paper's grid has spatial neighbours; hy3dgen's latent has no grid); ``"positions"`` filters over
+    the tokens' positions in space, ``sigma`` in units of their nearest-neighbour spacing
+    (:func:`timi_core.gaussian_smooth_points`). It needs a model whose token positions the
+    pipeline can read (the testbed's latents carry them in channels 0-2).
     """
 
     alpha: float = 0.1
@@ -65,6 +74,7 @@ class TIMIConfig:
     detach_weights: bool = False
     normalize_instances: bool = False
     per_head: bool = False
+    smoothing: str = "tokens"
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, rule: str) -> None:
@@ -87,6 +97,7 @@ class TIMIConfig:
               "use an integer >= 0, or None for the guided_fraction window (paper: 15 of 50 steps)")
         check("guided_fraction", finite(self.guided_fraction) and 0 <= self.guided_fraction <= 1,
               "use a number in [0, 1], the part of the trajectory to guide (paper: 15/50 = 0.3)")
+        check("smoothing", self.smoothing in SMOOTHING, f"use one of {SMOOTHING} (paper's Eq.5 on token latents: 'tokens')")
         for name in ("isg", "sgu", "gm", "sr", "detach_weights", "normalize_instances", "per_head"):
             check(name, isinstance(getattr(self, name), bool), "use True or False")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ._backend import array_namespace
 from .config import TIMIConfig
-from .smoothing import gaussian_smooth
+from .smoothing import gaussian_smooth, gaussian_smooth_points
 
-__all__ = ["adaptive_scale", "momentum", "sgu_update"]
+__all__ = ["adaptive_scale", "momentum", "sgu_update", "smooth_gradient"]
 
 
 def _sample_axes(x) -> tuple[int, ...]:
@@ -41,12 +41,27 @@ def _zero_nonfinite_samples(g, xp):
     return xp.where(ok, g, xp.zeros_like(g))
 
 
-def sgu_update(z, grad, m_prev, config: TIMIConfig, axes):
+def smooth_gradient(grad, config: TIMIConfig, axes, positions=None):
+    """Eq.5 as ``config`` says: ``grad`` unchanged without SR; else :func:`gaussian_smooth` along
+    ``axes`` (``smoothing="tokens"``) or :func:`gaussian_smooth_points` over ``positions`` (B, L, D)
+    (``smoothing="positions"``, which then requires them)."""
+    if not config.sr:
+        return grad
+    if config.smoothing == "positions":
+        if positions is None:
+            raise ValueError("TIMIConfig.smoothing='positions' needs the tokens' positions; this pipeline "
+                             "passed none (use smoothing='tokens' for a model whose latents carry no positions).")
+        return gaussian_smooth_points(grad, positions, config.sigma)
+    return gaussian_smooth(grad, config.sigma, axes)
+
+
+def sgu_update(z, grad, m_prev, config: TIMIConfig, axes, positions=None):
     """Eqs.5-7: one guided latent update ``(z, dL/dz, m_{t-1}) -> (z - m_t, m_t)``.
 
-    * SR (Eq.5, ``config.sr``): ``g = gaussian_smooth(grad, config.sigma, axes)``; ``axes`` are the
-      latent's spatial axes, e.g. ``(1,)`` for hy3dgen's (B, L, C) token latents or ``(2, 3, 4)``
-      for a (B, C, D, H, W) grid.
+    * SR (Eq.5, ``config.sr``): :func:`smooth_gradient`: ``gaussian_smooth(grad, config.sigma,
+      axes)``; ``axes`` are the latent's spatial axes, e.g. ``(1,)`` for hy3dgen's (B, L, C) token
+      latents or ``(2, 3, 4)`` for a (B, C, D, H, W) grid; with ``config.smoothing="positions"``
+      a Gaussian over the tokens' ``positions`` (B, L, D) instead.
     * GM (Eq.6, ``config.gm``): ``dz = lambda * g`` with :func:`adaptive_scale`; off: ``alpha * g``.
     * Momentum (Eq.7): ``m = beta * m_prev + (1 - beta) * dz``; ``m_prev=None`` means zeros.
     * ``config.sgu`` off: the raw step ``dz = alpha * grad`` (no SR, GM or momentum).
@@ -61,8 +76,7 @@ def sgu_update(z, grad, m_prev, config: TIMIConfig, axes):
     if not config.sgu:
         dz = config.alpha * g
         return z - dz, dz
-    if config.sr:
-        g = gaussian_smooth(g, config.sigma, axes)
+    g = smooth_gradient(g, config, axes, positions)
     if config.gm:
         dz = adaptive_scale(g, z, config.alpha, config.eps) * g
     else:

@@ -113,7 +113,7 @@ def plot_sweeps(summaries: list[RunSummary], out_dir: Path, baseline: RunSummary
 
     by_param: dict[str, list[RunSummary]] = {}
     for s in summaries:
-        if s.run.param is not None and not isinstance(s.run.value, bool):
+        if s.run.param is not None and not isinstance(s.run.value, (bool, str)):  # numeric sweeps only
             by_param.setdefault(s.run.param, []).append(s)
     written = []
     for param, rows in by_param.items():

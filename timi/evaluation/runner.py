@@ -87,7 +87,7 @@ def _digest(obj) -> str:
 
 #: TIMIConfig fields added after caches were first written: left out of the key at their default
 #: value, so a configuration that does not use them keeps the key (and the cached outputs) it had.
-KEY_OMITTED_AT_DEFAULT = {"per_head": False}
+KEY_OMITTED_AT_DEFAULT = {"per_head": False, "smoothing": "tokens"}
 
 
 def run_key(run: Run, seed: int, identity: dict) -> str:

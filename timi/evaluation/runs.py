@@ -80,6 +80,8 @@ def _parse_value(field_name: str, text: str, default):
         if text.lower() in ("0", "false", "off", "no"):
             return False
         raise ValueError(f"--sweep {field_name}: {text!r} is not a boolean (use true/false).")
+    if isinstance(default, str):
+        return text
     integer = isinstance(default, int) or (default is None and "int" in str(_FIELD_TYPES.get(field_name, "")))
     try:
         return int(text) if integer else float(text)

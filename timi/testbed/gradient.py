@@ -9,8 +9,10 @@ At the first guided step (the seeded noise latent, ``t = 0``), for a configurati
   tokens grouped by the instance they attend to most in the first block (argmax over k of Eq.2's
   ``P``): the part that moves one instance's tokens differently from another's, which is what a
   separation needs (a one-way ANOVA decomposition of the gradient);
-* the same two after Eq.5's smoothing along the token axis (``timi_core.gaussian_smooth``, as the
-  adapters apply it to hy3dgen's token latents).
+* the same two after Eq.5 as the configuration applies it (``timi_core.smooth_gradient``): along the
+  token axis (``smoothing="tokens"``, as the adapters apply it to hy3dgen's token latents), or over
+  the tokens' positions read from the sampler's clean-latent prediction at that step
+  (``smoothing="positions"``, ``TIMIPipeline.clean_prediction``).
 
 ``timi testbed gradient DATA --variant NAME=FIELD=VALUE ...`` prints the means over scenes with
 paired bootstrap intervals against the paper's configuration.
@@ -52,7 +54,14 @@ def gradient_structure(pipe, image, masks, config: TIMIConfig, seed: int = 0) ->
     with torch.no_grad():
         labels = guided_probabilities(model, z.float(), t, cond_main, tokens, 1)[0][0].argmax(-1)
     _, g = separation_loss_and_grad(model, z, t, cond_main, tokens, config, layers)
-    smooth = timi_core.gaussian_smooth(g, config.sigma, (1,))
+    positions = None
+    if config.smoothing == "positions":
+        from timi_torch.frontend import prepare_inputs
+
+        full = prepare_inputs(pipe.base, image, masks, do_classifier_free_guidance=True,
+                              condition_masks=pipe.condition_masks)
+        positions = pipe.token_positions(pipe.clean_prediction(z, t, full.cond))
+    smooth = timi_core.smooth_gradient(g, config.replace(sr=True), (1,), positions)
     (c, b), (cs, bs) = shares(g[0], labels), shares(smooth[0], labels)
     return {"common": c, "between": b, "common_smoothed": cs, "between_smoothed": bs}
 

@@ -219,3 +219,17 @@ class PointEncoder(nn.Module):
 def decode_occupancy(vae: nn.Module, latents: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     """Occupancy logits (B, Q) of ``queries`` (B, Q, 3) for *unscaled* latents (B, L, C), as hy3dgen decodes."""
     return vae.geo_decoder(queries=queries, latents=vae(latents)).squeeze(-1)
+
+
+def latent_position_channels(latents: torch.Tensor) -> torch.Tensor:
+    """The tokens' positions in a testbed latent with ``latent_positions`` (channels 0-2: the
+    farthest-point sample's xyz times ``latent_positions``, times ``scale_factor`` in the DiT's
+    latents; ``TIMIConfig.smoothing="positions"`` is scale-free, so no unscaling is needed)."""
+    return latents[..., :3]
+
+
+def token_position_reader(model_config: dict):
+    """``TIMIPipeline``'s ``token_positions`` for a model ``config.yaml`` (parsed): the latent's
+    position channels when the model was exported by the testbed with ``latent_positions``, else None."""
+    sizes = (model_config.get("timi_testbed") or {}).get("sizes") or {}
+    return latent_position_channels if float(sizes.get("latent_positions") or 0.0) else None

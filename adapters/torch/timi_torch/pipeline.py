@@ -117,10 +117,15 @@ class TIMIPipeline:
     :class:`timi_core.TIMIPipelineOutput`; the pipeline keeps no state between calls.
     ``gradient_hook(grad, step) -> grad``: optional, applied to ``dL_sep/dz`` (B, L, C) float32 of
     each guided step before SGU (Eqs.5-7); for controls such as ``timi.testbed.controls``.
+    ``token_positions(x1) -> (B, L, D)``: optional, the latent tokens' positions in space read from
+    a clean latent ``x1`` (B, L, C); needed by ``TIMIConfig(smoothing="positions")`` (Eq.5 over
+    positions). A guided step passes it the sampler's latest clean-latent prediction
+    ``x1 = z + (1 - sigma) v`` (flow time ``sigma``, velocity ``v`` after CFG): the previous step's,
+    and at the first step that of one extra forward at the starting noise.
     """
 
     def __init__(self, base, config: TIMIConfig = TIMIConfig(), attention: str = "fused",
-                 gradient_hook: Optional[Callable] = None):
+                 gradient_hook: Optional[Callable] = None, token_positions: Optional[Callable] = None):
         if not hasattr(base, "model") or not hasattr(base.model, "double_blocks"):
             raise TypeError("TIMIPipeline needs a loaded hy3dgen Hunyuan3DDiTFlowMatchingPipeline "
                             f"(with a Hunyuan3DDiT `model`), got {type(base).__name__}.")
@@ -131,6 +136,7 @@ class TIMIPipeline:
         self.config = config
         self.attention = attention
         self.gradient_hook = gradient_hook
+        self.token_positions = token_positions
 
     def with_config(self, config: TIMIConfig) -> "TIMIPipeline":
         """A shallow copy (same hy3dgen pipeline and weights) whose calls default to ``config``."""
@@ -244,13 +250,15 @@ class TIMIPipeline:
         return min(n, depth)
 
     def guide(self, latents, timestep, cond_main, tokens, momentum=None, *, step: int = 0,
-              config: Optional[TIMIConfig] = None, guidance: Optional[torch.Tensor] = None):
+              config: Optional[TIMIConfig] = None, guidance: Optional[torch.Tensor] = None,
+              positions: Optional[torch.Tensor] = None):
         """One ISG + SGU update (Eqs.2-7) of ``latents`` (B, L, C) -> (latents, momentum, diagnostics).
 
         ``latents`` in any dtype; the returned latents are float32 (``latents`` upcast minus the
         float32 momentum), not rounded to the model dtype. ``config``: default ``self.config``.
         ``guidance``: the (B,) guidance-scale tensor of a guidance-distilled DiT
         (``guidance_embed=True``), passed to its forward as hy3dgen's pipeline passes it.
+        ``positions``: the tokens' positions (B, L, D) for ``smoothing="positions"`` (Eq.5).
         """
         cfg = self.config if config is None else config
         distilled = bool(getattr(self.base.model, "guidance_embed", False))
@@ -263,9 +271,9 @@ class TIMIPipeline:
             grad = self.gradient_hook(grad, step)
         z = latents.detach().to(torch.float32)
         axes = smoothing_axes(z)
-        z_new, momentum = timi_core.sgu_update(z, grad, momentum, cfg, axes=axes)
+        z_new, momentum = timi_core.sgu_update(z, grad, momentum, cfg, axes=axes, positions=positions)
         if cfg.sgu and cfg.gm:
-            g = timi_core.gaussian_smooth(grad, cfg.sigma, axes) if cfg.sr else grad
+            g = timi_core.smooth_gradient(grad, cfg, axes, positions)
             scale = timi_core.adaptive_scale(g, z, cfg.alpha, cfg.eps).flatten()
         else:
             scale = torch.full((z.shape[0],), cfg.alpha)
@@ -274,6 +282,28 @@ class TIMIPipeline:
         return z_new, momentum, diag
 
     # ------------------------------------------------------------------ sampling
+    def _velocity(self, latents, t, cond, do_cfg: bool, guidance_scale: float, guidance):
+        """hy3dgen's velocity at ``latents`` (cast to the model dtype), after classifier-free guidance."""
+        base = self.base
+        model_latents = latents.to(base.dtype)                  # no-op without guidance
+        latent_model_input = torch.cat([model_latents] * 2) if do_cfg else model_latents
+        timestep = t.expand(latent_model_input.shape[0]).to(base.dtype) / base.scheduler.config.num_train_timesteps
+        noise_pred = base.model(latent_model_input, timestep, cond, guidance=guidance)
+        if do_cfg:
+            noise_pred_cond, noise_pred_uncond = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
+        return noise_pred
+
+    @torch.no_grad()
+    def clean_prediction(self, latents, t, cond, do_cfg: bool = True, guidance_scale: float = 5.0, guidance=None):
+        """``x1 = z + (1 - sigma) v`` (float32): the clean latent the sampler predicts from ``latents``
+        at the scheduler timestep ``t`` (flow time ``sigma = t / num_train_timesteps``), ``v`` the
+        velocity after classifier-free guidance (``cond``: the conditional and unconditional tokens
+        when ``do_cfg``, as hy3dgen batches them)."""
+        sigma = float(t) / self.base.scheduler.config.num_train_timesteps
+        v = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
+        return latents.to(torch.float32) + (1.0 - sigma) * v.to(torch.float32)
+
     @torch.no_grad()
     def __call__(self, image, masks, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  generator=None, output_type: str = "trimesh", callback: Optional[Callable] = None,
@@ -325,11 +355,18 @@ class TIMIPipeline:
         if getattr(base.model, "guidance_embed", False):  # guidance-distilled DiT: hy3dgen's tensor
             guidance = torch.tensor([guidance_scale] * batch_size, device=device, dtype=dtype)
         num_train = base.scheduler.config.num_train_timesteps
-        num_guided = cfg.num_guided_steps(start_noise_levels(base, timesteps))   # the guided window
+        noise_levels = start_noise_levels(base, timesteps)
+        num_guided = cfg.num_guided_steps(noise_levels)   # the guided window
+        by_position = num_guided > 0 and cfg.sgu and cfg.sr and cfg.smoothing == "positions"
+        if by_position and self.token_positions is None:
+            raise ValueError("TIMIConfig.smoothing='positions' needs a pipeline that can read the latent tokens' "
+                             "positions (TIMIPipeline(token_positions=...)); this model's pipeline has none - "
+                             "use smoothing='tokens'.")
 
         # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's (CFG) Euler step
         diagnostics = []
         momentum = None
+        clean = None    # the sampler's latest clean-latent prediction (smoothing="positions" only)
         # Guidance on: float32 master latent (module docstring). Off: hy3dgen's loop, model dtype.
         master = num_guided > 0
         if master:
@@ -337,18 +374,19 @@ class TIMIPipeline:
         for i, t in enumerate(tqdm(timesteps, disable=not enable_pbar, desc="TIMI sampling")):
             timestep = t.expand(batch_size).to(dtype) / num_train
             if i < num_guided:
+                positions = None
+                if by_position:
+                    if clean is None:   # first guided step: one extra forward at the current latent
+                        clean = self.clean_prediction(latents, t, cond, do_cfg, guidance_scale, guidance)
+                    positions = self.token_positions(clean).to(torch.float32)
                 latents, momentum, diag = self.guide(latents, timestep, inputs.cond_main, inputs.tokens, momentum,
-                                                     step=i, config=cfg, guidance=guidance)
+                                                     step=i, config=cfg, guidance=guidance, positions=positions)
                 diagnostics.append(diag)
 
-            model_latents = latents.to(dtype)                  # no-op without guidance
-            latent_model_input = torch.cat([model_latents] * 2) if do_cfg else model_latents
-            timestep = t.expand(latent_model_input.shape[0]).to(dtype) / num_train
             with _observed(recorder, i):
-                noise_pred = base.model(latent_model_input, timestep, cond, guidance=guidance)
-            if do_cfg:
-                noise_pred_cond, noise_pred_uncond = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_cond - noise_pred_uncond)
+                noise_pred = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
+            if by_position and i + 1 < num_guided:
+                clean = latents.to(torch.float32) + (1.0 - float(noise_levels[i])) * noise_pred.to(torch.float32)
             if master:
                 # hy3dgen's step on the float32 latent with a float32 velocity: it computes
                 # float32 sample + (sigma_next - sigma) * v and casts to v's dtype, float32 here.
