@@ -506,3 +506,24 @@ def test_usage_errors_anywhere_print_one_error_line(args, words, tmp_path, monke
 def test_timi_without_arguments_still_prints_its_help():
     result = CliRunner().invoke(app, [], prog_name="timi")
     assert "Usage: timi" in result.output and "generate" in result.output and not result.output.startswith("error")
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("smoothing=positions", ["smoothing=positions", "do not", "use smoothing=tokens"]),
+    ("smoothing=grid", ["smoothing='grid'", "tokens", "positions"]),
+])
+def test_eval_refuses_a_smoothing_the_model_cannot_run_before_generating(setting, words, tiny_model, tmp_path):
+    """Eq.5 over token positions needs latents that carry positions (the testbed's); hy3dgen's tiny
+    model's do not. `timi eval` says so in one line before anything is generated or written."""
+    from timi.testbed import example_scene_path
+
+    data = tmp_path / "data"
+    shutil.copytree(example_scene_path(), data / "example")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["eval", str(data), "--model", str(tiny_model), "--set", setting,
+                                      "--out", str(out), "--quiet"], prog_name="timi")
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert all(w in lines[0] for w in words), (words, lines[0])
+    assert not out.exists()

@@ -278,6 +278,19 @@ def test_latent_positions_are_the_farthest_point_samples():
     assert not torch.equal(plain(pts, fps)[0][..., :3], mean[..., :3])
 
 
+def test_the_pipeline_reads_token_positions_only_from_models_whose_latents_carry_them(tmp_path):
+    """``timi.pipelines.token_positions`` (for Eq.5 over positions): the shipped model (v3p sizes,
+    latent positions) gets the position channels; a hy3dgen model without them gets None."""
+    from timi.pipelines import token_positions
+    from timi.testbed import default_model_path
+    from timi_torch import write_tiny_model_dir
+
+    reader = token_positions(default_model_path())
+    x = torch.randn(2, 7, 8)
+    assert reader is not None and torch.equal(reader(x), x[..., :3])
+    assert token_positions(write_tiny_model_dir(tmp_path / "tiny", image_size=112)) is None
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(1, 6), st.integers(1, 3), st.integers(0, 2**31 - 1))
 def test_ot_coupling_is_the_optimal_permutation(n, channels, seed):

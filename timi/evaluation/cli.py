@@ -10,6 +10,17 @@ import typer
 from timi_core import TIMIConfig
 
 
+def _check_model_supports(model: str, runs) -> None:
+    """Refuse, before anything runs, a configuration the model cannot sample (one line)."""
+    from timi.pipelines import token_positions
+
+    wants = [r.label for r in runs if r.config.enabled and r.config.sr and r.config.smoothing == "positions"]
+    if wants and token_positions(model) is None:
+        raise typer.BadParameter(f"smoothing=positions (run {wants[0]!r}) needs latents that carry their tokens' "
+                                 f"positions, and {model}'s do not (only testbed models with latent_positions); "
+                                 "use smoothing=tokens", param_hint="--set/--sweep")
+
+
 def _base_config(settings: List[str]) -> TIMIConfig:
     from .runs import SWEEPABLE, _parse_value
 
@@ -113,6 +124,7 @@ def eval_command(
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--generator") from None
     elif model is not None:
+        _check_model_supports(model, runs)
         generate = TIMITorchGenerator(model, device=device, dtype=dtype, steps=steps, guidance_scale=guidance_scale,
                                       octree_resolution=octree_resolution)
     per_seed = []

@@ -210,6 +210,9 @@ def mechanism(
     normalize_instances: bool = typer.Option(False, "--normalize-instances/--as-written",
                                              help="Guided run with P normalised over the instances "
                                                   "(TIMIConfig.normalize_instances) instead of Eq.4 as written."),
+    set_: list[str] = typer.Option([], "--set", metavar="FIELD=VALUE",
+                                   help="Change the guided run's TIMIConfig further, as in `timi eval` "
+                                        "(e.g. smoothing=positions)."),
 ) -> None:
     """Purity, selectivity, instance mass and key similarity of P (Eq.2), base vs TIMI (docs/results.md)."""
     import json
@@ -220,12 +223,13 @@ def mechanism(
 
     from timi.pipelines import resolve_model
 
+    from timi.evaluation.cli import _base_config
+
     from .mechanism import run_mechanism, summarise
 
-    from timi_core import TIMIConfig
-
+    # --alpha and --normalize-instances first, so that a --set of the same field wins
+    config = _base_config([f"alpha={alpha}", f"normalize-instances={normalize_instances}", *set_])
     torch.set_num_threads(threads)
-    config = TIMIConfig(alpha=alpha, normalize_instances=normalize_instances)
     rows = run_mechanism(model or resolve_model(None), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps,
                          config=config)
     write_text(out, json.dumps(rows, indent=1))
