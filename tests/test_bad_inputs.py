@@ -509,7 +509,7 @@ def test_timi_without_arguments_still_prints_its_help():
 
 
 @pytest.mark.parametrize("setting, words", [
-    ("smoothing=positions", ["smoothing=positions", "do not", "use smoothing=tokens"]),
+    ("smoothing=positions", ["smoothing=positions", "do not", "smoothing=decoder", "smoothing=tokens"]),
     ("smoothing=grid", ["smoothing='grid'", "tokens", "positions"]),
 ])
 def test_eval_refuses_a_smoothing_the_model_cannot_run_before_generating(setting, words, tiny_model, tmp_path):

@@ -244,7 +244,8 @@ def test_shuffled_gradient_generator_seeds_a_copy_of_the_pipeline_per_call(fast_
 def test_position_smoothing_makes_guided_sampling_follow_the_tokens_not_their_order(fast_base):
     """hy3dgen's DiT has no latent position embedding, so its sampler is equivariant to the order of
     the latent tokens: permuting the starting noise permutes the result. TIMI with Eq.5 over the
-    tokens' positions keeps that; Eq.5 along the token axis (the default) does not."""
+    tokens' positions keeps that, with the positions read from the latent or from the VAE decoder;
+    Eq.5 along the token axis (the default) does not."""
     image, masks = scene()
     z0 = fast_base.prepare_latents(1, torch.float32, "cpu", torch.Generator().manual_seed(0))
     perm = torch.randperm(z0.shape[1], generator=torch.Generator().manual_seed(1))
@@ -258,8 +259,33 @@ def test_position_smoothing_makes_guided_sampling_follow_the_tokens_not_their_or
 
     plain, _ = gap(GUIDED.replace(isg=False))
     by_position, moved = gap(GUIDED.replace(smoothing="positions"))
+    by_decoder, moved_too = gap(GUIDED.replace(smoothing="decoder"))   # positions from the VAE decoder
     by_index, _ = gap(GUIDED)
     assert plain < 1e-5 and by_position < 1e-4 and moved > 1e-3, (plain, by_position, moved)
-    assert by_index > 100 * by_position, (by_index, by_position)
+    assert by_decoder < 1e-4 and moved_too > 1e-3, (by_decoder, moved_too)
+    assert by_index > 100 * max(by_position, by_decoder), (by_index, by_position, by_decoder)
     with pytest.raises(ValueError, match="token_positions"):
         _run(TIMIPipeline(fast_base, GUIDED.replace(smoothing="positions")))
+
+
+def test_decoder_attention_positions_leave_the_decoder_as_it_was_and_follow_the_tokens(fast_base):
+    """The reader hooks the decoder's processor for its own calls only: the occupancy is hy3dgen's and
+    the processor is restored. Its positions are weighted means of grid points (inside the box), and
+    permuting the tokens permutes them (hy3dgen's VAE has no token position embedding)."""
+    from timi_torch.positions import DecoderAttentionPositions
+
+    vae = fast_base.vae
+    x1 = torch.randn(2, *vae.latent_shape, generator=torch.Generator().manual_seed(0))
+    attention = vae.geo_decoder.cross_attn_decoder.attn.attention
+    before = attention.attn_processor
+    queries = torch.rand(2, 50, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        occ = vae.geo_decoder(queries=queries, latents=vae(x1 / vae.scale_factor))
+    reader = DecoderAttentionPositions(vae, resolution=6, chunk=100)
+    pos = reader(x1)
+    assert attention.attn_processor is before
+    with torch.no_grad():
+        assert torch.equal(vae.geo_decoder(queries=queries, latents=vae(x1 / vae.scale_factor)), occ)
+    assert pos.shape == (2, x1.shape[1], 3) and pos.abs().max() <= reader.box + 1e-6
+    perm = torch.randperm(x1.shape[1], generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(reader(x1[:, perm]), pos[:, perm], atol=1e-5, rtol=1e-5)

@@ -364,9 +364,9 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
 
     check_backend(backend)
     check_mc_algo(mc_algo)
-    if backend == "jax" and config.smoothing == "positions":
-        raise BackendUnavailableError("TIMIConfig.smoothing='positions' (Eq.5 over token positions) runs on the "
-                                      "torch backend only; use --backend torch.")
+    if backend == "jax" and config.smoothing != "tokens":
+        raise BackendUnavailableError(f"TIMIConfig.smoothing={config.smoothing!r} (Eq.5 over token positions) runs "
+                                      "on the torch backend only; use --backend torch.")
     path = resolve_model(model)
     if flashvdm:
         turbo_vae_path(path)              # before the weights load

@@ -13,7 +13,7 @@ PAPER_GUIDED_FRACTION = 15 / 50
 #: schedules are float32, and a sigma equal to the fraction must not depend on its rounding.
 _WINDOW_TOL = 1e-6
 #: Eq.5's neighbours: along the latent's token axis, or by the tokens' positions in space.
-SMOOTHING = ("tokens", "positions")
+SMOOTHING = ("tokens", "positions", "decoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,10 @@ class TIMIConfig:
     axes, the token axis of hy3dgen's (B, L, C) latents, whose neighbours are unrelated tokens (the
     paper's grid has spatial neighbours; hy3dgen's latent has no grid); ``"positions"`` filters over
     the tokens' positions in space, ``sigma`` in units of their nearest-neighbour spacing
-    (:func:`timi_core.gaussian_smooth_points`). It needs a model whose token positions the
-    pipeline can read (the testbed's latents carry them in channels 0-2).
+    (:func:`timi_core.gaussian_smooth_points`), read from the latents themselves, which needs a
+    model whose latents carry them (the testbed's, in channels 0-2); ``"decoder"`` is the same
+    smoothing with the positions read from the VAE decoder's cross-attention, for any hy3dgen model
+    (``timi_torch.positions.DecoderAttentionPositions``).
     """
 
     alpha: float = 0.1

@@ -44,13 +44,13 @@ def _zero_nonfinite_samples(g, xp):
 def smooth_gradient(grad, config: TIMIConfig, axes, positions=None):
     """Eq.5 as ``config`` says: ``grad`` unchanged without SR; else :func:`gaussian_smooth` along
     ``axes`` (``smoothing="tokens"``) or :func:`gaussian_smooth_points` over ``positions`` (B, L, D)
-    (``smoothing="positions"``, which then requires them)."""
+    (``smoothing="positions"`` or ``"decoder"``, which then require them)."""
     if not config.sr:
         return grad
-    if config.smoothing == "positions":
+    if config.smoothing in ("positions", "decoder"):
         if positions is None:
-            raise ValueError("TIMIConfig.smoothing='positions' needs the tokens' positions; this pipeline "
-                             "passed none (use smoothing='tokens' for a model whose latents carry no positions).")
+            raise ValueError(f"TIMIConfig.smoothing={config.smoothing!r} needs the tokens' positions; this "
+                             "pipeline passed none (use smoothing='tokens' for a model whose latents carry no positions).")
         return gaussian_smooth_points(grad, positions, config.sigma)
     return gaussian_smooth(grad, config.sigma, axes)
 

@@ -18,7 +18,8 @@ def _check_model_supports(model: str, runs) -> None:
     if wants and token_positions(model) is None:
         raise typer.BadParameter(f"smoothing=positions (run {wants[0]!r}) needs latents that carry their tokens' "
                                  f"positions, and {model}'s do not (only testbed models with latent_positions); "
-                                 "use smoothing=tokens", param_hint="--set/--sweep")
+                                 "use smoothing=decoder (positions from the VAE decoder) or smoothing=tokens",
+                                 param_hint="--set/--sweep")
 
 
 def _base_config(settings: List[str]) -> TIMIConfig:

@@ -55,12 +55,12 @@ def gradient_structure(pipe, image, masks, config: TIMIConfig, seed: int = 0) ->
         labels = guided_probabilities(model, z.float(), t, cond_main, tokens, 1)[0][0].argmax(-1)
     _, g = separation_loss_and_grad(model, z, t, cond_main, tokens, config, layers)
     positions = None
-    if config.smoothing == "positions":
+    if config.smoothing != "tokens":
         from timi_torch.frontend import prepare_inputs
 
         full = prepare_inputs(pipe.base, image, masks, do_classifier_free_guidance=True,
                               condition_masks=pipe.condition_masks)
-        positions = pipe.token_positions(pipe.clean_prediction(z, t, full.cond))
+        positions = pipe.position_reader(config)(pipe.clean_prediction(z, t, full.cond))
     smooth = timi_core.smooth_gradient(g, config.replace(sr=True), (1,), positions)
     (c, b), (cs, bs) = shares(g[0], labels), shares(smooth[0], labels)
     return {"common": c, "between": b, "common_smoothed": cs, "between_smoothed": bs}

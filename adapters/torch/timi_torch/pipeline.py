@@ -119,7 +119,8 @@ class TIMIPipeline:
     each guided step before SGU (Eqs.5-7); for controls such as ``timi.testbed.controls``.
     ``token_positions(x1) -> (B, L, D)``: optional, the latent tokens' positions in space read from
     a clean latent ``x1`` (B, L, C); needed by ``TIMIConfig(smoothing="positions")`` (Eq.5 over
-    positions). A guided step passes it the sampler's latest clean-latent prediction
+    positions; ``smoothing="decoder"`` reads them from the VAE decoder instead,
+    :class:`timi_torch.positions.DecoderAttentionPositions`). A guided step passes the reader the sampler's latest clean-latent prediction
     ``x1 = z + (1 - sigma) v`` (flow time ``sigma``, velocity ``v`` after CFG): the previous step's,
     and at the first step that of one extra forward at the starting noise.
     """
@@ -282,6 +283,19 @@ class TIMIPipeline:
         return z_new, momentum, diag
 
     # ------------------------------------------------------------------ sampling
+    def position_reader(self, cfg: TIMIConfig) -> Callable:
+        """The tokens' positions for Eq.5 over positions: the latents' own (``smoothing="positions"``,
+        ``token_positions``) or the VAE decoder's attention (``"decoder"``, any hy3dgen model)."""
+        if cfg.smoothing == "decoder":
+            from .positions import DecoderAttentionPositions
+
+            return DecoderAttentionPositions(self.base.vae)
+        if self.token_positions is None:
+            raise ValueError("TIMIConfig.smoothing='positions' needs a pipeline that can read the latent tokens' "
+                             "positions (TIMIPipeline(token_positions=...)); this model's pipeline has none - "
+                             "use smoothing='decoder' (positions from the VAE decoder) or 'tokens'.")
+        return self.token_positions
+
     def _velocity(self, latents, t, cond, do_cfg: bool, guidance_scale: float, guidance):
         """hy3dgen's velocity at ``latents`` (cast to the model dtype), after classifier-free guidance."""
         base = self.base
@@ -357,11 +371,8 @@ class TIMIPipeline:
         num_train = base.scheduler.config.num_train_timesteps
         noise_levels = start_noise_levels(base, timesteps)
         num_guided = cfg.num_guided_steps(noise_levels)   # the guided window
-        by_position = num_guided > 0 and cfg.sgu and cfg.sr and cfg.smoothing == "positions"
-        if by_position and self.token_positions is None:
-            raise ValueError("TIMIConfig.smoothing='positions' needs a pipeline that can read the latent tokens' "
-                             "positions (TIMIPipeline(token_positions=...)); this model's pipeline has none - "
-                             "use smoothing='tokens'.")
+        by_position = num_guided > 0 and cfg.sgu and cfg.sr and cfg.smoothing != "tokens"
+        reader = self.position_reader(cfg) if by_position else None
 
         # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's (CFG) Euler step
         diagnostics = []
@@ -378,7 +389,7 @@ class TIMIPipeline:
                 if by_position:
                     if clean is None:   # first guided step: one extra forward at the current latent
                         clean = self.clean_prediction(latents, t, cond, do_cfg, guidance_scale, guidance)
-                    positions = self.token_positions(clean).to(torch.float32)
+                    positions = reader(clean).to(torch.float32)
                 latents, momentum, diag = self.guide(latents, timestep, inputs.cond_main, inputs.tokens, momentum,
                                                      step=i, config=cfg, guidance=guidance, positions=positions)
                 diagnostics.append(diag)
