@@ -101,7 +101,11 @@ def test_every_block_matches_torch(pair):
             vec = vec + tm.guidance_in(hdit.timestep_embedding(guidance, 256, tm.time_factor))
         c = tm.cond_in(cond)
     jl, jc, jv = embed(jm, j(x), j(t), j(cond), None if guidance is None else j(guidance))
-    assert rel_err(jl, latent) < 1e-6 and rel_err(jc, c) < 1e-6 and rel_err(jv, vec) < 1e-5
+    # the guidance embedding's sin/cos arguments reach 5000 rad (scale 5 x time_factor 1000), where XLA's
+    # and torch's float32 range reductions differ by up to ~1e-5 relative, depending on the CPU (1.2e-5 on
+    # a 2-vCPU AMD EPYC, below 1e-5 elsewhere); see test_timestep_embedding_matches_hy3dgen
+    vec_tol = 3e-5 if guidance is not None else 1e-5
+    assert rel_err(jl, latent) < 1e-6 and rel_err(jc, c) < 1e-6 and rel_err(jv, vec) < vec_tol
     for i, (tb, jb) in enumerate(zip(tm.double_blocks, jm.double_blocks)):
         with torch.no_grad():
             img, txt = tb(img=latent, txt=c, vec=vec, pe=None)
