@@ -103,6 +103,12 @@ class TIMIConfig:
         for name in ("isg", "sgu", "gm", "sr", "detach_weights", "normalize_instances", "per_head"):
             check(name, isinstance(getattr(self, name), bool), "use True or False")
 
+    @property
+    def needs_positions(self) -> bool:
+        """Whether Eq.5 runs over the tokens' positions (``smoothing`` other than ``"tokens"``, with SGU
+        and SR on), so that a guided step needs them."""
+        return self.sgu and self.sr and self.smoothing != "tokens"
+
     def replace(self, **changes) -> "TIMIConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -14,7 +14,8 @@ def _check_model_supports(model: str, runs) -> None:
     """Refuse, before anything runs, a configuration the model cannot sample (one line)."""
     from timi.pipelines import token_positions
 
-    wants = [r.label for r in runs if r.config.enabled and r.config.sr and r.config.smoothing == "positions"]
+    wants = [r.label for r in runs
+             if r.config.enabled and r.config.needs_positions and r.config.smoothing == "positions"]
     if wants and token_positions(model) is None:
         raise typer.BadParameter(f"smoothing=positions (run {wants[0]!r}) needs latents that carry their tokens' "
                                  f"positions, and {model}'s do not (only testbed models with latent_positions); "

@@ -12,7 +12,7 @@ At the first guided step (the seeded noise latent, ``t = 0``), for a configurati
 * the same two after Eq.5 as the configuration applies it (``timi_core.smooth_gradient``): along the
   token axis (``smoothing="tokens"``, as the adapters apply it to hy3dgen's token latents), or over
   the tokens' positions read from the sampler's clean-latent prediction at that step
-  (``smoothing="positions"``, ``TIMIPipeline.clean_prediction``).
+  (``smoothing="positions"`` or ``"decoder"``, ``TIMIPipeline.clean_prediction``).
 
 ``timi testbed gradient DATA --variant NAME=FIELD=VALUE ...`` prints the means over scenes with
 paired bootstrap intervals against the paper's configuration.

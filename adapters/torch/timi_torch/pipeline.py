@@ -259,7 +259,7 @@ class TIMIPipeline:
         float32 momentum), not rounded to the model dtype. ``config``: default ``self.config``.
         ``guidance``: the (B,) guidance-scale tensor of a guidance-distilled DiT
         (``guidance_embed=True``), passed to its forward as hy3dgen's pipeline passes it.
-        ``positions``: the tokens' positions (B, L, D) for ``smoothing="positions"`` (Eq.5).
+        ``positions``: the tokens' positions (B, L, D) when ``config.needs_positions`` (Eq.5 over positions).
         """
         cfg = self.config if config is None else config
         distilled = bool(getattr(self.base.model, "guidance_embed", False))
@@ -371,13 +371,13 @@ class TIMIPipeline:
         num_train = base.scheduler.config.num_train_timesteps
         noise_levels = start_noise_levels(base, timesteps)
         num_guided = cfg.num_guided_steps(noise_levels)   # the guided window
-        by_position = num_guided > 0 and cfg.sgu and cfg.sr and cfg.smoothing != "tokens"
+        by_position = num_guided > 0 and cfg.needs_positions
         reader = self.position_reader(cfg) if by_position else None
 
         # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's (CFG) Euler step
         diagnostics = []
         momentum = None
-        clean = None    # the sampler's latest clean-latent prediction (smoothing="positions" only)
+        clean = None    # the sampler's latest clean-latent prediction (Eq.5 over positions only)
         # Guidance on: float32 master latent (module docstring). Off: hy3dgen's loop, model dtype.
         master = num_guided > 0
         if master:
