@@ -266,6 +266,9 @@ def test_position_smoothing_makes_guided_sampling_follow_the_tokens_not_their_or
     assert by_index > 100 * max(by_position, by_decoder), (by_index, by_position, by_decoder)
     with pytest.raises(ValueError, match="token_positions"):
         _run(TIMIPipeline(fast_base, GUIDED.replace(smoothing="positions")))
+    without_sr = GUIDED.replace(sr=False)   # no Eq.5: no positions needed, the same run either way
+    assert torch.equal(_run(TIMIPipeline(fast_base, without_sr.replace(smoothing="positions"))),
+                       _run(TIMIPipeline(fast_base, without_sr)))
 
 
 def test_decoder_attention_positions_leave_the_decoder_as_it_was_and_follow_the_tokens(fast_base):
