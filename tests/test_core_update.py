@@ -67,7 +67,8 @@ def test_point_smoothing_on_a_line_matches_scipy_away_from_the_ends(backend, n, 
     got = got[:, np.argsort(perm)]
     expected = ndi.gaussian_filter1d(g, sigma, axis=1, mode="reflect", truncate=4.0)
     r = int(4.0 * sigma + 0.5)
-    np.testing.assert_allclose(got[:, r:n - r], expected[:, r:n - r], atol=max(backend.atol, 1e-6))
+    # float32 backends hold positions up to ~400 to 6e-8 relative, ~1e-6 of a grid cell: a few 1e-6 here
+    np.testing.assert_allclose(got[:, r:n - r], expected[:, r:n - r], atol=max(5 * backend.atol, 1e-6))
 
 
 def test_point_smoothing_on_a_3d_grid_matches_scipy_inside(backend):

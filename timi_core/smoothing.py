@@ -74,21 +74,30 @@ def gaussian_smooth(g, sigma, axes):
     return g
 
 
+def _squared_distances(positions, xp):
+    """(B, L, L) squared distances between the points of each sample."""
+    diff = positions[:, :, None, :] - positions[:, None, :, :]
+    return xp.sum(diff * diff, axis=-1)
+
+
+def _median_nearest(d2, xp):
+    """(B,) median over points of the distance to the nearest other point, from (B, L, L) ``d2``."""
+    b, n = d2.shape[0], d2.shape[1]
+    if n < 2:
+        return xp.zeros((b,), dtype=d2.dtype, device=device(d2))
+    eye = xp.eye(n, dtype=xp.bool, device=device(d2))
+    d2 = xp.where(eye[None, :, :], xp.asarray(float("inf"), dtype=d2.dtype, device=device(d2)), d2)
+    nearest = xp.sort(xp.sqrt(xp.min(d2, axis=-1)), axis=-1)
+    lo, hi = (n - 1) // 2, n // 2
+    return 0.5 * (nearest[:, lo] + nearest[:, hi])
+
+
 def nearest_neighbour_spacing(positions):
     """Per sample, the median over points of the distance to the nearest other point: (B,) from
     (B, L, D) ``positions``. On a regular grid it is the grid spacing. 0 where all points coincide
     or a sample has a single point."""
     xp = array_namespace(positions)
-    b, n = positions.shape[0], positions.shape[1]
-    if n < 2:
-        return xp.zeros((b,), dtype=positions.dtype, device=device(positions))
-    diff = positions[:, :, None, :] - positions[:, None, :, :]
-    d2 = xp.sum(diff * diff, axis=-1)
-    eye = xp.eye(n, dtype=xp.bool, device=device(positions))
-    d2 = xp.where(eye[None, :, :], xp.asarray(float("inf"), dtype=d2.dtype, device=device(positions)), d2)
-    nearest = xp.sort(xp.sqrt(xp.min(d2, axis=-1)), axis=-1)
-    lo, hi = (n - 1) // 2, n // 2
-    return 0.5 * (nearest[:, lo] + nearest[:, hi])
+    return _median_nearest(_squared_distances(positions, xp), xp)
 
 
 def gaussian_smooth_points(g, positions, sigma, truncate: float = TRUNCATE):
@@ -113,11 +122,10 @@ def gaussian_smooth_points(g, positions, sigma, truncate: float = TRUNCATE):
                          f"and L, got {tuple(g.shape)} and {tuple(positions.shape)}.")
     if sigma <= 1e-15:
         return g
-    p = xp.astype(stop_gradient(positions), g.dtype)
-    h = nearest_neighbour_spacing(p)
+    d2 = _squared_distances(xp.astype(stop_gradient(positions), g.dtype), xp)
+    h = _median_nearest(d2, xp)                            # the samples' nearest_neighbour_spacing
     h = xp.where(h > 0, h, xp.ones_like(h))[:, None, None]
-    diff = p[:, :, None, :] - p[:, None, :, :]
-    d2 = xp.sum(diff * diff, axis=-1) / (h * h)            # squared distance in units of h
+    d2 = d2 / (h * h)                                      # squared distance in units of h
     cut = int(truncate * sigma + 0.5) + 0.5    # half a cell past SciPy's radius: rounding never drops a neighbour
     w = xp.exp(-0.5 * d2 / (sigma * sigma))
     w = xp.where(d2 <= cut * cut, w, xp.zeros_like(w))

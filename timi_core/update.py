@@ -47,7 +47,7 @@ def smooth_gradient(grad, config: TIMIConfig, axes, positions=None):
     (``smoothing="positions"`` or ``"decoder"``, which then require them)."""
     if not config.sr:
         return grad
-    if config.smoothing in ("positions", "decoder"):
+    if config.smoothing != "tokens":
         if positions is None:
             raise ValueError(f"TIMIConfig.smoothing={config.smoothing!r} needs the tokens' positions; this "
                              "pipeline passed none (use smoothing='tokens' for a model whose latents carry no positions).")
