@@ -14,6 +14,7 @@ settings.register_profile(
     "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors]
 )
 settings.register_profile("dev", max_examples=100, deadline=None)
+settings.register_profile("stress", max_examples=2000, deadline=None)  # hunting rare float32 failures
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -148,6 +150,12 @@ def test_decoder_stage_trains_the_decoder_only_and_keeps_the_dit_usable(tmp_path
     w.init_from(d)
     w.run()
     assert w.state["vae_decoder_loss"] == u.state["vae_decoder_loss"]
+    # with latent noise the decoder sees other latents (another loss), and the encoder still stays put
+    n = Trainer(tmp_path / "noisy", tiny_cache, replace(cfg, decoder_latent_noise=1.0), TINY, progress=False)
+    n.init_from(d)
+    n.run()
+    assert n.state["vae_decoder_loss"] != u.state["vae_decoder_loss"]
+    assert all(torch.equal(n.encoder.state_dict()[k], v) for k, v in before["encoder"].items())
 
 
 def _check_condition_use(model_dir, data_dir, blind_dir):

@@ -49,6 +49,10 @@ def train(
     decoder_uniform_queries: int = typer.Option(1024, "--decoder-uniform-queries", min=1,
                                                 help="Uniform queries per sample in the decoder stage "
                                                      "(up to the cache's 4096)."),
+    decoder_latent_noise: float = typer.Option(0.0, "--decoder-latent-noise", min=0.0,
+                                               help="Decoder stage: perturb each latent by Gaussian noise of up "
+                                                    "to this many latent stds (drawn uniformly), so that latents "
+                                                    "near the encoder's decode to whole shapes."),
     dit_steps: int = typer.Option(3000, "--dit-steps", min=0),
     preset: str = typer.Option("v2", "--preset",
                                help="Model sizes: v2 (shipped), v3 (v2 with the fixed conditioner), v3p (v3 + "
@@ -90,7 +94,7 @@ def train(
     cfg = TrainConfig(seed=seed, n_train=n_train, n_multi=n_multi, vae_steps=vae_steps,
                       vae_gap_steps=vae_gap_steps, vae_decoder_steps=vae_decoder_steps,
                       vae_decoder_lr=vae_decoder_lr, decoder_uniform_queries=decoder_uniform_queries,
-                      dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
+                      decoder_latent_noise=decoder_latent_noise, dit_steps=dit_steps, dit_lr=dit_lr, threads=threads,
                       save_every=save_every, condition=condition, device=device, dit_batch=dit_batch,
                       coupling=coupling)
     sizes = SIZES[preset]

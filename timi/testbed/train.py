@@ -57,6 +57,12 @@ class TrainConfig:
     #: uniform queries per sample in the decoder stage (the other sets take ``n_query`` each): more of
     #: them hold down floaters, small blobs that a decoder trained near surfaces puts in empty space
     decoder_uniform_queries: int = 1024
+    #: decoder stage only: each sample's latent is perturbed by Gaussian noise of standard deviation
+    #: ``s / scale_factor`` (``s`` in units of the latents' std, the DiT's scale), ``s`` drawn
+    #: uniformly in ``[0, decoder_latent_noise]``, and still decoded to its exact occupancy. A decoder
+    #: trained this way maps latents near the encoder's (as a DiT's samples are) to whole shapes,
+    #: where a sharp decoder trained on clean latents alone breaks them into pieces
+    decoder_latent_noise: float = 0.0
     vae_batch: int = 8
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
@@ -246,12 +252,13 @@ class Trainer:
                               rng.choice(self.dit_pool, cfg.vae_batch - half, replace=False)])
         lr = _lr(step, cfg.vae_decoder_steps, cfg.vae_decoder_lr, cfg.warmup)
         sets = {"volume": cfg.decoder_uniform_queries, "near": cfg.n_query, "gap": cfg.n_query, "thin": cfg.n_query}
-        return self._vae_update(rng, gen, torch.from_numpy(idx), lr, sets, decoder_only=True)
+        return self._vae_update(rng, gen, torch.from_numpy(idx), lr, sets, decoder_only=True,
+                                latent_noise=cfg.decoder_latent_noise)
 
     def _vae_update(self, rng, gen, idx, lr: float, query_sets: tuple[str, ...] | dict[str, int],
-                    decoder_only: bool = False) -> float:
+                    decoder_only: bool = False, latent_noise: float = 0.0) -> float:
         """One AdamW step on BCE of exact occupancy; ``query_sets``: cached query sets, ``n_query`` each,
-        or a mapping set -> count."""
+        or a mapping set -> count; ``latent_noise``: see ``TrainConfig.decoder_latent_noise``."""
         cfg, d = self.cfg, self.data
         pick = lambda n, k: torch.from_numpy(rng.choice(n, k, replace=False))  # noqa: E731
         dev = self.device
@@ -263,6 +270,11 @@ class Trainer:
         with torch.set_grad_enabled(not decoder_only):
             mean, logvar = self.encoder(surface, d["fps"][idx].to(dev))
         z = mean + torch.randn(mean.shape, generator=gen).to(dev) * (0.5 * logvar).exp()
+        if latent_noise > 0:
+            if not self.state["scale_factor"]:
+                raise ValueError("decoder latent noise needs the latents' scale_factor (train the VAE first)")
+            s = torch.from_numpy(rng.uniform(0.0, latent_noise, size=(len(idx), 1, 1))).float()
+            z = z + (s * torch.randn(mean.shape, generator=gen)).to(dev) / self.state["scale_factor"]
         logits = decode_occupancy(self.vae, z, queries)
         bce = F.binary_cross_entropy_with_logits(logits, occ)
         learnt = slice(3, None) if self.sizes.latent_positions else slice(None)  # exact positions: no KL
