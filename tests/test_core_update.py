@@ -131,10 +131,14 @@ def test_point_smoothing_checks_its_inputs_and_sgu_needs_positions_for_it(backen
 def test_gm_step_peak_is_alpha_times_latent_std(backend, shape, alpha, seed):
     rng = np.random.default_rng(seed)
     z, g = rng.normal(size=(2, *shape))
-    lam = tc.adaptive_scale(backend.asarray(g), backend.asarray(z), alpha=alpha, eps=0.0)
-    dz = backend.to_numpy(lam) * g
+    lam = backend.to_numpy(tc.adaptive_scale(backend.asarray(g), backend.asarray(z), alpha=alpha, eps=0.0))
+    dz = lam * g
     peaks = np.abs(dz).reshape(shape[0], -1).max(axis=1)
-    np.testing.assert_allclose(peaks, alpha * z.reshape(shape[0], -1).std(axis=1), rtol=1e-5)
+    std = z.reshape(shape[0], -1).std(axis=1)
+    # std(z) in the backend's precision: a few ulps of |z| (rounding, the mean), relative to std(z) itself,
+    # which for a couple of nearly equal entries is tiny (float32: two entries 5e-4 apart give 2e-5)
+    rtol = 1e-5 + 8 * np.finfo(lam.dtype).eps * np.abs(z).reshape(shape[0], -1).max(axis=1) / std
+    assert np.all(np.abs(peaks - alpha * std) <= rtol * alpha * std), (peaks, alpha * std, rtol)
 
 
 @given(steps=st.integers(1, 8), beta=st.floats(0.0, 0.99), seed=seeds)
