@@ -161,6 +161,12 @@ def test_sgu_update_composes_eqs_5_to_7(backend):
     m = cfg.beta * m0 + (1 - cfg.beta) * lam * g_reg
     backend.assert_close(m_new, m, atol=max(backend.atol, 1e-6))
     backend.assert_close(z_new, z - m, atol=max(backend.atol, 1e-6))
+    step = tc.sgu_step(backend.asarray(z), backend.asarray(g), backend.asarray(m0), cfg, axes=(1,))
+    backend.assert_close(step.scale, lam.reshape(2), rtol=max(backend.rtol, 1e-5))  # Eq.6's lambda, per sample
+    backend.assert_close(step.momentum, m, atol=max(backend.atol, 1e-6))
+    for off in (dict(gm=False), dict(sgu=False)):  # no Eq.6: the step size is alpha
+        backend.assert_close(tc.sgu_step(backend.asarray(z), backend.asarray(g), None, tc.TIMIConfig(**off),
+                                         axes=(1,)).scale, np.full(2, cfg.alpha), rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from .outputs import StepDiagnostics, TIMIPipelineOutput
 from .separation import (instance_probability, instance_separation_loss, normalize_over_instances, separation_loss,
                          spatial_weights)
 from .smoothing import gaussian_kernel1d, gaussian_smooth, gaussian_smooth_points, nearest_neighbour_spacing
-from .update import adaptive_scale, momentum, sgu_update, smooth_gradient
+from .update import SGUStep, adaptive_scale, momentum, sgu_step, sgu_update, smooth_gradient
 
 __all__ = [
     "TIMIConfig",
@@ -38,8 +38,10 @@ __all__ = [
     "gaussian_smooth_points",
     "nearest_neighbour_spacing",
     "gaussian_kernel1d",
+    "SGUStep",
     "adaptive_scale",
     "momentum",
+    "sgu_step",
     "sgu_update",
     "smooth_gradient",
     "pool_masks",

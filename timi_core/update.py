@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from ._backend import array_namespace
+from typing import Any, NamedTuple
+
+from ._backend import array_namespace, device
 from .config import TIMIConfig
 from .smoothing import gaussian_smooth, gaussian_smooth_points
 
-__all__ = ["adaptive_scale", "momentum", "sgu_update", "smooth_gradient"]
+__all__ = ["SGUStep", "adaptive_scale", "momentum", "sgu_step", "sgu_update", "smooth_gradient"]
 
 
 def _sample_axes(x) -> tuple[int, ...]:
@@ -55,6 +57,16 @@ def smooth_gradient(grad, config: TIMIConfig, axes, positions=None):
     return gaussian_smooth(grad, config.sigma, axes)
 
 
+class SGUStep(NamedTuple):
+    """One SGU update (:func:`sgu_step`): the new latent, the new momentum (the update that was
+    subtracted) and, per sample (B,), the step size applied to the gradient: Eq.6's ``lambda``, or
+    ``alpha`` where GM (or SGU) is off."""
+
+    latent: Any
+    momentum: Any
+    scale: Any
+
+
 def sgu_update(z, grad, m_prev, config: TIMIConfig, axes, positions=None):
     """Eqs.5-7: one guided latent update ``(z, dL/dz, m_{t-1}) -> (z - m_t, m_t)``.
 
@@ -68,18 +80,28 @@ def sgu_update(z, grad, m_prev, config: TIMIConfig, axes, positions=None):
 
     The returned ``m_new`` is always the update that was subtracted: ``z_new == z - m_new``.
     A sample whose gradient is not finite gets no new update (only the decayed momentum).
+    :func:`sgu_step` returns the same with the step size.
     """
+    step = sgu_step(z, grad, m_prev, config, axes, positions)
+    return step.latent, step.momentum
+
+
+def sgu_step(z, grad, m_prev, config: TIMIConfig, axes, positions=None) -> SGUStep:
+    """:func:`sgu_update` (Eqs.5-7), also returning the per-sample step size (:class:`SGUStep`)."""
     xp = array_namespace(z, grad)
     if grad.shape != z.shape:
         raise ValueError(f"sgu_update: gradient {grad.shape} and latent {z.shape} differ in shape.")
     g = _zero_nonfinite_samples(grad, xp)
+    batch = (z.shape[0],)
+    fixed = xp.full(batch, config.alpha, dtype=z.dtype, device=device(z))
     if not config.sgu:
         dz = config.alpha * g
-        return z - dz, dz
+        return SGUStep(z - dz, dz, fixed)
     g = smooth_gradient(g, config, axes, positions)
     if config.gm:
-        dz = adaptive_scale(g, z, config.alpha, config.eps) * g
+        lam = adaptive_scale(g, z, config.alpha, config.eps)
+        dz, scale = lam * g, xp.reshape(lam, batch)
     else:
-        dz = config.alpha * g
+        dz, scale = config.alpha * g, fixed
     m = momentum(xp.zeros_like(dz) if m_prev is None else m_prev, dz, config.beta)
-    return z - m, m
+    return SGUStep(z - m, m, scale)

@@ -154,12 +154,7 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, dts, 
     def guide(z, m, t):  # ISG (Eqs.2-4) + SGU (Eqs.5-7) on the float32 latent z
         loss, grad = _loss_and_grad(model, z, jnp.full((batch,), t), cond, tokens, config,
                                     num_layers, guidance)
-        z_new, m_new = timi_core.sgu_update(z, grad, m, config, axes=(1,))
-        if config.sgu and config.gm:  # diagnostics only (XLA shares the smoothing with the update)
-            g = timi_core.gaussian_smooth(grad, config.sigma, (1,)) if config.sr else grad
-            scale = timi_core.adaptive_scale(g, z, config.alpha, config.eps).reshape(batch)
-        else:
-            scale = jnp.full((batch,), config.alpha, jnp.float32)
+        z_new, m_new, scale = timi_core.sgu_step(z, grad, m, config, axes=(1,))
         max_update = jnp.max(jnp.abs(z_new - z), axis=(1, 2))
         return z_new, m_new, (loss, scale, max_update)
 

@@ -272,12 +272,7 @@ class TIMIPipeline:
             grad = self.gradient_hook(grad, step)
         z = latents.detach().to(torch.float32)
         axes = smoothing_axes(z)
-        z_new, momentum = timi_core.sgu_update(z, grad, momentum, cfg, axes=axes, positions=positions)
-        if cfg.sgu and cfg.gm:
-            g = timi_core.smooth_gradient(grad, cfg, axes, positions)
-            scale = timi_core.adaptive_scale(g, z, cfg.alpha, cfg.eps).flatten()
-        else:
-            scale = torch.full((z.shape[0],), cfg.alpha)
+        z_new, momentum, scale = timi_core.sgu_step(z, grad, momentum, cfg, axes=axes, positions=positions)
         diag = StepDiagnostics(step, float(timestep[0]), loss.tolist(), scale.tolist(),
                                (z_new - z).abs().flatten(1).amax(1).tolist())
         return z_new, momentum, diag
