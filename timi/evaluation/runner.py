@@ -276,6 +276,20 @@ def summarize(run: Run, results: list[SceneResult]) -> RunSummary:
     return RunSummary(run, means, seconds, len(ok), len(results), results)
 
 
+def cached_runs(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+    """``{label: run folder}`` of the runs cached under ``OUT/cache/`` for sampling ``seed``.
+
+    The label is the one the run was first cached under (``config.json``'s ``first_label``): a
+    configuration evaluated again under another label keeps its folder and its first label.
+    """
+    runs = {}
+    for cfg in sorted(Path(out_dir).glob("cache/*/config.json")):
+        info = json.loads(cfg.read_text())
+        if int(info.get("seed", 0)) == int(seed):
+            runs[info.get("first_label")] = cfg.parent
+    return runs
+
+
 def merge_seeds(per_seed: list[tuple[int, list[RunSummary]]]) -> list[RunSummary]:
     """One summary per run over every (scene, seed); with several seeds a scene id becomes ``<id>@seed<s>``."""
     if len(per_seed) == 1:

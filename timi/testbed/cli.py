@@ -271,6 +271,26 @@ def fusion(
 
 
 @app.command()
+def sizes(
+    dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
+    eval_dir: Path = typer.Option(..., "--eval-dir", help="A `timi eval --baseline` output on these scenes."),
+    run: list[str] = typer.Option(["TIMI"], "--run", help="Run label(s) as first cached (config.json's first_label)."),
+    base: str = typer.Option("base model (no TIMI)", "--base", help="Label of the base model's run."),
+    seed: list[int] = typer.Option([0], "--seed", help="Sampling seed(s); repeat for several."),
+) -> None:
+    """Surface area of the generated meshes, run / base (paired) and / ground truth: does a guidance
+    separate instances or shrink them? (docs/results.md)"""
+    from rich.console import Console
+
+    from timi.cli_common import run_cli
+
+    from .sizes import area_table
+
+    typer.echo(run_cli(lambda: area_table(dataset, eval_dir, list(run), base, tuple(dict.fromkeys(seed))),
+                       Console(stderr=True, soft_wrap=True)))
+
+
+@app.command()
 def gradient(
     dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
     model: Path = typer.Option(None, "--model", help="Model directory (default: the shipped one)."),

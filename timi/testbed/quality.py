@@ -164,13 +164,9 @@ def side_by_side(scene_dirs: list[Path], columns: dict[str, list[trimesh.Trimesh
 def figure_from_eval(dataset_dir: str | Path, eval_out: str | Path, scene_ids: list[str], out: str | Path,
                      labels: tuple[str, ...] = ("base model (no TIMI)", "TIMI"), seed: int = 0) -> Path:
     """Side-by-side figure from a ``timi eval`` output folder (its cache of generated meshes, ``seed``)."""
-    import json
+    from timi.evaluation.runner import cached_runs
 
-    runs = {}
-    for cfg in Path(eval_out).glob("cache/*/config.json"):
-        info = json.loads(cfg.read_text())
-        if info.get("seed", 0) == seed:
-            runs[info.get("first_label")] = cfg.parent
+    runs = cached_runs(eval_out, seed)
     missing = [label for label in labels if label not in runs]
     if missing:
         raise FileNotFoundError(f"{eval_out}: no cached run labelled {missing}; found {sorted(runs)}")
