@@ -59,3 +59,13 @@ def test_runs_are_found_by_seed_and_a_missing_label_is_one_line(tmp_path):
     bad = CliRunner().invoke(app, ["testbed", "sizes", str(data), "--eval-dir", str(out), "--run", "nope"])
     errors = [ln for ln in bad.output.splitlines() if ln.startswith("error:")]
     assert bad.exit_code == 2 and len(errors) == 1 and "'nope'" in errors[0], bad.output
+
+
+def test_two_runs_first_cached_under_one_label_are_refused(tmp_path):
+    data, out = _cache(tmp_path, [0.5, 0.6], 0.8, 0.5)
+    twin = out / "cache" / "twin0"
+    twin.mkdir()
+    (twin / "config.json").write_text(json.dumps({"seed": 0, "first_label": "TIMI"}))
+    bad = CliRunner().invoke(app, ["testbed", "sizes", str(data), "--eval-dir", str(out)])
+    errors = [ln for ln in bad.output.splitlines() if ln.startswith("error:")]
+    assert bad.exit_code == 2 and len(errors) == 1 and "two cached runs are labelled 'TIMI'" in errors[0], bad.output

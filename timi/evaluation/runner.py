@@ -280,13 +280,20 @@ def cached_runs(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     """``{label: run folder}`` of the runs cached under ``OUT/cache/`` for sampling ``seed``.
 
     The label is the one the run was first cached under (``config.json``'s ``first_label``): a
-    configuration evaluated again under another label keeps its folder and its first label.
+    configuration evaluated again under another label keeps its folder and its first label. Two
+    configurations first cached under one label (e.g. the same control with two ``--set``) cannot be
+    told apart by it: that raises ``ValueError``, and the fix is one ``--out`` per configuration.
     """
-    runs = {}
+    runs: dict[str, Path] = {}
     for cfg in sorted(Path(out_dir).glob("cache/*/config.json")):
         info = json.loads(cfg.read_text())
-        if int(info.get("seed", 0)) == int(seed):
-            runs[info.get("first_label")] = cfg.parent
+        if int(info.get("seed", 0)) != int(seed):
+            continue
+        label = info.get("first_label")
+        if label in runs:
+            raise ValueError(f"{out_dir}: two cached runs are labelled {label!r} for seed {seed} "
+                             f"({runs[label].name}, {cfg.parent.name}); evaluate them into separate --out folders.")
+        runs[label] = cfg.parent
     return runs
 
 
