@@ -4,10 +4,10 @@ A guidance can raise SSR (Eq.10) without any instance-aware change: if it makes 
 gaps open between adjacent instances and fused pairs come apart, while the scene's F-score falls.
 From the meshes that ``timi eval`` caches (``OUT/cache/<run>/<scene>/scene.ply``):
 
-* :func:`area_ratios`: for each (scene, seed) pair, the surface area of a run's scene mesh over the
+* :func:`area_table`: for each (scene, seed) pair, the surface area of a run's scene mesh over the
   base model's, summarised by the geometric mean with a paired bootstrap interval on the log ratios
-  (a surface scaled by ``s`` has ``s**2`` times the area);
-* the area of each run's meshes over the ground truth's (the sum of ``gt/instance_XX.ply``).
+  (a surface scaled by ``s`` has ``s**2`` times the area), and the area of each run's meshes over
+  the ground truth's (the sum of ``gt/instance_XX.ply``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def area_table(dataset_dir: str | Path, eval_out: str | Path, labels: list[str],
             sid = key.split("@seed")[0]
             if sid not in gt:
                 gt[sid] = ground_truth_area(Path(dataset_dir) / sid)
-        to_gt = geometric_mean_interval([mine[k] / gt[k.split("@seed")[0]] for k in mine])[0]
+        to_gt = float(np.exp(np.mean(np.log([mine[k] / gt[k.split("@seed")[0]] for k in mine]))))
         if label == base_label:
             lines.append(f"| {label} | {len(mine)} | 1 | {to_gt:.3f} |")
             continue
