@@ -85,3 +85,8 @@ class OneLineUsageErrors(TyperGroup):
             sys.exit(EXIT_INTERRUPTED)
         # non-standalone click returns typer.Exit's code, or the command's return value (None)
         sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+
+
+#: ``--preset``'s help, shared by ``timi generate`` and ``timi eval``.
+PRESET_HELP = ("TIMI's form: default (TIMIConfig()) or paper (the paper's literal Eqs.2-7, TIMIConfig.paper()); "
+               "docs/results.md says which is the default and why.")

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import typer
 
-from .cli_common import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_INTERRUPTED, run_cli,  # noqa: F401 (re-exported)
+from .cli_common import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_INTERRUPTED, PRESET_HELP, run_cli,  # noqa: F401 (re-exported)
                          split_image_and_masks)
 from .inspect_cmd import prepare_masks
 from .io import OutputError, check_mesh_path, check_writable, first_missing, mesh_bytes, write_bytes
@@ -59,6 +59,7 @@ class GenerateOptions:
     guided_layers: int = 4
     guided_steps: Optional[int] = None   # None: the guided_fraction window (the paper's 15 of 50 steps)
     guided_fraction: float = 0.3
+    preset: str = "default"           # TIMIConfig.preset: default or paper
     timi: bool = True
     octree_resolution: int = 384
     device: Optional[str] = None
@@ -130,15 +131,18 @@ class _Clock:
 def _config(opts: GenerateOptions):
     from timi_core import TIMIConfig
 
-    cfg = TIMIConfig(alpha=opts.alpha, sigma=opts.sigma, guided_layers=opts.guided_layers, guided_steps=opts.guided_steps,
-                     guided_fraction=opts.guided_fraction)
+    cfg = TIMIConfig.preset(opts.preset, alpha=opts.alpha, sigma=opts.sigma, guided_layers=opts.guided_layers,
+                            guided_steps=opts.guided_steps, guided_fraction=opts.guided_fraction)
     return cfg if opts.timi else cfg.replace(isg=False)
 
 
 def check_options(opts: GenerateOptions) -> tuple[Path, str]:
     """Every check that needs no model: options, output paths (probed, nothing left behind), the
     picture, the model argument. Returns (output path, model). Raises the bad-input errors."""
+    from timi_core import PRESETS
+
     for name, value, choices in (("--assign", opts.assign, ASSIGN_METHODS), ("--backend", opts.backend, BACKENDS),
+                                 ("--preset", opts.preset, tuple(PRESETS)),
                                  ("--dtype", opts.dtype, DTYPES)):
         if value not in choices:
             raise ValueError(f"{name} {value!r}: choose one of {', '.join(choices)}.")
@@ -419,6 +423,7 @@ def generate_command(
     guided_layers: int = typer.Option(4, help="Guide the first N double-stream blocks."),
     guided_steps: Optional[int] = typer.Option(None, help="Guide the first N denoising steps (default: the --guided-fraction window)."),
     guided_fraction: float = typer.Option(0.3, help="Guide the steps that start in this first part of the trajectory (noise level below it; paper: 15/50 = 0.3)."),
+    preset: str = typer.Option("default", "--preset", help=PRESET_HELP),
     no_timi: bool = typer.Option(False, "--no-timi", help="Plain hy3dgen sampling (no guidance), for comparison."),
     octree_resolution: int = typer.Option(384, help="Marching-cubes grid resolution."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
@@ -449,7 +454,7 @@ def generate_command(
         return GenerateOptions(image=image, masks=mask_paths, out=out, model=model, backend=backend, steps=steps,
                                guidance_scale=guidance_scale, seed=seed, alpha=alpha, sigma=sigma,
                                guided_layers=guided_layers, guided_steps=guided_steps,
-                               guided_fraction=guided_fraction, timi=not no_timi,
+                               guided_fraction=guided_fraction, preset=preset, timi=not no_timi,
                                octree_resolution=octree_resolution, device=device, dtype=dtype,
                                split_instances=split_instances, report=report, overlap=overlap, assign=assign,
                                progress=not quiet, threads=threads, flashvdm=flashvdm, mc_algo=mc_algo,

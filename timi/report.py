@@ -176,16 +176,25 @@ def plot_instance_maps(records: Sequence[StepMaps], cond, names: Sequence[str], 
 
 
 def plot_guidance(diagnostics, records: Sequence[StepMaps], names: Sequence[str]):
-    """L_sep, lambda and max update per guided step; mean purity per recorded step and layer."""
+    """L_sep, lambda and max update per guided step; the share of the update common to all tokens
+    (raw gradient, after Eq.5, applied step); mean purity per recorded step and layer."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
     if diagnostics:
         steps = [d.step for d in diagnostics]
         axes[0].plot(steps, [d.loss[0] for d in diagnostics], "o-")
         axes[1].plot(steps, [d.scale[0] for d in diagnostics], "o-", color="tab:orange")
         axes[2].plot(steps, [d.max_update[0] for d in diagnostics], "o-", color="tab:green")
+        for field, label, color in (("common_gradient", "raw dL/dz", "tab:gray"),
+                                    ("common_smoothed", "after Eq.5", "tab:blue"),
+                                    ("common_update", "applied step (Eq.7)", "tab:red")):
+            values = [getattr(d, field) for d in diagnostics]
+            if all(v is not None for v in values):
+                axes[4].plot(steps, [v[0] for v in values], "o-", color=color, label=label)
+        axes[4].set_ylim(0, 1.02)
+        axes[4].legend(fontsize=8)
     else:
-        for ax in axes[:3]:
+        for ax in (*axes[:3], axes[4]):
             ax.text(0.5, 0.5, "no guided steps\n(--no-timi or guided-steps 0)", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_title("L_sep (Eq.4), mean over guided layers")
     axes[1].set_title("lambda (Eq.6)")
@@ -194,6 +203,7 @@ def plot_guidance(diagnostics, records: Sequence[StepMaps], names: Sequence[str]
         rs = sorted((r for r in records if r.layer == layer), key=lambda r: r.step)
         axes[3].plot([r.step for r in rs], [float(np.mean(r.purity)) for r in rs], "o-", label=f"layer {layer}")
     axes[3].set_title("mean instance purity of the maps")
+    axes[4].set_title("share of the update common to all tokens")
     axes[3].set_ylim(0, 1.02)
     if records:
         axes[3].legend(fontsize=8)

@@ -14,6 +14,8 @@ PAPER_GUIDED_FRACTION = 15 / 50
 _WINDOW_TOL = 1e-6
 #: Eq.5's neighbours: along the latent's token axis, or by the tokens' positions in space.
 SMOOTHING = ("tokens", "positions", "decoder")
+#: What of the gradient's token-common part (its per-channel mean over the tokens) the step keeps.
+COMMON = ("keep", "remove", "only")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,19 @@ class TIMIConfig:
     model whose latents carry them (the testbed's, in channels 0-2); ``"decoder"`` is the same
     smoothing with the positions read from the VAE decoder's cross-attention, for any hy3dgen model
     (``timi_torch.positions.DecoderAttentionPositions``).
+
+    ``common`` chooses what the step keeps of the gradient's *token-common part*, its per-channel
+    mean over the latent's smoothing axes (the tokens of hy3dgen's (B, L, C) latents; the same
+    shift for every token), after Eq.5 and before Eq.6 (:func:`timi_core.select_common`):
+    ``"keep"`` (the paper: all of it), ``"remove"`` (``g - mean_tokens(g)``: only the
+    token-specific rest, which moves tokens relative to each other) or ``"only"`` (the shared
+    shift alone; an analysis variant: it ignores which token the gradient came from, so a
+    shuffled-gradient control equals it). On token latents Eq.5 along the token axis averages
+    unrelated tokens, so what survives it is mostly the common part, and Eq.6 scales that up: a
+    shift shared by every token, which the decoder turns into a change of size (docs/results.md).
+
+    :meth:`paper` is the paper's literal form (Sec. 5.1); ``TIMIConfig()`` is the project's
+    default (docs/results.md says which, and why).
     """
 
     alpha: float = 0.1
@@ -77,6 +92,7 @@ class TIMIConfig:
     normalize_instances: bool = False
     per_head: bool = False
     smoothing: str = "tokens"
+    common: str = "keep"
 
     def __post_init__(self) -> None:
         def check(name: str, ok: bool, rule: str) -> None:
@@ -100,6 +116,8 @@ class TIMIConfig:
         check("guided_fraction", finite(self.guided_fraction) and 0 <= self.guided_fraction <= 1,
               "use a number in [0, 1], the part of the trajectory to guide (paper: 15/50 = 0.3)")
         check("smoothing", self.smoothing in SMOOTHING, f"use one of {SMOOTHING} (paper's Eq.5 on token latents: 'tokens')")
+        check("common", self.common in COMMON,
+              f"use one of {COMMON} (the paper keeps the gradient's token-common part: 'keep')")
         for name in ("isg", "sgu", "gm", "sr", "detach_weights", "normalize_instances", "per_head"):
             check(name, isinstance(getattr(self, name), bool), "use True or False")
 
@@ -108,6 +126,20 @@ class TIMIConfig:
         """Whether Eq.5 runs over the tokens' positions (``smoothing`` other than ``"tokens"``, with SGU
         and SR on), so that a guided step needs them."""
         return self.sgu and self.sr and self.smoothing != "tokens"
+
+    @classmethod
+    def paper(cls, **changes) -> "TIMIConfig":
+        """The paper's literal form (Sec. 5.1, Eqs.2-7 as written): alpha 0.1, sigma 1.5 along the
+        latent's axes (the token axis on hy3dgen), beta 0.9, l = 4 layers, the first 30 % of the
+        trajectory, the whole gradient kept. ``changes`` override fields (validated)."""
+        return cls(**{**PAPER_FIELDS, **changes})
+
+    @classmethod
+    def preset(cls, name: str, **changes) -> "TIMIConfig":
+        """A named configuration (:data:`PRESETS`): ``"default"`` (``TIMIConfig()``) or ``"paper"``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown TIMI preset {name!r}; use one of {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **changes})
 
     def replace(self, **changes) -> "TIMIConfig":
         """A copy with some fields changed (validated again)."""
@@ -138,3 +170,13 @@ class TIMIConfig:
     def guidance_active(self, step_index: int, sigmas: Sequence[float]) -> bool:
         """Whether the denoising step ``step_index`` (0-based) of the schedule ``sigmas`` is guided."""
         return step_index < self.num_guided_steps(sigmas)
+
+
+#: The paper's literal form: the fields that :meth:`TIMIConfig.paper` sets (every other field at
+#: the value the paper implies, which is also its default here).
+PAPER_FIELDS = dict(alpha=0.1, sigma=1.5, beta=0.9, eps=1e-6, guided_layers=4, guided_steps=None,
+                    guided_fraction=PAPER_GUIDED_FRACTION, isg=True, sgu=True, gm=True, sr=True,
+                    detach_weights=False, normalize_instances=False, per_head=False, smoothing="tokens",
+                    common="keep")
+#: Named configurations (``--preset``): field values over :class:`TIMIConfig`'s defaults.
+PRESETS = {"default": {}, "paper": PAPER_FIELDS}

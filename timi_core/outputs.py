@@ -16,6 +16,11 @@ class StepDiagnostics:
     ``loss``: L_sep (Eq.4, mean over the guided layers) before the update; ``scale``: the step
     size lambda (Eq.6 with GM, else alpha); ``max_update``: max |z_new - z| of the step (Eq.7),
     what the float32 latent actually moved (guided runs carry the latent in float32).
+
+    The decomposition of the update (:func:`timi_core.common_share`): the share of the norm that
+    is common to all tokens (the per-channel mean over the tokens) in ``common_gradient`` (the raw
+    ``dL/dz``), ``common_smoothed`` (after Eq.5) and ``common_update`` (the applied step
+    ``z_new - z``, Eq.7); ``None`` where a backend does not record them.
     """
 
     step: int
@@ -23,6 +28,9 @@ class StepDiagnostics:
     loss: list[float]
     scale: list[float]
     max_update: list[float]
+    common_gradient: Optional[list[float]] = None
+    common_smoothed: Optional[list[float]] = None
+    common_update: Optional[list[float]] = None
 
 
 @dataclasses.dataclass(frozen=True)

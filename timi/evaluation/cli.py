@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from timi.cli_common import PRESET_HELP
 from timi_core import TIMIConfig
 
 
@@ -23,21 +24,47 @@ def _check_model_supports(model: str, runs) -> None:
                                  param_hint="--set/--sweep")
 
 
-def _base_config(settings: List[str]) -> TIMIConfig:
+def config_from_settings(settings: List[str], base: TIMIConfig) -> TIMIConfig:
+    """``base`` with ``FIELD=VALUE`` settings applied (validated); ``ValueError`` names the bad one."""
     from .runs import SWEEPABLE, _parse_value
 
-    base = TIMIConfig()
     for item in settings:
         name, sep, value = item.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or name not in SWEEPABLE:
-            raise typer.BadParameter(f"{item!r}: use FIELD=VALUE with FIELD one of {', '.join(SWEEPABLE)}",
-                                     param_hint="--set")
-        try:
-            base = base.replace(**{name: _parse_value(name, value, getattr(base, name))})
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--set") from None
+            raise ValueError(f"{item!r}: use FIELD=VALUE with FIELD one of {', '.join(SWEEPABLE)}")
+        base = base.replace(**{name: _parse_value(name, value, getattr(base, name))})
     return base
+
+
+def _base_config(settings: List[str], preset: str = "default") -> TIMIConfig:
+    try:
+        base = TIMIConfig.preset(preset)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--preset") from None
+    try:
+        return config_from_settings(settings, base)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--set") from None
+
+
+def evaluate_and_report(dataset_dir, runs, generate, out, *, seeds, metrics, limit=None, quiet=False, title=None,
+                        report_dir=None):
+    """The one evaluation loop of the commands: every seed of ``seeds`` (an :class:`Evaluator` each,
+    the same ``metrics``), merged into one summary per run (:func:`merge_seeds`), and the report
+    (tables with sizes and matched-size scores, CSVs, plots) written to ``report_dir`` (default ``out``,
+    whose ``cache/`` holds the outputs).
+    Returns ``(summaries, paths)``."""
+    from .report import write_report
+    from .runner import Evaluator, merge_seeds
+
+    per_seed = []
+    for seed in dict.fromkeys(seeds):
+        evaluator = Evaluator(dataset_dir, generate, out, seed=seed, metrics=metrics, limit=limit,
+                              progress=not quiet, log=typer.echo if quiet else None)
+        per_seed.append((seed, evaluator.evaluate(runs)))
+    summaries = merge_seeds(per_seed)
+    return summaries, write_report(summaries, out if report_dir is None else report_dir, title=title)
 
 
 def eval_command(
@@ -59,6 +86,7 @@ def eval_command(
     sweep: List[str] = typer.Option([], "--sweep", metavar="FIELD=V1,V2",
                                     help="Sweep one TIMIConfig field, e.g. alpha=0.1,0.2. Repeatable."),
     set_: List[str] = typer.Option([], "--set", metavar="FIELD=VALUE", help="Change the base TIMIConfig, e.g. alpha=0.2."),
+    preset: str = typer.Option("default", "--preset", help="The base TIMIConfig. " + PRESET_HELP),
     out: Path = typer.Option(Path("outputs/eval"), "--out", help="Output folder (cache, tables, plots)."),
     seeds: List[int] = typer.Option([0], "--seed", help="Sampling seed (the same for every scene and run). "
                                     "Repeat for several: each (scene, seed) is one pair of the paired comparison."),
@@ -84,8 +112,7 @@ def eval_command(
 
     from .dataset import SceneError, discover_scenes
     from .generators import PredictionReader, TIMITorchGenerator, load_generator_factory
-    from .report import write_report
-    from .runner import Evaluator, MetricSettings, merge_seeds
+    from .runner import MetricSettings
     from .runs import Run, plan_runs
 
     if model is not None and generator is not None:
@@ -105,7 +132,7 @@ def eval_command(
         raise typer.BadParameter(f"{len(label)} labels for {len(predictions)} --predictions", param_hint="--label")
     if align not in ALIGN_MODES:
         raise typer.BadParameter(f"{align!r}; use one of {', '.join(ALIGN_MODES)}", param_hint="--align")
-    base = _base_config(set_)
+    base = _base_config(set_, preset)
     try:
         discover_scenes(dataset_dir)
         runs = [] if model is None and generator is None else plan_runs(
@@ -129,17 +156,12 @@ def eval_command(
         _check_model_supports(model, runs)
         generate = TIMITorchGenerator(model, device=device, dtype=dtype, steps=steps, guidance_scale=guidance_scale,
                                       octree_resolution=octree_resolution)
-    per_seed = []
     # one metric seed for every sampling seed: pairs differ only in sampling, and a seed evaluated on its
     # own (e.g. in a second process) is scored as it is in a multi-seed call, so its scores are reused
     metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=metric_seed,
                              icp_points=icp_points)
-    for seed in dict.fromkeys(seeds):
-        evaluator = Evaluator(dataset_dir, generate, out, seed=seed, metrics=metrics, limit=limit,
-                              progress=not quiet, log=typer.echo if quiet else None)
-        per_seed.append((seed, evaluator.evaluate(runs)))
-    summaries = merge_seeds(per_seed)
-    paths = write_report(summaries, out, title=f"timi eval {dataset_dir}")
+    summaries, paths = evaluate_and_report(dataset_dir, runs, generate, out, seeds=seeds, metrics=metrics,
+                                           limit=limit, quiet=quiet, title=f"timi eval {dataset_dir}")
     typer.echo(paths["markdown"].read_text())
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
     if all(s.n_ok == 0 for s in summaries):

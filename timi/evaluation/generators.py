@@ -7,7 +7,9 @@ A generator is any callable ``generate(image, masks, config, seed) -> (scene_mes
 * ``seed``: the sampling seed;
 * returns the scene mesh (:class:`trimesh.Trimesh`), a list of K per-instance meshes or ``None``
   (then the metrics split the scene mesh, see ``docs/metrics.md``), and the generation time in
-  seconds (what the table's s/scene column averages).
+  seconds (what the table's s/scene column averages); optionally a fourth item, the final
+  latents (L, C) as an array, which the cache keeps so that the scene can be decoded again at
+  another iso level (matched-size scoring, :mod:`timi.evaluation.sizes`).
 
 An optional attribute ``identity`` (a JSON-able dict: model, steps, ...) enters the cache key, so
 outputs of another model or sampler setting are never mistaken for cached ones.
@@ -15,6 +17,7 @@ outputs of another model or sampler setting are never mistaken for cached ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -87,16 +90,33 @@ class TIMITorchGenerator:
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         start = time.perf_counter()
-        meshes = pipe(image, masks, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
+        out = pipe(image, masks, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
                       generator=rng, octree_resolution=self.octree_resolution, mc_level=self.mc_level,
-                      num_chunks=self.num_chunks, enable_pbar=False, config=config).meshes
+                      num_chunks=self.num_chunks, enable_pbar=False, config=config)
         if pipe.device.type == "cuda":
             torch.cuda.synchronize(pipe.device)
         seconds = time.perf_counter() - start
-        mesh = meshes[0]
+        mesh = out.meshes[0]
         if not isinstance(mesh, trimesh.Trimesh):
             mesh = trimesh.Trimesh(mesh.mesh_v, mesh.mesh_f)  # hy3dgen's raw Latent2MeshOutput
-        return mesh, None, seconds
+        return mesh, None, seconds, out.latents[0].detach().float().cpu().numpy()
+
+
+    def iso_surfaces(self, latents):
+        """One sample's final latents (L, C) decoded once (:func:`timi_torch.frontend.decode_volume`,
+        this generator's grid and bounds): a :class:`timi.evaluation.sizes.IsoSurfaces` whose mesh at
+        the generation's own ``mc_level`` is the generated mesh."""
+        import torch
+        from timi_torch.frontend import decode_volume, surface_at_level
+
+        from .sizes import IsoSurfaces
+
+        pipe = self.pipeline()
+        base = pipe.base
+        z = torch.as_tensor(np.asarray(latents))[None].to(device=pipe.device, dtype=pipe.dtype)
+        grid = decode_volume(base, z, num_chunks=self.num_chunks, octree_resolution=self.octree_resolution)[0]
+        extract = functools.partial(surface_at_level, base, grid, octree_resolution=self.octree_resolution)
+        return IsoSurfaces(extract, float(grid.min()), float(grid.max()), self.mc_level)
 
 
 def load_generator_factory(spec: str) -> Callable:

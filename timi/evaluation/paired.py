@@ -51,10 +51,22 @@ def bootstrap_mean_interval(diffs: np.ndarray, level: float = LEVEL, resamples: 
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def paired_differences(run: RunSummary, base: RunSummary) -> list[PairedDifference]:
-    """``run - base`` per metric over the (scene, seed) pairs that scored in both."""
-    a = {r.scene_id: r.scores for r in base.results if r.status == "ok"}
-    b = {r.scene_id: r.scores for r in run.results if r.status == "ok"}
+def scores_at(summary: RunSummary, size: str = "own") -> dict:
+    """``{scene id: SceneScores}`` of one run's scored pairs, at its own size (``"own"``) or at the
+    base model's (``"matched"``: the matched-size scores; an unguided run is at the base size already,
+    so its own scores; pairs without matched scores are left out)."""
+    if size not in ("own", "matched"):
+        raise ValueError(f"size={size!r}: use 'own' or 'matched'.")
+    ok = [r for r in summary.results if r.status == "ok"]
+    if size == "own" or not summary.run.config.enabled:
+        return {r.scene_id: r.scores for r in ok}
+    return {r.scene_id: r.matched for r in ok if r.matched is not None}
+
+
+def paired_differences(run: RunSummary, base: RunSummary, size: str = "own") -> list[PairedDifference]:
+    """``run - base`` per metric over the (scene, seed) pairs that scored in both; with
+    ``size="matched"`` both at the base model's size (:func:`scores_at`)."""
+    a, b = scores_at(base, size), scores_at(run, size)
     common = sorted(set(a) & set(b))
     out = []
     for m in METRIC_NAMES:
@@ -68,13 +80,14 @@ def paired_differences(run: RunSummary, base: RunSummary) -> list[PairedDifferen
     return out
 
 
-def paired_table(runs: list[RunSummary], base: RunSummary, title: str, against: str = "base") -> str:
+def paired_table(runs: list[RunSummary], base: RunSummary, title: str, against: str = "base",
+                 size: str = "own") -> str:
     """Markdown: each of ``runs`` against ``base`` (named ``against`` in the header) per metric, as
-    ``mean [low, high]`` with the verdict."""
+    ``mean [low, high]`` with the verdict; ``size="matched"``: at the base model's size."""
     head = [f"Run - {against}", *(METRIC_LABELS[m] for m in METRIC_NAMES), "Pairs"]
     lines = [f"## {title}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in runs:
-        diffs = paired_differences(s, base)
+        diffs = paired_differences(s, base, size)
         cells = [f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" + ("" if d.verdict == "no difference" else
                                                                     f" **{d.verdict}**") for d in diffs]
         lines.append("| " + " | ".join([s.run.label, *cells, str(max(d.n_pairs for d in diffs))]) + " |")

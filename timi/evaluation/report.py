@@ -7,6 +7,8 @@ import io
 import math
 from pathlib import Path
 
+import numpy as np
+
 from timi.io import write_bytes, write_text
 from timi.metrics import METRIC_LABELS, METRIC_NAMES, PART_COUNT_CLASSES, part_count_class
 
@@ -50,13 +52,15 @@ def markdown_table(summaries: list[RunSummary], title: str | None = None) -> str
     return "\n".join(out)
 
 
-def part_counts(summary: RunSummary) -> dict[str, int]:
+def part_counts(summary: RunSummary, size: str = "own") -> dict[str, int]:
     """How many scored (scene, seed) pairs came out with fewer separate parts than instances (some
-    fused), as many, or more (fragments): SSR (Eq.10) is below 1 either way, this tells which."""
+    fused), as many, or more (fragments): SSR (Eq.10) is below 1 either way, this tells which.
+    ``size="matched"``: the meshes at the base model's size."""
+    from .paired import scores_at
+
     counts = dict.fromkeys(PART_COUNT_CLASSES, 0)
-    for r in summary.results:
-        if r.status == "ok":
-            counts[part_count_class(r.scores.n_pred, r.scores.n_gt)] += 1
+    for scores in scores_at(summary, size).values():
+        counts[part_count_class(scores.n_pred, scores.n_gt)] += 1
     return counts
 
 
@@ -64,13 +68,79 @@ def part_count_markdown(summaries: list[RunSummary]) -> str:
     """One row per run: shares of pairs with fewer / the right number of / more parts than instances."""
     lines = ["## Separate parts vs instances\n", "| Run | fewer (fused) | right count | more (fragments) | Pairs |",
              "|---|---|---|---|---|"]
-    for s in summaries:
-        c = part_counts(s)
+    rows = [(s.run.label, part_counts(s)) for s in summaries]
+    rows += [(f"{s.run.label}, at matched size", part_counts(s, "matched")) for s in summaries if s.run.config.enabled]
+    for label, c in rows:
         n = sum(c.values())
         if n:
-            lines.append(f"| {s.run.label} | " + " | ".join(f"{100 * c[k] / n:.0f} %" for k in ("fewer", "right", "more"))
+            lines.append(f"| {label} | " + " | ".join(f"{100 * c[k] / n:.0f} %" for k in ("fewer", "right", "more"))
                          + f" | {n} |")
     return "\n".join(lines) + "\n" if len(lines) > 3 else ""
+
+
+def _ratios(summary: RunSummary, key: str) -> dict[str, float]:
+    """``{scene id: run's key / base's key}`` (``key`` = ``area`` or ``volume``) where both are > 0."""
+    out = {}
+    for r in summary.results:
+        z = r.sizes if r.status == "ok" else None
+        if z and z.get(key, 0) > 0 and z.get(f"base_{key}", 0) > 0:
+            out[r.scene_id] = z[key] / z[f"base_{key}"]
+    return out
+
+
+def _geometric(ratios) -> str:
+    from .paired import bootstrap_mean_interval
+
+    logs = np.log(np.asarray(list(ratios), dtype=float))
+    if logs.size == 0:
+        return "n/a"
+    lo, hi = bootstrap_mean_interval(logs)
+    return f"{math.exp(logs.mean()):.3f} [{math.exp(lo):.3f}, {math.exp(hi):.3f}]"
+
+
+def _difference(d) -> str:
+    if d.n_pairs == 0 or math.isnan(d.mean):
+        return "n/a"
+    verdict = "" if d.verdict == "no difference" else f" **{d.verdict}**"
+    return f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]{verdict}"
+
+
+def size_markdown(summaries: list[RunSummary]) -> str:
+    """Does a run separate instances or shrink them? Per run: surface area and volume over the base
+    model's (geometric mean over the pairs, 90 % bootstrap interval on the log ratios), area over the
+    ground truth's, and SSR / FS-O / CD-O against the base at the run's own size and **at matched
+    size** (decoded again at the base model's surface area, :mod:`timi.evaluation.sizes`)."""
+    from .paired import LEVEL, paired_differences, scores_at
+
+    base = next((s for s in summaries if not s.run.config.enabled and s.run.generator is None), None)
+    if base is None or not any(r.sizes for s in summaries for r in s.results):
+        return ""
+    head = ["Run", "area / base", "volume / base", "area / ground truth", "SSR - base", "**SSR - base, matched size**",
+            "FS-O - base, matched", "CD-O - base, matched", "FS-S - base, matched", "matched pairs (area reached)"]
+    lines = [f"## Size, and the scores at the base model's size ({LEVEL:.0%} intervals)\n",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        if s.run.generator is not None and not any(r.sizes for r in s.results):
+            continue
+        to_gt = [r.sizes["area"] / r.sizes["gt_area"] for r in s.results
+                 if r.status == "ok" and r.sizes and r.sizes.get("gt_area", 0) > 0]
+        gt = f"{math.exp(np.mean(np.log(to_gt))):.3f}" if to_gt else "n/a"
+        if s is base:
+            lines.append(f"| {s.run.label} | 1 | 1 | {gt} | 0 | 0 | 0 | 0 | 0 | |")
+            continue
+        own = {d.metric: d for d in paired_differences(s, base)}
+        matched = {d.metric: d for d in paired_differences(s, base, "matched")}
+        reached = sum(1 for r in s.results if r.status == "ok" and r.sizes and (r.sizes.get("matched") or {}).get("reached"))
+        n_matched = len(scores_at(s, "matched")) if s.run.config.enabled else 0
+        lines.append("| " + " | ".join([s.run.label, _geometric(_ratios(s, "area").values()),
+                                         _geometric(_ratios(s, "volume").values()), gt, _difference(own["ssr"]),
+                                         _difference(matched["ssr"]), _difference(matched["fs_o"]),
+                                         _difference(matched["cd_o"]), _difference(matched["fs_s"]),
+                                         f"{n_matched} ({reached})"]) + " |")
+    lines.append("\nMatched size: each guided run's final latents decoded again at the iso level whose surface area "
+                 "equals the base model's on the same scene and seed, then scored; a run that only shrinks every "
+                 "shape gets no matched-size gain. Ratios: geometric means over the pairs.\n")
+    return "\n".join(lines) + "\n"
 
 
 def summary_csv(summaries: list[RunSummary]) -> str:
@@ -86,13 +156,19 @@ def summary_csv(summaries: list[RunSummary]) -> str:
 def per_scene_csv(summaries: list[RunSummary]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["run", "scene", "status", *METRIC_NAMES, "n_pred", "n_gt", "seconds", "error"])
+    w.writerow(["run", "scene", "status", *METRIC_NAMES, "n_pred", "n_gt", "seconds", "error", "area", "volume",
+                "base_area", "gt_area", "matched_level", *(f"matched_{m}" for m in METRIC_NAMES), "matched_n_pred"])
     for s in summaries:
         for r in s.results:
             vals = [f"{getattr(r.scores, m):.6g}" for m in METRIC_NAMES] if r.scores else [""] * len(METRIC_NAMES)
             counts = [r.scores.n_pred, r.scores.n_gt] if r.scores else ["", ""]
+            z = r.sizes or {}
+            sizes = [f"{z[k]:.6g}" if k in z else "" for k in ("area", "volume", "base_area", "gt_area")]
+            m, ms = z.get("matched") or {}, r.matched
+            matched = [f"{m['level']:.6g}" if "level" in m else "",
+                       *([f"{getattr(ms, k):.6g}" for k in METRIC_NAMES] + [ms.n_pred] if ms else [""] * (len(METRIC_NAMES) + 1))]
             w.writerow([r.run, r.scene_id, r.status, *vals, *counts,
-                        "" if r.seconds is None else f"{r.seconds:.4g}", r.error or ""])
+                        "" if r.seconds is None else f"{r.seconds:.4g}", r.error or "", *sizes, *matched])
     return buf.getvalue()
 
 
@@ -194,7 +270,7 @@ def write_report(summaries: list[RunSummary], out_dir: str | Path, title: str | 
     out = Path(out_dir)
     paths = {
         "markdown": write_text(out / "results.md", markdown_table(summaries, title) + "\n" + paired_markdown(summaries)
-                               + "\n" + part_count_markdown(summaries)),
+                               + "\n" + size_markdown(summaries) + "\n" + part_count_markdown(summaries)),
         "csv": write_text(out / "results.csv", summary_csv(summaries)),
         "per_scene": write_text(out / "per_scene.csv", per_scene_csv(summaries)),
     }

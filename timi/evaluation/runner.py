@@ -6,8 +6,12 @@ generator's ``identity``, so the same configuration under two labels shares its 
     config.json                     what the key stands for
     <scene_id>/scene.ply            generated scene mesh
     <scene_id>/instance_XX.ply      per-instance meshes, when the generator gives them
+    <scene_id>/latents.npy          the final latents (L, C), when the generator gives them
     <scene_id>/generation.json      seconds; written last, so it marks a complete generation
     <scene_id>/scores-<metric key>.json   the six numbers for one set of metric settings
+    <scene_id>/sizes-<metric key>-<base key>.json   area and volume against the base run's, and
+                                    the scores at the base run's area (matched size)
+    <scene_id>/matched.ply          the mesh at matched size (from latents.npy, another iso level)
 
 Every file is written atomically (:mod:`timi.io`): an interrupted run leaves no half file, and the
 next call starts where it stopped. A scene that cannot be loaded, whose generation raises, or whose
@@ -30,13 +34,28 @@ import numpy as np
 import trimesh
 from tqdm.auto import tqdm
 
-from timi.io import write_mesh, write_text
+from timi.io import write_bytes, write_mesh, write_text
 from timi.metrics import METRIC_NAMES, SceneScores, score_scene
 
 from .dataset import SceneError, discover_scenes, load_mesh, load_scene
 from .generators import generator_identity
 from .runs import Run
 from timi_core import TIMIConfig
+
+
+#: The final latents of a generation, in the scene's cache folder (``numpy.save`` format).
+LATENTS_FILE = "latents.npy"
+#: The scene decoded again at the base model's surface area (:meth:`Evaluator.size_scores`).
+MATCHED_MESH = "matched.ply"
+
+
+def write_latents(path: Path, latents) -> Path:
+    """One sample's final latents (L, C) as a ``.npy`` file, written atomically (float32)."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(latents, dtype=np.float32))
+    return write_bytes(path, buf.getvalue())
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,15 @@ class SceneResult:
     seconds: float | None = None
     error: str | None = None
     generated: bool = False
+    sizes: dict | None = None
+    """Size of the scene against the base model's and the ground truth's, and its scores at the base
+    model's surface area (:meth:`Evaluator.size_scores`); ``None`` without a base run."""
+
+    @property
+    def matched(self) -> SceneScores | None:
+        """The scores at matched size (the base model's surface area), where they were computed."""
+        m = (self.sizes or {}).get("matched")
+        return SceneScores.from_dict(m["scores"]) if m and m.get("scores") else None
 
 
 @dataclass
@@ -87,7 +115,7 @@ def _digest(obj) -> str:
 
 #: TIMIConfig fields added after caches were first written: left out of the key at their default
 #: value, so a configuration that does not use them keeps the key (and the cached outputs) it had.
-KEY_OMITTED_AT_DEFAULT = {"per_head": False, "smoothing": "tokens"}
+KEY_OMITTED_AT_DEFAULT = {"per_head": False, "smoothing": "tokens", "common": "keep"}
 
 
 def run_key(run: Run, seed: int, identity: dict) -> str:
@@ -171,16 +199,20 @@ class Evaluator:
     def _generate(self, run: Run, scene, folder: Path) -> None:
         generate = self.generator_of(run)
         kwargs = {"scene_id": scene.scene_id} if _accepts_scene_id(generate) else {}
-        mesh, instances, seconds = generate(scene.image, scene.masks, run.config, self.seed, **kwargs)
+        mesh, instances, seconds, *rest = generate(scene.image, scene.masks, run.config, self.seed, **kwargs)
+        latents = rest[0] if rest else None
         if mesh is None and instances:
             mesh = trimesh.util.concatenate(list(instances))
         if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
             raise ValueError("the generator returned no triangles (empty scene mesh).")
-        for old in folder.glob("scores-*.json") if folder.is_dir() else ():
-            old.unlink()
+        for pattern in ("scores-*.json", "sizes-*.json", MATCHED_MESH):
+            for old in folder.glob(pattern) if folder.is_dir() else ():
+                old.unlink()
         write_mesh(mesh, folder / "scene.ply")
         for k, inst in enumerate(instances or [], start=1):
             write_mesh(inst, folder / f"instance_{k:02d}.ply")
+        if latents is not None:  # the final latents: decoded again at another iso level (timi.evaluation.sizes)
+            write_latents(folder / LATENTS_FILE, latents)
         info = {"seconds": None if seconds is None else float(seconds), "instances": len(instances or []),
                 "inputs": inputs_digest(scene)}
         write_text(folder / "generation.json", json.dumps(info, indent=1))
@@ -233,6 +265,53 @@ class Evaluator:
                                generated=generated)
         return SceneResult(run.label, scene.scene_id, "ok", scores, seconds, generated=generated)
 
+    # ----------------------------------------------------------------- sizes
+    def size_scores(self, run: Run, scene, base: Run) -> dict:
+        """How large ``run``'s scene is, and its scores at the base run's size (issue 27).
+
+        ``area``/``volume`` of the run's scene mesh, of the base run's on the same scene and seed,
+        and of the ground truth; with the run's final latents cached and a generator that decodes
+        them (``iso_surfaces``), ``matched``: the iso level at which the decoded surface has the
+        base run's area (:func:`timi.evaluation.sizes.match_area`), the area reached, and the
+        scores of that mesh (``matched.ply``). Cached in ``sizes-<metric key>-<base key>.json``.
+        """
+        from .sizes import match_area, mesh_size
+
+        folder = self.run_dir(run) / scene.scene_id
+        base_folder = self.run_dir(base) / scene.scene_id
+        path = folder / f"sizes-{self.metrics.key()}-{self.run_dir(base).name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        area, volume = mesh_size(load_mesh(folder / "scene.ply"))
+        base_area, base_volume = mesh_size(load_mesh(base_folder / "scene.ply"))
+        gt = [mesh_size(m) for m in scene.gt_meshes]
+        info = {"area": area, "volume": volume, "base_area": base_area, "base_volume": base_volume,
+                "gt_area": float(sum(a for a, _ in gt)), "gt_volume": float(sum(v for _, v in gt)), "matched": None}
+        generator = self.generator_of(run)
+        latents = folder / LATENTS_FILE
+        if run.config.enabled and latents.is_file() and hasattr(generator, "iso_surfaces") and base_area > 0:
+            match = match_area(generator.iso_surfaces(np.load(latents)), base_area)
+            matched = {"level": match.level, "area": match.area, "reached": match.matched,
+                       "volume": mesh_size(match.mesh)[1], "scores": None}
+            if match.mesh is not None:
+                write_mesh(match.mesh, folder / MATCHED_MESH)
+                scores = score_scene(load_mesh(folder / MATCHED_MESH), scene.gt_meshes,
+                                     **dataclasses.asdict(self.metrics))
+                matched["scores"] = scores.as_dict()
+            info["matched"] = matched
+        write_text(path, json.dumps(info, indent=1))
+        return info
+
+    def _with_sizes(self, result: SceneResult, run: Run, scene, base: Run | None,
+                    base_result: SceneResult | None) -> SceneResult:
+        if base is None or result.status != "ok" or base_result is None or base_result.status != "ok":
+            return result
+        try:
+            result.sizes = self.size_scores(run, scene, base)
+        except Exception as e:  # sizes are an addition: a failure is reported, the scores stand
+            self.log(f"[{run.label}] {scene.scene_id}: size scoring failed: {_short_error(e)}")
+        return result
+
     # ----------------------------------------------------------------- everything
     def evaluate(self, runs: Iterable[Run]) -> list[RunSummary]:
         """All runs on all scenes (scene-major, so each scene is loaded once); returns one summary per run."""
@@ -248,6 +327,7 @@ class Evaluator:
             self.generator_of(run)
             self._write_run_config(run)
         results: dict[str, list[SceneResult]] = {r.label: [] for r in runs}
+        base = base_run(runs)
         bar = tqdm(total=len(folders) * len(runs), desc="eval", disable=not self.progress, unit="gen")
         for folder in folders:
             try:
@@ -259,12 +339,22 @@ class Evaluator:
                     results[run.label].append(SceneResult(run.label, folder.name, "bad-scene", error=reason))
                 bar.update(len(runs))
                 continue
-            for run in runs:
+            base_result = None
+            for run in ([base] if base is not None else []) + [r for r in runs if r is not base]:
                 bar.set_postfix_str(f"{folder.name} | {run.label}")
-                results[run.label].append(self.evaluate_scene(run, scene))
+                result = self.evaluate_scene(run, scene)
+                if run is base:
+                    base_result = result
+                results[run.label].append(self._with_sizes(result, run, scene, base, base_result))
                 bar.update(1)
         bar.close()
         return [summarize(run, results[run.label]) for run in runs]
+
+
+def base_run(runs: Iterable[Run]) -> Run | None:
+    """The base model's run among ``runs`` (the first without guidance, sampled by the evaluator's
+    own generator): what sizes are compared with and matched to."""
+    return next((r for r in runs if not r.config.enabled and r.generator is None), None)
 
 
 def summarize(run: Run, results: list[SceneResult]) -> RunSummary:

@@ -315,18 +315,10 @@ def gradient(
 
     from .gradient import gradient_markdown, run_gradient
 
+    from .controls import parse_variants
+
     def parse() -> dict:
-        variants = {"paper": TIMIConfig()}
-        for spec in variant:
-            name, sep, fields = spec.partition("=")
-            if not sep or not name.strip() or not fields:
-                raise ValueError(f"--variant {spec!r}: use NAME=FIELD=VALUE[,FIELD=VALUE] (e.g. normalised="
-                                 "normalize-instances=true).")
-            try:
-                variants[name.strip()] = _base_config(fields.split(","))
-            except typer.BadParameter as e:
-                raise ValueError(f"--variant {spec!r}: {e.message}") from None
-        return variants
+        return {"paper": TIMIConfig.paper(), **parse_variants(variant)}
 
     from timi_core import TIMIConfig
 
@@ -336,6 +328,58 @@ def gradient(
     if out is not None:
         write_text(out, json.dumps(rows, indent=1))
     typer.echo(gradient_markdown(rows, "paper"))
+
+
+@app.command()
+def variants(
+    dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
+    variant: list[str] = typer.Option([], "--variant", metavar="NAME=FIELD=VALUE[,FIELD=VALUE]",
+                                      help="A TIMIConfig over the paper's form (repeatable), e.g. "
+                                           "'common removed=common=remove'; 'paper=' is the paper's form."),
+    controls: bool = typer.Option(True, "--controls/--no-controls",
+                                  help="Also run each variant with its gradient's token rows shuffled."),
+    model: str = typer.Option(None, "--model", help="Model directory (default: the shipped one)."),
+    seed: list[int] = typer.Option([0], "--seed", help="Sampling seed(s); repeat for several."),
+    limit: int = typer.Option(None, "--limit", min=1),
+    octree_resolution: int = typer.Option(384, "--octree-resolution", min=8),
+    steps: int = typer.Option(50, "--steps", min=1),
+    points: int = typer.Option(20480, "--points", min=1),
+    icp_points: int = typer.Option(None, "--icp-points", min=3),
+    device: str = typer.Option(None, "--device"),
+    out: Path = typer.Option(Path("outputs/variants"), "--out", help="Output folder (cache shared with `timi eval`)."),
+    quiet: bool = typer.Option(False, "--quiet"),
+) -> None:
+    """Base model vs TIMI variants, each beside its shuffled-gradient control, with matched-size
+    scores, areas and the paired differences variant - control (docs/results.md, issue 27)."""
+    from rich.console import Console
+
+    from timi.cli_common import run_cli
+    from timi.evaluation.cli import evaluate_and_report
+    from timi.evaluation.generators import TIMITorchGenerator
+    from timi.evaluation.runner import MetricSettings
+    from timi.evaluation.runs import BASELINE_LABEL, Run
+    from timi.pipelines import resolve_model
+    from timi_core import TIMIConfig
+
+    from .controls import ShuffledGradientGenerator, control_label, parse_variants, variant_control_markdown
+
+    configs = run_cli(lambda: parse_variants(variant) or {"paper": TIMIConfig.paper()},
+                      Console(stderr=True, soft_wrap=True))
+    model = model or str(resolve_model(None))
+    options = dict(device=device, octree_resolution=octree_resolution, steps=steps)
+    shuffled = ShuffledGradientGenerator(model, **options)
+    runs = [Run(BASELINE_LABEL, TIMIConfig.paper(isg=False))]
+    for name, config in configs.items():
+        runs.append(Run(name, config, group="variants"))
+        if controls:
+            runs.append(Run(control_label(name), config, group="controls", generator=shuffled))
+    summaries, paths = evaluate_and_report(dataset, runs, TIMITorchGenerator(model, **options), out,
+                                           seeds=list(dict.fromkeys(seed)), limit=limit, quiet=quiet,
+                                           metrics=MetricSettings(points_per_object=points, icp_points=icp_points),
+                                           title=f"timi testbed variants {dataset}")
+    typer.echo(paths["markdown"].read_text())
+    if controls:
+        typer.echo(variant_control_markdown(summaries))
 
 
 @app.command()
@@ -355,11 +399,10 @@ def control(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Base vs TIMI vs TIMI with its gradient's token rows shuffled (a control for the update's direction)."""
-    from timi.evaluation.cli import _base_config
+    from timi.evaluation.cli import _base_config, evaluate_and_report
     from timi.evaluation.generators import TIMITorchGenerator
     from timi.evaluation.paired import LEVEL, paired_table
-    from timi.evaluation.report import write_report
-    from timi.evaluation.runner import Evaluator, MetricSettings, merge_seeds
+    from timi.evaluation.runner import MetricSettings
     from timi.evaluation.runs import BASELINE_LABEL, TIMI_LABEL, Run
     from timi.pipelines import resolve_model
 
@@ -370,12 +413,10 @@ def control(
     options = dict(device=device, octree_resolution=octree_resolution, steps=steps)
     runs = [Run(BASELINE_LABEL, config.replace(isg=False)), Run(TIMI_LABEL, config),
             Run(CONTROL_LABEL, config, generator=ShuffledGradientGenerator(model, **options))]
-    generate = TIMITorchGenerator(model, **options)
-    per_seed = [(s, Evaluator(dataset, generate, out, seed=s, limit=limit, progress=not quiet,
-                              metrics=MetricSettings(points_per_object=points, icp_points=icp_points),
-                              log=typer.echo if quiet else None).evaluate(runs)) for s in dict.fromkeys(seed)]
-    summaries = merge_seeds(per_seed)
-    paths = write_report(summaries, out / "control", title=f"timi testbed control {dataset}")
+    summaries, paths = evaluate_and_report(dataset, runs, TIMITorchGenerator(model, **options), out, seeds=seed,
+                                           metrics=MetricSettings(points_per_object=points, icp_points=icp_points),
+                                           limit=limit, quiet=quiet, title=f"timi testbed control {dataset}",
+                                           report_dir=out / "control")
     typer.echo(paths["markdown"].read_text())
     typer.echo(paired_table([summaries[1]], summaries[2], f"TIMI - control (paired, {LEVEL:.0%} bootstrap interval)",
                             against="control"))

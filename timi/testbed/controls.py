@@ -23,6 +23,43 @@ from timi.evaluation.generators import TIMITorchGenerator
 CONTROL_LABEL = "TIMI, gradient rows shuffled (control)"
 
 
+def control_label(name: str) -> str:
+    """The table row of variant ``name``'s shuffled-gradient control."""
+    return f"{name} (control)"
+
+
+def parse_variants(specs) -> dict:
+    """``["NAME=FIELD=VALUE[,FIELD=VALUE]", ...]`` -> ``{NAME: TIMIConfig}``, each over the paper's
+    form (:meth:`TIMIConfig.paper`); ``"paper="`` is the paper's form itself. Raises ``ValueError``
+    naming the bad spec."""
+    from timi.evaluation.cli import config_from_settings
+    from timi_core import TIMIConfig
+
+    variants = {}
+    for spec in specs:
+        name, sep, fields = spec.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--variant {spec!r}: use NAME=FIELD=VALUE[,FIELD=VALUE] (e.g. 'common removed="
+                             "common=remove'; 'paper=' for the paper's form).")
+        try:
+            variants[name.strip()] = config_from_settings([f for f in fields.split(",") if f.strip()],
+                                                          TIMIConfig.paper())
+        except ValueError as e:
+            raise ValueError(f"--variant {spec!r}: {e}") from None
+    return variants
+
+
+def variant_control_markdown(summaries) -> str:
+    """Paired tables, each variant - its control: ordinary and matched-size scores."""
+    from timi.evaluation.paired import LEVEL, paired_table
+
+    by_label = {s.run.label: s for s in summaries}
+    pairs = [(by_label[s.run.label], by_label[control_label(s.run.label)]) for s in summaries
+             if s.run.group == "variants" and control_label(s.run.label) in by_label]
+    return "\n\n".join(paired_table([v], c, f"{v.run.label} - its control (paired, {LEVEL:.0%} bootstrap interval)",
+                                      against="control") for v, c in pairs)
+
+
 class ShuffledGradient:
     """``gradient_hook(grad, step)``: ``grad[:, perm]`` with a fresh seeded permutation per step."""
 

@@ -107,7 +107,7 @@ def scheduler_schedule(base, num_inference_steps: int):
 
 def step_diagnostics(out: SampleOutput) -> list[StepDiagnostics]:
     """``StepDiagnostics`` (one per guided step, the first ``out.num_guided``) from a :class:`SampleOutput`."""
-    losses, scales, updates = (np.asarray(a, dtype=np.float64) for a in (out.losses, out.scales, out.max_updates))
-    times = out.times if out.times is not None else np.zeros(len(losses))
-    return [StepDiagnostics(i, float(times[i]), losses[i].tolist(), scales[i].tolist(), updates[i].tolist())
-            for i in range(out.num_guided)]
+    rows = [np.asarray(a, dtype=np.float64) for a in (out.losses, out.scales, out.max_updates, out.common_gradients,
+                                                     out.common_smoothed, out.common_updates)]
+    times = out.times if out.times is not None else np.zeros(len(rows[0]))
+    return [StepDiagnostics(i, float(times[i]), *(r[i].tolist() for r in rows)) for i in range(out.num_guided)]

@@ -84,13 +84,18 @@ class SampleOutput:
     """``latents`` (B, L, C) in the model's dtype and per-step diagnostics, each (N, B) float32 and
     0 for unguided steps (as ``timi_core.StepDiagnostics``): ``losses`` ``L_sep`` before the step's
     update, ``scales`` the step size lambda (Eq.6; ``alpha`` without GM), ``max_updates`` the
-    largest ``|z_new - z|`` of the float32 latent. ``num_guided``: the guided window (the first
+    largest ``|z_new - z|`` of the float32 latent, ``common_gradients`` / ``common_smoothed`` /
+    ``common_updates`` the share of the raw gradient / Eq.5's output / the step common to all
+    tokens (:func:`timi_core.common_share`). ``num_guided``: the guided window (the first
     steps, ``TIMIConfig.num_guided_steps``); ``times``: each step's starting noise level."""
 
     latents: jax.Array
     losses: jax.Array
     scales: jax.Array
     max_updates: jax.Array
+    common_gradients: jax.Array
+    common_smoothed: jax.Array
+    common_updates: jax.Array
     num_guided: int = 0
     times: np.ndarray | None = None   # (N,) the noise level each step starts at (flow time)
 
@@ -154,9 +159,10 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, dts, 
     def guide(z, m, t):  # ISG (Eqs.2-4) + SGU (Eqs.5-7) on the float32 latent z
         loss, grad = _loss_and_grad(model, z, jnp.full((batch,), t), cond, tokens, config,
                                     num_layers, guidance)
-        z_new, m_new, scale = timi_core.sgu_step(z, grad, m, config, axes=(1,))
+        z_new, m_new, scale, smoothed = timi_core.sgu_step(z, grad, m, config, axes=(1,))
         max_update = jnp.max(jnp.abs(z_new - z), axis=(1, 2))
-        return z_new, m_new, (loss, scale, max_update)
+        shares = tuple(timi_core.common_share(x, (1,)) for x in (grad, smoothed, z_new - z))
+        return z_new, m_new, (loss, scale, max_update, *shares)
 
     # Some step guided (``master``): the carried latent is float32 (cast for the model only).
 
@@ -164,9 +170,9 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, dts, 
         z, m = carry
         g, t, dt = xs
         if master:
-            z, m, diag = jax.lax.cond(g, guide, lambda z, m, t: (z, m, (no_loss,) * 3), z, m, t)
+            z, m, diag = jax.lax.cond(g, guide, lambda z, m, t: (z, m, (no_loss,) * 6), z, m, t)
         else:
-            diag = (no_loss,) * 3
+            diag = (no_loss,) * 6
         v = velocity(z.astype(model.dtype), t)
         # scheduler.step: float32 sample + (sigma_next - sigma) * v, cast to v's dtype; with the
         # master latent the same in float32 (float32 v) and no cast back

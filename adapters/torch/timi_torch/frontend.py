@@ -24,7 +24,7 @@ import timi_core
 from .masks import ConditionMasks, MultiViewConditionMasks, condition_token_masks
 
 __all__ = ["OUTPUT_TYPES", "PreparedInputs", "NoSurfaceError", "as_batch", "check_output_type", "prepare_inputs",
-           "set_schedule", "start_noise_levels", "export_meshes"]
+           "set_schedule", "start_noise_levels", "export_meshes", "decode_volume", "surface_at_level"]
 
 OUTPUT_TYPES = ("trimesh", "mesh", "latent")
 
@@ -130,3 +130,36 @@ def export_meshes(base, latents: torch.Tensor, output_type: str = "trimesh", *, 
         raise NoSurfaceError(f"surface extraction found no surface for sample(s) {failed} at mc_level={mc_level} "
                              f"(octree_resolution={octree_resolution}); try another mc_level or seed.")
     return meshes
+
+
+def decode_volume(base, latents: torch.Tensor, *, box_v: float = 1.01, num_chunks: int = 8000,
+                  octree_resolution: int = 384) -> torch.Tensor:
+    """The first half of :func:`export_meshes`: hy3dgen's ShapeVAE decoding of (B, L, C) ``latents``
+    to the (B, R+1, R+1, R+1) float32 occupancy logits on its query grid (``vae.volume_decoder``),
+    exactly as ``base._export`` computes them. With :func:`surface_at_level` it gives the same mesh
+    as :func:`export_meshes` at any ``mc_level``, so one decoding serves many iso levels."""
+    vae = base.vae
+    with torch.no_grad():
+        decoded = vae(1.0 / vae.scale_factor * latents)
+        return vae.volume_decoder(decoded, vae.geo_decoder, bounds=box_v, num_chunks=num_chunks,
+                                  octree_resolution=octree_resolution, enable_pbar=False)
+
+
+def surface_at_level(base, grid_logits: torch.Tensor, level: float, *, box_v: float = 1.01,
+                     octree_resolution: int = 384):
+    """The second half of :func:`export_meshes` for one sample: the ``trimesh.Trimesh`` of the (R+1)^3
+    ``grid_logits`` at iso level ``level`` (hy3dgen's surface extractor and trimesh export; inside is
+    where the logit exceeds ``level``, so a higher level gives a smaller shape), or ``None`` when
+    the level crosses no voxel."""
+    import numpy as np
+    from hy3dgen.shapegen.pipelines import export_to_trimesh
+
+    lo, hi = float(grid_logits.min()), float(grid_logits.max())
+    if not lo < level < hi:
+        return None
+    out = base.vae.surface_extractor(grid_logits[None], mc_level=float(level), bounds=box_v,
+                                     octree_resolution=octree_resolution)[0]
+    if out is None or len(out.mesh_f) == 0:
+        return None
+    out.mesh_f = np.ascontiguousarray(out.mesh_f)
+    return export_to_trimesh(out)

@@ -272,9 +272,12 @@ class TIMIPipeline:
             grad = self.gradient_hook(grad, step)
         z = latents.detach().to(torch.float32)
         axes = smoothing_axes(z)
-        z_new, momentum, scale = timi_core.sgu_step(z, grad, momentum, cfg, axes=axes, positions=positions)
+        z_new, momentum, scale, smoothed = timi_core.sgu_step(z, grad, momentum, cfg, axes=axes, positions=positions)
+        update = z_new - z
+        share = functools.partial(timi_core.common_share, axes=axes)
         diag = StepDiagnostics(step, float(timestep[0]), loss.tolist(), scale.tolist(),
-                               (z_new - z).abs().flatten(1).amax(1).tolist())
+                               update.abs().flatten(1).amax(1).tolist(), share(grad.to(torch.float32)).tolist(),
+                               share(smoothed.to(torch.float32)).tolist(), share(update).tolist())
         return z_new, momentum, diag
 
     # ------------------------------------------------------------------ sampling
