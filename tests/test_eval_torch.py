@@ -35,6 +35,13 @@ def test_timi_eval_with_the_torch_pipeline(tmp_path):
         assert float(row["seconds_per_scene"]) > 0 and 0 <= float(row["fs_s"]) <= 1
     generated = sorted(out.glob("cache/*/example/generation.json"))
     assert len(generated) == 2
+    # issue 27: every guided run is also scored at the base model's size, from its cached latents
+    assert "SSR - base, matched size" in result.output and "area / base" in result.output
+    scenes = {r["run"]: r for r in csv.DictReader((out / "per_scene.csv").open())}
+    assert float(scenes["base model (no TIMI)"]["base_area"]) == pytest.approx(float(scenes["TIMI"]["base_area"]))
+    assert float(scenes["TIMI"]["area"]) > 0 and scenes["TIMI"]["matched_level"] != ""
+    assert len(list(out.glob("cache/*/example/latents.npy"))) == 2
+    assert len(list(out.glob("cache/*/example/matched.ply"))) == 1
     stamps = [p.stat().st_mtime_ns for p in generated]
     again = CliRunner().invoke(app, args)  # resumes from the cache: nothing generated again
     assert again.exit_code == 0, again.output

@@ -227,7 +227,6 @@ def mechanism(
 
     from timi.pipelines import resolve_model
 
-    from timi.evaluation.cli import _base_config
 
     from .mechanism import run_mechanism, summarise
 
@@ -309,7 +308,6 @@ def gradient(
     from rich.console import Console
 
     from timi.cli_common import run_cli
-    from timi.evaluation.cli import _base_config
     from timi.io import write_text
     from timi.pipelines import resolve_model
 
@@ -399,7 +397,6 @@ def control(
     quiet: bool = typer.Option(False, "--quiet"),
 ) -> None:
     """Base vs TIMI vs TIMI with its gradient's token rows shuffled (a control for the update's direction)."""
-    from timi.evaluation.cli import _base_config, evaluate_and_report
     from timi.evaluation.generators import TIMITorchGenerator
     from timi.evaluation.paired import LEVEL, paired_table
     from timi.evaluation.runner import MetricSettings

@@ -56,8 +56,9 @@ def variant_control_markdown(summaries) -> str:
     by_label = {s.run.label: s for s in summaries}
     pairs = [(by_label[s.run.label], by_label[control_label(s.run.label)]) for s in summaries
              if s.run.group == "variants" and control_label(s.run.label) in by_label]
-    return "\n\n".join(paired_table([v], c, f"{v.run.label} - its control (paired, {LEVEL:.0%} bootstrap interval)",
-                                      against="control") for v, c in pairs)
+    return "\n\n".join(paired_table([v], c, f"{v.run.label} - its control{where} (paired, {LEVEL:.0%} bootstrap "
+                                      "interval)", against="control", size=size)
+                         for v, c in pairs for size, where in (("own", ""), ("matched", ", at matched size")))
 
 
 class ShuffledGradient:

@@ -162,9 +162,17 @@ def side_by_side(scene_dirs: list[Path], columns: dict[str, list[trimesh.Trimesh
 
 
 def figure_from_eval(dataset_dir: str | Path, eval_out: str | Path, scene_ids: list[str], out: str | Path,
-                     labels: tuple[str, ...] = ("base model (no TIMI)", "TIMI"), seed: int = 0) -> Path:
-    """Side-by-side figure from a ``timi eval`` output folder (its cache of generated meshes, ``seed``)."""
-    from timi.evaluation.runner import cached_runs
+                     labels: tuple[str, ...] = ("base model (no TIMI)", "TIMI"), seed: int = 0,
+                     size: str = "own") -> Path:
+    """Side-by-side figure from a ``timi eval`` output folder (its cache of generated meshes, ``seed``).
+    ``size="matched"``: each guided run's mesh at the base model's surface area (``matched.ply``,
+    :mod:`timi.evaluation.sizes`); unguided runs are at that size already."""
+    import json
+
+    from timi.evaluation.runner import MATCHED_MESH, cached_runs
+
+    if size not in ("own", "matched"):
+        raise ValueError(f"size={size!r}: use 'own' or 'matched'.")
 
     runs = cached_runs(eval_out, seed)
     missing = [label for label in labels if label not in runs]
@@ -172,9 +180,11 @@ def figure_from_eval(dataset_dir: str | Path, eval_out: str | Path, scene_ids: l
         raise FileNotFoundError(f"{eval_out}: no cached run labelled {missing}; found {sorted(runs)}")
     columns = {}
     for label in labels:
+        guided = json.loads((runs[label] / "config.json").read_text()).get("config", {}).get("isg", True)
+        name = MATCHED_MESH if size == "matched" and guided else "scene.ply"
         meshes = []
         for sid in scene_ids:
-            path = runs[label] / sid / "scene.ply"
+            path = runs[label] / sid / name
             meshes.append(trimesh.load(path, force="mesh") if path.exists() else None)
         columns[label] = meshes
     return side_by_side([Path(dataset_dir) / sid for sid in scene_ids], columns, out)
