@@ -82,10 +82,17 @@ def test_gradient_structure_on_a_tiny_model(fast_base):
     rows = []
     for i in range(2):
         out = {name: gradient_structure(pipe, image, masks, cfg, seed=i)
-               for name, cfg in (("paper", TIMIConfig(guided_layers=2)),
-                                 ("normalised", TIMIConfig(guided_layers=2, normalize_instances=True)))}
+               for name, cfg in (("paper", TIMIConfig.paper(guided_layers=2)),
+                                 ("normalised", TIMIConfig.paper(guided_layers=2, normalize_instances=True)),
+                                 ("removed", TIMIConfig.paper(guided_layers=2, common="remove")))}
         for r in out.values():
             assert 0.0 <= r["common"] <= 1.0 and 0.0 <= r["between"] <= 1.0 - r["common"] + 1e-9
+        # the paper's step is its smoothed gradient; removing the token mean leaves the between-instance
+        # energy (deviations from that mean) and drops the common energy: share / (1 - common share)
+        paper, removed = out["paper"], out["removed"]
+        assert paper["common_step"] == pytest.approx(paper["common_smoothed"])
+        assert removed["common_step"] == pytest.approx(0.0, abs=1e-9)
+        assert removed["between_step"] == pytest.approx(paper["between_smoothed"] / (1 - paper["common_smoothed"]), rel=1e-6)
         rows.append({"scene": f"s{i}", **out})
     assert rows[0]["paper"] != rows[0]["normalised"]
     text = gradient_markdown(rows, "paper")

@@ -9,6 +9,8 @@ At the first guided step (the seeded noise latent, ``t = 0``), for a configurati
   tokens grouped by the instance they attend to most in the first block (argmax over k of Eq.2's
   ``P``): the part that moves one instance's tokens differently from another's, which is what a
   separation needs (a one-way ANOVA decomposition of the gradient);
+* the same two of the step's direction (the configuration's Eq.5, then its ``common`` choice,
+  :func:`timi_core.select_common`; Eq.6 only scales it);
 * the same two after Eq.5 as the configuration applies it (``timi_core.smooth_gradient``): along the
   token axis (``smoothing="tokens"``, as the adapters apply it to hy3dgen's token latents), or over
   the tokens' positions read from the sampler's clean-latent prediction at that step
@@ -62,8 +64,11 @@ def gradient_structure(pipe, image, masks, config: TIMIConfig, seed: int = 0) ->
                               condition_masks=pipe.condition_masks)
         positions = pipe.position_reader(config)(pipe.clean_prediction(z, t, full.cond))
     smooth = timi_core.smooth_gradient(g, config.replace(sr=True), (1,), positions)
-    (c, b), (cs, bs) = shares(g[0], labels), shares(smooth[0], labels)
-    return {"common": c, "between": b, "common_smoothed": cs, "between_smoothed": bs}
+    applied = smooth if config.sgu and config.sr else g
+    direction = timi_core.select_common(applied, config.common, (1,)) if config.sgu else g
+    (c, b), (cs, bs), (cd, bd) = shares(g[0], labels), shares(smooth[0], labels), shares(direction[0], labels)
+    return {"common": c, "between": b, "common_smoothed": cs, "between_smoothed": bs,
+            "common_step": cd, "between_step": bd}
 
 
 def run_gradient(model_dir: str | Path, dataset_dir: str | Path, variants: dict[str, TIMIConfig], *, seed: int = 0,
@@ -87,8 +92,9 @@ def gradient_markdown(rows: list[dict], reference: str) -> str:
     from timi.evaluation.paired import bootstrap_mean_interval
 
     names = [k for k in rows[0] if k != "scene"]
-    fields = ("common", "between", "common_smoothed", "between_smoothed")
-    heads = ("common share", "between-instance share", "common share after Eq.5", "between-instance share after Eq.5")
+    fields = ("common", "between", "common_smoothed", "between_smoothed", "common_step", "between_step")
+    heads = ("common share", "between-instance share", "common share after Eq.5", "between-instance share after Eq.5",
+             "common share of the step", "between-instance share of the step")
     lines = ["| variant | " + " | ".join(heads) + " |", "|---|" + "---|" * len(fields)]
     for name in names:
         cells = []
