@@ -12,9 +12,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-import trimesh
+if TYPE_CHECKING:  # trimesh is imported where a mesh is written (`timi --help` stays light)
+    import trimesh
 
 __all__ = ["MESH_FORMATS", "OutputError", "WriteError", "atomic_path", "write_mesh", "write_bytes", "write_text",
            "check_mesh_path", "check_writable", "mesh_bytes", "first_missing"]
@@ -141,6 +142,8 @@ def mesh_bytes(mesh: trimesh.Trimesh | trimesh.Scene, path: str | Path) -> bytes
     """The file :func:`write_mesh` writes for ``path``'s extension, in memory."""
     path = check_mesh_path(path)
     file_type = MESH_FORMATS[path.suffix.lower()]
+    import trimesh
+
     if isinstance(mesh, trimesh.Scene) and file_type in ("ply", "stl"):
         mesh = mesh.to_mesh()
     if isinstance(mesh, trimesh.Trimesh) and len(mesh.faces) == 0:
