@@ -88,3 +88,41 @@ def test_part_counts_split_ssr_below_one_into_fused_and_fragmented(pairs):
     assert c["right"] == sum(r.scores.ssr == 1.0 for r in results)
     assert c["fewer"] == sum(p < g for p, g in pairs) and c["more"] == sum(p > g for p, g in pairs)
     assert f"| r | {100 * c['fewer'] / len(pairs):.0f} % |" in part_count_markdown([summary])
+
+
+def _sized(label: str, config: TIMIConfig, group: str, own: float, matched: float, area: float, fs_s: float = 0.5):
+    """A run whose every scene has SSR ``own`` at its own size, ``matched`` at the base's size, and
+    surface area ``area`` times the base's."""
+    def scores(ssr):
+        return SceneScores(lcd=0.1, cd_s=0.1, fs_s=fs_s, ssr=ssr, cd_o=0.1, fs_o=0.5, n_pred=2, n_gt=2)
+    results = [SceneResult(label, sid, "ok", scores(own), 1.0,
+                           sizes={"area": area, "base_area": 1.0, "matched": {"scores": scores(matched).as_dict()}})
+               for sid in "abcdef"]
+    return summarize(Run(label, config, group=group), results)
+
+
+def test_the_default_rule_picks_the_largest_matched_gain_over_its_control_that_keeps_the_shapes():
+    """docs/results.md's rule: a shrinking variant (area 0.8) is out however large its gain; among the
+    rest the largest matched-size SSR gain over the variant's own control wins, if > 0 and above the base."""
+    from timi.testbed.controls import control_label, default_rule
+
+    base = _sized("base", TIMIConfig.paper(isg=False), "main", 0.50, 0.50, 1.0)
+    runs = [base,
+            _sized("shrinks", TIMIConfig.paper(), "variants", 0.90, 0.80, 0.80),
+            _sized(control_label("shrinks"), TIMIConfig.paper(), "controls", 0.85, 0.50, 0.80),
+            _sized("small gain", TIMIConfig.paper(common="remove"), "variants", 0.56, 0.56, 0.99),
+            _sized(control_label("small gain"), TIMIConfig.paper(common="remove"), "controls", 0.52, 0.52, 0.99),
+            _sized("larger gain", TIMIConfig.paper(alpha=0.05), "variants", 0.60, 0.58, 0.97),
+            _sized(control_label("larger gain"), TIMIConfig.paper(alpha=0.05), "controls", 0.56, 0.55, 0.97),
+            _sized("thins FS-S", TIMIConfig.paper(alpha=0.2), "variants", 0.70, 0.70, 0.99, fs_s=0.48),
+            _sized(control_label("thins FS-S"), TIMIConfig.paper(alpha=0.2), "controls", 0.50, 0.50, 0.99)]
+    rows, chosen = default_rule(runs)
+    by = {r["variant"]: r for r in rows}
+    assert by["shrinks"]["area"] == pytest.approx(0.8) and not by["shrinks"]["keeps_shapes"]
+    assert by["thins FS-S"]["fs_s"] == pytest.approx(-0.02) and not by["thins FS-S"]["qualifies"]
+    assert by["small gain"]["ssr_matched_control"] == pytest.approx(0.04)
+    assert by["larger gain"]["ssr_matched_control"] == pytest.approx(0.03)
+    assert chosen == "small gain"  # 0.04 over its control beats 0.03, although its own SSR is lower
+    # no variant above its control at matched size: none is chosen, the paper's form stays
+    assert default_rule([base, runs[1], runs[2], _sized("tie", TIMIConfig.paper(sigma=1.0), "variants", 0.6, 0.6, 1.0),
+                         _sized(control_label("tie"), TIMIConfig.paper(sigma=1.0), "controls", 0.6, 0.6, 1.0)])[1] is None

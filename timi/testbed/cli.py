@@ -359,7 +359,8 @@ def variants(
     from timi.pipelines import resolve_model
     from timi_core import TIMIConfig
 
-    from .controls import ShuffledGradientGenerator, control_label, parse_variants, variant_control_markdown
+    from .controls import (ShuffledGradientGenerator, control_label, default_rule_markdown, parse_variants,
+                           variant_control_markdown)
 
     configs = run_cli(lambda: parse_variants(variant) or {"paper": TIMIConfig.paper()},
                       Console(stderr=True, soft_wrap=True))
@@ -378,6 +379,7 @@ def variants(
     typer.echo(paths["markdown"].read_text())
     if controls:
         typer.echo(variant_control_markdown(summaries))
+        typer.echo(default_rule_markdown(summaries))
 
 
 @app.command()

@@ -61,6 +61,64 @@ def variant_control_markdown(summaries) -> str:
                          for v, c in pairs for size, where in (("own", ""), ("matched", ", at matched size")))
 
 
+#: The rule that chooses the default (docs/results.md, written before the variants were scored):
+#: area / base (geometric mean) at least this, FS-S - base at least this, then the largest
+#: matched-size SSR gain over the variant's own control, > 0, with matched-size SSR - base > 0.
+RULE_MIN_AREA_RATIO = 0.95
+RULE_MIN_FS_S_CHANGE = -0.01
+
+
+def default_rule(summaries) -> tuple[list[dict], str | None]:
+    """Apply the rule above to ``timi testbed variants`` summaries: one row per variant (area ratio,
+    FS-S - base, matched SSR - base, matched SSR - control, whether it keeps the shapes and whether
+    it qualifies) and the chosen variant's label (``None``: no variant qualifies, the paper's form stays)."""
+    import math
+
+    import numpy as np
+
+    from timi.evaluation.paired import paired_differences
+    from timi.evaluation.report import _ratios
+
+    by_label = {s.run.label: s for s in summaries}
+    base = next(s for s in summaries if not s.run.config.enabled)
+    rows = []
+    for s in summaries:
+        if s.run.group != "variants":
+            continue
+        areas = list(_ratios(s, "area").values())
+        area = math.exp(float(np.mean(np.log(areas)))) if areas else float("nan")
+        fs_s = {d.metric: d for d in paired_differences(s, base)}["fs_s"].mean
+        ssr_base = {d.metric: d for d in paired_differences(s, base, "matched")}["ssr"].mean
+        control = by_label.get(control_label(s.run.label))
+        ssr_control = ({d.metric: d for d in paired_differences(s, control, "matched")}["ssr"].mean
+                       if control is not None else float("nan"))
+        keeps = area >= RULE_MIN_AREA_RATIO and fs_s >= RULE_MIN_FS_S_CHANGE
+        rows.append(dict(variant=s.run.label, area=area, fs_s=fs_s, ssr_matched_base=ssr_base,
+                         ssr_matched_control=ssr_control, keeps_shapes=keeps,
+                         qualifies=bool(keeps and ssr_control > 0 and ssr_base > 0)))
+    chosen = max((r for r in rows if r["qualifies"]), key=lambda r: r["ssr_matched_control"], default=None)
+    return rows, None if chosen is None else chosen["variant"]
+
+
+def default_rule_markdown(summaries) -> str:
+    """The rule's table and its verdict (docs/results.md, issue 27)."""
+    rows, chosen = default_rule(summaries)
+    if not rows:
+        return ""
+    lines = ["## The rule that chooses the default\n",
+             f"Keeps the shapes: area / base >= {RULE_MIN_AREA_RATIO} and FS-S - base >= {RULE_MIN_FS_S_CHANGE}; "
+             "qualifies: also SSR at matched size above its control's and above the base's (means over the pairs).\n",
+             "| variant | area / base | FS-S - base | SSR - base, matched | SSR - control, matched | keeps the shapes | qualifies |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['area']:.3f} | {r['fs_s']:+.4f} | {r['ssr_matched_base']:+.4f} | "
+                     f"{r['ssr_matched_control']:+.4f} | {'yes' if r['keeps_shapes'] else 'no'} | "
+                     f"{'yes' if r['qualifies'] else 'no'} |")
+    lines.append("\n" + (f"Chosen: **{chosen}** (the largest matched-size SSR gain over its control among those that "
+                         "qualify)." if chosen else "No variant qualifies: the paper's form stays the default."))
+    return "\n".join(lines) + "\n"
+
+
 class ShuffledGradient:
     """``gradient_hook(grad, step)``: ``grad[:, perm]`` with a fresh seeded permutation per step."""
 
