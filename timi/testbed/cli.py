@@ -231,6 +231,7 @@ def mechanism(
     from .mechanism import run_mechanism, summarise
 
     # --alpha and --normalize-instances first, so that a --set of the same field wins
+    from timi.evaluation.cli import _base_config
     config = _base_config([f"alpha={alpha}", f"normalize-instances={normalize_instances}", *set_])
     torch.set_num_threads(threads)
     rows = run_mechanism(model or resolve_model(None), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps,
@@ -336,6 +337,9 @@ def variants(
                                            "'common removed=common=remove'; 'paper=' is the paper's form."),
     controls: bool = typer.Option(True, "--controls/--no-controls",
                                   help="Also run each variant with its gradient's token rows shuffled."),
+    controls_for: list[str] = typer.Option([], "--controls-for", metavar="NAME",
+                                           help="Run the shuffled control only for these variants (repeatable; "
+                                                "default: every variant)."),
     model: str = typer.Option(None, "--model", help="Model directory (default: the shipped one)."),
     seed: list[int] = typer.Option([0], "--seed", help="Sampling seed(s); repeat for several."),
     limit: int = typer.Option(None, "--limit", min=1),
@@ -362,15 +366,22 @@ def variants(
     from .controls import (ShuffledGradientGenerator, control_label, default_rule_markdown, parse_variants,
                            variant_control_markdown)
 
-    configs = run_cli(lambda: parse_variants(variant) or {"paper": TIMIConfig.paper()},
-                      Console(stderr=True, soft_wrap=True))
+    def parse() -> dict:
+        configs = parse_variants(variant) or {"paper": TIMIConfig.paper()}
+        unknown = sorted(set(controls_for) - set(configs))
+        if unknown:
+            raise ValueError(f"--controls-for {', '.join(map(repr, unknown))}: no such --variant; use one of "
+                             f"{', '.join(map(repr, configs))}.")
+        return configs
+
+    configs = run_cli(parse, Console(stderr=True, soft_wrap=True))
     model = model or str(resolve_model(None))
     options = dict(device=device, octree_resolution=octree_resolution, steps=steps)
     shuffled = ShuffledGradientGenerator(model, **options)
     runs = [Run(BASELINE_LABEL, TIMIConfig.paper(isg=False))]
     for name, config in configs.items():
         runs.append(Run(name, config, group="variants"))
-        if controls:
+        if controls and (not controls_for or name in controls_for):
             runs.append(Run(control_label(name), config, group="controls", generator=shuffled))
     summaries, paths = evaluate_and_report(dataset, runs, TIMITorchGenerator(model, **options), out,
                                            seeds=list(dict.fromkeys(seed)), limit=limit, quiet=quiet,
@@ -406,6 +417,8 @@ def control(
     from timi.pipelines import resolve_model
 
     from .controls import CONTROL_LABEL, ShuffledGradientGenerator
+
+    from timi.evaluation.cli import _base_config
 
     config = _base_config(set_)
     model = model or str(resolve_model(None))
