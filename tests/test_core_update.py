@@ -154,7 +154,7 @@ def test_momentum_is_an_exponential_moving_average(backend, steps, beta, seed):
 def test_sgu_update_composes_eqs_5_to_7(backend):
     rng = np.random.default_rng(4)
     z, g, m0 = rng.normal(size=(3, 2, 16, 4))
-    cfg = tc.TIMIConfig()
+    cfg = tc.TIMIConfig.paper()
     z_new, m_new = tc.sgu_update(backend.asarray(z), backend.asarray(g), backend.asarray(m0), cfg, axes=(1,))
     g_reg = ndi.gaussian_filter(g, cfg.sigma, axes=(1,), mode="reflect")
     lam = cfg.alpha * z.std(axis=(1, 2), keepdims=True) / (np.abs(g_reg).max(axis=(1, 2), keepdims=True) + cfg.eps)
@@ -180,7 +180,7 @@ def test_sgu_update_composes_eqs_5_to_7(backend):
 def test_ablation_switches(switches, expected_dz):
     rng = np.random.default_rng(5)
     z, g = rng.normal(size=(2, 1, 12, 3))
-    cfg = tc.TIMIConfig(**switches)
+    cfg = tc.TIMIConfig.paper(**switches)  # the paper's switches (Tables 2, 5) over its literal form
     z_new, m = tc.sgu_update(z, g, None, cfg, axes=(1,))
     np.testing.assert_allclose(z_new, z - m)
     if expected_dz is not None:
@@ -197,7 +197,7 @@ def test_nonfinite_gradient_sample_gets_no_new_update(backend):
     rng = np.random.default_rng(6)
     z, g, m0 = rng.normal(size=(3, 2, 8, 2))
     g[0, 3, 1] = np.nan
-    cfg = tc.TIMIConfig()
+    cfg = tc.TIMIConfig.paper()
     z_new, m = tc.sgu_update(backend.asarray(z), backend.asarray(g), backend.asarray(m0), cfg, axes=(1,))
     m = backend.to_numpy(m)
     assert np.isfinite(m).all() and np.isfinite(backend.to_numpy(z_new)).all()
@@ -233,7 +233,7 @@ def test_jax_sgu_update_runs_under_jit_and_grad():
     jnp = jax.numpy
     rng = np.random.default_rng(7)
     z, g = (jnp.asarray(a, dtype=jnp.float32) for a in rng.normal(size=(2, 2, 10, 3)))
-    cfg = tc.TIMIConfig()
+    cfg = tc.TIMIConfig.paper()
     step = jax.jit(lambda z, g, m: tc.sgu_update(z, g, m, cfg, axes=(1,)))
     z_new, m = step(z, g, jnp.zeros_like(z))
     z_ref, m_ref = tc.sgu_update(np.asarray(z, np.float64), np.asarray(g, np.float64), None, cfg, axes=(1,))
@@ -246,7 +246,7 @@ def test_jax_sgu_update_runs_under_jit_and_grad():
 
 
 def test_config_defaults_and_validation():
-    cfg = tc.TIMIConfig()
+    cfg = tc.TIMIConfig.paper()
     assert (cfg.alpha, cfg.sigma, cfg.beta, cfg.eps, cfg.guided_layers, cfg.guided_steps) == (0.1, 1.5, 0.9, 1e-6, 4, None)
     assert cfg.guided_fraction == tc.PAPER_GUIDED_FRACTION == 0.3
     paper = np.linspace(0, 1, 50).astype(np.float32)          # hy3dgen's 50-step schedule (float32)
@@ -264,7 +264,7 @@ def test_jax_and_torch_differentiate_sgu_update_alike():
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(8)
     z, g, w = rng.normal(size=(3, 2, 10, 3))
-    cfg = tc.TIMIConfig()
+    cfg = tc.TIMIConfig.paper()
     f32 = jax.numpy.float32
 
     def objective_j(z):
@@ -281,7 +281,7 @@ def test_jax_and_torch_differentiate_sgu_update_alike():
 def test_guided_window_is_the_first_30_percent_of_the_trajectory(steps, expected):
     """Default window: the steps starting below sigma 0.3 (15 of 50 on the paper's schedule), in float32
     and float64 alike; at 30 steps the first 9; a step starting exactly at 0.3 is not guided."""
-    cfg = tc.TIMIConfig()
+    cfg = tc.TIMIConfig.paper()
     for dtype in (np.float32, np.float64):
         sigmas = np.linspace(0, 1, steps).astype(dtype)
         n = cfg.num_guided_steps(sigmas)

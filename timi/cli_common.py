@@ -88,5 +88,8 @@ class OneLineUsageErrors(TyperGroup):
 
 
 #: ``--preset``'s help, shared by ``timi generate`` and ``timi eval``.
-PRESET_HELP = ("TIMI's form: default (TIMIConfig()) or paper (the paper's literal Eqs.2-7, TIMIConfig.paper()); "
-               "docs/results.md says which is the default and why.")
+PRESET_HELP = ("TIMI's form. default (TIMIConfig()): the paper's Eqs.2-7 with the part of the update shared by "
+               "every latent token removed before Eq.6 (common=remove): on token latents that shared part only "
+               "shrinks every shape; on the testbed's validation split it separated instances at the base "
+               "model's size without shrinking (docs/results.md). paper (TIMIConfig.paper()): the paper's "
+               "literal form, for reproducing its tables.")
