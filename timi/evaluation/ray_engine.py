@@ -24,6 +24,7 @@ need no Ray.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -123,6 +124,7 @@ class RayEngine:
     def connect(self):
         """Ray, initialised (a call after ``ray.init`` uses that instance); ``(ray, started)``."""
         ray = import_ray()
+        self.check_address()
         if ray.is_initialized():
             return ray, False
         options = dict(logging_level=logging.WARNING, log_to_driver=True)
@@ -135,6 +137,19 @@ class RayEngine:
             raise EngineError(f"--address {where}: no Ray cluster answers "
                               f"({' '.join(str(e).split())[:200] or type(e).__name__})") from None
         return ray, True
+
+    def check_address(self, timeout: float = 5.0) -> None:
+        """A ``HOST:PORT`` or ``ray://HOST:PORT`` address must accept a connection within ``timeout``
+        seconds (Ray itself waits minutes for a head node that is not there)."""
+        if self.address in (None, "auto", "local"):
+            return
+        host, sep, port = self.address.removeprefix("ray://").rpartition(":")
+        if not sep or not port.isdigit():
+            raise EngineError(f"--address {self.address}: use auto, HOST:PORT or ray://HOST:PORT")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        except OSError as e:
+            raise EngineError(f"--address {self.address}: no Ray cluster answers ({e.strerror or e})") from None
 
     def plan(self, ray, n_units: int) -> tuple[float, int]:
         """``(GPUs per worker, workers)`` on this cluster."""
