@@ -249,7 +249,10 @@ class _Execution:
         score = ray.remote(num_cpus=1)(_score)
         sizes = ray.remote(num_cpus=1)(_sizes)
         gpus, n_workers = self.engine.plan(ray, len(self.units))
-        worker = ray.remote(GenerationWorker).options(num_gpus=gpus, max_restarts=-1, max_task_retries=TASK_RETRIES)
+        # a worker reserves its GPUs and no CPU: the CPUs are left to the scoring tasks (a worker holding a CPU
+        # while waiting for scenes could starve them)
+        worker = ray.remote(GenerationWorker).options(num_cpus=0, num_gpus=gpus, max_restarts=-1,
+                                                      max_task_retries=TASK_RETRIES)
         try:
             # the context by value (small: generators load their models lazily), so that Ray can restart an actor
             self.actors = [worker.remote((self.evaluators, self.runs)) for _ in range(n_workers)]
