@@ -221,14 +221,14 @@ class _Execution:
                 try:
                     _, result, lines = self.ray.get(ref)
                 except self.ray.exceptions.RayError as e:  # the task's worker died more often than it is retried
-                    result, lines = self._lost(unit, e)
+                    result, lines = self._lost(unit, f"Ray worker lost ({type(e).__name__})")
                 self._done(unit, result, lines)
             if not block:
                 return
 
-    def _lost(self, unit, e, what="scoring"):
+    def _lost(self, unit, reason: str, what: str = "scoring"):
         seed, index, folder = unit
-        error = f"{what}: Ray worker lost ({type(e).__name__})"
+        error = f"{what}: {reason}"
         return SceneResult(self.runs[index].label, Path(folder).name, "failed", error=error), [
             f"[{self.runs[index].label}] {Path(folder).name}: {error}"]
 
@@ -273,7 +273,7 @@ class _Execution:
                     self._submit(score, "score", unit, generated)
             for unit in self.units:  # units without an answer lost their worker TASK_RETRIES + 1 times
                 if unit not in self.results and unit not in self.submitted:
-                    self._done(unit, *self._lost(unit, RuntimeError("worker died"), "generation"))
+                    self._done(unit, *self._lost(unit, f"its Ray worker died {TASK_RETRIES + 1} times", "generation"))
             self._drain(block=True)
             self._sizes(pool, sizes)
         finally:
