@@ -122,7 +122,7 @@ def eval_command(
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N scenes."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     engine: str = typer.Option("local", "--engine", help="local (here, one scene after another) | ray (a Ray "
-                               "cluster: pip install 'timi[ray]', docs/cluster.md)."),
+                               "cluster, docs/cluster.md; needs timi's extra named ray)."),
     address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster, auto | "
                                           "ray://HOST:10001 (default: a local Ray instance on this machine's cores)."),
     gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", min=0,
