@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml constraints/ci.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, from the pinned builds (CUDA wheels that run on the CPU too)
 	$(PY) -m pip install -q -c constraints/ci.txt torch torchvision
-	$(PY) -m pip install -q -c constraints/ci.txt -e ".[all,dev]"
+	# Ray (tests/test_eval_ray.py) is not in [all]: a 80 MB wheel most users do not need
+	$(PY) -m pip install -q -c constraints/ci.txt -e ".[all,dev,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -5,6 +5,7 @@ and write Table-1-style tables and sweep plots (``timi eval``; layout in docs/me
 * :mod:`.generators` -- the ``generate(image, masks, config, seed)`` interface, :class:`TIMITorchGenerator`
 * :mod:`.runs` -- TIMI / baseline rows, ablations of Tables 2-7, ``FIELD=v1,v2`` sweeps
 * :mod:`.runner` -- :class:`Evaluator`: caching, resume, skip-and-report
+* :mod:`.ray_engine` -- ``timi eval --engine ray``: the same units on a Ray cluster (docs/cluster.md)
 * :mod:`.report` -- Markdown / CSV tables and matplotlib plots
 """
 

@@ -173,6 +173,11 @@ class Evaluator:
         self.log = log or (lambda msg: tqdm.write(msg))
         self._identities: dict[int, dict] = {}
 
+    def __getstate__(self):
+        # sent to cluster workers (timi.evaluation.ray_engine): the identity cache is keyed by object ids,
+        # which mean nothing in another process
+        return {**self.__dict__, "_identities": {}}
+
     # ----------------------------------------------------------------- paths
     def generator_of(self, run: Run) -> Callable:
         gen = run.generator if run.generator is not None else self.generate
@@ -205,7 +210,8 @@ class Evaluator:
             mesh = trimesh.util.concatenate(list(instances))
         if not isinstance(mesh, trimesh.Trimesh) or len(mesh.faces) == 0:
             raise ValueError("the generator returned no triangles (empty scene mesh).")
-        for pattern in ("scores-*.json", "sizes-*.json", MATCHED_MESH):
+        # older scores, and temporary files a killed writer left (a cluster worker that died mid-write)
+        for pattern in ("scores-*.json", "sizes-*.json", MATCHED_MESH, ".*.tmp"):
             for old in folder.glob(pattern) if folder.is_dir() else ():
                 old.unlink()
         write_mesh(mesh, folder / "scene.ply")
@@ -236,21 +242,26 @@ class Evaluator:
         seconds = info.get("seconds")
         return pred, None if seconds is None else float(seconds)
 
-    def evaluate_scene(self, run: Run, scene) -> SceneResult:
-        """Scores of ``run`` on a loaded scene, from the cache when possible."""
+    def generate_unit(self, run: Run, scene) -> tuple[bool, SceneResult | None]:
+        """Generate ``run``'s output for a loaded scene unless the cache holds it: ``(generated, None)``,
+        or ``(False, failed result)`` when the generation raised (reported, traceback in ``OUT/logs``)."""
         folder = self.run_dir(run) / scene.scene_id
-        score_path = folder / f"scores-{self.metrics.key()}.json"
-        generated = False
         try:
             if not self._cached(scene, folder):
                 self._generate(run, scene, folder)
-                generated = True
+                return True, None
+            return False, None
         except Exception as e:  # a failing generation must not stop the evaluation
             self.log(f"[{run.label}] {scene.scene_id}: generation failed: {_short_error(e)}")
             (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
             write_text(self.out_dir / "logs" / f"{self.run_dir(run).name}_{scene.scene_id}.txt",
                        traceback.format_exc())
-            return SceneResult(run.label, scene.scene_id, "failed", error=f"generation: {_short_error(e)}")
+            return False, SceneResult(run.label, scene.scene_id, "failed", error=f"generation: {_short_error(e)}")
+
+    def score_unit(self, run: Run, scene, generated: bool = False) -> SceneResult:
+        """Scores of ``run``'s cached output on a loaded scene (computed once, then read from the cache)."""
+        folder = self.run_dir(run) / scene.scene_id
+        score_path = folder / f"scores-{self.metrics.key()}.json"
         try:
             pred, seconds = self._load_prediction(folder)
             if score_path.is_file():
@@ -264,6 +275,12 @@ class Evaluator:
             return SceneResult(run.label, scene.scene_id, "failed", error=f"scoring: {_short_error(e)}",
                                generated=generated)
         return SceneResult(run.label, scene.scene_id, "ok", scores, seconds, generated=generated)
+
+    def evaluate_scene(self, run: Run, scene) -> SceneResult:
+        """Scores of ``run`` on a loaded scene, from the cache when possible (one (scene, run) unit:
+        :meth:`generate_unit` then :meth:`score_unit`)."""
+        generated, failed = self.generate_unit(run, scene)
+        return failed if failed is not None else self.score_unit(run, scene, generated)
 
     # ----------------------------------------------------------------- sizes
     def size_scores(self, run: Run, scene, base: Run) -> dict:
@@ -302,6 +319,11 @@ class Evaluator:
         write_text(path, json.dumps(info, indent=1))
         return info
 
+    def sizes_need_generator(self, run: Run) -> bool:
+        """Whether :meth:`size_scores` of ``run`` decodes latents with its generator (the model, e.g.
+        on a GPU) rather than only reading meshes."""
+        return run.config.enabled and hasattr(self.generator_of(run), "iso_surfaces")
+
     def _with_sizes(self, result: SceneResult, run: Run, scene, base: Run | None,
                     base_result: SceneResult | None) -> SceneResult:
         if base is None or result.status != "ok" or base_result is None or base_result.status != "ok":
@@ -313,8 +335,9 @@ class Evaluator:
         return result
 
     # ----------------------------------------------------------------- everything
-    def evaluate(self, runs: Iterable[Run]) -> list[RunSummary]:
-        """All runs on all scenes (scene-major, so each scene is loaded once); returns one summary per run."""
+    def prepare(self, runs: Iterable[Run]) -> tuple[list[Run], list[Path]]:
+        """Check ``runs`` (unique labels, a generator each), write each run's ``config.json`` and list
+        the scene folders to evaluate (``limit`` applied): what every engine does first."""
         runs = list(runs)
         labels = [r.label for r in runs]
         if len(set(labels)) != len(labels):
@@ -326,17 +349,28 @@ class Evaluator:
         for run in runs:
             self.generator_of(run)
             self._write_run_config(run)
+        return runs, folders
+
+    def load_or_skip(self, folder: Path, runs: list[Run]) -> tuple[object | None, list[SceneResult]]:
+        """``(scene, [])``, or ``(None, one bad-scene result per run)`` when the folder cannot be loaded (reported)."""
+        try:
+            return load_scene(folder), []
+        except Exception as e:  # SceneError names the problem; anything else is reported as it is
+            reason = str(e) if isinstance(e, SceneError) else _short_error(e)
+            self.log(f"{folder.name}: skipped, {reason}")
+            return None, [SceneResult(run.label, folder.name, "bad-scene", error=reason) for run in runs]
+
+    def evaluate(self, runs: Iterable[Run]) -> list[RunSummary]:
+        """All runs on all scenes (scene-major, so each scene is loaded once); returns one summary per run."""
+        runs, folders = self.prepare(runs)
         results: dict[str, list[SceneResult]] = {r.label: [] for r in runs}
         base = base_run(runs)
         bar = tqdm(total=len(folders) * len(runs), desc="eval", disable=not self.progress, unit="gen")
         for folder in folders:
-            try:
-                scene = load_scene(folder)
-            except Exception as e:  # SceneError names the problem; anything else is reported as it is
-                reason = str(e) if isinstance(e, SceneError) else _short_error(e)
-                self.log(f"{folder.name}: skipped, {reason}")
-                for run in runs:
-                    results[run.label].append(SceneResult(run.label, folder.name, "bad-scene", error=reason))
+            scene, skipped = self.load_or_skip(folder, runs)
+            if scene is None:
+                for result in skipped:
+                    results[result.run].append(result)
                 bar.update(len(runs))
                 continue
             base_result = None
