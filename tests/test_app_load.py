@@ -146,9 +146,11 @@ def test_settings_over_the_bounds_are_refused(app):
 
     url, cfg = app
     c, _ = with_picture(url)
-    for args in (run_args(steps=100_000), run_args(octree=1024), run_args(guided_steps=10**9)):
-        with pytest.raises(Exception, match="greater than maximum value"):
+    for args in (run_args(steps=100_000), run_args(octree=1024)):
+        with pytest.raises(Exception, match="greater than maximum value"):   # the page's fields' own bounds
             c.predict(*args, api_name="/on_run")
+    out = c.predict(*run_args(guided_steps="1000000000"), api_name="/on_run")
+    assert out[4] == "error: guided steps 1000000000: this server allows at most 1000; choose a lower value.", out[4]
     # the server's own check, for calls that skip the page's fields
     with pytest.raises(ValueError, match=r"^--steps 100000: this server allows at most 1000"):
         page_options({"steps": 100_000}, cfg)
@@ -157,8 +159,12 @@ def test_settings_over_the_bounds_are_refused(app):
     assert page_error(ValueError("--octree-resolution 1024: this server allows at most 64; choose a lower value.")) \
         == "error: octree resolution 1024: this server allows at most 64; choose a lower value."
     assert page_options({"guided_steps": None}, cfg)["guided_steps"] is None   # empty: the paper's fraction
-    out = c.predict(*run_args(guided_steps=None), api_name="/on_run")        # the page's own default runs
-    assert out[4].startswith("done"), out[4]
+    for empty in ("", None):                                                    # the page's own default runs
+        out = c.predict(*run_args(guided_steps=empty), api_name="/on_run")
+        assert out[4].startswith("done"), out[4]
+    assert page_options({"guided_steps": " 3 "}, cfg)["guided_steps"] == 3
+    with pytest.raises(ValueError, match="guided steps 'x': enter a whole number"):
+        page_options({"guided_steps": "x"}, cfg)
 
 
 def test_one_clients_queued_runs_do_not_block_another_clients_upload(app):
@@ -213,8 +219,9 @@ def test_bad_pictures_give_one_line_without_server_paths(app, tmp_path):
         _png_with_size(tmp_path / "big.png", 5000, 5000).name: "error: the picture is 5000x5000; the page takes at most 4096x4096",
     }
     for name, start in cases.items():
-        line = c.predict(handle_file(str(tmp_path / name)), 8, api_name="/on_picture")[2]
-        assert line.startswith(start), (name, line)
+        out = c.predict(handle_file(str(tmp_path / name)), 8, api_name="/on_picture")
+        line = out[2]
+        assert line.startswith(start) and out[5] == line, (name, out)   # the masks box and the status box
         assert "\n" not in line and "/tmp" not in line and "--" not in line, line
 
 
@@ -288,3 +295,27 @@ def test_sigterm_removes_the_work_folder(tiny_model, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not folder.exists(), log.read_text()
+
+
+def test_a_client_that_goes_away_stops_its_run(app):
+    """A client joins a long run and drops its event stream (a killed browser tab): the run stops
+    at its next steps and leaves nothing; the slot is free for the next client."""
+    import httpx
+
+    url, cfg = app
+    c, _ = with_picture(url)                           # the session's picture and masks
+    fn = next(d["id"] for d in c.config["dependencies"] if d.get("api_name") == "on_run")
+    before = runs(cfg)
+    api = url.rstrip("/") + "/gradio_api"
+    data = [None, *run_args(seed=0, steps=LONG_STEPS)]
+    r = httpx.post(f"{api}/queue/join", json={"data": data, "fn_index": fn, "session_hash": c.session_hash,
+                                              "event_data": None, "trigger_id": None})
+    assert r.status_code == 200, r.text
+    with httpx.stream("GET", f"{api}/queue/data", params={"session_hash": c.session_hash}, timeout=60) as stream:
+        lines = stream.iter_lines()
+        wait_for(lambda: runs(cfg) - before and next(lines, None) is not None, what="the run to start")
+    wait_for(lambda: runs(cfg) == before, 60, "the run of the client that went away to stop")
+    b, _ = with_picture(url)
+    t = time.time()
+    assert b.predict(*run_args(), api_name="/on_run")[4].startswith("done")
+    assert time.time() - t < 60

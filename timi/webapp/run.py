@@ -226,6 +226,11 @@ def page_options(params: dict, cfg: AppConfig) -> dict:
     cannot ask for more than the page offers. Empty guided steps: the paper's fraction of the steps."""
     defaults = page_defaults(cfg)
     opts = {**defaults, **{k: v for k, v in params.items() if k in PAGE_OPTIONS}}
+    if isinstance(opts["guided_steps"], str):          # the page's text box: empty, or a whole number
+        text = opts["guided_steps"].strip()
+        if text and not text.isdigit():
+            raise ValueError(f"guided steps {text!r}: enter a whole number, or leave it empty for the paper's first 30 %.")
+        opts["guided_steps"] = int(text) if text else None
     for k, v in opts.items():
         if v is None and k != "guided_steps":
             raise ValueError(f"{PAGE_LABELS[k]} is empty; enter a value (default: {defaults[k]}).")

@@ -157,9 +157,11 @@ def build_app(cfg: AppConfig):
                 alpha = gr.Number(d["alpha"], label="alpha (Eq.6)", elem_id="alpha")
                 sigma = gr.Number(d["sigma"], label="sigma (Eq.5)")
                 guided_layers = gr.Number(d["guided_layers"], label="guided layers", precision=0, minimum=1)
-                guided_steps = gr.Number(d["guided_steps"], label="guided steps (empty: the paper's first 30 % of the trajectory)",
-                                         precision=0, minimum=0, maximum=cfg.max_steps,
-                                         elem_id="guided-steps")
+                # a text box: Gradio's number box shows (and sends) 0 for "empty", which would mean no guidance
+                guided_steps = gr.Textbox("" if d["guided_steps"] is None else str(d["guided_steps"]),
+                                          label=f"guided steps (at most {cfg.max_steps}; empty: the paper's first 30 % "
+                                                "of the trajectory)", placeholder="the paper's first 30 %",
+                                          max_lines=1, elem_id="guided-steps")
         with gr.Row():
             go = gr.Button("Run", variant="primary", elem_id="run", scale=4)
             stop_run = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
@@ -182,21 +184,22 @@ def build_app(cfg: AppConfig):
 
         def on_picture(img, thr):
             if img is None:
-                return None, None, None, "", None, None
+                return None, None, None, "", None, None, ""
             folder = new_folder(cfg, "picture-")
             try:
                 path = save_picture(img, folder)     # Gradio's file data: opened here, size checked first
                 labels = M.propose_labels(np.asarray(Image.open(path).convert("RGBA")), colour_threshold=thr)
             except Exception as e:  # noqa: BLE001
                 shutil.rmtree(folder, ignore_errors=True)
-                return None, None, None, page_error(e), None, None
+                line = page_error(e)
+                return None, None, None, line, None, None, line
             s = {"picture": str(path), "folder": str(folder), "labels": labels,
                  "names": [f"object_{k + 1}" for k in range(int(labels.max()))], "selected": [], "points": [], "box": []}
             editor_value = {"background": str(path), "layers": [], "composite": None}
-            return (*show(s), editor_value, str(path))
+            return (*show(s), editor_value, str(path), "")
 
-        picture.upload(on_picture, [picture, threshold], [*mask_outputs, editor, sam_view], preprocess=False)
-        picture.clear(lambda: (None, None, None, "", None, None), None, [*mask_outputs, editor, sam_view])
+        picture.upload(on_picture, [picture, threshold], [*mask_outputs, editor, sam_view, status], preprocess=False)
+        picture.clear(lambda: (None, None, None, "", None, None, ""), None, [*mask_outputs, editor, sam_view, status])
 
         def edit(fn):
             def handler(s, *args):
