@@ -271,7 +271,9 @@ def test_logins_from_the_command_line_and_a_file(tiny_model, tmp_path):
         check_app_options(str(tiny_model), "127.0.0.1", None, "cpu", None, "auto", 20, None, max_octree=1024)
 
 
-def test_sigterm_removes_the_work_folder(tiny_model, tmp_path):
+def test_sigterm_stops_a_run_and_removes_the_work_folder(tiny_model, tmp_path):
+    """SIGTERM as Ctrl-C: the server closes, a run under way stops at its next step (the exit does not
+    wait for its end), and the work folder is gone."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -281,16 +283,22 @@ def test_sigterm_removes_the_work_folder(tiny_model, tmp_path):
     log = tmp_path / "app.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "timi.cli", "app", "--model", str(tiny_model), "--device", "cpu",
-                                 "--port", str(port)], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=tmp_path)
+                                 "--port", str(port), "--max-steps", str(LONG_STEPS)], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         wait_for(lambda: "Running on" in log.read_text() or proc.poll() is not None, 180, "the app to start")
         text = log.read_text()
         assert proc.poll() is None, text
         folder = Path(text.split("work folder: ")[1].split(" (removed on exit)")[0])
         assert folder.is_dir()
+        c, _ = with_picture(f"http://127.0.0.1:{port}/")
+        c.submit(*run_args(seed=0, steps=LONG_STEPS), api_name="/on_run")
+        wait_for(lambda: list(folder.glob("run-*")), what="the long run to start")
+        time.sleep(1.0)
+        t = time.time()
         proc.terminate()
-        proc.wait(30)
+        proc.wait(60)
+        assert time.time() - t < 15, "the exit waited for the run"
     finally:
         if proc.poll() is None:
             proc.kill()

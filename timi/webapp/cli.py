@@ -188,4 +188,7 @@ def app_command(
         signal.signal(signal.SIGTERM, _terminate)
         run_cli(lambda: demo.launch(**launch_options(host, port, share, max_upload_mb, logins, app_kwargs)), err)
     finally:
+        from .run import stop_runs
+
+        stop_runs(cfg)          # a run under way ends at its next step (else the exit would wait for it)
         shutil.rmtree(cfg.workdir, ignore_errors=True)

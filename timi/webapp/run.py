@@ -38,7 +38,7 @@ from .masks import labels_from_masks, write_masks_json
 
 __all__ = ["AppConfig", "PAGE_OPTIONS", "PAGE_LABELS", "page_defaults", "page_options", "open_picture", "save_picture",
            "Preview", "preview", "masks_from_files", "RunOutput", "RunStopped", "run", "prune", "page_error", "MAX_PIXELS",
-           "MAX_OCTREE", "STOPPED_LINE"]
+           "MAX_OCTREE", "STOPPED_LINE", "stop_runs"]
 
 log = logging.getLogger("timi.app")
 
@@ -85,6 +85,7 @@ class AppConfig:
     runs_per_client: int = 2           # --runs-per-client: runs queued or running per page session
     max_queued_runs: int = 4           # --max-queued-runs: runs waiting, all sessions together
     picture_hours: float = 24.0        # picture folders older than this are removed (a page session's lifetime)
+    running: set = dataclasses.field(default_factory=set)   # the stop flags of the runs under way (stop_runs)
 
 
 def new_folder(cfg: AppConfig, prefix: str) -> Path:
@@ -269,8 +270,10 @@ def run(image: Path, labels: np.ndarray, names: Sequence[str], params: dict, cfg
     checked at every denoising step; a run that stops raises :class:`RunStopped` and leaves no folder."""
     say = progress or (lambda f, d: None)
     opts = page_options(params, cfg)
+    stop = threading.Event() if stop is None else stop
     check = _checker(cfg, stop)
     folder = new_folder(cfg, "run-")
+    cfg.running.add(stop)
     try:
         masks = _masks_file(labels, folder / "masks.json", names)
         lines: list[str] = []
@@ -289,9 +292,22 @@ def run(image: Path, labels: np.ndarray, names: Sequence[str], params: dict, cfg
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)   # a failed or stopped run leaves nothing behind
         raise
+    finally:
+        cfg.running.discard(stop)
     say(1.0, "done")
     prune(cfg, keep=folder)
     return out
+
+
+def stop_runs(cfg: AppConfig, timeout: float = 30.0) -> bool:
+    """Stop the runs under way (the app is closing) and wait up to ``timeout`` s for them to end;
+    whether they did. Each ends at its next step and removes its folder."""
+    for flag in list(cfg.running):
+        flag.set()
+    end = time.monotonic() + timeout
+    while cfg.running and time.monotonic() < end:
+        time.sleep(0.05)
+    return not cfg.running
 
 
 def prune(cfg: AppConfig, keep: Optional[Path] = None) -> list[Path]:
