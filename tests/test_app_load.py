@@ -223,6 +223,11 @@ def test_bad_pictures_give_one_line_without_server_paths(app, tmp_path):
         line = out[2]
         assert line.startswith(start) and out[5] == line, (name, out)   # the masks box and the status box
         assert "\n" not in line and "/tmp" not in line and "--" not in line, line
+    c, _ = with_picture(url)                           # the same files as mask uploads: one line each
+    for name in cases:
+        line = c.predict([handle_file(str(tmp_path / name))], "error", api_name="/on_files")[2]
+        assert line.startswith(f"error: {name}") and "\n" not in line and "/tmp" not in line, (name, line)
+        assert "unexpected" not in line, line
 
 
 def test_run_refuses_after_a_mask_error(app, tmp_path):

@@ -110,6 +110,8 @@ def open_image(path: Path) -> Image.Image:
         return img
     except FileNotFoundError:
         raise MaskFileNotFoundError(f"{path}: file not found; check the path.") from None
+    except Image.DecompressionBombError as e:
+        raise MaskInputError(f"{path}: {e}; a mask has the picture's size, pass that.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise MaskInputError(f"{path}: cannot read it as an image ({e}); pass a PNG/JPEG mask or label map.") from None
 

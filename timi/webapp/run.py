@@ -183,6 +183,20 @@ def masks_from_files(image: Path, files: Sequence[str | Path], cfg: AppConfig, o
     files = [Path(f) for f in files]
     if not files:
         raise MaskInputError("no mask files uploaded; add a label map, mask PNGs, an .npy or an RLE .json.")
+    for f in files:       # mask pictures: the size from the header first, as for the picture
+        if f.suffix.lower() not in (".npy", ".json"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                try:
+                    with Image.open(f) as img:
+                        w, h = img.size
+                except Image.DecompressionBombError:
+                    raise MaskInputError(f"{f.name}: over {Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?); a "
+                                         "mask has the picture's size (at most 4096x4096).") from None
+                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+                    continue        # the command line's reader says what is wrong with it
+            if w * h > MAX_PIXELS:
+                raise MaskInputError(f"{f.name}: {w}x{h} pixels; a mask has the picture's size (at most 4096x4096).")
     found, _, notes = prepare_masks(image, files if len(files) > 1 else files[0], cfg.model, overlap, True)
     return labels_from_masks(found.masks), list(found.names), list(notes)
 
