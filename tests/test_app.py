@@ -246,7 +246,7 @@ def test_run_is_timi_generate(example, cfg, tmp_path, monkeypatch):
     _, truth = example
     calls = []
     real = timi.generate.generate
-    monkeypatch.setattr(R, "generate", lambda opts, log: calls.append(opts) or real(opts, log=log))
+    monkeypatch.setattr(R, "generate", lambda opts, log, check=None: calls.append(opts) or real(opts, log=log, check=check))
     seen = []
     out = R.run(EXAMPLE / "image.png", truth, ["box", "bar", "can"], FAST, cfg, report=True, compare=True,
                 progress=lambda f, d: seen.append(f))
@@ -282,7 +282,7 @@ def test_errors_are_the_command_lines_one_line(example, cfg):
     _, truth = example
     with pytest.raises(ValueError) as e:
         run(EXAMPLE / "image.png", truth, [], {**FAST, "steps": 0}, cfg)
-    assert page_error(e.value) == "error: --steps 0: must be at least 1."
+    assert page_error(e.value) == "error: steps 0: must be at least 1."   # the page's label, not the flag
     with pytest.raises(ValueError, match="whole number"):
         run(EXAMPLE / "image.png", truth, [], {**FAST, "steps": 2.5}, cfg)
     line = page_error(TypeError("a\nbug"))
@@ -308,9 +308,12 @@ def test_safe_defaults(tiny_model):
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")
-    cfg, notes = check_app_options(str(tiny_model), "127.0.0.1", None, "cpu", None, "auto", 20, None)
-    assert notes == [] and cfg.sam is None and cfg.workdir.is_dir()
-    _, notes = check_app_options(str(tiny_model), "0.0.0.0", 7999, "cpu", None, "auto", 20, None)
+    cfg, logins, notes = check_app_options(str(tiny_model), "127.0.0.1", None, "cpu", None, "auto", 20, None)
+    assert notes == [] and logins == [] and cfg.sam is None and cfg.workdir.is_dir()
+    assert (cfg.max_steps, cfg.max_octree, cfg.max_run_seconds) == (50, 384, 900.0)
+    with pytest.raises(ValueError, match="--host 0.0.0.0 would let anyone"):
+        check_app_options(str(tiny_model), "0.0.0.0", 7999, "cpu", None, "auto", 20, None)
+    _, _, notes = check_app_options(str(tiny_model), "0.0.0.0", 7999, "cpu", None, "auto", 20, None, auth="me:pw")
     assert len(notes) == 1 and "not a loopback address" in notes[0]
     opts = launch_options("127.0.0.1", None, False, 20)
     assert opts["server_name"] == "127.0.0.1" and opts["share"] is False and opts["max_file_size"] == 20 * 2**20
@@ -346,3 +349,22 @@ def test_page_builds_with_one_run_at_a_time(cfg):
     kinds = {type(b).__name__ for b in demo.blocks.values()}
     assert {"Model3D", "ImageEditor", "Gallery", "File"} <= kinds
     assert not any(isinstance(b, gr.FileExplorer) for b in demo.blocks.values())
+
+
+def test_work_folder_is_pruned(cfg, tmp_path):
+    """The newest ``keep_runs`` run folders stay, older ones and day-old picture folders go."""
+    import dataclasses
+    import os
+
+    from timi.webapp.run import prune
+
+    c = dataclasses.replace(cfg, workdir=tmp_path / "work", keep_runs=2)
+    for k in range(4):
+        (c.workdir / f"run-{k}").mkdir(parents=True)
+        os.utime(c.workdir / f"run-{k}", (1000 + k, 1000 + k))
+    (c.workdir / "picture-old").mkdir()
+    os.utime(c.workdir / "picture-old", (1000, 1000))
+    (c.workdir / "picture-new").mkdir()
+    gone = prune(c)
+    assert sorted(p.name for p in gone) == ["picture-old", "run-0", "run-1"]
+    assert sorted(p.name for p in c.workdir.iterdir()) == ["picture-new", "run-2", "run-3"]

@@ -1,7 +1,8 @@
 """``timi app`` in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``, Selenium):
-start the app on a free port with the shipped model, upload the example picture, accept the
-proposed masks, run (few steps, a coarse octree), and check that the 3D viewer fetched a GLB with
-one node per instance. Screenshots before and after the run go to ``$TIMI_APP_SCREENSHOTS`` (the
+start the app on a free port with the shipped model and a login (``--auth``), log in, upload a
+file that is no picture (its one-line error in the status box), then the example picture, accept
+the proposed masks, run (few steps, a coarse octree, guided steps left empty: the page's default),
+and check that the 3D viewer fetched a GLB with one node per instance. Screenshots before and after the run go to ``$TIMI_APP_SCREENSHOTS`` (the
 docs' figures: ``TIMI_APP_SCREENSHOTS=docs/figures``) or the test's temporary folder.
 
 Skips, saying why, where Chromium, its driver or Selenium is missing; CI installs them (.ci/run).
@@ -37,6 +38,10 @@ pytestmark = [
 ]
 
 
+#: The login the test's server asks for (``--auth``).
+LOGIN = "tester:not-a-real-secret"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,8 +70,8 @@ def server(tmp_path_factory):
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "adapters/torch"), str(ROOT / "adapters/jax"),
                                           os.environ.get("PYTHONPATH", "")])}
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "timi.cli", "app", "--port", str(port)], cwd=ROOT, env=env,
-                                stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "timi.cli", "app", "--port", str(port), "--auth", LOGIN],
+                                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_http(url, proc, log)
@@ -134,12 +139,31 @@ def _wait(driver, predicate, timeout: float, what: str):
                 f"masks: {_value(driver, '#notes textarea')!r}")
 
 
+def _log_in(d, url: str) -> None:
+    """The page asks for the login first (``--auth``); without it there is no upload box."""
+    d.get(url)
+    _wait(d, lambda: d.find_elements("css selector", "input[type=password]"), 60, "the login form")
+    assert not d.find_elements("css selector", "#picture")
+    user, password = LOGIN.split(":", 1)
+    d.find_element("css selector", "input[type=text]").send_keys(user)
+    d.find_element("css selector", "input[type=password]").send_keys(password)
+    next(b for b in d.find_elements("css selector", "button") if b.text.strip().lower() == "login").click()
+
+
 def test_upload_propose_run_and_the_viewer_gets_one_node_per_instance(server, browser, tmp_path):
     import trimesh
 
     url, log = server
     d = browser
-    d.get(url)
+    _log_in(d, url)
+    _wait(d, lambda: d.find_elements("css selector", "#picture input[type=file]"), 60, "the upload box")
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a picture")
+    d.find_element("css selector", "#picture input[type=file]").send_keys(str(fake))
+    line = _wait(d, lambda: _value(d, "#status textarea").startswith("error") and _value(d, "#status textarea"), 60,
+                 "the bad picture's error")
+    assert line == "error: notes.png: not a picture this page can read; upload a PNG or JPEG picture.", line
+    d.get(url)                                        # a fresh page (the session's login cookie stays)
     _wait(d, lambda: d.find_elements("css selector", "#picture input[type=file]"), 60, "the upload box")
     d.find_element("css selector", "#picture input[type=file]").send_keys(str(EXAMPLE / "image.png"))
     notes = _wait(d, lambda: "instance(s)" in _value(d, "#notes textarea") and _value(d, "#notes textarea"), 120,
@@ -147,8 +171,9 @@ def test_upload_propose_run_and_the_viewer_gets_one_node_per_instance(server, br
     assert notes.startswith("3 instance(s)"), notes
     assert "error" not in notes, notes
     _wait(d, lambda: d.find_elements("css selector", "#grid-view img"), 60, "the token-grid picture")
-    for elem_id, value in (("steps", 5), ("guided-steps", 5), ("octree", 64)):
+    for elem_id, value in (("steps", 5), ("octree", 64)):
         _set_number(d, elem_id, value)
+    assert _value(d, "#guided-steps textarea, #guided-steps input") == ""   # left empty: the paper's first 30 %
     time.sleep(1.0)
     before = _screenshot(d, "app_before.png", tmp_path)
 
@@ -163,7 +188,9 @@ def test_upload_propose_run_and_the_viewer_gets_one_node_per_instance(server, br
     time.sleep(2.0)  # let the viewer draw before the screenshot
     after = _screenshot(d, "app_after.png", tmp_path)
 
-    with urllib.request.urlopen(glbs[-1], timeout=30) as r:   # the very file the viewer fetched
+    cookies = "; ".join(f"{c['name']}={c['value']}" for c in d.get_cookies())   # the login's session
+    with urllib.request.urlopen(urllib.request.Request(glbs[-1], headers={"Cookie": cookies}), timeout=30) as r:
+        # the very file the viewer fetched
         data = r.read()
     assert data[:4] == b"glTF"
     scene = trimesh.load(trimesh.util.wrap_as_stream(data), file_type="glb")

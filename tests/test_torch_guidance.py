@@ -232,3 +232,65 @@ def test_fused_runs_one_sdpa_per_guided_block_with_hy3dgens_block_output(fast_ba
         hook.remove()
     for fused, explicit in zip(*outputs):
         torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-6)
+
+
+def test_captures_in_two_threads_do_not_see_each_other(fast_base):
+    """Issue 30: a run's attention capture is its own. While thread A sits inside an observing
+    capture (blocked in its observer, mid-forward), this thread's guided P (another instance count)
+    and a plain forward are those of a solo run; A then sees only its own calls; hy3dgen's
+    ``attention`` is back once both are done."""
+    import threading
+
+    from hy3dgen.shapegen.models.denoisers import hunyuan3ddit
+    from timi_torch.guidance import observe_attention
+
+    model = fast_base.model
+    original = hunyuan3ddit.attention
+    z2, t2, cond2, tokens2 = _inputs(fast_base, batch=2)
+    z1, t1, cond1, tokens1 = _inputs(fast_base, batch=1, seed=1)
+    tokens1 = tokens1[:, :1]                                   # one instance here, two in thread A
+
+    def observed(seen, wait=None):
+        def observer(layer, q, k):
+            seen.append((layer, q.shape[0], q.clone()))
+            if wait is not None and layer == 0:
+                wait()
+        with torch.no_grad(), observe_attention(observer, 2):
+            model(z2, t2, {"main": cond2})
+        return seen
+
+    with torch.no_grad():
+        solo_P = guided_probabilities(model, z1, t1, cond1, tokens1, 2, "fused")
+        solo_out = model(z1, t1, {"main": cond1})
+    solo_seen = observed([])
+    inside, go, seen, errors = threading.Event(), threading.Event(), [], []
+
+    def wait():
+        inside.set()
+        assert go.wait(60)
+
+    def thread_a():
+        try:
+            observed(seen, wait)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            inside.set()
+
+    a = threading.Thread(target=thread_a)
+    a.start()
+    try:
+        assert inside.wait(60)
+        with torch.no_grad():
+            P = guided_probabilities(model, z1, t1, cond1, tokens1, 2, "fused")
+            out = model(z1, t1, {"main": cond1})
+    finally:
+        go.set()
+        a.join(60)
+    assert not errors
+    for p, q in zip(P, solo_P):
+        assert p.shape == (1, 64, 1)
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert torch.equal(out, solo_out)
+    assert [(layer, b) for layer, b, _ in seen] == [(0, 2), (1, 2)]
+    assert all(torch.equal(q, r) for (_, _, q), (_, _, r) in zip(seen, solo_seen))
+    assert hunyuan3ddit.attention is original

@@ -215,13 +215,16 @@ def parse_views(items: Optional[list[str]], flag: str = "--view") -> dict:
     return out
 
 
-def generate(opts: GenerateOptions, log=print) -> GenerateResult:
+def generate(opts: GenerateOptions, log=print, check=None) -> GenerateResult:
     """Run the whole command. Raises :class:`MaskInputError`, :class:`OutputError`,
     :class:`ModelNotFoundError`, ``ValueError`` for bad input (all before the model loads) and
-    ``RuntimeError`` for failures while running. Nothing is written unless the run succeeds."""
+    ``RuntimeError`` for failures while running. Nothing is written unless the run succeeds.
+
+    ``check``: called with no arguments after every denoising step and between the stages; what it
+    raises stops the run there (``timi app``: cancel, a lost client, ``--max-run-seconds``)."""
     out, model = check_options(opts)
     with torch_threads(opts.threads or choose_threads(model)):
-        return _generate(opts, out, model, log)
+        return _generate(opts, out, model, log, check or (lambda: None))
 
 
 def _view_masks(opts: GenerateOptions, model: str):
@@ -247,7 +250,7 @@ def _view_masks(opts: GenerateOptions, model: str):
     return found, cond, notes
 
 
-def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResult:
+def _generate(opts: GenerateOptions, out: Path, model: str, log, check) -> GenerateResult:
     clock = _Clock()
     # 1. the inputs, checked with the model's geometry (its config.yaml) before any weight loads; the
     #    condition masks computed here are the loaded model's own (the same geometry, from the same file)
@@ -288,14 +291,17 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
                                          steps=max(pipe.num_guided_steps(opts.steps, _config(opts).replace(isg=True)), 1))
 
     # 3. denoise (either backend, one call)
+    check()
+    step_check = {} if opts.backend == "jax" else {"callback": lambda step, t, outputs: check()}
     generator = torch.Generator(device=resolve_device(opts.device)).manual_seed(opts.seed)
     with clock.stage("denoise"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*guided_layers.*exceeds.*")
         warnings.filterwarnings("ignore", message=".*only one instance mask.*")
         output = pipe(cond.image if opts.views else str(opts.image), cond, num_inference_steps=opts.steps,
                       guidance_scale=opts.guidance_scale, generator=generator, output_type="latent",
-                      enable_pbar=opts.progress, recorder=recorder)
+                      enable_pbar=opts.progress, recorder=recorder, **step_check)
     latents = output.latents
+    check()
 
     # 4. mesh (the shared back end)
     with clock.stage("mesh"):
@@ -311,6 +317,7 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log) -> GenerateResu
                 "try another --seed or a higher --octree-resolution."
             )
 
+    check()
     # 5. split into instances
     split = None
     if opts.split_instances or opts.report is not None:

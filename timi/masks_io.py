@@ -110,6 +110,8 @@ def open_image(path: Path) -> Image.Image:
         return img
     except FileNotFoundError:
         raise MaskFileNotFoundError(f"{path}: file not found; check the path.") from None
+    except Image.DecompressionBombError as e:
+        raise MaskInputError(f"{path}: {e}; a mask has the picture's size, pass that.") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise MaskInputError(f"{path}: cannot read it as an image ({e}); pass a PNG/JPEG mask or label map.") from None
 
@@ -157,15 +159,17 @@ def _mask_like(path: Path) -> bool:
     return n is not None and n <= MASK_LIKE_VALUES
 
 
-def check_input_picture(image: str | Path, masks: Sequence[str | Path] = ()) -> None:
+def check_input_picture(image: str | Path, masks: Sequence[str | Path] = (), hint: str | None = None) -> None:
     """Refuse an input picture that is one of the mask files or is itself a black-and-white mask
-    (``timi generate --masks a.png b.png c.png`` takes ``b.png`` as the picture)."""
+    (``timi generate --masks a.png b.png c.png`` takes ``b.png`` as the picture). ``hint``: the
+    fix to name instead of the command line's (``timi app``: no command-line syntax on the page)."""
     image = Path(image)
     read_image_size(image)
     typed = [Path(m) for m in masks[:1]] + [image] + [Path(m) for m in masks[1:]]  # the order on the command line
     pictures = [p for p in typed if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not _mask_like(p)]
     picture = pictures[0] if len(pictures) == 1 else Path("PICTURE")
-    hint = f"put the picture first: {picture} --masks {' '.join(str(p) for p in typed if p != picture)}"
+    if hint is None:
+        hint = f"put the picture first: {picture} --masks {' '.join(str(p) for p in typed if p != picture)}"
     if any(Path(m).exists() and Path(m).resolve() == image.resolve() for m in masks):
         raise MaskInputError(f"{image}: given as the picture and as a mask; {hint}.")
     n = _colour_count(image)

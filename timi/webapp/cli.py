@@ -1,10 +1,14 @@
 """``timi app``: start the page on this machine (Gradio).
 
-Safe by default: it listens on 127.0.0.1 unless ``--host`` says otherwise (and warns when that is
-not a loopback address), makes no public share link unless ``--share``, limits uploads
-(``--max-upload-mb``), takes the model and the SAM checkpoint only from the command line, runs one
-TIMI job at a time (Gradio's queue) each in a folder of its own, and sends nothing outside the
-machine (Gradio's analytics off, system fonts).
+Safe by default: it listens on 127.0.0.1 unless ``--host`` says otherwise, and refuses to listen
+beyond this machine or make a public ``--share`` link without a login (``--auth USER:PASS``,
+``--auth-file``; ``--insecure-no-auth`` to do it anyway, with a warning); it limits uploads
+(``--max-upload-mb``), the expensive settings (``--max-steps``, ``--max-octree``), a run's time
+(``--max-run-seconds``) and the runs that may wait (``--runs-per-client``, ``--max-queued-runs``);
+it takes the model and the SAM checkpoint only from the command line, runs one TIMI job at a time
+(Gradio's queue) each in a folder of its own, keeps the last ``--keep-runs`` runs, removes its work
+folder on exit (Ctrl-C or SIGTERM), and sends nothing outside the machine (Gradio's analytics off,
+system fonts).
 """
 
 from __future__ import annotations
@@ -12,13 +16,17 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-__all__ = ["app_command", "is_loopback", "check_app_options", "launch_options"]
+__all__ = ["app_command", "is_loopback", "check_app_options", "read_auth", "launch_options", "serve", "MAX_STEPS_CEILING"]
+
+#: The most ``--max-steps`` may allow (the paper uses 50).
+MAX_STEPS_CEILING = 1000
 
 
 def is_loopback(host: str) -> bool:
@@ -31,11 +39,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def read_auth(auth: Optional[str], auth_file: Optional[Path]) -> list[tuple[str, str]]:
+    """Logins from ``--auth USER:PASS`` and ``--auth-file`` (one ``USER:PASS`` a line; blank lines and
+    ``#`` comments skipped) as Gradio's ``auth`` list. One-line errors that never echo a password."""
+    pairs = []
+    items = [("--auth", auth)] if auth is not None else []
+    if auth_file is not None:
+        try:
+            text = Path(auth_file).read_text()
+        except OSError as e:
+            raise ValueError(f"--auth-file {auth_file}: cannot read it ({e.strerror or e}); pass a readable file.") from None
+        items += [(f"--auth-file {auth_file} line {n}", line.strip()) for n, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.strip().startswith("#")]
+        if not any(where.startswith("--auth-file") for where, _ in items):
+            raise ValueError(f"--auth-file {auth_file}: no USER:PASS line in it; write one login a line.")
+    for where, item in items:
+        user, sep, password = item.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError(f"{where}: write the login as USER:PASS (a user name, a colon, a password).")
+        pairs.append((user.strip(), password))
+    return pairs
+
+
 def check_app_options(model, host: str, port: Optional[int], device, sam_checkpoint, sam_model: str,
-                      max_upload_mb: float, threads: Optional[int]):
-    """The command line's checks before anything starts -> (AppConfig, warnings). One-line errors."""
+                      max_upload_mb: float, threads: Optional[int], *, share: bool = False,
+                      auth: Optional[str] = None, auth_file: Optional[Path] = None, insecure_no_auth: bool = False,
+                      max_steps: int = 50, max_octree: int = 384, max_run_seconds: float = 900.0,
+                      runs_per_client: int = 2, max_queued_runs: int = 4, keep_runs: int = 20):
+    """The command line's checks before anything starts -> (AppConfig, logins, warnings). One-line errors."""
     from ..pipelines import resolve_device, resolve_model
-    from .run import AppConfig
+    from .run import MAX_OCTREE, AppConfig
 
     if port is not None and not 0 < port < 65536:
         raise ValueError(f"--port {port}: must be from 1 to 65535.")
@@ -43,38 +76,90 @@ def check_app_options(model, host: str, port: Optional[int], device, sam_checkpo
         raise ValueError(f"--max-upload-mb {max_upload_mb}: must be above 0.")
     if threads is not None and threads < 1:
         raise ValueError(f"--threads {threads}: must be at least 1.")
+    for flag, value, lo, hi in (("--max-steps", max_steps, 1, MAX_STEPS_CEILING), ("--max-octree", max_octree, 8, MAX_OCTREE),
+                                ("--runs-per-client", runs_per_client, 1, 100), ("--max-queued-runs", max_queued_runs, 0, 1000),
+                                ("--keep-runs", keep_runs, 1, 100000)):
+        if not lo <= value <= hi:
+            raise ValueError(f"{flag} {value}: must be from {lo} to {hi}.")
+    if not max_run_seconds >= 0:
+        raise ValueError(f"--max-run-seconds {max_run_seconds}: must be 0 (no limit) or more.")
+    logins = read_auth(auth, auth_file)
+    exposed = [f"--host {host}"] * (not is_loopback(host)) + ["--share"] * bool(share)
+    if exposed and not logins and not insecure_no_auth:
+        raise ValueError(f"{' and '.join(exposed)} would let anyone who reaches the page use it and its compute; "
+                         "add --auth USER:PASS (or --auth-file FILE), or --insecure-no-auth if you mean it.")
     cfg = AppConfig(model=resolve_model(model), workdir=Path(tempfile.mkdtemp(prefix="timi-app-")),
-                    device=resolve_device(device), threads=threads)
-    if sam_checkpoint is not None:
-        from .sam import SamClicker, load_sam
-
-        cfg.sam = SamClicker(load_sam(sam_checkpoint, sam_model, cfg.device))
+                    device=resolve_device(device), threads=threads, max_steps=max_steps, max_octree=max_octree,
+                    max_run_seconds=max_run_seconds or None, keep_runs=keep_runs, runs_per_client=runs_per_client,
+                    max_queued_runs=max_queued_runs)
     notes = []
-    if not is_loopback(host):
-        notes.append(f"--host {host} is not a loopback address: anyone who can reach this machine can use the page "
-                     "(and its compute); use --host 127.0.0.1 unless you mean it.")
-    return cfg, notes
+    try:
+        if sam_checkpoint is not None:
+            from .sam import SamClicker, load_sam
+
+            cfg.sam = SamClicker(load_sam(sam_checkpoint, sam_model, cfg.device))
+    except BaseException:
+        shutil.rmtree(cfg.workdir, ignore_errors=True)
+        raise
+    if exposed and not logins:
+        notes.append(f"{' and '.join(exposed)} without a login (--insecure-no-auth): anyone who can reach the page "
+                     "can use it and its compute.")
+    elif not is_loopback(host):
+        notes.append(f"--host {host} is not a loopback address: whoever has a login and reaches this machine can use "
+                     "the page; use --host 127.0.0.1 unless you mean it.")
+    return cfg, logins, notes
 
 
-def launch_options(host: str, port: Optional[int], share: bool, max_upload_mb: float) -> dict:
+def serve(demo, cfg) -> dict:
+    """Gradio's queue for ``demo`` sized from ``cfg`` (the waiting runs plus room for the cheap
+    events) -> the ``app_kwargs`` of ``Blocks.launch`` with the run limits' middleware
+    (:class:`timi.webapp.limits.RunQueueLimit`)."""
+    from starlette.middleware import Middleware
+
+    from .limits import RUN_ID, RunLimits, RunQueueLimit, queue_size
+
+    demo.queue(default_concurrency_limit=4, max_size=queue_size(cfg.max_queued_runs))
+    run_fn = next(f._id for f in demo.fns.values() if getattr(f, "concurrency_id", None) == RUN_ID)
+    limits = RunLimits(demo, run_fn, cfg.runs_per_client, cfg.max_queued_runs)
+    return {"middleware": [Middleware(RunQueueLimit, limits=limits)]}
+
+
+def launch_options(host: str, port: Optional[int], share: bool, max_upload_mb: float, auth=None,
+                   app_kwargs: Optional[dict] = None) -> dict:
     """Keyword arguments of ``Blocks.launch`` for the safe defaults (module docstring)."""
     from .ui import theme
 
     return dict(server_name=host, server_port=port, share=bool(share), max_file_size=int(max_upload_mb * 2**20),
                 show_error=False, enable_monitoring=False, mcp_server=False, pwa=False, ssr_mode=False,
-                run_history=False, footer_links=["settings"], theme=theme(), inbrowser=False, quiet=False)
+                run_history=False, footer_links=["settings"], theme=theme(), inbrowser=False, quiet=False,
+                auth=auth or None, auth_message="TIMI: log in with the user name and password you were given.",
+                app_kwargs=app_kwargs or {})
+
+
+def _terminate(signum, frame):
+    """SIGTERM as Ctrl-C: Gradio closes the server, the work folder is removed."""
+    raise KeyboardInterrupt
 
 
 def app_command(
     model: Optional[str] = typer.Option(None, help="hy3dgen model directory or id, as for `timi generate` (default: the shipped model)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (default: this machine only)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (default: this machine only; others need --auth)."),
     port: Optional[int] = typer.Option(None, help="Port (default: the first free one from 7860)."),
-    share: bool = typer.Option(False, "--share", help="Also make a public Gradio share link (off by default)."),
+    share: bool = typer.Option(False, "--share", help="Also make a public Gradio share link (off by default; needs --auth)."),
+    auth: Optional[str] = typer.Option(None, help="A login USER:PASS the page asks for (visible to `ps`: prefer --auth-file)."),
+    auth_file: Optional[Path] = typer.Option(None, help="A file of logins, one USER:PASS a line."),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Allow --host beyond this machine or --share without a login."),
     sam_checkpoint: Optional[Path] = typer.Option(None, help="A local Segment-Anything checkpoint (.pth): click points or boxes per instance."),
     sam_model: str = typer.Option("auto", help="SAM's size: auto (from the checkpoint's name), vit_b, vit_l or vit_h."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch per run (default as `timi generate`)."),
     max_upload_mb: float = typer.Option(20.0, help="Largest upload, in MiB."),
+    max_steps: int = typer.Option(50, help=f"Most sampling steps a run may ask for (at most {MAX_STEPS_CEILING})."),
+    max_octree: int = typer.Option(384, help="Highest octree resolution a run may ask for (at most 512)."),
+    max_run_seconds: float = typer.Option(900.0, help="A run is stopped after this many seconds (0: no limit)."),
+    runs_per_client: int = typer.Option(2, help="Runs one page (session) may have queued or running."),
+    max_queued_runs: int = typer.Option(4, help="Runs that may wait, all pages together."),
+    keep_runs: int = typer.Option(20, help="Run folders kept in the work folder (older ones are removed)."),
 ) -> None:
     """Start TIMI's page in the browser: picture in, instance masks made or painted, TIMI with
     progress, the 3D scene per instance out."""
@@ -84,19 +169,26 @@ def app_command(
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     err = Console(stderr=True, soft_wrap=True)
-    cfg, notes = run_cli(lambda: check_app_options(model, host, port, device, sam_checkpoint, sam_model,
-                                                   max_upload_mb, threads), err)
-    for n in notes:
-        err.print(f"warning: {n}", markup=False, highlight=False)
-    if share:
-        err.print("warning: --share makes a public link through Gradio's servers: anyone with it can use the page.",
-                  markup=False, highlight=False)
-    from .ui import build_app
-
-    demo = build_app(cfg)
-    demo.queue(default_concurrency_limit=4, max_size=32)
-    err.print(f"model: {cfg.model}; work folder: {cfg.workdir} (removed on exit)", markup=False, highlight=False)
+    cfg, logins, notes = run_cli(lambda: check_app_options(
+        model, host, port, device, sam_checkpoint, sam_model, max_upload_mb, threads, share=share, auth=auth,
+        auth_file=auth_file, insecure_no_auth=insecure_no_auth, max_steps=max_steps, max_octree=max_octree,
+        max_run_seconds=max_run_seconds, runs_per_client=runs_per_client, max_queued_runs=max_queued_runs,
+        keep_runs=keep_runs), err)
     try:
-        run_cli(lambda: demo.launch(**launch_options(host, port, share, max_upload_mb)), err)
+        for n in notes:
+            err.print(f"warning: {n}", markup=False, highlight=False)
+        if share:
+            err.print("warning: --share makes a public link through Gradio's servers: anyone with it reaches the page.",
+                      markup=False, highlight=False)
+        from .ui import build_app
+
+        demo = build_app(cfg)
+        app_kwargs = serve(demo, cfg)
+        err.print(f"model: {cfg.model}; work folder: {cfg.workdir} (removed on exit)", markup=False, highlight=False)
+        signal.signal(signal.SIGTERM, _terminate)
+        run_cli(lambda: demo.launch(**launch_options(host, port, share, max_upload_mb, logins, app_kwargs)), err)
     finally:
+        from .run import stop_runs
+
+        stop_runs(cfg)          # a run under way ends at its next step (else the exit would wait for it)
         shutil.rmtree(cfg.workdir, ignore_errors=True)

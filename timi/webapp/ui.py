@@ -4,11 +4,21 @@
 Every handler catches what it raises and shows it as the command line's one line
 (:func:`timi.webapp.run.page_error`) in the status box: the page never shows a traceback. The
 per-session state is a dict: ``picture`` (path), ``folder``, ``labels`` (H, W) int32, ``names``,
-``selected`` (labels), ``points`` / ``box`` (SAM prompts).
+``selected`` (labels), ``points`` / ``box`` (SAM prompts), ``mask_error`` (the line of the last mask
+step that failed: Run refuses until a mask step succeeds).
+
+The picture's upload event skips Gradio's decoding (``preprocess=False``): the file is opened by
+:func:`timi.webapp.run.save_picture`, which checks its size from the header first. The run is an
+async handler around :func:`timi.webapp.run.run` in a thread: a cancel (the Stop button, the API's
+``cancel``) or a client that went away sets the run's stop flag, and the handler returns only when
+the run has stopped, so Gradio's run slot is free only then.
 """
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -16,9 +26,14 @@ import numpy as np
 from PIL import Image
 
 from . import masks as M
-from .run import AppConfig, masks_from_files, new_folder, page_defaults, page_error, preview, run, save_picture
+from .limits import RUN_ID, client_gone
+from .run import (AppConfig, for_page, masks_from_files, new_folder, page_defaults, page_error, preview,
+                  run, save_picture)
 
-__all__ = ["build_app", "theme", "MASK_FILE_TYPES"]
+__all__ = ["build_app", "theme", "finish", "MASK_FILE_TYPES"]
+
+#: The status box's line while a stop is under way (the run ends at its next step).
+STOPPED_STATUS = "stopped: the run ends at its next denoising step; nothing is written."
 
 #: What the upload tab takes (the formats of ``timi generate --masks``).
 MASK_FILE_TYPES = [".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".npy", ".json"]
@@ -41,31 +56,52 @@ def _picture_array(st) -> np.ndarray:
 
 
 def _views(st, cfg: AppConfig, timi: bool = True):
-    """(mask overlay, token-grid picture or None, notes text) for the state's labels."""
+    """(mask overlay, token-grid picture or None, notes text, error line or None) for the state's labels."""
     if not st or "picture" not in st:
-        return None, None, ""
+        return None, None, "", None
     labels = st["labels"]
     overlay = M.labels_overlay(_picture_array(st), labels, st.get("selected", []))
     if labels.max() == 0:
-        return overlay, None, "no instance masks yet."
+        return overlay, None, "no instance masks yet.", None
     try:
         pv = preview(Path(st["picture"]), labels, st["names"], cfg, Path(st["folder"]), timi)
     except Exception as e:  # noqa: BLE001 - shown as one line
-        return overlay, None, page_error(e)
+        line = page_error(e)
+        return overlay, None, line, line
     lines = [f"{pv.count} instance(s): " + ", ".join(f"{k + 1}: {n}" for k, n in enumerate(pv.names))]
-    lines += [f"warning: {n}" for n in pv.notes]
-    return overlay, str(pv.figure), "\n".join(lines)
+    lines += [for_page(f"warning: {n}") for n in pv.notes]
+    return overlay, str(pv.figure), "\n".join(lines), None
+
+
+async def finish(work: asyncio.Future, stop: threading.Event, gone=lambda: False):
+    """The result of ``work`` (a run in a thread). A cancel of this task, or ``gone()`` turning true
+    (polled twice a second), sets ``stop``; this then waits until the run has stopped before it
+    re-raises the cancel, so whoever awaits it (Gradio's queue, which frees the run slot after)
+    knows the run is over, not just abandoned."""
+    cancelled = False
+    while not work.done():
+        try:
+            await asyncio.wait({work}, timeout=0.5)
+        except asyncio.CancelledError:
+            cancelled = True
+            stop.set()
+            continue
+        if not work.done() and gone():
+            stop.set()
+    if cancelled:
+        raise asyncio.CancelledError
+    return work.result()
 
 
 def build_app(cfg: AppConfig):
     """The ``gr.Blocks`` of ``timi app`` for the command line's :class:`AppConfig`."""
-    d = page_defaults()
+    d = page_defaults(cfg)
     with gr.Blocks(title="TIMI", delete_cache=(3600, 24 * 3600)) as demo:  # Gradio's copies: a day
         st = gr.State(None)
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1):
-                picture = gr.Image(label="picture (RGBA or RGB)", type="pil", image_mode=None, format="png",
+                picture = gr.Image(label="picture (RGBA or RGB)", type="filepath", image_mode=None, format="png",
                                    sources=["upload", "clipboard"], elem_id="picture", height=320)
                 with gr.Tabs():
                     with gr.Tab("proposed", id="proposed"):
@@ -111,18 +147,24 @@ def build_app(cfg: AppConfig):
                 report = gr.Checkbox(True, label="report pictures", elem_id="report")
                 seed = gr.Number(d["seed"], label="seed", precision=0, minimum=0, elem_id="seed")
             with gr.Row():
-                steps = gr.Number(d["steps"], label="steps", precision=0, minimum=1, elem_id="steps")
+                steps = gr.Number(d["steps"], label=f"steps (at most {cfg.max_steps})", precision=0, minimum=1,
+                                  maximum=cfg.max_steps, elem_id="steps")
                 guidance_scale = gr.Number(d["guidance_scale"], label="guidance scale (CFG)")
-                octree = gr.Number(d["octree_resolution"], label="octree resolution", precision=0, minimum=8,
-                                   elem_id="octree")
+                octree = gr.Number(d["octree_resolution"],
+                                   label=f"octree resolution (at most {cfg.max_octree})", precision=0, minimum=8,
+                                   maximum=cfg.max_octree, elem_id="octree")
             with gr.Row():
                 alpha = gr.Number(d["alpha"], label="alpha (Eq.6)", elem_id="alpha")
                 sigma = gr.Number(d["sigma"], label="sigma (Eq.5)")
                 guided_layers = gr.Number(d["guided_layers"], label="guided layers", precision=0, minimum=1)
-                guided_steps = gr.Number(d["guided_steps"], label="guided steps (empty: the paper's first 30 % of the trajectory)",
-                                         precision=0, minimum=0,
-                                         elem_id="guided-steps")
-        go = gr.Button("Run", variant="primary", elem_id="run")
+                # a text box: Gradio's number box shows (and sends) 0 for "empty", which would mean no guidance
+                guided_steps = gr.Textbox("" if d["guided_steps"] is None else str(d["guided_steps"]),
+                                          label=f"guided steps (at most {cfg.max_steps}; empty: the paper's first 30 % "
+                                                "of the trajectory)", placeholder="the paper's first 30 %",
+                                          max_lines=1, elem_id="guided-steps")
+        with gr.Row():
+            go = gr.Button("Run", variant="primary", elem_id="run", scale=4)
+            stop_run = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
         status = gr.Textbox(label="status", interactive=False, lines=2, elem_id="status")
         with gr.Row():
             scene = gr.Model3D(label="TIMI: one colour per instance", elem_id="scene", height=420)
@@ -135,25 +177,29 @@ def build_app(cfg: AppConfig):
         mask_outputs = [st, masks_view, grid_view, notes]
 
         def show(s, use_timi=True):
-            overlay, grid, text = _views(s, cfg, use_timi)
+            overlay, grid, text, error = _views(s, cfg, use_timi)
+            if s:
+                s = {**s, "mask_error": error}
             return s, overlay, grid, text
 
         def on_picture(img, thr):
             if img is None:
-                return None, None, None, "", None, None
+                return None, None, None, "", None, None, ""
+            folder = new_folder(cfg, "picture-")
             try:
-                folder = new_folder(cfg, "picture-")
-                path = save_picture(img, folder)
+                path = save_picture(img, folder)     # Gradio's file data: opened here, size checked first
                 labels = M.propose_labels(np.asarray(Image.open(path).convert("RGBA")), colour_threshold=thr)
             except Exception as e:  # noqa: BLE001
-                return None, None, None, page_error(e), None, None
+                shutil.rmtree(folder, ignore_errors=True)
+                line = page_error(e)
+                return None, None, None, line, None, None, line
             s = {"picture": str(path), "folder": str(folder), "labels": labels,
                  "names": [f"object_{k + 1}" for k in range(int(labels.max()))], "selected": [], "points": [], "box": []}
             editor_value = {"background": str(path), "layers": [], "composite": None}
-            return (*show(s), editor_value, str(path))
+            return (*show(s), editor_value, str(path), "")
 
-        picture.upload(on_picture, [picture, threshold], [*mask_outputs, editor, sam_view])
-        picture.clear(lambda: (None, None, None, "", None, None), None, [*mask_outputs, editor, sam_view])
+        picture.upload(on_picture, [picture, threshold], [*mask_outputs, editor, sam_view, status], preprocess=False)
+        picture.clear(lambda: (None, None, None, "", None, None, ""), None, [*mask_outputs, editor, sam_view, status])
 
         def edit(fn):
             def handler(s, *args):
@@ -162,8 +208,9 @@ def build_app(cfg: AppConfig):
                 try:
                     new = fn(s, *args)
                 except Exception as e:  # noqa: BLE001
-                    overlay, grid, _ = _views(s, cfg)
-                    return s, overlay, grid, page_error(e)
+                    overlay, grid, _, _ = _views(s, cfg)
+                    line = page_error(e)
+                    return {**s, "mask_error": line}, overlay, grid, line
                 if new is not None:
                     s = {**s, "names": M.carry_names(s["labels"], new[0], s["names"], new[1]), "labels": new[0],
                          "selected": []}
@@ -198,7 +245,7 @@ def build_app(cfg: AppConfig):
             s["names_from_files"] = names
             return labels, "file"
 
-        propose.click(edit(do_propose), [st, threshold], mask_outputs)
+        propose.click(edit(do_propose), [st, threshold], mask_outputs, api_name="propose")
         merge.click(edit(do_merge), [st], mask_outputs)
         split.click(edit(do_split), [st], mask_outputs)
         remove.click(edit(do_remove), [st], mask_outputs)
@@ -285,27 +332,33 @@ def build_app(cfg: AppConfig):
         run_inputs = [st, timi, compare, report, seed, steps, guidance_scale, octree, alpha, sigma, guided_layers,
                       guided_steps]
 
-        def on_run(s, use_timi, both, rep, seed_, steps_, cfg_scale, octree_, alpha_, sigma_, layers_, gsteps,
-                   progress=gr.Progress(track_tqdm=True)):
+        async def on_run(s, use_timi, both, rep, seed_, steps_, cfg_scale, octree_, alpha_, sigma_, layers_, gsteps,
+                         request: gr.Request, progress=gr.Progress(track_tqdm=True)):
             empty = (None, None, None, None)
             if not s or s["labels"].max() == 0:
                 return (*empty, "error: upload a picture and make its instance masks first.", "")
+            if s.get("mask_error"):
+                return (*empty, "error: the last mask step failed, so there is nothing checked to run: "
+                        f"{s['mask_error'].removeprefix('error: ')} Fix the masks first.", "")
             params = dict(timi=use_timi, seed=seed_, steps=steps_, guidance_scale=cfg_scale, octree_resolution=octree_,
                           alpha=alpha_, sigma=sigma_, guided_layers=layers_, guided_steps=gsteps)
-            if any(v is None for v in params.values()):
-                return (*empty, "error: every setting needs a value.", "")
+            stop = threading.Event()
+            session = getattr(request, "session_hash", None)
+            work = asyncio.ensure_future(asyncio.to_thread(
+                run, Path(s["picture"]), s["labels"], s["names"], params, cfg, report=rep, compare=both,
+                progress=lambda f, desc: progress(f, desc=desc), stop=stop))
             try:
-                out = run(Path(s["picture"]), s["labels"], s["names"], params, cfg, report=rep, compare=both,
-                          progress=lambda f, desc: progress(f, desc=desc))
-            except Exception as e:  # noqa: BLE001
+                out = await finish(work, stop, lambda: client_gone(demo, session))
+            except Exception as e:  # noqa: BLE001 - RunStopped too: the one line
                 return (*empty, page_error(e), "")
             pics = [(str(p), c) for p, c in out.pictures + out.base_pictures]
             files = [str(out.scene)] + [str(p) for p in out.instances] + ([str(out.base_scene)] if out.base_scene else [])
             done = f"done: {len(out.instances)} instance file(s); the scene has one node per instance."
             return (str(out.scene), str(out.base_scene) if out.base_scene else None, files, pics or None, done,
-                    "\n".join(out.lines))
+                    "\n".join(for_page(line) for line in out.lines))
 
-        go.click(on_run, run_inputs, [scene, base, downloads, gallery, status, summary],
-                 concurrency_limit=1, concurrency_id="timi-run")
+        running = go.click(on_run, run_inputs, [scene, base, downloads, gallery, status, summary],
+                           concurrency_limit=1, concurrency_id=RUN_ID)
+        stop_run.click(lambda: STOPPED_STATUS, None, [status], cancels=[running], queue=False)
         timi.change(lambda s, t: show(s, t), [st, timi], mask_outputs)
     return demo

@@ -8,7 +8,8 @@ blocks and stops the forward right after the last of them. ``L_sep`` (Eqs.3-4, f
 How ``P`` is read out of the model without forking it: every double-stream block calls the module
 function ``hy3dgen.shapegen.models.denoisers.hunyuan3ddit.attention(q, k, v)`` on the joint
 sequence ``[condition tokens; latent tokens]`` with RMS-normalised q and k. :func:`capture_attention`
-temporarily wraps that function. Since ``SDPA(q, k, V) = softmax(q k^T / sqrt(d)) V`` with the
+routes that function, while a capture is open, to the capture of the calling thread (a context
+variable: no shared state, so concurrent runs in one process never mix). Since ``SDPA(q, k, V) = softmax(q k^T / sqrt(d)) V`` with the
 softmax over the whole joint sequence, values ``V = [M^T; 0]`` (the masks for condition keys, zero
 for latent keys) give ``P = mean_h SDPA(q_z, k, V)`` for the latent queries ``q_z``: exactly
 ``A_zc M^T`` averaged over heads (Eq.2), without the L x M attention matrix.
@@ -35,7 +36,11 @@ hy3dgen's ``attention`` is wrapped.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import functools
+import threading
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -138,12 +143,76 @@ def explicit_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tenso
 
 @dataclasses.dataclass
 class _Capture:
-    tokens: torch.Tensor
+    """One capture's state (one ``with capture_attention(...)`` block, in one thread)."""
+
+    tokens: torch.Tensor | None
     num_layers: int
     mode: str
     per_head: bool = False
+    observer: object = None
     probabilities: list = dataclasses.field(default_factory=list)
     calls: int = 0
+
+    def attention(self, original, q, k, v, **kwargs):
+        """hy3dgen's ``attention(q, k, v)`` for this capture: observed, or recording ``P``."""
+        if self.mode == "observe":
+            if self.calls < self.num_layers:
+                self.observer(self.calls, q, k)
+            self.calls += 1
+            return original(q, k, v, **kwargs)
+        M = self.tokens.shape[-1]
+        if q.shape[2] <= M:
+            raise ValueError(f"attention over {q.shape[2]} tokens cannot hold {M} condition tokens "
+                             "plus latent tokens; do the masks belong to this conditioner?")
+        last = len(self.probabilities) + 1 == self.num_layers
+        if self.mode == "fused" and not last:             # the block's output and P in one call
+            out, P = attention_and_probability(q, k, v, self.tokens, self.per_head)
+            self.probabilities.append(P)
+            return out
+        probability = fused_probability if self.mode == "fused" else explicit_probability
+        self.probabilities.append(probability(q[:, :, M:], k, self.tokens, self.per_head))
+        if last:
+            raise _StopForward
+        return original(q, k, v, **kwargs)
+
+
+#: The capture of the current thread (or asyncio task); None: hy3dgen's attention runs untouched.
+#: Context-local, so captures in other threads (two runs in one process) never see each other's.
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("timi_attention_capture", default=None)
+_LOCK = threading.Lock()
+_USERS = [0]          # captures open in any thread: the dispatcher is installed while > 0
+
+
+def _dispatcher(original):
+    """hy3dgen's ``attention`` routed to the calling context's capture, if any."""
+
+    @functools.wraps(original)
+    def attention(q, k, v, **kwargs):
+        state = _ACTIVE.get()
+        if state is None:
+            return original(q, k, v, **kwargs)
+        return state.attention(original, q, k, v, **kwargs)
+
+    attention._timi_original = original
+    return attention
+
+
+@contextlib.contextmanager
+def _installed():
+    """The dispatcher in place of hy3dgen's ``attention`` while any capture is open (in any thread);
+    hy3dgen's own function is put back when the last one closes."""
+    module = _dit_module()
+    with _LOCK:
+        if not hasattr(module.attention, "_timi_original"):
+            module.attention = _dispatcher(module.attention)
+        _USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _USERS[0] -= 1
+            if _USERS[0] == 0 and hasattr(module.attention, "_timi_original"):
+                module.attention = module.attention._timi_original
 
 
 @contextlib.contextmanager
@@ -157,40 +226,21 @@ def capture_attention(tokens: torch.Tensor | None, num_layers: int, mode: str = 
     ``mode="observe"``: nothing is recorded or stopped; each of the first ``num_layers`` calls
     hands its ``(layer, q, k)`` (each (B, H, M + L, D)) to ``observer`` and runs hy3dgen's
     attention (:func:`observe_attention`).
+
+    The capture is per call: its state lives in a context variable, so only forwards of this
+    thread (asyncio task) inside the block see it; two pipelines running at once in one process
+    (two threads) each capture their own calls, and forwards outside any capture run hy3dgen's
+    attention unchanged.
     """
     if mode not in MODES + ("observe",):
         raise ValueError(f"attention mode {mode!r} is not one of {MODES}.")
-    module = _dit_module()
-    original = module.attention
-    state = _Capture(tokens, num_layers, mode, per_head)
-    probability = fused_probability if mode == "fused" else explicit_probability
-
-    def observe(q, k, v, **kwargs):
-        if state.calls < state.num_layers:
-            observer(state.calls, q, k)
-        state.calls += 1
-        return original(q, k, v, **kwargs)
-
-    def attention(q, k, v, **kwargs):
-        M = state.tokens.shape[-1]
-        if q.shape[2] <= M:
-            raise ValueError(f"attention over {q.shape[2]} tokens cannot hold {M} condition tokens "
-                             "plus latent tokens; do the masks belong to this conditioner?")
-        last = len(state.probabilities) + 1 == state.num_layers
-        if mode == "fused" and not last:                  # the block's output and P in one call
-            out, P = attention_and_probability(q, k, v, state.tokens, state.per_head)
-            state.probabilities.append(P)
-            return out
-        state.probabilities.append(probability(q[:, :, M:], k, state.tokens, state.per_head))
-        if last:
-            raise _StopForward
-        return original(q, k, v, **kwargs)
-
-    module.attention = observe if mode == "observe" else attention
-    try:
-        yield state
-    finally:
-        module.attention = original
+    state = _Capture(tokens, num_layers, mode, per_head, observer)
+    with _installed():
+        token = _ACTIVE.set(state)
+        try:
+            yield state
+        finally:
+            _ACTIVE.reset(token)
 
 
 def observe_attention(observer, num_layers: int):
