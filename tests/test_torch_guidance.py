@@ -167,7 +167,7 @@ def test_update_smooths_along_the_token_axis_like_scipy(fast_base):
     from scipy.ndimage import gaussian_filter1d
 
     z, t, cond, tokens = _inputs(fast_base, batch=2)
-    cfg = CFG.replace(beta=0.0)
+    cfg = CFG.replace(beta=0.0, common="keep")  # the paper's Eqs.5-6 as written
     z_new, m, _ = TIMIPipeline(fast_base, cfg).guide(z, t, cond, tokens)
     _, g = _grad(fast_base, z, t, cond, tokens, "fused")
     g_reg = gaussian_filter1d(g.double().numpy(), cfg.sigma, axis=1, mode="reflect", truncate=4.0)

@@ -416,9 +416,9 @@ def control(
     from timi.evaluation.runs import BASELINE_LABEL, TIMI_LABEL, Run
     from timi.pipelines import resolve_model
 
-    from .controls import CONTROL_LABEL, ShuffledGradientGenerator
+    from timi.evaluation.cli import _base_config, evaluate_and_report
 
-    from timi.evaluation.cli import _base_config
+    from .controls import CONTROL_LABEL, ShuffledGradientGenerator
 
     config = _base_config(set_)
     model = model or str(resolve_model(None))
