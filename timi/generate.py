@@ -72,6 +72,7 @@ class GenerateOptions:
     threads: Optional[int] = None     # torch intra-op threads; None: choose_threads(model)
     flashvdm: bool = False            # decode with the turbo VAE + FlashVDM (hy3dgen's enable_flashvdm)
     mc_algo: Optional[str] = None     # hy3dgen's surface extractor: mc or dmc
+    dense_decoding: bool = False      # decode the whole grid (hy3dgen's default) instead of coarse-to-fine
     views: dict = dataclasses.field(default_factory=dict)       # multi-view: {view: picture}
     view_masks: dict = dataclasses.field(default_factory=dict)  # multi-view: {view: mask source}
 
@@ -270,7 +271,8 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check) -> Gener
     # 2. the pipeline (the one door), and the masks on its condition tokens
     with clock.stage("load model"):
         pipe = load_pipeline(model, backend=opts.backend, device=opts.device, dtype=opts.dtype, config=_config(opts),
-                             flashvdm=opts.flashvdm, mc_algo=opts.mc_algo)
+                             flashvdm=opts.flashvdm, mc_algo=opts.mc_algo,
+                             decoding="dense" if opts.dense_decoding else "coarse-to-fine")
     cond = cond_preview
     if model_config_path(model) is None and not opts.views:  # the preview used Hunyuan3D 2.0's geometry: the model's own now
         with warnings.catch_warnings():
@@ -441,6 +443,7 @@ def generate_command(
     assign: str = typer.Option("projection", help="How --split-instances gives parts to instances: projection (into the input view's masks) or tokens (the instance map carried from the latent tokens through the VAE decoder)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: 1 for small models such as the shipped one, all usable cores for checkpoints of 200 MB and more; docs/benchmarks.md)."),
     flashvdm: bool = typer.Option(False, "--flashvdm", help="Decode with hy3dgen's turbo VAE and FlashVDM (enable_flashvdm); needs hunyuan3d-vae-v2-0-turbo (or -mini-turbo) beside the model folder. Changes the decoding only."),
+    dense_decoding: bool = typer.Option(False, "--dense-decoding", help="Decode the VAE on the whole marching-cubes grid (hy3dgen's default) instead of coarse-to-fine near the surface; the mesh is the same (docs/benchmarks.md), only slower. Changes the decoding only."),
     mc_algo: Optional[str] = typer.Option(None, "--mc-algo", help="Surface extractor: mc (marching cubes, CPU) or dmc (CUDA, needs diso). Changes the decoding only."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -465,6 +468,7 @@ def generate_command(
                                octree_resolution=octree_resolution, device=device, dtype=dtype,
                                split_instances=split_instances, report=report, overlap=overlap, assign=assign,
                                progress=not quiet, threads=threads, flashvdm=flashvdm, mc_algo=mc_algo,
+                               dense_decoding=dense_decoding,
                                views=views, view_masks=vmasks)
 
     opts = run_cli(options, err)
