@@ -27,23 +27,6 @@ EXAMPLE = HERE.parent / "timi" / "assets" / "example"
 TIMING = ("seconds", "seconds_per_scene")
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    """One local Ray instance (2 CPUs) whose workers can import this folder's helpers."""
-    ray = pytest.importorskip("ray")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), old]))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-
-
 def _rows(path: Path, drop=TIMING) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(path.open())]
 
