@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -122,3 +123,15 @@ def engine_from_options(engine: str, address, gpus_per_worker, workers):
     from .evaluation.ray_engine import RayEngine
 
     return RayEngine(address=address, gpus_per_worker=gpus_per_worker, workers=workers)
+
+
+@contextlib.contextmanager
+def engine_errors():
+    """An engine that cannot start (Ray not installed, no cluster at ``--address``): one ``error:`` line, exit 2."""
+    from .evaluation.ray_engine import EngineError
+
+    try:
+        yield
+    except EngineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from timi.cli_common import (ADDRESS_OPTION, ENGINE_OPTION, EXIT_BAD_INPUT, GPUS_PER_WORKER_OPTION, PRESET_HELP,
-                             WORKERS_OPTION, engine_from_options)
+from timi.cli_common import (ADDRESS_OPTION, ENGINE_OPTION, GPUS_PER_WORKER_OPTION, PRESET_HELP, WORKERS_OPTION,
+                             engine_errors, engine_from_options)
 from timi_core import TIMIConfig
 
 
@@ -118,7 +118,6 @@ def eval_command(
     from timi.metrics import ALIGN_MODES
 
     from .dataset import SceneError, discover_scenes
-    from .ray_engine import EngineError
     from .generators import PredictionReader, TIMITorchGenerator, load_generator_factory
     from .runner import MetricSettings
     from .runs import Run, plan_runs
@@ -169,13 +168,10 @@ def eval_command(
     # own (e.g. in a second process) is scored as it is in a multi-seed call, so its scores are reused
     metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=metric_seed,
                              icp_points=icp_points)
-    try:
+    with engine_errors():  # Ray missing, or no cluster at --address: one line, exit 2
         summaries, paths = evaluate_and_report(dataset_dir, runs, generate, out, seeds=seeds, metrics=metrics,
                                                limit=limit, quiet=quiet, title=f"timi eval {dataset_dir}",
                                                engine=ray_engine)
-    except EngineError as e:  # Ray missing, or no cluster at --address: one line, exit 2
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
     typer.echo(paths["markdown"].read_text())
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
     if all(s.n_ok == 0 for s in summaries):
