@@ -173,6 +173,11 @@ def test_without_ray_or_cluster_one_line_and_exit_2(tmp_path, monkeypatch):
     assert refused.exit_code == 2
     assert refused.output.strip().splitlines() == ["error: --address 127.0.0.1:1: no Ray cluster answers "
                                                    "(Connection refused)"]
+    for command in ("variants", "control"):  # the testbed's evaluations take the same engine options
+        testbed = CliRunner().invoke(app, ["testbed", command, str(data), "--engine", "ray", "--address", "127.0.0.1:1",
+                                           "--out", str(tmp_path / "out")])
+        assert testbed.exit_code == 2 and testbed.output.strip().splitlines() == [
+            "error: --address 127.0.0.1:1: no Ray cluster answers (Connection refused)"], testbed.output
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1

@@ -1,6 +1,8 @@
 """``timi eval --engine ray``: the evaluation on a Ray cluster (docs/cluster.md).
 
-Ray is the engine; this module only says what to run. One unit of work is one (scene, run, seed):
+Ray is the engine; this module only says what to run. :class:`RayEngine` (where, how many workers)
+and :class:`WorkerPool` (the generation workers) are also what ``timi generate`` runs many scenes on
+(:mod:`timi.batch`). One unit of work of the evaluation is one (scene, run, seed):
 
 * generation: a pool of Ray actors (:class:`ray.util.ActorPool`), each holding the evaluators of
   every seed, so each loads the pipeline once (on first use) and generates many scenes; an actor
