@@ -128,7 +128,8 @@ def test_batch_usage_errors(data, tmp_path):
                        ([data / "a" / "image.png", "--masks", data / "a" / "masks.png", "--out", tmp_path / "x.glb",
                          "--engine", "ray"], "give a folder of scenes or a manifest"),
                        ([data, "--out", tmp_path, "--workers", "2"], "--workers needs --engine ray"),
-                       ([tmp_path / "empty", "--out", tmp_path / "o"], "holds no scene folders")):
+                       ([tmp_path / "empty", "--out", tmp_path / "o"], "holds no scene folders"),
+                       ([data, "--out", data / "a" / "image.png"], "image.png is a file")):
         code, output = run("generate", *args, "--quiet")
         assert code == 2 and len(output.strip().splitlines()) == 1 and says in output, output
 

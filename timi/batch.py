@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .io import MESH_FORMATS, check_mesh_path, remove_stale_temporaries
+from .io import MESH_FORMATS, remove_stale_temporaries
 
 __all__ = ["BatchItem", "BatchResult", "ManifestError", "MANIFEST_SUFFIXES", "is_batch_input", "read_batch",
            "run_batch"]
@@ -88,9 +88,9 @@ def read_batch(source, out=None) -> list[BatchItem]:
     the rows name their outputs). Raises :class:`ManifestError` (one line) for an input that cannot be read."""
     source = Path(source)
     if source.is_dir():
-        if out is None:
+        if out is None or Path(out).is_file():
             raise ManifestError(f"{source}: a folder of scenes needs --out FOLDER (scene S is written to "
-                                f"FOLDER/S{FOLDER_OUTPUT_SUFFIX}).")
+                                f"FOLDER/S{FOLDER_OUTPUT_SUFFIX}){'' if out is None else f'; {out} is a file'}.")
         return _scan_folder(source, Path(out))
     if out is not None:
         raise ManifestError(f"{source}: a manifest names each scene's output in its out column; leave --out away.")
@@ -196,7 +196,9 @@ def _item(source: Path, line: int, row: dict) -> BatchItem:
     if out.suffix.lower() not in MESH_FORMATS:
         raise ManifestError(f"{where}: out {row['out']!r} has no mesh format; end it in one of "
                             f"{', '.join(MESH_FORMATS)}.")
-    check_mesh_path(out)  # not a folder
+    if out.is_dir():
+        raise ManifestError(f"{where}: out {row['out']!r} is a folder; give a file name such as "
+                            f"{Path(row['out']) / 'scene.glb'}.")
     seed = row.get("seed")
     if seed not in (None, ""):
         try:
