@@ -308,9 +308,10 @@ def run_batch(items: list[BatchItem], template, *, engine=None, overwrite: bool 
     exists = [not overwrite and item.out.exists() for item in items]
     todo = [item for item, e in zip(items, exists) if not e]
     done = [item for item, e in zip(items, exists) if e]
-    if done:
-        (log or (lambda line: print(line, file=sys.stderr)))(f"{len(done)} of {len(items)} scenes have their output already ({done[0].out}"
-                       f"{', ...' if len(done) > 1 else ''}): skipped; --overwrite generates them again.")
+    if done:  # complete: outputs are written atomically
+        say = log or (lambda line: print(line, file=sys.stderr))
+        say(f"{len(done)} of {len(items)} scenes have their output already ({done[0].out}"
+            f"{', ...' if len(done) > 1 else ''}): skipped; --overwrite generates them again.")
     generate = generate or generate_scene
     if engine is None:
         progress_ = _Progress(len(todo), progress, log, "generate")
