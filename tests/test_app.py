@@ -246,7 +246,9 @@ def test_run_is_timi_generate(example, cfg, tmp_path, monkeypatch):
     _, truth = example
     calls = []
     real = timi.generate.generate
-    monkeypatch.setattr(R, "generate", lambda opts, log, check=None: calls.append(opts) or real(opts, log=log, check=check))
+    monkeypatch.setattr(R, "generate", lambda opts, log, check=None, load=None:
+                        calls.append(opts) or real(opts, log=log, check=check, load=load))
+    monkeypatch.setattr(R, "PIPELINES", R.PipelineCache())
     seen = []
     out = R.run(EXAMPLE / "image.png", truth, ["box", "bar", "can"], FAST, cfg, report=True, compare=True,
                 progress=lambda f, d: seen.append(f))
@@ -274,6 +276,7 @@ def test_run_is_timi_generate(example, cfg, tmp_path, monkeypatch):
     again = R.run(EXAMPLE / "image.png", truth, ["box", "bar", "can"], FAST, cfg, report=False)
     assert again.folder != out.folder and again.folder.parent == out.folder.parent == cfg.workdir
     assert again.pictures == [] and again.base_scene is None
+    assert R.PIPELINES.loads == 1          # the model stays loaded between runs (TIMI, its --no-timi twin, again)
 
 
 def test_errors_are_the_command_lines_one_line(example, cfg):

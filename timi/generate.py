@@ -319,7 +319,7 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check, load) ->
         warnings.filterwarnings("ignore", message=".*only one instance mask.*")
         output = pipe(cond.image if opts.views else str(opts.image), cond, num_inference_steps=opts.steps,
                       guidance_scale=opts.guidance_scale, generator=generator, output_type="latent",
-                      enable_pbar=opts.progress, recorder=recorder, **step_check)
+                      enable_pbar=opts.progress, recorder=recorder, config=_config(opts), **step_check)
     latents = output.latents
     check()
 

@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..cli_common import error_line
-from ..generate import GenerateOptions, generate, summary_table
+from ..generate import GenerateOptions, generate, load_for, summary_table
 from ..inspect_cmd import overlay_figure, prepare_masks, save_figure
 from ..masks_io import MaskInputError, check_input_picture
 from .masks import labels_from_masks, write_masks_json
@@ -339,11 +339,34 @@ def prune(cfg: AppConfig, keep: Optional[Path] = None) -> list[Path]:
     return gone
 
 
+class PipelineCache:
+    """The app's pipeline, loaded by the first run and kept for the next ones (runs go one at a
+    time: the run button's concurrency limit is 1). A run whose loading settings differ (model,
+    backend, device, dtype, decoding) replaces it, so at most one model is held."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key, self._pipe = None, None
+        self.loads = 0
+
+    def load(self, opts: GenerateOptions, model: str):
+        key = (model, opts.backend, opts.device, opts.dtype, opts.flashvdm, opts.mc_algo, opts.dense_decoding)
+        with self._lock:
+            if key != self._key:
+                self._key, self._pipe = None, None           # free the old model before loading another
+                self._pipe, self._key = load_for(opts, model), key
+                self.loads += 1
+            return self._pipe
+
+
+PIPELINES = PipelineCache()
+
+
 def _generate(image, masks, folder: Path, name: str, opts: dict, cfg: AppConfig, report: bool, lines: list, check=None):
     gen = GenerateOptions(image=Path(image), masks=[Path(masks)], out=folder / name, model=cfg.model,
                           backend=cfg.backend, device=cfg.device, threads=cfg.threads, split_instances=True,
                           report=folder / "report" if report else None, progress=True, **opts)
-    result = generate(gen, log=lambda m: lines.append(m), check=check)
+    result = generate(gen, log=lambda m: lines.append(m), check=check, load=PIPELINES.load)
     lines += summary_table(result)[1]
     lines += [f"warning: {w}" for w in result.warnings]
     lines += result.split.summary().splitlines()
