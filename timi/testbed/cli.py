@@ -447,3 +447,28 @@ def control(
     typer.echo(paths["markdown"].read_text())
     typer.echo(paired_table([summaries[1]], summaries[2], f"TIMI - control (paired, {LEVEL:.0%} bootstrap interval)",
                             against="control"))
+
+
+@app.command()
+def figure(
+    dataset: Path = typer.Argument(..., help="Folder of multi-instance scenes (from `timi testbed scenes`)."),
+    eval_dir: Path = typer.Option(..., "--eval-dir", help="A `timi eval` / `timi testbed variants` output on them."),
+    scene: list[str] = typer.Option(..., "--scene", help="Scene id (a row of the figure); repeat."),
+    run: list[str] = typer.Option(["base model (no TIMI)", "TIMI"], "--run",
+                                  help="Run label (a column, as first cached); repeat."),
+    size: str = typer.Option("own", "--size", help="own: the meshes as generated; matched: guided runs at the "
+                                                    "base model's surface area (docs/metrics.md)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed of the cached runs."),
+    out: Path = typer.Option(..., "--out", help="PNG to write."),
+) -> None:
+    """Side-by-side picture of cached runs on the same scenes: rows scenes, columns runs, with the
+    ground truth (docs/results.md)."""
+    from rich.console import Console
+
+    from timi.cli_common import run_cli
+
+    from .quality import figure_from_eval
+
+    path = run_cli(lambda: figure_from_eval(dataset, eval_dir, list(scene), out, labels=tuple(run), seed=seed,
+                                            size=size), Console(stderr=True, soft_wrap=True))
+    typer.echo(f"wrote {path}")
