@@ -78,7 +78,7 @@ def part_count_markdown(summaries: list[RunSummary]) -> str:
     return "\n".join(lines) + "\n" if len(lines) > 3 else ""
 
 
-def _ratios(summary: RunSummary, key: str) -> dict[str, float]:
+def size_ratios(summary: RunSummary, key: str) -> dict[str, float]:
     """``{scene id: run's key / base's key}`` (``key`` = ``area`` or ``volume``) where both are > 0."""
     out = {}
     for r in summary.results:
@@ -88,14 +88,20 @@ def _ratios(summary: RunSummary, key: str) -> dict[str, float]:
     return out
 
 
-def _geometric(ratios) -> str:
+def geometric_mean_interval(ratios) -> tuple[float, float, float]:
+    """Geometric mean of positive ``ratios`` and its bootstrap interval (of the mean log); NaNs if none."""
     from .paired import bootstrap_mean_interval
 
     logs = np.log(np.asarray(list(ratios), dtype=float))
     if logs.size == 0:
-        return "n/a"
+        return math.nan, math.nan, math.nan
     lo, hi = bootstrap_mean_interval(logs)
-    return f"{math.exp(logs.mean()):.3f} [{math.exp(lo):.3f}, {math.exp(hi):.3f}]"
+    return math.exp(logs.mean()), math.exp(lo), math.exp(hi)
+
+
+def _geometric(ratios) -> str:
+    mean, lo, hi = geometric_mean_interval(ratios)
+    return "n/a" if math.isnan(mean) else f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _difference(d) -> str:
@@ -132,8 +138,8 @@ def size_markdown(summaries: list[RunSummary]) -> str:
         matched = {d.metric: d for d in paired_differences(s, base, "matched")}
         reached = sum(1 for r in s.results if r.status == "ok" and r.sizes and (r.sizes.get("matched") or {}).get("reached"))
         n_matched = len(scores_at(s, "matched")) if s.run.config.enabled else 0
-        lines.append("| " + " | ".join([s.run.label, _geometric(_ratios(s, "area").values()),
-                                         _geometric(_ratios(s, "volume").values()), gt, _difference(own["ssr"]),
+        lines.append("| " + " | ".join([s.run.label, _geometric(size_ratios(s, "area").values()),
+                                         _geometric(size_ratios(s, "volume").values()), gt, _difference(own["ssr"]),
                                          _difference(matched["ssr"]), _difference(matched["fs_o"]),
                                          _difference(matched["cd_o"]), _difference(matched["fs_s"]),
                                          f"{n_matched} ({reached})"]) + " |")
