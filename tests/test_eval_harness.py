@@ -382,3 +382,13 @@ def test_a_seed_evaluated_alone_is_scored_as_in_a_multi_seed_call(dataset, tmp_p
     result = CliRunner().invoke(app, ["eval", str(dataset), *common, "--seed", "1", "--metric-seed", "3",
                                       "--out", str(split)])
     assert result.exit_code == 0 and len(list(split.glob("cache/*/*/scores-*.json"))) > len(after)
+
+
+def test_decoding_is_in_the_generator_identity_only_when_not_dense(dataset):
+    from timi.evaluation import TIMITorchGenerator
+
+    dense, fast = TIMITorchGenerator("m"), TIMITorchGenerator("m", decoding="coarse-to-fine")
+    assert "decoding" not in dense.identity              # the key caches were written with
+    assert fast.identity == {**dense.identity, "decoding": "coarse-to-fine"}
+    result = CliRunner().invoke(app, ["eval", str(dataset), "--decoding", "fast"])
+    assert result.exit_code == 2 and "--decoding" in result.output and "coarse-to-fine, dense" in result.output

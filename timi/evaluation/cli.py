@@ -96,6 +96,9 @@ def eval_command(
     steps: int = typer.Option(50, "--steps", min=1, help="Denoising steps."),
     guidance_scale: float = typer.Option(5.0, "--guidance-scale", help="Classifier-free guidance scale."),
     octree_resolution: int = typer.Option(384, "--octree-resolution", min=8, help="Marching-cubes grid."),
+    decoding: str = typer.Option("dense", "--decoding", help="Volume decoding: dense (hy3dgen's, the default, as "
+                                                            "every published score) or coarse-to-fine (the same mesh "
+                                                            "in a fraction of the time; docs/benchmarks.md)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float16 | bfloat16 | float32."),
     points: int = typer.Option(20480, "--points", min=1, help="Surface points per object (MIDI: 20480)."),
@@ -161,9 +164,13 @@ def eval_command(
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--generator") from None
     elif model is not None:
+        from timi.pipelines import DECODINGS
+
+        if decoding not in DECODINGS:
+            raise typer.BadParameter(f"{decoding!r}: use one of {', '.join(DECODINGS)}.", param_hint="--decoding")
         _check_model_supports(model, runs)
         generate = TIMITorchGenerator(model, device=device, dtype=dtype, steps=steps, guidance_scale=guidance_scale,
-                                      octree_resolution=octree_resolution)
+                                      octree_resolution=octree_resolution, decoding=decoding)
     # one metric seed for every sampling seed: pairs differ only in sampling, and a seed evaluated on its
     # own (e.g. in a second process) is scored as it is in a multi-seed call, so its scores are reused
     metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=metric_seed,

@@ -53,28 +53,32 @@ class TIMITorchGenerator:
     The pipeline is loaded once, on first use, through the application's one door
     (:func:`timi.pipelines.load_pipeline`); each call passes its ``config`` to the pipeline's call
     (the shared pipeline is not changed) and seeds a ``torch.Generator``. The time covers sampling
-    and surface extraction (the paper's "Time").
+    and surface extraction (the paper's "Time"). ``decoding``: the volume decoding
+    (:data:`timi.pipelines.DECODINGS`; default hy3dgen's dense one, as the published scores).
     """
 
     def __init__(self, model: str, *, device: str | None = None, dtype: str | None = None, steps: int = 50,
                  guidance_scale: float = 5.0, octree_resolution: int = 384, mc_level: float = 0.0,
-                 num_chunks: int = 8000):
-        self.model, self.device, self.dtype = str(model), device, dtype
+                 num_chunks: int = 8000, decoding: str = "dense"):
+        self.model, self.device, self.dtype, self.decoding = str(model), device, dtype, str(decoding)
         self.steps, self.guidance_scale = int(steps), float(guidance_scale)
         self.octree_resolution, self.mc_level, self.num_chunks = int(octree_resolution), float(mc_level), int(num_chunks)
         self._pipe = None
 
     @property
     def identity(self) -> dict[str, Any]:
-        return {"generator": "timi_torch.TIMIPipeline", "model": self.model, "dtype": self.dtype,
-                "steps": self.steps, "guidance_scale": self.guidance_scale,
-                "octree_resolution": self.octree_resolution, "mc_level": self.mc_level}
+        identity = {"generator": "timi_torch.TIMIPipeline", "model": self.model, "dtype": self.dtype,
+                    "steps": self.steps, "guidance_scale": self.guidance_scale,
+                    "octree_resolution": self.octree_resolution, "mc_level": self.mc_level}
+        if self.decoding != "dense":          # absent at the default: caches written before keep their keys
+            identity["decoding"] = self.decoding
+        return identity
 
     def pipeline(self):
         if self._pipe is None:
             from timi.pipelines import load_pipeline
 
-            self._pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype)
+            self._pipe = load_pipeline(self.model, device=self.device, dtype=self.dtype, decoding=self.decoding)
         return self._pipe
 
     def pipeline_for(self, seed: int):
