@@ -42,7 +42,7 @@ __all__ = ["AppConfig", "PAGE_OPTIONS", "PAGE_LABELS", "page_defaults", "page_op
 
 log = logging.getLogger("timi.app")
 
-#: The ``timi generate`` options the page offers (their defaults are ``GenerateOptions``'s: the paper's).
+#: The ``timi generate`` options the page offers (their defaults are ``GenerateOptions``'s).
 PAGE_OPTIONS = ("timi", "seed", "steps", "guidance_scale", "alpha", "sigma", "guided_layers", "guided_steps",
                 "octree_resolution")
 #: The page's names of the settings (its labels), used in its error lines instead of the flags.

@@ -140,7 +140,7 @@ def build_app(cfg: AppConfig):
                 grid_view = gr.Image(label="masks on the condition tokens (timi inspect)", interactive=False,
                                      elem_id="grid-view")
                 notes = gr.Textbox(label="masks", lines=3, interactive=False, elem_id="notes")
-        with gr.Accordion("settings (the paper's defaults)", open=True):
+        with gr.Accordion("settings (timi generate's defaults: the paper's values, the gradient's common part removed; docs/results.md)", open=True):
             with gr.Row():
                 timi = gr.Checkbox(d["timi"], label="TIMI guidance", elem_id="timi")
                 compare = gr.Checkbox(False, label="also without TIMI, side by side", elem_id="compare")
