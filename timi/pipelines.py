@@ -387,7 +387,8 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
     check_backend(backend)
     check_mc_algo(mc_algo)
     if backend == "jax" and _is_hunyuan21(model):
-        raise BackendUnavailableError("--backend jax: the JAX adapter has no Hunyuan3D 2.1 DiT yet; use --backend torch.")
+        raise BackendUnavailableError("--backend jax: the JAX sampler does not run Hunyuan3D 2.1 yet (timi_jax.hunyuan21 "
+                                      "holds its network only); use --backend torch.")
     if backend == "jax" and config.smoothing != "tokens":
         raise BackendUnavailableError(f"TIMIConfig.smoothing={config.smoothing!r} (Eq.5 over token positions) runs "
                                       "on the torch backend only; use --backend torch.")
