@@ -386,13 +386,13 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
 
     check_backend(backend)
     check_mc_algo(mc_algo)
-    if backend == "jax" and _is_hunyuan21(model):
-        raise BackendUnavailableError("--backend jax: the JAX sampler does not run Hunyuan3D 2.1 yet (timi_jax.hunyuan21 "
-                                      "holds its network only); use --backend torch.")
     if backend == "jax" and config.smoothing != "tokens":
         raise BackendUnavailableError(f"TIMIConfig.smoothing={config.smoothing!r} (Eq.5 over token positions) runs "
                                       "on the torch backend only; use --backend torch.")
     path = resolve_model(model)
+    if backend == "jax" and _is_hunyuan21(path):
+        raise BackendUnavailableError("--backend jax: the JAX sampler does not run Hunyuan3D 2.1 yet (timi_jax.hunyuan21 "
+                                      "holds its network only); use --backend torch.")
     if flashvdm:
         turbo_vae_path(path)              # before the weights load
     device = resolve_device(device)
