@@ -1,13 +1,15 @@
-"""A generator for the Ray engine's tests (tests/test_eval_ray.py), importable by Ray's worker
-processes (the test puts this folder on their ``PYTHONPATH``).
+"""Generators for the Ray engine's tests (tests/test_eval_ray.py, tests/test_generate_batch.py),
+importable by Ray's worker processes (the ``ray_instance`` fixture puts this folder on their ``PYTHONPATH``).
 
 :class:`MarkedGenerator` makes one box per instance from the masks (so the scores are real and
 deterministic), logs every call to ``MARKS/calls.txt``, and can hang on one unit, on its first try,
-until the test kills its worker.
+until the test kills its worker. :class:`DyingGenerate` is ``timi.generate.generate`` whose worker
+dies in the middle of writing one scene's output, on its first try.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -44,3 +46,26 @@ class MarkedGenerator:
             centre = (xs.mean() / mask.shape[1] - 0.5 + shift, 0.5 - ys.mean() / mask.shape[0], 0.1 * k)
             boxes.append(trimesh.creation.box((0.3, 0.3, 0.3)).apply_translation(centre))
         return trimesh.util.concatenate(boxes), None, 1.0
+
+
+class DyingGenerate:
+    """``timi.generate.generate`` (a batch's scene), logging each call's output name to ``MARKS/calls.txt``;
+    on the first try of the scene written to ``die_on``, its worker process dies after leaving a
+    half-written temporary file of that output, as a worker killed mid-write does."""
+
+    def __init__(self, marks: Path, die_on: str):
+        self.marks, self.die_on = Path(marks), die_on
+
+    def __call__(self, opts, **kwargs):
+        from timi.generate import generate
+
+        out = Path(opts.out)
+        with open(self.marks / "calls.txt", "a") as f:
+            f.write(out.name + "\n")
+        died = self.marks / "died"
+        if out.name == self.die_on and not died.exists():
+            died.write_text(str(os.getpid()))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            (out.parent / f".{out.name}.half{out.suffix}.tmp").write_bytes(b"glTF half")
+            os._exit(1)
+        return generate(opts, **kwargs)

@@ -161,3 +161,26 @@ def test_report_renders_results(tmp_path):
     res = runner.invoke(app, ["bench", "report", str(tmp_path / "result.json")])
     assert res.exit_code == 0, res.output
     assert f"{r['ratio']:.3f}" in res.output and r["machine"]["cpu"] in res.output
+
+
+@pytest.mark.xdist_group("heavy")
+def test_bench_mesh_tiny_compares_decodings_on_the_same_latent(tmp_path):
+    r = _run(tmp_path, "mesh", "--tiny")
+    rows = {(row["resolution"], row["decoding"]): row for row in r["rows"]}
+    assert set(rows) == {(32, "dense"), (32, "coarse-to-fine"), (64, "dense"), (64, "coarse-to-fine")}
+    dense, fast = rows[(64, "dense")], rows[(64, "coarse-to-fine")]
+    assert dense["queries"] == 65 ** 3 and 0 < fast["queries"] < dense["queries"]
+    assert fast["identical"] and fast["iou"] == 1.0 and fast["chamfer"] == 0.0   # the shipped model: same mesh
+    assert all(_positive_finite(row["seconds"]) for row in r["rows"])
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("heavy")
+def test_bench_gpu_tiny_runs_every_part_and_writes_json_and_markdown(tmp_path):
+    res = runner.invoke(app, ["bench", "gpu", "--tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    r = json.loads((tmp_path / "gpu.json").read_text())
+    assert all(part["ok"] for part in r["parts"].values()), {k: v.get("error") for k, v in r["parts"].items()}
+    assert _positive_finite(r["parts"]["overhead"]["ratio"]) and _positive_finite(r["parts"]["backends"]["jax_s"])
+    table = (tmp_path / "gpu.md").read_text()
+    assert "54.2" in table and "59.2" in table and "coarse-to-fine" in table

@@ -335,9 +335,13 @@ def test_unguided_configurations_share_one_cache_key():
 
     ident = {"generator": "fake"}
     unguided = [TIMIConfig(isg=False), TIMIConfig(isg=False, sgu=False), TIMIConfig(guided_steps=0),
-                TIMIConfig(guided_layers=0, alpha=0.3)]
+                TIMIConfig(guided_layers=0, alpha=0.3), TIMIConfig.paper(isg=False),
+                TIMIConfig(isg=False, common="only")]
     keys = {run_key(Run("x", c), 0, ident) for c in unguided}
     assert len(keys) == 1
+    # The base model's key does not move when a default changes (caches written earlier stay
+    # valid): it is the key every cache since testbed v2 was written with.
+    assert keys == {"e1d05731459d"}
     guided = {run_key(Run("x", c), 0, ident) for c in (TIMIConfig(), TIMIConfig(sgu=False), TIMIConfig(alpha=0.2))}
     assert len(guided) == 3 and not (guided & keys)
 

@@ -27,23 +27,6 @@ EXAMPLE = HERE.parent / "timi" / "assets" / "example"
 TIMING = ("seconds", "seconds_per_scene")
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    """One local Ray instance (2 CPUs) whose workers can import this folder's helpers."""
-    ray = pytest.importorskip("ray")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), old]))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-
-
 def _rows(path: Path, drop=TIMING) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(path.open())]
 
@@ -190,6 +173,11 @@ def test_without_ray_or_cluster_one_line_and_exit_2(tmp_path, monkeypatch):
     assert refused.exit_code == 2
     assert refused.output.strip().splitlines() == ["error: --address 127.0.0.1:1: no Ray cluster answers "
                                                    "(Connection refused)"]
+    for command in ("variants", "control"):  # the testbed's evaluations take the same engine options
+        testbed = CliRunner().invoke(app, ["testbed", command, str(data), "--engine", "ray", "--address", "127.0.0.1:1",
+                                           "--out", str(tmp_path / "out")])
+        assert testbed.exit_code == 2 and testbed.output.strip().splitlines() == [
+            "error: --address 127.0.0.1:1: no Ray cluster answers (Connection refused)"], testbed.output
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     missing = CliRunner().invoke(app, args)
     assert missing.exit_code == 2 and len(missing.output.strip().splitlines()) == 1

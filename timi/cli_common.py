@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -93,3 +94,44 @@ PRESET_HELP = ("TIMI's form. default (TIMIConfig()): the paper's Eqs.2-7 with th
                "shrinks every shape; on the testbed's validation split it separated instances at the base "
                "model's size without shrinking (docs/results.md). paper (TIMIConfig.paper()): the paper's "
                "literal form, for reproducing its tables.")
+
+
+# ----------------------------------------------------------------------------- --engine (docs/cluster.md)
+#: The engine options of the commands that generate many scenes (``timi eval``, ``timi generate`` over a
+#: folder or a manifest, ``timi testbed variants|control``); :func:`engine_from_options` reads them.
+ENGINE_OPTION = typer.Option("local", "--engine", help="local (here, one scene after another) | ray (a Ray cluster, "
+                             "docs/cluster.md; needs timi's extra named ray).")
+ADDRESS_OPTION = typer.Option(None, "--address", help="--engine ray: the cluster, auto | ray://HOST:10001 (default: "
+                              "a local Ray instance on this machine's cores).")
+GPUS_PER_WORKER_OPTION = typer.Option(None, "--gpus-per-worker", min=0, help="--engine ray: GPUs per generation "
+                                      "worker, e.g. 0.5 for two per GPU (default: 1 when the cluster has GPUs, else 0).")
+WORKERS_OPTION = typer.Option(None, "--workers", min=1, help="--engine ray: generation workers (default: as many as "
+                              "the cluster's GPUs hold, else 1).")
+
+
+def engine_from_options(engine: str, address, gpus_per_worker, workers):
+    """``None`` (the local engine) or a :class:`timi.evaluation.ray_engine.RayEngine` (Ray is imported when it
+    runs); a usage error (``typer.BadParameter``) for an unknown engine or a Ray option without ``--engine ray``."""
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"{engine!r}; use local or ray", param_hint="--engine")
+    if engine == "local":
+        given = [name for name, v in (("--address", address), ("--gpus-per-worker", gpus_per_worker),
+                                      ("--workers", workers)) if v is not None]
+        if given:
+            raise typer.BadParameter(f"{given[0]} needs --engine ray", param_hint=given[0])
+        return None
+    from .evaluation.ray_engine import RayEngine
+
+    return RayEngine(address=address, gpus_per_worker=gpus_per_worker, workers=workers)
+
+
+@contextlib.contextmanager
+def engine_errors():
+    """An engine that cannot start (Ray not installed, no cluster at ``--address``): one ``error:`` line, exit 2."""
+    from .evaluation.ray_engine import EngineError
+
+    try:
+        yield
+    except EngineError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -21,7 +21,8 @@ from typing import Optional
 import numpy as np
 import typer
 
-from .cli_common import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, EXIT_INTERRUPTED, PRESET_HELP, run_cli,  # noqa: F401 (re-exported)
+from .cli_common import (ADDRESS_OPTION, BAD_INPUT_ERRORS, ENGINE_OPTION, EXIT_BAD_INPUT,  # noqa: F401 (re-exported)
+                         EXIT_INTERRUPTED, GPUS_PER_WORKER_OPTION, PRESET_HELP, WORKERS_OPTION, run_cli,
                          split_image_and_masks)
 from .inspect_cmd import prepare_masks
 from .io import OutputError, check_mesh_path, check_writable, first_missing, mesh_bytes, write_bytes
@@ -72,6 +73,7 @@ class GenerateOptions:
     threads: Optional[int] = None     # torch intra-op threads; None: choose_threads(model)
     flashvdm: bool = False            # decode with the turbo VAE + FlashVDM (hy3dgen's enable_flashvdm)
     mc_algo: Optional[str] = None     # hy3dgen's surface extractor: mc or dmc
+    dense_decoding: bool = False      # decode the whole grid (hy3dgen's default) instead of coarse-to-fine
     views: dict = dataclasses.field(default_factory=dict)       # multi-view: {view: picture}
     view_masks: dict = dataclasses.field(default_factory=dict)  # multi-view: {view: mask source}
 
@@ -139,6 +141,22 @@ def _config(opts: GenerateOptions):
 def check_options(opts: GenerateOptions) -> tuple[Path, str]:
     """Every check that needs no model: options, output paths (probed, nothing left behind), the
     picture, the model argument. Returns (output path, model). Raises the bad-input errors."""
+    check_settings(opts)
+    out = check_writable(check_mesh_path(opts.out))
+    if opts.report is not None:
+        if Path(opts.report).exists() and not Path(opts.report).is_dir():
+            raise OutputError(f"{opts.report}: --report needs a folder, and this is a file; pass a folder name.")
+        check_writable(opts.report, folder=True)
+    resolve_device(opts.device)
+    if opts.views:
+        _check_views(opts)
+    else:
+        check_input_picture(opts.image, opts.masks)
+    return out, check_model(opts)
+
+
+def check_settings(opts: GenerateOptions) -> None:
+    """The options' own checks (choices, numbers, backend), none of a path: what a batch checks once."""
     from timi_core import PRESETS
 
     for name, value, choices in (("--assign", opts.assign, ASSIGN_METHODS), ("--backend", opts.backend, BACKENDS),
@@ -161,16 +179,10 @@ def check_options(opts: GenerateOptions) -> tuple[Path, str]:
     for name, value in (("--guidance-scale", opts.guidance_scale), ("--alpha", opts.alpha), ("--sigma", opts.sigma)):
         if not math.isfinite(value):
             raise ValueError(f"{name} {value}: must be a finite number.")
-    out = check_writable(check_mesh_path(opts.out))
-    if opts.report is not None:
-        if Path(opts.report).exists() and not Path(opts.report).is_dir():
-            raise OutputError(f"{opts.report}: --report needs a folder, and this is a file; pass a folder name.")
-        check_writable(opts.report, folder=True)
-    resolve_device(opts.device)
-    if opts.views:
-        _check_views(opts)
-    else:
-        check_input_picture(opts.image, opts.masks)
+
+
+def check_model(opts: GenerateOptions) -> str:
+    """``--model`` resolved, and checked against the input form (one picture or views) and ``--flashvdm``."""
     model = resolve_model(opts.model)
     if opts.views and model_config_path(model) is not None and not is_multiview(model):
         raise ValueError(f"--view: --model {model} takes one picture (its image processor is not hy3dgen's "
@@ -180,7 +192,7 @@ def check_options(opts: GenerateOptions) -> tuple[Path, str]:
                          "--view left=b.png with --view-masks front=... --view-masks left=...")
     if opts.flashvdm:
         turbo_vae_path(model)
-    return out, model
+    return model
 
 
 def _check_views(opts: GenerateOptions) -> None:
@@ -215,16 +227,25 @@ def parse_views(items: Optional[list[str]], flag: str = "--view") -> dict:
     return out
 
 
-def generate(opts: GenerateOptions, log=print, check=None) -> GenerateResult:
+def generate(opts: GenerateOptions, log=print, check=None, load=None) -> GenerateResult:
     """Run the whole command. Raises :class:`MaskInputError`, :class:`OutputError`,
     :class:`ModelNotFoundError`, ``ValueError`` for bad input (all before the model loads) and
     ``RuntimeError`` for failures while running. Nothing is written unless the run succeeds.
 
     ``check``: called with no arguments after every denoising step and between the stages; what it
-    raises stops the run there (``timi app``: cancel, a lost client, ``--max-run-seconds``)."""
+    raises stops the run there (``timi app``: cancel, a lost client, ``--max-run-seconds``).
+    ``load(opts, model)``: gives the pipeline, after the inputs are checked (default :func:`load_for`;
+    a batch, :mod:`timi.batch`, loads it once for all its scenes)."""
     out, model = check_options(opts)
     with torch_threads(opts.threads or choose_threads(model)):
-        return _generate(opts, out, model, log, check or (lambda: None))
+        return _generate(opts, out, model, log, check or (lambda: None), load or load_for)
+
+
+def load_for(opts: GenerateOptions, model: str):
+    """The pipeline ``opts`` run on (the one door, :func:`timi.pipelines.load_pipeline`)."""
+    return load_pipeline(model, backend=opts.backend, device=opts.device, dtype=opts.dtype, config=_config(opts),
+                         flashvdm=opts.flashvdm, mc_algo=opts.mc_algo,
+                         decoding="dense" if opts.dense_decoding else "coarse-to-fine")
 
 
 def _view_masks(opts: GenerateOptions, model: str):
@@ -250,7 +271,7 @@ def _view_masks(opts: GenerateOptions, model: str):
     return found, cond, notes
 
 
-def _generate(opts: GenerateOptions, out: Path, model: str, log, check) -> GenerateResult:
+def _generate(opts: GenerateOptions, out: Path, model: str, log, check, load) -> GenerateResult:
     clock = _Clock()
     # 1. the inputs, checked with the model's geometry (its config.yaml) before any weight loads; the
     #    condition masks computed here are the loaded model's own (the same geometry, from the same file)
@@ -269,8 +290,7 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check) -> Gener
 
     # 2. the pipeline (the one door), and the masks on its condition tokens
     with clock.stage("load model"):
-        pipe = load_pipeline(model, backend=opts.backend, device=opts.device, dtype=opts.dtype, config=_config(opts),
-                             flashvdm=opts.flashvdm, mc_algo=opts.mc_algo)
+        pipe = load(opts, model)
     cond = cond_preview
     if model_config_path(model) is None and not opts.views:  # the preview used Hunyuan3D 2.0's geometry: the model's own now
         with warnings.catch_warnings():
@@ -410,14 +430,22 @@ may be missing from some views:
       --view-masks front=front_labels.png --view-masks left=left_labels.png \\
       --model models/Hunyuan3D-2mv/hunyuan3d-dit-v2-mv-turbo --steps 5 -o scene.glb
 
+Many scenes: a folder with one sub-folder per scene (image.png + masks.png|masks.npy) or a manifest
+(.csv/.jsonl: image, masks, out, optional seed; paths relative to it), here or on a Ray cluster;
+existing outputs are skipped (--overwrite), a failed scene is reported and skipped (exit 1 at the end):
+
+
+  timi generate scenes/ --out meshes/
+  timi generate scenes.csv --engine ray --address auto --gpus-per-worker 0.5
+
 The guided window is the paper's first 30 % of the trajectory (15 of 50 steps, 9 of 30, 2 of turbo's
 5); --guided-steps N guides the first N steps instead."""
 
 
 def generate_command(
-    image_and_masks: Optional[list[Path]] = typer.Argument(None, metavar="IMAGE", help="Input picture (PNG/JPEG; RGBA alpha = foreground, else the masks' union). Paths after the first one are more mask files, so `--masks a.png b.png` works. Not with --view."),
+    image_and_masks: Optional[list[Path]] = typer.Argument(None, metavar="IMAGE", help="Input picture (PNG/JPEG; RGBA alpha = foreground, else the masks' union). Paths after the first one are more mask files, so `--masks a.png b.png` works. Not with --view. Or many scenes: a folder of scene folders, or a manifest .csv/.jsonl (docs/usage.md)."),
     masks: Optional[list[Path]] = typer.Option(None, "--masks", "-m", help="Label-map PNG, folder or list of mask PNGs, (K,H,W) .npy, or SAM/Grounded-SAM RLE .json. Repeat for several files."),
-    out: Path = typer.Option(..., "--out", "-o", help="Scene mesh to write: .glb, .obj or .ply (atomic)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Scene mesh to write: .glb, .obj or .ply (atomic). A folder of scenes: the folder for their meshes."),
     model: Optional[str] = typer.Option(None, help="hy3dgen model folder of any variant (config.yaml + model.fp16.safetensors, e.g. .../hunyuan3d-dit-v2-0-turbo) or id (tencent/Hunyuan3D-2 under $HY3DGEN_MODELS); default: the shipped model."),
     view: Optional[list[str]] = typer.Option(None, "--view", help="Multi-view input (Hunyuan3D-2mv): VIEW=PICTURE, VIEW one of front, left, back, right. Repeat per view."),
     view_masks: Optional[list[str]] = typer.Option(None, "--view-masks", help="VIEW=MASKS for each --view: a label map (labels are instance ids in every view), a folder of mask PNGs (file names are the ids), a (K,H,W) .npy (slice k is instance k) or an RLE .json."),
@@ -441,23 +469,36 @@ def generate_command(
     assign: str = typer.Option("projection", help="How --split-instances gives parts to instances: projection (into the input view's masks) or tokens (the instance map carried from the latent tokens through the VAE decoder)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: 1 for small models such as the shipped one, all usable cores for checkpoints of 200 MB and more; docs/benchmarks.md)."),
     flashvdm: bool = typer.Option(False, "--flashvdm", help="Decode with hy3dgen's turbo VAE and FlashVDM (enable_flashvdm); needs hunyuan3d-vae-v2-0-turbo (or -mini-turbo) beside the model folder. Changes the decoding only."),
+    dense_decoding: bool = typer.Option(False, "--dense-decoding", help="Decode the VAE on the whole marching-cubes grid (hy3dgen's default) instead of coarse-to-fine near the surface; the mesh is the same (docs/benchmarks.md), only slower. Changes the decoding only."),
     mc_algo: Optional[str] = typer.Option(None, "--mc-algo", help="Surface extractor: mc (marching cubes, CPU) or dmc (CUDA, needs diso). Changes the decoding only."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Many scenes: generate the scenes whose output exists too (default: skip them)."),
+    engine: str = ENGINE_OPTION,
+    address: Optional[str] = ADDRESS_OPTION,
+    gpus_per_worker: Optional[float] = GPUS_PER_WORKER_OPTION,
+    workers: Optional[int] = WORKERS_OPTION,
 ) -> None:
     """Generate a 3D scene from IMAGE and its instance masks with TIMI guidance (see GENERATE_HELP)."""
     from rich.console import Console
 
     err = Console(stderr=True, soft_wrap=True)
+    from .cli_common import engine_from_options
 
-    def options() -> GenerateOptions:
+    ray_engine = engine_from_options(engine, address, gpus_per_worker, workers)
+
+    def options(batch: bool = False) -> GenerateOptions:
         views, vmasks = parse_views(view), parse_views(view_masks, "--view-masks")
-        if views:
+        if batch:
+            image, mask_paths = None, []
+        elif views:
             image, mask_paths = (image_and_masks or [None])[0], list(masks or []) + list((image_and_masks or [])[1:])
         elif not image_and_masks or not masks:
             raise ValueError("give IMAGE --masks MASKS (one picture) or --view VIEW=PICTURE with --view-masks "
-                             "VIEW=MASKS (multi-view); see timi generate --help.")
+                             "VIEW=MASKS (multi-view), or a folder of scenes or a manifest; see timi generate --help.")
         else:
             image, mask_paths = split_image_and_masks(image_and_masks, masks)
+        if out is None and not batch:
+            raise ValueError("--out: give the scene file to write, e.g. --out scene.glb.")
         return GenerateOptions(image=image, masks=mask_paths, out=out, model=model, backend=backend, steps=steps,
                                guidance_scale=guidance_scale, seed=seed, alpha=alpha, sigma=sigma,
                                guided_layers=guided_layers, guided_steps=guided_steps,
@@ -465,8 +506,17 @@ def generate_command(
                                octree_resolution=octree_resolution, device=device, dtype=dtype,
                                split_instances=split_instances, report=report, overlap=overlap, assign=assign,
                                progress=not quiet, threads=threads, flashvdm=flashvdm, mc_algo=mc_algo,
+                               dense_decoding=dense_decoding,
                                views=views, view_masks=vmasks)
 
+    if image_and_masks and not masks and not view and len(image_and_masks) == 1:
+        from .batch import batch_command, is_batch_input
+
+        if is_batch_input(image_and_masks[0]):  # a folder of scenes or a manifest (docs/usage.md, "Many scenes")
+            return batch_command(image_and_masks[0], out, lambda: options(batch=True), ray_engine, overwrite, quiet, err)
+    if ray_engine is not None:
+        raise typer.BadParameter("runs many scenes: give a folder of scenes or a manifest (.csv, .jsonl) instead of "
+                                 "IMAGE --masks", param_hint="--engine ray")
     opts = run_cli(options, err)
     result = run_cli(lambda: generate(opts, log=lambda m: err.print(m, markup=False, highlight=False)), err)
     table, lines = summary_table(result)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # trimesh is imported where a mesh is written (`timi --help` 
     import trimesh
 
 __all__ = ["MESH_FORMATS", "OutputError", "WriteError", "atomic_path", "write_mesh", "write_bytes", "write_text",
-           "check_mesh_path", "check_writable", "mesh_bytes", "first_missing"]
+           "check_mesh_path", "check_writable", "mesh_bytes", "first_missing", "remove_stale_temporaries"]
 
 #: Extensions the mesh writer accepts, mapped to trimesh's file types.
 MESH_FORMATS = {".glb": "glb", ".obj": "obj", ".ply": "ply", ".stl": "stl"}
@@ -105,6 +105,19 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
             tmp.unlink()
         _remove_folder(created)
         raise
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the temporary files of ``path`` that a killed writer left (:func:`atomic_path` names them
+    ``.NAME.<random>SUFFIX.tmp`` beside it; a process killed mid-write cannot remove its own). Returns them."""
+    import glob
+
+    path = Path(path)
+    stale = list(path.parent.glob(f".{glob.escape(path.name)}.*{glob.escape(path.suffix)}.tmp"))
+    for tmp in stale:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return stale
 
 
 def _remove_folder(folder: Path | None) -> None:

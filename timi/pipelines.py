@@ -28,7 +28,7 @@ import yaml
 
 from timi_core import TIMIConfig
 
-__all__ = ["ModelNotFoundError", "ModelConfigError", "BackendUnavailableError", "BACKENDS", "DTYPES",
+__all__ = ["ModelNotFoundError", "ModelConfigError", "BackendUnavailableError", "BACKENDS", "DTYPES", "DECODINGS",
            "resolve_model", "model_notes", "model_config_path", "read_model_config", "check_model_config",
            "geometry_from_config", "geometry_pipeline", "grid_tokens", "resolve_device", "torch_dtype",
            "check_backend", "load_pipeline", "pipeline_depth", "DEFAULT_GEOMETRY", "DEFAULT_SUBFOLDER", "MC_ALGOS",
@@ -45,6 +45,8 @@ DEFAULT_GEOMETRY = {"image_size": 518, "patch_size": 14, "use_cls_token": True, 
                     "multiview": False}
 #: hy3dgen's surface extractors (``SurfaceExtractors``): marching cubes on CPU, ``dmc`` (CUDA, ``diso``).
 MC_ALGOS = ("mc", "dmc")
+#: Volume decodings (``timi_torch.decoding``): coarse-to-fine, the command line's default, or dense.
+DECODINGS = ("coarse-to-fine", "dense")
 #: hy3dgen's ``enable_flashvdm`` mapping: the turbo VAE a family's DiTs decode with (model id, subfolder).
 TURBO_VAES = {"Hunyuan3D-2": ("tencent/Hunyuan3D-2", "hunyuan3d-vae-v2-0-turbo"),
               "Hunyuan3D-2mv": ("tencent/Hunyuan3D-2", "hunyuan3d-vae-v2-0-turbo"),
@@ -370,7 +372,7 @@ def enable_flashvdm(pipe, model: str, mc_algo: Optional[str] = None) -> None:
 
 def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device: Optional[str] = None,
                   dtype=None, config: TIMIConfig = TIMIConfig(), attention: str = "fused", flashvdm: bool = False,
-                  mc_algo: Optional[str] = None):
+                  mc_algo: Optional[str] = None, decoding: Optional[str] = None):
     """A pipeline for ``model`` (default: the shipped one; see :func:`resolve_model`).
 
     ``backend="torch"``: ``timi_torch.TIMIPipeline`` (``attention`` its ISG path);
@@ -380,12 +382,17 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
     ``config``: the calls' default ``TIMIConfig``. Both return a ``timi_core.TIMIPipelineOutput``.
     Any variant of the Hunyuan3D-2 family loads (its ``config.yaml`` names the DiT, scheduler,
     conditioner and image processor). ``flashvdm``: decode with the turbo VAE and FlashVDM
-    (:func:`enable_flashvdm`); ``mc_algo``: hy3dgen's surface extractor (:data:`MC_ALGOS`).
+    (:func:`enable_flashvdm`); ``mc_algo``: hy3dgen's surface extractor (:data:`MC_ALGOS`);
+    ``decoding``: ``"coarse-to-fine"`` (:class:`timi_torch.decoding.CoarseToFineVolumeDecoder`, the
+    same mesh as dense in a fraction of the time: docs/benchmarks.md) or ``"dense"``; ``None`` keeps
+    hy3dgen's own (dense), as a plain hy3dgen pipeline decodes. Ignored with ``flashvdm``.
     """
     import timi_torch
 
     check_backend(backend)
     check_mc_algo(mc_algo)
+    if decoding not in (None,) + DECODINGS:
+        raise ValueError(f"decoding={decoding!r}: use one of {', '.join(DECODINGS)}.")
     if backend == "jax" and config.smoothing != "tokens":
         raise BackendUnavailableError(f"TIMIConfig.smoothing={config.smoothing!r} (Eq.5 over token positions) runs "
                                       "on the torch backend only; use --backend torch.")
@@ -400,8 +407,12 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
                                                    attention=attention)
     if flashvdm:
         enable_flashvdm(pipe, path, mc_algo)
-    elif mc_algo is not None:
-        pipe.base.set_surface_extractor(mc_algo)
+    else:
+        from timi_torch.decoding import set_decoding
+
+        set_decoding(pipe.base, decoding)
+        if mc_algo is not None:
+            pipe.base.set_surface_extractor(mc_algo)
     pipe.token_positions = token_positions(path)
     if backend == "torch":
         return pipe

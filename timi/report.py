@@ -137,8 +137,32 @@ def _pick_steps(steps: Sequence[int], n: int) -> list[int]:
     return [steps[i] for i in idx]
 
 
+PANEL_PX = 256  #: side of one instance-map panel in pixels
+FIGURE_DPI = 110  #: the dpi report figures are saved at (``timi.inspect_cmd.save_figure``'s default)
+
+
+def _instance_panel(grey: np.ndarray, heat: np.ndarray, crop: float, outline: np.ndarray, color) -> np.ndarray:
+    """One (P, P, 3) panel: the greyed image, ``heat`` (gh, gw) in magma over its ``crop`` fraction
+    (nearest cells, scaled to its maximum, 75 % opacity) and the mask ``outline`` in ``color``."""
+    from matplotlib import colormaps
+
+    P = grey.shape[0]
+    panel = np.repeat(np.clip(grey / 1.6, 0, 1)[..., None], 3, axis=-1)
+    side = int(round(crop * P))
+    rows = np.minimum((np.arange(side) * heat.shape[0]) // side, heat.shape[0] - 1)
+    cols = np.minimum((np.arange(side) * heat.shape[1]) // side, heat.shape[1] - 1)
+    rgb = colormaps["magma"](heat[np.ix_(rows, cols)] / (heat.max() or 1.0))[..., :3]
+    panel[:side, :side] = 0.25 * panel[:side, :side] + 0.75 * rgb
+    panel[outline] = color
+    return panel
+
+
 def plot_instance_maps(records: Sequence[StepMaps], cond, names: Sequence[str], layer: int, max_rows: int = 6):
-    """One figure for one layer: rows = steps, columns = instances (see module doc)."""
+    """One figure for one layer: rows = steps, columns = instances (see module doc). The panels are
+    composed as one picture (one axes), which draws in a fraction of a grid of axes' time."""
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+
     from .instances import instance_colors
 
     plt = _plt()
@@ -148,30 +172,38 @@ def plot_instance_maps(records: Sequence[StepMaps], cond, names: Sequence[str], 
     gh, gw = cond.grid
     pre = cond.prefix_tokens
     S = cond.frame_image.shape[0]
-    grey = cond.frame_image.astype(np.float64).mean(-1) / 255.0
+    P = PANEL_PX
+    grey = np.asarray(Image.fromarray(cond.frame_image.astype(np.uint8)).convert("L").resize((P, P), Image.BILINEAR),
+                      dtype=np.float64) / 255.0
     colors = instance_colors(K)[:, :3] / 255.0
-    crop = gh * (S // gh)
-    fig, axes = plt.subplots(len(steps), K, figsize=(2.4 * K + 0.6, 2.4 * len(steps) + 0.5), squeeze=False)
+    crop = gh * (S // gh) / S
+    outlines = []
+    for k in range(K):
+        mask = np.asarray(Image.fromarray(cond.frame_masks[k].astype(np.uint8) * 255).resize((P, P), Image.NEAREST)) > 127
+        outlines.append(find_boundaries(mask, mode="thick"))
+    gap, row_gap = 6, 18                             # row_gap leaves room for the panel titles
+    mosaic = np.ones((len(steps) * (P + row_gap) - row_gap, K * (P + gap) - gap, 3))
     for row, step in enumerate(steps):
         rec = recs[step]
         for k in range(K):
-            ax = axes[row, k]
-            ax.imshow(grey, cmap="gray", vmin=0, vmax=1.6, extent=(0, S, S, 0))
             heat = rec.maps[k, pre:].reshape(gh, gw)
-            ax.imshow(heat, cmap="magma", alpha=0.75, vmin=0, vmax=heat.max() or 1.0, extent=(0, crop, crop, 0),
-                      interpolation="nearest")
-            ax.contour(np.arange(S) + 0.5, np.arange(S) + 0.5, cond.frame_masks[k].astype(float), levels=[0.5],
-                       colors=[colors[k]], linewidths=1.6)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_xlim(0, S)
-            ax.set_ylim(S, 0)
-            ax.set_title(f"{names[k]}  purity {rec.purity[k]:.2f}", fontsize=8, color=colors[k])
-            if k == 0:
-                ax.set_ylabel(f"step {step}", fontsize=9)
+            y, x = row * (P + row_gap), k * (P + gap)
+            mosaic[y:y + P, x:x + P] = _instance_panel(grey, heat, crop, outlines[k], colors[k])
+    # pixels placed as they are (figimage: no resampling); labels in pixel coordinates
+    left, top, dpi = 28, 40, FIGURE_DPI
+    H, W = mosaic.shape[:2]
+    fig = plt.figure(figsize=((W + left) / dpi, (H + top) / dpi), dpi=dpi)
+    fig.figimage(mosaic, xo=left, yo=0)
+    for row, step in enumerate(steps):
+        rec = recs[step]
+        y = H - row * (P + row_gap)                  # top of the row, from the figure's bottom
+        fig.text(left - 4, y - P / 2, f"step {step}", rotation=90, ha="right", va="center", fontsize=9,
+                 transform=None)
+        for k in range(K):
+            fig.text(left + k * (P + gap) + P / 2, y + 1, f"{names[k]}  purity {rec.purity[k]:.2f}", ha="center",
+                     va="bottom", fontsize=8, color=colors[k], transform=None)
     fig.suptitle(f"where instance-k 3D tokens look in the image (W^T A_zc, each panel scaled to its maximum), "
-                 f"layer {layer}", fontsize=9)
-    fig.tight_layout()
+                 f"layer {layer}", fontsize=9, y=1 - 4 / (H + top), va="top")
     return fig
 
 

@@ -231,6 +231,112 @@ def scaling(
 
 
 @app.command()
+def mesh(
+    scenes: Optional[Path] = typer.Option(None, "--scenes", help="A `timi eval` dataset folder: its first --n scenes "
+                                                                 "(default: the shipped example scene)."),
+    n: int = typer.Option(3, "--n", min=1, help="How many scenes of --scenes."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model folder or id (default: the shipped one)."),
+    full_width: bool = typer.Option(False, "--full-width", help="Instead: hy3dgen 2.0's full-width ShapeVAE with "
+                                                                "random weights and one random latent."),
+    octree: str = typer.Option("128,256", "--octree", help="Octree resolutions, comma-separated."),
+    steps: int = typer.Option(50, "--steps", min=1, help="Sampling steps of the scenes' latents."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: CUDA when available)."),
+    tiny: bool = typer.Option(False, "--tiny", help="Seconds-long smoke run (CI): the example scene, 8 steps, "
+                                                    "octree 32,64."),
+    threads: int = _THREADS, json_path: Optional[Path] = _JSON,
+    markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table to this file."),
+) -> None:
+    """Dense vs coarse-to-fine volume decoding of the same latents: seconds, decoder queries, CUDA
+    peak memory, and the mesh against dense (identical?, volume IoU, Chamfer / diagonal)."""
+    _threads(threads)
+    import torch
+
+    from timi.io import write_text
+    from timi.pipelines import load_pipeline, resolve_device
+    from timi_torch.frontend import surface_at_level
+
+    from . import mesh as bench
+    from .timing import machine_info
+
+    resolutions = (32, 64) if tiny else _ints(octree, "--octree")
+    steps = 8 if tiny else steps
+    dev = resolve_device(device)
+    say = (lambda s: typer.echo(f"  {s}", err=True))
+    if full_width:
+        vae, z = bench.full_width_vae(device=dev)
+        latents, names, extract_base = [z], ["random latent"], None
+    else:
+        pipe = load_pipeline(model, device=dev)
+        vae, extract_base = pipe.base.vae, pipe.base
+        pairs, names = _bench_scenes(scenes, 1 if tiny else n)
+        latents = bench.scene_latents(pipe, pairs, steps=steps)
+
+    def extract(grid, level, r):
+        from hy3dgen.shapegen.pipelines import export_to_trimesh
+
+        if extract_base is not None:
+            return surface_at_level(extract_base, grid, level, octree_resolution=r)
+        out = vae.surface_extractor(grid[None], mc_level=level, bounds=1.01, octree_resolution=r)[0]
+        return None if out is None else export_to_trimesh(out)
+
+    with torch.no_grad():
+        rows = bench.bench_latents(vae, latents, resolutions, ["coarse-to-fine"], extract=extract, names=names,
+                                   progress=say)
+    table = bench.markdown(rows)
+    result = dict(benchmark="mesh", rows=rows, summary=bench.summary(rows), machine=machine_info(),
+                  source="full-width random VAE" if full_width else str(scenes or "example scene"),
+                  model=None if full_width else str(model or "shipped"))
+    if markdown_path is not None:
+        write_text(markdown_path, table + "\n")
+    _emit(result, json_path, [table, ""] + bench.verdict(rows))
+
+
+def _bench_scenes(folder: Optional[Path], n: int) -> tuple[list, list]:
+    """``([(image, masks), ...], names)``: the first ``n`` scenes of a dataset folder, or the example."""
+    from timi.evaluation.dataset import SceneError, discover_scenes, load_scene
+
+    try:
+        if folder is None:
+            from timi.testbed import example_scene_path
+
+            loaded = [load_scene(example_scene_path())]
+        else:
+            loaded = [load_scene(p) for p in discover_scenes(folder)[:n]]
+    except SceneError as e:
+        raise typer.BadParameter(str(e), param_hint="--scenes") from None
+    return [(s.image, s.masks) for s in loaded], [s.scene_id for s in loaded]
+
+
+@app.command()
+def gpu(
+    tiny: bool = typer.Option(False, "--tiny", help="Toy sizes on the CPU, seconds (CI rehearsal)."),
+    repeats: int = typer.Option(2, "--repeats", min=1, help="Timed rounds of the samplers."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: CUDA when available)."),
+    out: Path = typer.Option(Path("outputs/bench-gpu"), "--out", help="Folder for gpu.json and gpu.md."),
+    threads: int = _THREADS,
+) -> None:
+    """On a lent GPU, in one run: full-size DiT fp16 50 steps plain vs TIMI, full-width volume
+    decoding at octree 384 dense vs coarse-to-fine, JAX vs PyTorch; one JSON and one Markdown
+    table beside the paper's 54.2 s / 59.2 s. A part that fails is recorded and the others run."""
+    _threads(threads)
+    from timi.io import write_text
+
+    from .gpu import markdown as gpu_markdown, run_suite
+    from .timing import write_json
+
+    result = run_suite(tiny=tiny, repeats=repeats, device=device, say=lambda s: typer.echo(f"  {s}", err=True))
+    table = gpu_markdown(result)
+    write_json(result, out / "gpu.json")
+    write_text(out / "gpu.md", table + "\n")
+    typer.echo(table)
+    typer.echo(f"wrote {out / 'gpu.json'}, {out / 'gpu.md'}")
+    failed = [k for k, v in result["parts"].items() if not v["ok"]]
+    if failed:
+        typer.echo(f"failed parts: {', '.join(failed)} (errors in gpu.json)", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
 def report(files: list[Path] = typer.Argument(..., help="JSON files written by the other sub-commands.")) -> None:
     """Markdown tables (as in docs/benchmarks.md) from result JSON files."""
     from .report import render

@@ -9,12 +9,27 @@ and write Table-1-style tables and sweep plots (``timi eval``; layout in docs/me
 * :mod:`.report` -- Markdown / CSV tables and matplotlib plots
 """
 
-from .dataset import SceneData, SceneError, discover_scenes, load_scene
-from .generators import TIMITorchGenerator, generator_identity
-from .report import write_report
-from .runner import Evaluator, MetricSettings, RunSummary, SceneResult
-from .runs import ABLATIONS, Run, ablation_runs, plan_runs, sweep_runs
+import importlib
 
-__all__ = ["SceneData", "SceneError", "discover_scenes", "load_scene", "TIMITorchGenerator", "generator_identity",
-           "write_report", "Evaluator", "MetricSettings", "RunSummary", "SceneResult", "ABLATIONS", "Run",
-           "ablation_runs", "plan_runs", "sweep_runs"]
+#: Public name -> submodule; imported on first use (PEP 562), so ``timi --help`` and ``timi eval
+#: --help`` load neither trimesh nor scipy nor matplotlib.
+_EXPORTS = {
+    "SceneData": "dataset", "SceneError": "dataset", "discover_scenes": "dataset", "load_scene": "dataset",
+    "TIMITorchGenerator": "generators", "generator_identity": "generators",
+    "write_report": "report",
+    "Evaluator": "runner", "MetricSettings": "runner", "RunSummary": "runner", "SceneResult": "runner",
+    "ABLATIONS": "runs", "Run": "runs", "ablation_runs": "runs", "plan_runs": "runs", "sweep_runs": "runs",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

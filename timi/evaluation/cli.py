@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from timi.cli_common import EXIT_BAD_INPUT, PRESET_HELP
+from timi.cli_common import (ADDRESS_OPTION, ENGINE_OPTION, GPUS_PER_WORKER_OPTION, PRESET_HELP, WORKERS_OPTION,
+                             engine_errors, engine_from_options)
 from timi_core import TIMIConfig
 
 
@@ -46,21 +47,6 @@ def _base_config(settings: List[str], preset: str = "default") -> TIMIConfig:
         return config_from_settings(settings, base)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--set") from None
-
-
-def _engine(engine: str, address, gpus_per_worker, workers):
-    """``None`` (the local engine) or a :class:`~timi.evaluation.ray_engine.RayEngine` (Ray is imported when it runs)."""
-    if engine not in ("local", "ray"):
-        raise typer.BadParameter(f"{engine!r}; use local or ray", param_hint="--engine")
-    if engine == "local":
-        given = [name for name, v in (("--address", address), ("--gpus-per-worker", gpus_per_worker),
-                                      ("--workers", workers)) if v is not None]
-        if given:
-            raise typer.BadParameter(f"{given[0]} needs --engine ray", param_hint=given[0])
-        return None
-    from .ray_engine import RayEngine
-
-    return RayEngine(address=address, gpus_per_worker=gpus_per_worker, workers=workers)
 
 
 def evaluate_and_report(dataset_dir, runs, generate, out, *, seeds, metrics, limit=None, quiet=False, title=None,
@@ -121,15 +107,10 @@ def eval_command(
                                     "for every sampling seed (so runs made one --seed at a time share their scores)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N scenes."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
-    engine: str = typer.Option("local", "--engine", help="local (here, one scene after another) | ray (a Ray "
-                               "cluster, docs/cluster.md; needs timi's extra named ray)."),
-    address: Optional[str] = typer.Option(None, "--address", help="--engine ray: the cluster, auto | "
-                                          "ray://HOST:10001 (default: a local Ray instance on this machine's cores)."),
-    gpus_per_worker: Optional[float] = typer.Option(None, "--gpus-per-worker", min=0,
-                                                    help="--engine ray: GPUs per generation worker, e.g. 0.5 for two "
-                                                         "per GPU (default: 1 when the cluster has GPUs, else 0)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="--engine ray: generation workers (default: "
-                                          "as many as the cluster's GPUs hold, else 1)."),
+    engine: str = ENGINE_OPTION,
+    address: Optional[str] = ADDRESS_OPTION,
+    gpus_per_worker: Optional[float] = GPUS_PER_WORKER_OPTION,
+    workers: Optional[int] = WORKERS_OPTION,
 ) -> None:
     """Evaluate TIMI on a folder of scenes: Table-1 metrics (LCD, CD-S, FS-S, SSR, CD-O, FS-O, s/scene) as
     Markdown and CSV, ablations of Tables 2-7 and plots of metric vs swept parameter. Outputs are cached
@@ -137,7 +118,6 @@ def eval_command(
     from timi.metrics import ALIGN_MODES
 
     from .dataset import SceneError, discover_scenes
-    from .ray_engine import EngineError
     from .generators import PredictionReader, TIMITorchGenerator, load_generator_factory
     from .runner import MetricSettings
     from .runs import Run, plan_runs
@@ -160,7 +140,7 @@ def eval_command(
     if align not in ALIGN_MODES:
         raise typer.BadParameter(f"{align!r}; use one of {', '.join(ALIGN_MODES)}", param_hint="--align")
     base = _base_config(set_, preset)
-    ray_engine = _engine(engine, address, gpus_per_worker, workers)
+    ray_engine = engine_from_options(engine, address, gpus_per_worker, workers)
     try:
         discover_scenes(dataset_dir)
         runs = [] if model is None and generator is None else plan_runs(
@@ -188,13 +168,10 @@ def eval_command(
     # own (e.g. in a second process) is scored as it is in a multi-seed call, so its scores are reused
     metrics = MetricSettings(points_per_object=points, threshold=threshold, align=align, seed=metric_seed,
                              icp_points=icp_points)
-    try:
+    with engine_errors():  # Ray missing, or no cluster at --address: one line, exit 2
         summaries, paths = evaluate_and_report(dataset_dir, runs, generate, out, seeds=seeds, metrics=metrics,
                                                limit=limit, quiet=quiet, title=f"timi eval {dataset_dir}",
                                                engine=ray_engine)
-    except EngineError as e:  # Ray missing, or no cluster at --address: one line, exit 2
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
     typer.echo(paths["markdown"].read_text())
     typer.echo("wrote " + ", ".join(str(p) for p in paths.values()))
     if all(s.n_ok == 0 for s in summaries):

@@ -1,6 +1,8 @@
 """``timi eval --engine ray``: the evaluation on a Ray cluster (docs/cluster.md).
 
-Ray is the engine; this module only says what to run. One unit of work is one (scene, run, seed):
+Ray is the engine; this module only says what to run. :class:`RayEngine` (where, how many workers)
+and :class:`WorkerPool` (the generation workers) are also what ``timi generate`` runs many scenes on
+(:mod:`timi.batch`). One unit of work of the evaluation is one (scene, run, seed):
 
 * generation: a pool of Ray actors (:class:`ray.util.ActorPool`), each holding the evaluators of
   every seed, so each loads the pipeline once (on first use) and generates many scenes; an actor
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -158,16 +161,58 @@ class RayEngine:
         workers = self.workers or (max(1, int(gpus_total // gpus)) if gpus else 1)
         return gpus, max(1, min(workers, n_units))
 
+    @contextmanager
+    def connected(self):
+        """Ray, initialised for the ``with`` block (and shut down after it when this call started it)."""
+        ray, started = self.connect()
+        try:
+            yield ray
+        finally:
+            if started:
+                ray.shutdown()
+
     def evaluate(self, evaluators: list[Evaluator], runs: list[Run], *, progress: bool = True,
                  log: Callable[[str], None] | None = None) -> list[tuple[int, list[RunSummary]]]:
         """Every (scene, run, seed) of the evaluators (one per seed, as the local engine makes them):
         ``[(seed, summaries)]`` in the local engine's order."""
-        ray, started = self.connect()
-        try:
+        with self.connected() as ray:
             return _Execution(ray, self, evaluators, runs, progress, log or tqdm.write).run()
-        finally:
-            if started:
-                ray.shutdown()
+
+
+class WorkerPool:
+    """The generation workers of one run, the one place ``timi eval`` and ``timi generate`` start them:
+    ``workers`` Ray actors of ``worker_cls(context)`` in a :class:`ray.util.ActorPool`, each reserving
+    its GPUs and no CPU (the CPUs are left to CPU tasks: a worker holding a CPU while it waits for
+    scenes could starve them). A worker that dies is restarted by Ray (``max_restarts=-1``) and its
+    task retried :data:`TASK_RETRIES` times; after that, :meth:`results` yields ``None`` for it (the
+    caller finds the unit that got no answer). ``context`` goes by value (small: pipelines load lazily,
+    on a worker's first task), so that Ray can restart an actor. :meth:`close` kills the workers."""
+
+    def __init__(self, ray, engine: RayEngine, worker_cls, context, n_units: int):
+        from ray.util import ActorPool
+
+        self.ray = ray
+        gpus, n_workers = engine.plan(ray, n_units)
+        worker = ray.remote(worker_cls).options(num_cpus=0, num_gpus=gpus, max_restarts=-1,
+                                                max_task_retries=TASK_RETRIES)
+        self.actors = [worker.remote(context) for _ in range(n_workers)]
+        self.pool = ActorPool(self.actors)
+
+    def submit(self, method: str, name: str, unit: tuple, *args) -> None:
+        """Call ``worker.method(*unit, *args)`` on the next free worker, as the Ray task ``name``."""
+        self.pool.submit(lambda actor, u: getattr(actor, method).options(name=name).remote(*u, *args), unit)
+
+    def results(self):
+        """The answers as they come (any order); ``None`` for a task whose worker died every time."""
+        while self.pool.has_next():
+            try:
+                yield self.pool.get_next_unordered()
+            except self.ray.exceptions.RayError:
+                yield None
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
 
 
 class _Execution:
@@ -241,29 +286,20 @@ class _Execution:
     # ------------------------------------------------------------- the phases
     def run(self) -> list[tuple[int, list[RunSummary]]]:
         ray = self.ray
-        from ray.util import ActorPool
-
         self._refs: dict = {}
         self.submitted: set = set()
         self.context = ray.put((self.evaluators, self.runs))
         score = ray.remote(num_cpus=1)(_score)
         sizes = ray.remote(num_cpus=1)(_sizes)
-        gpus, n_workers = self.engine.plan(ray, len(self.units))
-        # a worker reserves its GPUs and no CPU: the CPUs are left to the scoring tasks (a worker holding a CPU
-        # while waiting for scenes could starve them)
-        worker = ray.remote(GenerationWorker).options(num_cpus=0, num_gpus=gpus, max_restarts=-1,
-                                                      max_task_retries=TASK_RETRIES)
+        pool = None
         try:
-            # the context by value (small: generators load their models lazily), so that Ray can restart an actor
-            self.actors = [worker.remote((self.evaluators, self.runs)) for _ in range(n_workers)]
-            pool = ActorPool(self.actors)
+            pool = WorkerPool(ray, self.engine, GenerationWorker, (self.evaluators, self.runs), len(self.units))
             for unit in self.units:
-                pool.submit(lambda a, u: a.generate.options(name=self._name(u, "generate")).remote(*u), unit)
-            while pool.has_next():
-                try:
-                    unit, generated, failed, lines = pool.get_next_unordered()
-                except ray.exceptions.RayError:  # a scene whose worker died every time: found below
+                pool.submit("generate", self._name(unit, "generate"), unit)
+            for answer in pool.results():
+                if answer is None:  # a scene whose worker died every time: found below
                     continue
+                unit, generated, failed, lines = answer
                 self._drain(block=False)
                 if failed is not None:
                     self._done(unit, failed, lines, "generated")
@@ -280,8 +316,8 @@ class _Execution:
             self.bar.close()
             for ref in self.pending:  # Ctrl-C or an error: stop what is still running
                 ray.cancel(ref, force=True)
-            for actor in self.actors:
-                ray.kill(actor)
+            if pool is not None:
+                pool.close()
         return [(seed, [summarize(run, [self.results[(seed, i, f)] for f in self.folders])
                         for i, run in enumerate(self.runs)]) for seed in self.evaluators]
 
@@ -297,14 +333,13 @@ class _Execution:
                 self._done(unit, what="sizes")
             elif self.evaluators[seed].sizes_need_generator(self.runs[index]):
                 on_actors[unit] = (result, base_result)
-                pool.submit(lambda a, u: a.sizes.options(name=self._name(u, "sizes")).remote(*u, *on_actors[u]), unit)
+                pool.submit("sizes", self._name(unit, "sizes"), unit, result, base_result)
             else:
                 self._submit(sizes, "sizes", unit, result, base_result)
-        while pool.has_next():
-            try:
-                unit, result, lines = pool.get_next_unordered()
-            except self.ray.exceptions.RayError:  # sizes are an addition: the scores stand
+        for answer in pool.results():
+            if answer is None:  # sizes are an addition: the scores stand
                 continue
+            unit, result, lines = answer
             self._done(unit, result, lines, "sizes")
             on_actors.pop(unit)
         for unit in on_actors:

@@ -122,9 +122,10 @@ def run_key(run: Run, seed: int, identity: dict) -> str:
     """Cache key of a run: hash of its TIMIConfig fields, the seed and the generator identity.
 
     Every configuration without guidance (``not config.enabled``: ISG off, or no guided step or
-    layer) samples exactly the base model, so they all share the key of ``TIMIConfig(isg=False)``.
+    layer) samples exactly the base model, so they all share one key: that of the paper's form with
+    ISG off (``TIMIConfig.paper(isg=False)``), the key base runs had before the default changed.
     """
-    config = run.config if run.config.enabled else TIMIConfig(isg=False)
+    config = run.config if run.config.enabled else TIMIConfig.paper(isg=False)
     fields = {k: v for k, v in dataclasses.asdict(config).items()
               if not (k in KEY_OMITTED_AT_DEFAULT and v == KEY_OMITTED_AT_DEFAULT[k])}
     return _digest({"config": fields, "seed": seed, "generator": identity})[:12]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from timi.cli_common import ADDRESS_OPTION, ENGINE_OPTION, GPUS_PER_WORKER_OPTION, WORKERS_OPTION
+
 app = typer.Typer(help="Procedural assets and scenes with exact ground truth, and the small shipped "
                        "Hunyuan3D-architecture model.",
                   no_args_is_help=True)
@@ -350,12 +352,16 @@ def variants(
     device: str = typer.Option(None, "--device"),
     out: Path = typer.Option(Path("outputs/variants"), "--out", help="Output folder (cache shared with `timi eval`)."),
     quiet: bool = typer.Option(False, "--quiet"),
+    engine: str = ENGINE_OPTION,
+    address: str = ADDRESS_OPTION,
+    gpus_per_worker: float = GPUS_PER_WORKER_OPTION,
+    workers: int = WORKERS_OPTION,
 ) -> None:
     """Base model vs TIMI variants, each beside its shuffled-gradient control, with matched-size
     scores, areas and the paired differences variant - control (docs/results.md, issue 27)."""
     from rich.console import Console
 
-    from timi.cli_common import run_cli
+    from timi.cli_common import engine_errors, engine_from_options, run_cli
     from timi.evaluation.cli import evaluate_and_report
     from timi.evaluation.generators import TIMITorchGenerator
     from timi.evaluation.runner import MetricSettings
@@ -375,6 +381,7 @@ def variants(
         return configs
 
     configs = run_cli(parse, Console(stderr=True, soft_wrap=True))
+    ray_engine = engine_from_options(engine, address, gpus_per_worker, workers)
     model = model or str(resolve_model(None))
     options = dict(device=device, octree_resolution=octree_resolution, steps=steps)
     shuffled = ShuffledGradientGenerator(model, **options)
@@ -383,10 +390,11 @@ def variants(
         runs.append(Run(name, config, group="variants"))
         if controls and (not controls_for or name in controls_for):
             runs.append(Run(control_label(name), config, group="controls", generator=shuffled))
-    summaries, paths = evaluate_and_report(dataset, runs, TIMITorchGenerator(model, **options), out,
-                                           seeds=list(dict.fromkeys(seed)), limit=limit, quiet=quiet,
-                                           metrics=MetricSettings(points_per_object=points, icp_points=icp_points),
-                                           title=f"timi testbed variants {dataset}")
+    with engine_errors():
+        summaries, paths = evaluate_and_report(dataset, runs, TIMITorchGenerator(model, **options), out,
+                                               seeds=list(dict.fromkeys(seed)), limit=limit, quiet=quiet,
+                                               metrics=MetricSettings(points_per_object=points, icp_points=icp_points),
+                                               title=f"timi testbed variants {dataset}", engine=ray_engine)
     typer.echo(paths["markdown"].read_text())
     if controls:
         typer.echo(variant_control_markdown(summaries))
@@ -408,8 +416,13 @@ def control(
     out: Path = typer.Option(Path("outputs/eval"), "--out", help="`timi eval`'s output folder (its cache is shared); "
                                                                "the report goes to OUT/control/."),
     quiet: bool = typer.Option(False, "--quiet"),
+    engine: str = ENGINE_OPTION,
+    address: str = ADDRESS_OPTION,
+    gpus_per_worker: float = GPUS_PER_WORKER_OPTION,
+    workers: int = WORKERS_OPTION,
 ) -> None:
     """Base vs TIMI vs TIMI with its gradient's token rows shuffled (a control for the update's direction)."""
+    from timi.cli_common import engine_errors, engine_from_options
     from timi.evaluation.generators import TIMITorchGenerator
     from timi.evaluation.paired import LEVEL, paired_table
     from timi.evaluation.runner import MetricSettings
@@ -421,14 +434,16 @@ def control(
     from .controls import CONTROL_LABEL, ShuffledGradientGenerator
 
     config = _base_config(set_)
+    ray_engine = engine_from_options(engine, address, gpus_per_worker, workers)
     model = model or str(resolve_model(None))
     options = dict(device=device, octree_resolution=octree_resolution, steps=steps)
     runs = [Run(BASELINE_LABEL, config.replace(isg=False)), Run(TIMI_LABEL, config),
             Run(CONTROL_LABEL, config, generator=ShuffledGradientGenerator(model, **options))]
-    summaries, paths = evaluate_and_report(dataset, runs, TIMITorchGenerator(model, **options), out, seeds=seed,
-                                           metrics=MetricSettings(points_per_object=points, icp_points=icp_points),
-                                           limit=limit, quiet=quiet, title=f"timi testbed control {dataset}",
-                                           report_dir=out / "control")
+    with engine_errors():
+        summaries, paths = evaluate_and_report(dataset, runs, TIMITorchGenerator(model, **options), out, seeds=seed,
+                                               metrics=MetricSettings(points_per_object=points, icp_points=icp_points),
+                                               limit=limit, quiet=quiet, title=f"timi testbed control {dataset}",
+                                               report_dir=out / "control", engine=ray_engine)
     typer.echo(paths["markdown"].read_text())
     typer.echo(paired_table([summaries[1]], summaries[2], f"TIMI - control (paired, {LEVEL:.0%} bootstrap interval)",
                             against="control"))

@@ -135,14 +135,17 @@ def export_meshes(base, latents: torch.Tensor, output_type: str = "trimesh", *, 
 def decode_volume(base, latents: torch.Tensor, *, box_v: float = 1.01, num_chunks: int = 8000,
                   octree_resolution: int = 384) -> torch.Tensor:
     """The first half of :func:`export_meshes`: hy3dgen's ShapeVAE decoding of (B, L, C) ``latents``
-    to the (B, R+1, R+1, R+1) float32 occupancy logits on its query grid (``vae.volume_decoder``),
-    exactly as ``base._export`` computes them. With :func:`surface_at_level` it gives the same mesh
-    as :func:`export_meshes` at any ``mc_level``, so one decoding serves many iso levels."""
+    to the (B, R+1, R+1, R+1) float32 occupancy logits on its whole query grid (hy3dgen's dense
+    ``VanillaVolumeDecoder`` whatever ``vae.volume_decoder`` is: a coarse-to-fine grid is exact only
+    near one iso level). With :func:`surface_at_level` it gives the same mesh as :func:`export_meshes`
+    with dense decoding at any ``mc_level``, so one decoding serves many iso levels."""
+    from .decoding import volume_decoder
+
     vae = base.vae
     with torch.no_grad():
         decoded = vae(1.0 / vae.scale_factor * latents)
-        return vae.volume_decoder(decoded, vae.geo_decoder, bounds=box_v, num_chunks=num_chunks,
-                                  octree_resolution=octree_resolution, enable_pbar=False)
+        return volume_decoder("dense")(decoded, vae.geo_decoder, bounds=box_v, num_chunks=num_chunks,
+                                       octree_resolution=octree_resolution, enable_pbar=False)
 
 
 def surface_at_level(base, grid_logits: torch.Tensor, level: float, *, box_v: float = 1.01,

@@ -152,7 +152,7 @@ def tiny_config(
     }
 
 
-def _calibrate_surface(vae, seed: int) -> None:
+def calibrate_surface(vae, seed: int) -> None:
     """Shift the random occupancy head so its median over a coarse grid is 0 for a random latent.
 
     Random weights give an occupancy field that may never cross hy3dgen's default level 0, and
@@ -218,7 +218,7 @@ def write_tiny_model_dir(
         torch.manual_seed(seed)
         parts = {name: instantiate_from_config(copy.deepcopy(config[name]))
                  for name in ("model", "vae", "conditioner")}
-        _calibrate_surface(parts["vae"], seed)
+        calibrate_surface(parts["vae"], seed)
     finally:
         torch.random.set_rng_state(state)
 
