@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..testing import _calibrate_surface, tiny_config
+from ..testing import calibrate_surface, tiny_config
 from .modeling import PRESETS, HunYuanDiTPlain
 from .params import build_pipeline
 
@@ -78,7 +78,7 @@ def write_tiny_model_dir(path, *, seed: int = 0, preset: str = "2.1-tiny", **opt
         vae_params = {k: v for k, v in config["vae"]["params"].items()
                       if k not in ("num_encoder_layers", "point_feats", "pc_size", "pc_sharpedge_size")}
         vae = instantiate_from_config({**vae_section, "params": vae_params})
-        _calibrate_surface(vae, seed)
+        calibrate_surface(vae, seed)
         conditioner = instantiate_from_config({**config["conditioner"],
                                                "target": "hy3dgen.shapegen.models.conditioner.SingleImageEncoder"})
         sections = {"model": model.state_dict(), "vae": dict(vae.state_dict()), "conditioner": conditioner.state_dict()}
