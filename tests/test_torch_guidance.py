@@ -255,7 +255,7 @@ def test_captures_in_two_threads_do_not_see_each_other(fast_base):
             seen.append((layer, q.shape[0], q.clone()))
             if wait is not None and layer == 0:
                 wait()
-        with torch.no_grad(), observe_attention(observer, 2):
+        with torch.no_grad(), observe_attention(observer, 2, cond2.shape[1]):
             model(z2, t2, {"main": cond2})
         return seen
 

@@ -407,10 +407,10 @@ def token_instance_map(pipe, latents, cond, *, layers: int | None = None, timest
     """
     import torch
     from timi_torch.frontend import prepare_inputs
-    from timi_torch.guidance import guided_probabilities
+    from timi_torch.guidance import guidable_layers, guided_probabilities
 
     base = pipe.base
-    depth = len(base.model.double_blocks)
+    depth = guidable_layers(base.model)
     n = min(layers or pipe.config.guided_layers, depth)
     inputs = prepare_inputs(base, cond.image, cond, do_classifier_free_guidance=False)
     with torch.no_grad():

@@ -98,10 +98,13 @@ def resolve_model(model: Optional[str], weights: bool = True) -> str:
 
 def _check_model_arg(model: str, weights: bool) -> str:
     p = Path(model).expanduser()
-    want = "a hy3dgen model directory (config.yaml + model.fp16.safetensors) or an id such as tencent/Hunyuan3D-2"
+    want = ("a hy3dgen model directory (config.yaml + model.fp16.safetensors, or Hunyuan3D 2.1's model.fp16.ckpt) "
+            "or an id such as tencent/Hunyuan3D-2")
     if p.is_dir():
         need = ["config.yaml"] + (["model.fp16.safetensors"] if weights else [])
         missing = [n for n in need if not (p / n).is_file()]
+        if missing == ["model.fp16.safetensors"] and (p / "model.fp16.ckpt").is_file():
+            missing = []
         if missing:
             held = ", ".join(sorted(f.name for f in p.iterdir())[:6]) or "nothing"
             raise ModelNotFoundError(f"--model {model}: the folder lacks {' and '.join(missing)} (it holds {held}); pass {want}.")
@@ -120,22 +123,29 @@ def model_notes(model: str) -> list[str]:
     with Hunyuan3D 2.0's geometry)."""
     if model_config_path(model) is not None:
         return []
-    return [f"--model {model}: no local config.yaml (looked under {_models_root()}/{model}/{DEFAULT_SUBFOLDER}); "
+    return [f"--model {model}: no local config.yaml (looked under {_models_root()}/{model}/{_subfolder(model)}); "
             "using Hunyuan3D 2.0's 37x37 token geometry - set HY3DGEN_MODELS or pass the model folder."]
 
 
 # ------------------------------------------------------------------------ its config.yaml
 
 
+def _subfolder(model) -> str:
+    from timi_torch.pipeline import default_subfolder
+
+    return default_subfolder(str(model))
+
+
 def model_config_path(model: str | Path | None) -> Path | None:
     """The model's ``config.yaml``: in a model directory, beside a checkpoint file, or for a hy3dgen
-    id under ``$HY3DGEN_MODELS/<id>/hunyuan3d-dit-v2-0`` (hy3dgen's local resolution)."""
+    id under ``$HY3DGEN_MODELS/<id>/hunyuan3d-dit-v2-0`` (hy3dgen's local resolution;
+    ``hunyuan3d-dit-v2-1`` for ``*/Hunyuan3D-2.1``)."""
     if model is None:
         return None
     p = Path(str(model)).expanduser()
     root = Path(_models_root()).expanduser()
     candidates = [p / "config.yaml", p.parent / "config.yaml" if p.is_file() else None,
-                  root / str(model) / DEFAULT_SUBFOLDER / "config.yaml"]
+                  root / str(model) / _subfolder(model) / "config.yaml"]
     return next((c for c in candidates if c is not None and c.is_file()), None)
 
 
@@ -164,6 +174,9 @@ def check_model_config(config, path: Path) -> None:
     missing = [k for k in CONFIG_SECTIONS if not isinstance(config.get(k), dict) or "target" not in config[k]]
     if missing:
         raise ModelConfigError(f"{path}: no {', '.join(missing)} section with a 'target'; {fix}.")
+    if str(config["model"]["target"]).rsplit(".", 1)[-1] == "HunYuanDiTPlain":     # Hunyuan3D 2.1
+        _check_dit21(config["model"].get("params") or {}, path, fix)
+        return
     params = {**DIT_DEFAULTS, **(config["model"].get("params") or {})}
     try:
         hidden, heads = int(params["hidden_size"]), int(params["num_heads"])
@@ -175,6 +188,15 @@ def check_model_config(config, path: Path) -> None:
             f"{path}: model.params hidden_size {hidden} / num_heads {heads} does not match axes_dim {axes} "
             f"(sum {sum(axes)}; missing keys take hy3dgen's full-size defaults); {fix}."
         )
+
+
+def _check_dit21(params: dict, path: Path, fix: str) -> None:
+    from timi_torch.hunyuan21 import DiT21Config
+
+    try:
+        DiT21Config.from_kwargs(**params)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        raise ModelConfigError(f"{path}: model.params of the Hunyuan3D 2.1 DiT: {e}; {fix}.") from None
 
 
 # ------------------------------------------------------------------------------ its geometry
@@ -375,6 +397,9 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
         raise BackendUnavailableError(f"TIMIConfig.smoothing={config.smoothing!r} (Eq.5 over token positions) runs "
                                       "on the torch backend only; use --backend torch.")
     path = resolve_model(model)
+    if backend == "jax" and _is_hunyuan21(path):
+        raise BackendUnavailableError("--backend jax: the JAX sampler does not run Hunyuan3D 2.1 yet (timi_jax.hunyuan21 "
+                                      "holds its network only); use --backend torch.")
     if flashvdm:
         turbo_vae_path(path)              # before the weights load
     device = resolve_device(device)
@@ -416,5 +441,21 @@ def is_multiview(model: str | Path | None) -> bool:
 
 
 def pipeline_depth(pipe) -> int:
-    """The number of double-stream blocks of a loaded pipeline's DiT (the most layers to guide)."""
-    return len(pipe.base.model.double_blocks)
+    """The most layers a loaded pipeline's DiT can guide: its double-stream blocks (Hunyuan3D 2.0
+    family) or its cross-attention blocks (2.1)."""
+    from timi_torch.guidance import guidable_layers
+
+    return guidable_layers(pipe.base.model)
+
+
+def _is_hunyuan21(model) -> bool:
+    """Whether ``model`` (``--model``; None: the shipped one) is a Hunyuan3D 2.1 model: its
+    ``config.yaml`` names ``HunYuanDiTPlain``, or, without one, its id names the 2.1 repository."""
+    from timi_torch.hunyuan21 import FAMILY, is_hunyuan21
+
+    if model is None:
+        return False
+    path = model_config_path(model)
+    if path is not None:
+        return is_hunyuan21(read_model_config(path))
+    return str(model).rstrip("/").split("/")[-1] == FAMILY

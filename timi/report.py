@@ -108,10 +108,10 @@ class AttentionRecorder:
         """Whether the forward of denoising step ``step`` is to be observed."""
         return 0 <= step < self.steps
 
-    def observe(self, step: int, layer: int, q, k) -> None:
-        """One block's (B, H, M + L, D) queries and keys at ``step``: its maps, purity, P, key cosine."""
-        M = self.tokens.shape[-1]
-        R, P = instance_image_maps(q[0, :, M:], k[0], self.tokens.to(q.device))
+    def observe(self, step: int, layer: int, q_z, k) -> None:
+        """One guided layer's latent queries (B, H, L, D) and keys (B, H, M [+ L], D), condition
+        tokens first, at ``step``: its maps, purity, P, key cosine."""
+        R, P = instance_image_maps(q_z[0], k[0], self.tokens.to(q_z.device))
         R = R.cpu().numpy().astype(np.float64)
         self.records.append(StepMaps(step, layer, R, purity(R, self._tokens_np), P.cpu().numpy(),
                                      instance_key_cosine(k[0], self.tokens)))

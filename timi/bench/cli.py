@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .config import BenchConfig, default_config, full_size_config, guidance_pass_config, tiny_config
+from .config import ARCHITECTURES, BenchConfig, default_config, full_size_config, guidance_pass_config, hunyuan21_config, tiny_config
 
 app = typer.Typer(help="Benchmarks: TIMI overhead vs plain sampling, guidance-pass memory, JAX vs PyTorch, "
                        "scaling in K and L (docs/benchmarks.md).", no_args_is_help=True)
@@ -95,6 +95,8 @@ def overhead(
     latents: Optional[int] = _L, cond_tokens: Optional[int] = _M, instances: Optional[int] = _K,
     guided_layers: Optional[int] = _LAYERS, seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
     distilled: bool = typer.Option(False, "--guidance-distilled", help="A guidance-distilled DiT (guidance_embed, the fast / turbo models): one branch per step, no CFG pair."),
+    model: str = typer.Option("2.0", "--model", help="DiT architecture: 2.0 (hy3dgen's Hunyuan3DDiT, the presets "
+                              "above) | 2.1 (Hunyuan3D 2.1's HunYuanDiTPlain, released shapes; GPU) | 2.1-tiny."),
     threads: int = _THREADS, json_path: Optional[Path] = _JSON,
 ) -> None:
     """Plain vs TIMI sampling (same model, seed, schedule): medians, ratio timi/plain and its FLOP floor."""
@@ -103,7 +105,14 @@ def overhead(
 
     if backend not in ("torch", "jax"):
         raise typer.BadParameter(f"--backend must be torch or jax, got {backend!r}.")
-    base = tiny_config() if tiny else full_size_config() if full_size else default_config()
+    if model not in ARCHITECTURES:
+        raise typer.BadParameter(f"--model must be one of {', '.join(ARCHITECTURES)}, got {model!r}.")
+    if model != "2.0" and (backend == "jax" or distilled or single_depth):
+        raise typer.BadParameter(f"--model {model}: torch backend only, no single-stream blocks, no distilled variant.")
+    if model != "2.0":
+        base = hunyuan21_config(model)
+    else:
+        base = tiny_config() if tiny else full_size_config() if full_size else default_config()
     cfg = _config(base, **_shape_options(steps, guided_steps, hidden, heads, depth, single_depth, latents,
                                          cond_tokens, instances, guided_layers, seed, dtype))
     if distilled:

@@ -14,7 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["BenchConfig", "default_config", "full_size_config", "tiny_config", "guidance_pass_config"]
+__all__ = ["BenchConfig", "default_config", "full_size_config", "tiny_config", "guidance_pass_config",
+           "hunyuan21_config", "ARCHITECTURES"]
+
+ARCHITECTURES = ("2.0", "2.1", "2.1-tiny")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,8 @@ class BenchConfig:
     batch_size: int = 1              # images per call (the CFG batch is twice this)
     dtype: str = "float32"
     seed: int = 0
+    architecture: str = "2.0"        # "2.0": hy3dgen's Hunyuan3DDiT; "2.1" / "2.1-tiny": HunYuanDiTPlain with that
+                                     # preset's MoE and norm options (blocks = depth, no single blocks)
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -52,6 +57,8 @@ class BenchConfig:
         if self.num_instances > grid[1]:
             raise ValueError(f"num_instances={self.num_instances} exceeds the {grid[1]} patch columns "
                              "(the benchmark masks are vertical stripes, one per instance).")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={self.architecture!r} must be one of {ARCHITECTURES}.")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r} must be float32, bfloat16 or float16.")
 
@@ -91,6 +98,21 @@ def tiny_config() -> BenchConfig:
     return BenchConfig(hidden_size=32, num_heads=2, depth=2, depth_single_blocks=1, latent_channels=8,
                        context_dim=16, num_latents=32, num_cond_tokens=17, steps=3, guided_steps=1,
                        guided_layers=2, num_instances=2)
+
+
+def hunyuan21_config(preset: str) -> BenchConfig:
+    """Hunyuan3D 2.1's DiT (``timi_torch.hunyuan21.PRESETS[preset]``): ``"2.1"`` the released shapes
+    (21 blocks, hidden 2048, L=4096, M=1370, 50 steps / 15 guided, float16; a GPU), ``"2.1-tiny"``
+    the tiny preset (5 blocks, hidden 64, L=64, M=65; 20 steps / 6 guided)."""
+    from timi_torch.hunyuan21 import PRESETS
+
+    p = PRESETS[preset]
+    common = dict(architecture=preset, hidden_size=p.hidden_size, num_heads=p.num_heads, depth=p.depth,
+                  depth_single_blocks=0, latent_channels=p.in_channels, context_dim=p.context_dim,
+                  num_latents=p.input_size, num_cond_tokens=p.text_len)
+    if preset == "2.1":
+        return BenchConfig(**common, steps=50, guided_steps=15, dtype="float16")
+    return BenchConfig(**common)
 
 
 def guidance_pass_config() -> BenchConfig:

@@ -27,13 +27,21 @@ and v padded by the K mask channels to ``D' = ceil8(D + K)`` per head, which als
 (``4*S^2*H*D'`` instead of ``4*S^2*h``); the last guided block computes its modulations, q and k
 and the P attention of the ``L`` latent queries (values padded to the head width, ``4*L*S*h``) and
 nothing after it.
+
+Hunyuan3D 2.1 (``cfg.architecture`` "2.1*", :func:`forward_flops21`): per block on ``S = 1 + L``
+tokens (the time token), ``2*4*h^2*S + 4*S^2*h`` (self-attention), ``2*2*h^2*S + 2*2*c*h*M +
+4*S*M*h`` (cross-attention), ``2*8*h^2*S`` per feed-forward (MoE blocks: ``top_k`` routed experts
+plus the shared one, and the gate ``2*E*h*S``), ``2*2*h^2*S`` per long skip; embeddings
+``2*(L*C*h + 8*h^2)``, final ``2*L*h*C``. ``F_guide``: embeddings, ``l - 1`` whole blocks, and the
+last guided block up to its cross-attention's P (self-attention, q and k projections, ``2*S*M*h``).
+``floor_as_implemented`` is not modelled for 2.1 (n/a).
 """
 
 from __future__ import annotations
 
 from .config import BenchConfig
 
-__all__ = ["forward_flops", "overhead_floor", "guide_flops_as_implemented", "branches"]
+__all__ = ["forward_flops", "forward_flops21", "overhead_floor", "guide_flops_as_implemented", "branches"]
 
 
 def _double_block(h: int, L: int, M: int) -> float:
@@ -74,17 +82,46 @@ def guide_flops_as_implemented(cfg: BenchConfig) -> float:
     return _embeddings(cfg) + (cfg.guided_layers - 1) * with_p + last
 
 
+def _block21(cfg: BenchConfig, layer: int, last_guided: bool = False) -> float:
+    from timi_torch.hunyuan21 import PRESETS
+
+    p = PRESETS[cfg.architecture]
+    h, c, M, S = cfg.hidden_size, cfg.context_dim, cfg.num_cond_tokens, 1 + cfg.num_latents
+    self_attn = 2 * 4 * h * h * S + 4 * S * S * h
+    if last_guided:
+        return self_attn + 2 * h * h * S + 2 * c * h * M + 2 * S * M * h
+    moe = cfg.depth - layer <= min(p.num_moe_layers, cfg.depth)
+    ffn = (p.moe_top_k + 1) * 2 * 8 * h * h * S + 2 * p.num_experts * h * S if moe else 2 * 8 * h * h * S
+    skip = 2 * 2 * h * h * S if layer > cfg.depth // 2 else 0
+    return self_attn + 2 * 2 * h * h * S + 2 * 2 * c * h * M + 4 * S * M * h + ffn + skip
+
+
+def forward_flops21(cfg: BenchConfig, guided_layers: int | None = None) -> float:
+    """FLOPs of one forward of Hunyuan3D 2.1's DiT for one sample, or (``guided_layers``) of the
+    guidance pass up to the last guided cross-attention (module docstring)."""
+    h, L, C = cfg.hidden_size, cfg.num_latents, cfg.latent_channels
+    total = 2 * (L * C * h + 8 * h * h)
+    if guided_layers is not None:
+        return float(total + sum(_block21(cfg, i) for i in range(guided_layers - 1))
+                     + _block21(cfg, guided_layers - 1, last_guided=True))
+    return float(total + sum(_block21(cfg, i) for i in range(cfg.depth)) + 2 * L * h * C)
+
+
 def overhead_floor(cfg: BenchConfig) -> dict:
     """``floor`` (backward = 2x forward), ``floor_input_grad`` (backward = 1x forward) and
     ``floor_as_implemented``, plus the FLOP counts they come from; see the module docstring."""
-    full = forward_flops(cfg)
-    guide = forward_flops(cfg, double_blocks=cfg.guided_layers, single_blocks=0, final=False)
+    if cfg.architecture != "2.0":
+        full, guide = forward_flops21(cfg), forward_flops21(cfg, cfg.guided_layers)
+    else:
+        full = forward_flops(cfg)
+        guide = forward_flops(cfg, double_blocks=cfg.guided_layers, single_blocks=0, final=False)
     frac = cfg.guided_steps / cfg.steps
     n = branches(cfg)
     return {
         "floor": 1 + frac * 3 * guide / (n * full),
         "floor_input_grad": 1 + frac * 2 * guide / (n * full),
-        "floor_as_implemented": 1 + frac * 3 * guide_flops_as_implemented(cfg) / (n * full),
+        "floor_as_implemented": (1 + frac * 3 * guide_flops_as_implemented(cfg) / (n * full)
+                                 if cfg.architecture == "2.0" else None),
         "forward_gflops_per_sample": full / 1e9,
         "guided_forward_gflops_per_sample": guide / 1e9,
         "branches": n,

@@ -31,16 +31,41 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def build_dit(cfg: BenchConfig, seed: int | None = None):
-    """hy3dgen's ``Hunyuan3DDiT`` with ``cfg``'s shapes and random weights (frozen, eval mode)."""
-    from hy3dgen.shapegen.models.denoisers.hunyuan3ddit import Hunyuan3DDiT
-
+    """hy3dgen's ``Hunyuan3DDiT`` (or, for ``cfg.architecture`` "2.1*", ``timi_torch.hunyuan21``'s
+    ``HunYuanDiTPlain``) with ``cfg``'s shapes and random weights (frozen, eval mode)."""
     torch.manual_seed(cfg.seed if seed is None else seed)
-    model = Hunyuan3DDiT(in_channels=cfg.latent_channels, context_in_dim=cfg.context_dim,
-                         hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, depth=cfg.depth,
-                         depth_single_blocks=cfg.depth_single_blocks, axes_dim=[cfg.head_dim],
-                         guidance_embed=cfg.guidance_embed)
+    if cfg.architecture != "2.0":
+        model = _dit21(cfg)
+    else:
+        from hy3dgen.shapegen.models.denoisers.hunyuan3ddit import Hunyuan3DDiT
+
+        model = Hunyuan3DDiT(in_channels=cfg.latent_channels, context_in_dim=cfg.context_dim,
+                             hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, depth=cfg.depth,
+                             depth_single_blocks=cfg.depth_single_blocks, axes_dim=[cfg.head_dim],
+                             guidance_embed=cfg.guidance_embed)
     model.requires_grad_(False)
     return model.eval().to(_DTYPES[cfg.dtype])
+
+
+def dit21_config(cfg: BenchConfig):
+    """The ``DiT21Config`` of a 2.1 benchmark: its preset's options with ``cfg``'s shapes."""
+    import dataclasses
+
+    from timi_torch.hunyuan21 import PRESETS
+
+    preset = PRESETS[cfg.architecture]
+    return dataclasses.replace(preset, input_size=cfg.num_latents, in_channels=cfg.latent_channels,
+                               hidden_size=cfg.hidden_size, num_heads=cfg.num_heads, depth=cfg.depth,
+                               context_dim=cfg.context_dim, text_len=cfg.num_cond_tokens,
+                               num_moe_layers=min(preset.num_moe_layers, cfg.depth))
+
+
+def _dit21(cfg: BenchConfig):
+    from timi_torch.hunyuan21 import HunYuanDiTPlain
+
+    if cfg.guidance_embed:
+        raise ValueError("Hunyuan3D 2.1's DiT has no guidance-distilled variant.")
+    return HunYuanDiTPlain(config=dit21_config(cfg))
 
 
 def stripe_token_masks(cfg: BenchConfig, num_instances: int | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Instance-aware Separation Guidance (paper Sec. 4.1, Eqs.2-4) on hy3dgen's ``Hunyuan3DDiT``.
+"""Instance-aware Separation Guidance (paper Sec. 4.1, Eqs.2-4) on hy3dgen's ``Hunyuan3DDiT`` and
+Hunyuan3D 2.1's ``HunYuanDiTPlain`` (:mod:`timi_torch.hunyuan21`).
 
 The guidance pass runs the *conditional* branch of the frozen DiT on the current latent, records
 the instance probability map ``P`` (Eq.2) of each of the first ``guided_layers`` double-stream
@@ -22,6 +23,14 @@ for latent keys) give ``P = mean_h SDPA(q_z, k, V)`` for the latent queries ``q_
 * ``mode="explicit"``: the reference; materialises the head-averaged softmax, slices ``A_zc``
   (:func:`condition_attention`) and calls ``timi_core.instance_probability``; the blocks run
   hy3dgen's own attention.
+
+Hunyuan3D 2.1 (:data:`SITES` ``"2.1"``): the guided layers are the first blocks' cross-attentions
+(``attn2``), which call ``timi_torch.hunyuan21.modeling.attention(q, k, v)`` with the [time token;
+latent tokens] as queries and the condition tokens alone as keys, so Eq.1's ``A_zc`` is that
+softmax itself (normalised over the condition tokens) and ``P = mean_h SDPA(q_z, k, M^T)`` with
+``q_z`` the queries after the time token. The same two paths apply (values ``M^T`` on every key).
+An :class:`AttentionSite` says, per family, which function is routed, which blocks count and which
+queries and keys are latent and condition tokens; :func:`attention_site` picks it from the model.
 
 Observation without guidance: :func:`observe_attention` hands the first blocks' ``q`` and ``k`` to
 an observer (``observer(layer, q, k)``) during an ordinary forward, which then runs on unchanged.
@@ -48,7 +57,7 @@ from einops import rearrange
 import timi_core
 
 __all__ = ["capture_attention", "observe_attention", "condition_attention", "separation_loss_and_grad",
-           "guided_probabilities", "MODES"]
+           "guided_probabilities", "MODES", "AttentionSite", "SITES", "attention_site", "guidable_layers"]
 
 MODES = ("fused", "explicit")
 
@@ -57,9 +66,49 @@ class _StopForward(Exception):
     """Raised after the last guided block: the rest of the DiT is not needed for the loss."""
 
 
-def _dit_module():
-    from hy3dgen.shapegen.models.denoisers import hunyuan3ddit
-    return hunyuan3ddit
+@dataclasses.dataclass(frozen=True)
+class AttentionSite:
+    """Where a DiT family computes the attention Eq.2 reads.
+
+    ``module``: the module whose function ``attention(q, k, v)`` (q, k, v (B, H, S, D) -> (B, S, H*D))
+    the guided blocks call; ``blocks``: the model's attribute listing them (the most layers to
+    guide); ``joint``: keys are ``[condition; latent]`` and so are the queries (hy3dgen 2.0's
+    double-stream blocks), else keys are the condition tokens alone (cross-attention) and the
+    latent queries follow ``prefix`` other tokens (2.1's time token).
+    """
+
+    module: str
+    blocks: str
+    joint: bool
+    prefix: int = 0
+
+    def latent_queries(self, num_cond: int) -> slice:
+        return slice(num_cond, None) if self.joint else slice(self.prefix, None)
+
+    def function_owner(self):
+        import importlib
+
+        return importlib.import_module(self.module)
+
+
+SITES = {"2.0": AttentionSite("hy3dgen.shapegen.models.denoisers.hunyuan3ddit", "double_blocks", joint=True),
+         "2.1": AttentionSite("timi_torch.hunyuan21.modeling", "blocks", joint=False, prefix=1)}
+
+
+def attention_site(model) -> AttentionSite:
+    """The :class:`AttentionSite` of a loaded DiT (hy3dgen's ``Hunyuan3DDiT`` or 2.1's ``HunYuanDiTPlain``)."""
+    from .hunyuan21.modeling import HunYuanDiTPlain
+
+    if isinstance(model, HunYuanDiTPlain):
+        return SITES["2.1"]
+    if hasattr(model, "double_blocks"):
+        return SITES["2.0"]
+    raise TypeError(f"{type(model).__name__} is neither hy3dgen's Hunyuan3DDiT nor Hunyuan3D 2.1's HunYuanDiTPlain.")
+
+
+def guidable_layers(model) -> int:
+    """How many layers TIMI can guide on ``model``: its double-stream blocks (2.0), its blocks' cross-attentions (2.1)."""
+    return len(getattr(model, attention_site(model).blocks))
 
 
 def _mask_values(tokens: torch.Tensor, num_keys: int, width: int) -> torch.Tensor:
@@ -92,22 +141,25 @@ def fused_probability(q_z: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor, 
 
 
 def attention_and_probability(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: torch.Tensor,
-                              per_head: bool = False):
+                              per_head: bool = False, queries: slice | None = None):
     """hy3dgen's ``attention(q, k, v)`` (B, S, H*D) and Eq.2's ``P`` (B, L, K) in one SDPA call
     (``per_head``: P per head, (B, H, L, K)).
 
-    q, k, v (B, H, S, D) over ``[M condition; L latent]`` tokens, tokens (B, K, M). v gets the extra
+    q, k, v (B, H, S, D) over ``[M condition; L latent]`` tokens (or q over ``[prefix; L latent]``
+    and k, v over the M condition tokens: cross-attention, with ``queries`` the latent ones;
+    default ``M:``), tokens (B, K, M). v gets the extra
     value channels ``[M^T; 0]`` and q, k as many zero channels (up to a multiple of 8), so all three
     share one width (PyTorch's fused kernels); the scale stays ``D^-1/2``, so the softmax is unchanged.
     """
-    B, H, S, D = q.shape
+    B, H, _, D = q.shape
+    S = k.shape[2]
     K, M = tokens.shape[1], tokens.shape[2]
     pad = -(-(D + K) // 8) * 8 - D
     masks = _mask_values(tokens, S, pad)
     values = torch.cat([v.float(), masks[:, None].expand(B, H, S, pad)], dim=-1)
     out = F.scaled_dot_product_attention(F.pad(q.float(), (0, pad)), F.pad(k.float(), (0, pad)), values,
                                          scale=D ** -0.5)
-    P = out[:, :, M:, D:D + K]
+    P = out[:, :, slice(M, None) if queries is None else queries, D:D + K]
     return rearrange(out[..., :D].to(v.dtype), "B H L D -> B L (H D)"), P if per_head else P.mean(dim=1)
 
 
@@ -150,6 +202,8 @@ class _Capture:
     mode: str
     per_head: bool = False
     observer: object = None
+    site: AttentionSite = SITES["2.0"]
+    num_cond: int | None = None         # observe mode: M, to find the latent queries
     probabilities: list = dataclasses.field(default_factory=list)
     calls: int = 0
 
@@ -157,20 +211,21 @@ class _Capture:
         """hy3dgen's ``attention(q, k, v)`` for this capture: observed, or recording ``P``."""
         if self.mode == "observe":
             if self.calls < self.num_layers:
-                self.observer(self.calls, q, k)
+                self.observer(self.calls, q[:, :, self.site.latent_queries(self.num_cond or 0)], k)
             self.calls += 1
             return original(q, k, v, **kwargs)
         M = self.tokens.shape[-1]
-        if q.shape[2] <= M:
-            raise ValueError(f"attention over {q.shape[2]} tokens cannot hold {M} condition tokens "
-                             "plus latent tokens; do the masks belong to this conditioner?")
+        if (q.shape[2] <= M) if self.site.joint else (k.shape[2] != M):
+            raise ValueError(f"attention over {k.shape[2]} keys does not fit {M} condition tokens "
+                             "(plus latent tokens in joint attention); do the masks belong to this conditioner?")
+        queries = self.site.latent_queries(M)
         last = len(self.probabilities) + 1 == self.num_layers
         if self.mode == "fused" and not last:             # the block's output and P in one call
-            out, P = attention_and_probability(q, k, v, self.tokens, self.per_head)
+            out, P = attention_and_probability(q, k, v, self.tokens, self.per_head, queries)
             self.probabilities.append(P)
             return out
         probability = fused_probability if self.mode == "fused" else explicit_probability
-        self.probabilities.append(probability(q[:, :, M:], k, self.tokens, self.per_head))
+        self.probabilities.append(probability(q[:, :, queries], k, self.tokens, self.per_head))
         if last:
             raise _StopForward
         return original(q, k, v, **kwargs)
@@ -180,7 +235,7 @@ class _Capture:
 #: Context-local, so captures in other threads (two runs in one process) never see each other's.
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("timi_attention_capture", default=None)
 _LOCK = threading.Lock()
-_USERS = [0]          # captures open in any thread: the dispatcher is installed while > 0
+_USERS: dict[str, int] = {}   # captures open in any thread, per site module: its dispatcher is installed while > 0
 
 
 def _dispatcher(original):
@@ -198,34 +253,36 @@ def _dispatcher(original):
 
 
 @contextlib.contextmanager
-def _installed():
-    """The dispatcher in place of hy3dgen's ``attention`` while any capture is open (in any thread);
-    hy3dgen's own function is put back when the last one closes."""
-    module = _dit_module()
+def _installed(site: AttentionSite):
+    """The dispatcher in place of the site's ``attention`` while any capture of it is open (in any
+    thread); the model's own function is put back when the last one closes."""
+    module = site.function_owner()
     with _LOCK:
         if not hasattr(module.attention, "_timi_original"):
             module.attention = _dispatcher(module.attention)
-        _USERS[0] += 1
+        _USERS[site.module] = _USERS.get(site.module, 0) + 1
     try:
         yield
     finally:
         with _LOCK:
-            _USERS[0] -= 1
-            if _USERS[0] == 0 and hasattr(module.attention, "_timi_original"):
+            _USERS[site.module] -= 1
+            if _USERS[site.module] == 0 and hasattr(module.attention, "_timi_original"):
                 module.attention = module.attention._timi_original
 
 
 @contextlib.contextmanager
 def capture_attention(tokens: torch.Tensor | None, num_layers: int, mode: str = "fused", observer=None,
-                      per_head: bool = False):
+                      per_head: bool = False, site: AttentionSite = SITES["2.0"], num_cond: int | None = None):
     """Within the block, the DiT's first ``num_layers`` attention calls record ``P`` (B, L, K) (Eq.2),
     or (B, H, L, K) with ``per_head`` (``TIMIConfig.per_head``).
 
     ``tokens``: (B, K, M) condition-token masks. The forward stops (``_StopForward``) after the
     ``num_layers``-th call; use :func:`guided_probabilities`, which handles that.
     ``mode="observe"``: nothing is recorded or stopped; each of the first ``num_layers`` calls
-    hands its ``(layer, q, k)`` (each (B, H, M + L, D)) to ``observer`` and runs hy3dgen's
-    attention (:func:`observe_attention`).
+    hands its ``(layer, q_z, k)`` to ``observer`` (the latent queries (B, H, L, D), found with
+    ``num_cond`` = M in joint attention, and all keys, condition tokens first) and runs the
+    model's attention (:func:`observe_attention`). ``site``: the DiT family's
+    :class:`AttentionSite` (default hy3dgen 2.0's).
 
     The capture is per call: its state lives in a context variable, so only forwards of this
     thread (asyncio task) inside the block see it; two pipelines running at once in one process
@@ -234,8 +291,8 @@ def capture_attention(tokens: torch.Tensor | None, num_layers: int, mode: str = 
     """
     if mode not in MODES + ("observe",):
         raise ValueError(f"attention mode {mode!r} is not one of {MODES}.")
-    state = _Capture(tokens, num_layers, mode, per_head, observer)
-    with _installed():
+    state = _Capture(tokens, num_layers, mode, per_head, observer, site, num_cond)
+    with _installed(site):
         token = _ACTIVE.set(state)
         try:
             yield state
@@ -243,31 +300,32 @@ def capture_attention(tokens: torch.Tensor | None, num_layers: int, mode: str = 
             _ACTIVE.reset(token)
 
 
-def observe_attention(observer, num_layers: int):
-    """Context manager around ONE DiT forward: its first ``num_layers`` attention calls (the first
-    double-stream blocks) hand ``(layer, q, k)`` to ``observer``; the forward itself is unchanged
-    (:func:`capture_attention` with ``mode="observe"``)."""
-    return capture_attention(None, num_layers, "observe", observer)
+def observe_attention(observer, num_layers: int, num_cond: int, site: AttentionSite = SITES["2.0"]):
+    """Context manager around ONE DiT forward: its first ``num_layers`` guidable attention calls
+    hand ``(layer, q_z, k)`` to ``observer`` (latent queries, keys with the ``num_cond`` condition
+    tokens first); the forward itself is unchanged (:func:`capture_attention`, ``mode="observe"``)."""
+    return capture_attention(None, num_layers, "observe", observer, site=site, num_cond=num_cond)
 
 
 def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode="fused", per_head=False, **kwargs):
-    """P (list over the first ``num_layers`` double-stream blocks, each (B, L, K) float32; (B, H, L, K)
-    with ``per_head``).
+    """P (list over the first ``num_layers`` guided layers: double-stream blocks of 2.0, cross-attentions
+    of 2.1; each (B, L, K) float32, (B, H, L, K) with ``per_head``).
 
-    Runs ``model(x, timestep, {'main': cond_main})`` (hy3dgen's own forward) and stops after the
-    last guided block.
+    Runs ``model(x, timestep, {'main': cond_main})`` (the model's own forward) and stops after the
+    last guided layer.
     """
-    depth = len(model.double_blocks)
+    site = attention_site(model)
+    depth = guidable_layers(model)
     if not 1 <= num_layers <= depth:
-        raise ValueError(f"num_layers={num_layers} must be in [1, {depth}] (the model's double-stream blocks).")
-    with capture_attention(tokens, num_layers, mode, per_head=per_head) as state:
+        raise ValueError(f"num_layers={num_layers} must be in [1, {depth}] (the model's guidable blocks).")
+    with capture_attention(tokens, num_layers, mode, per_head=per_head, site=site) as state:
         try:
             model(x, timestep, {"main": cond_main}, **kwargs)
         except _StopForward:
             pass
     if len(state.probabilities) != num_layers:
         raise RuntimeError(f"captured {len(state.probabilities)} attention calls, expected {num_layers}: "
-                           "the DiT does not call hunyuan3ddit.attention as hy3dgen 2.0 does.")
+                           f"the DiT does not call {site.module}.attention as expected.")
     return state.probabilities
 
 

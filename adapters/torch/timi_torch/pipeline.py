@@ -52,7 +52,8 @@ import timi_core
 from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
 
 from .frontend import check_output_type, export_meshes, prepare_inputs, set_schedule, start_noise_levels
-from .guidance import MODES, observe_attention, separation_loss_and_grad
+from .guidance import MODES, SITES, attention_site, guidable_layers, observe_attention, separation_loss_and_grad
+from .hunyuan21 import FAMILY as HY21_FAMILY, SUBFOLDER as HY21_SUBFOLDER, build_pipeline, is_hunyuan21
 from .masks import ConditionMasks, condition_token_masks
 
 __all__ = ["TIMIPipeline", "TIMIPipelineOutput", "StepDiagnostics", "ModelLoadError"]
@@ -69,6 +70,24 @@ def smoothing_axes(latents: torch.Tensor) -> tuple[int, ...]:
         return (2, 3, 4)
     raise ValueError(f"latents of shape {tuple(latents.shape)} are neither (B, L, C) tokens nor a "
                      "(B, C, D, H, W) grid; cannot choose the smoothing axes of Eq.5.")
+
+
+def default_subfolder(model_id: str) -> str:
+    """hy3dgen's subfolder of a model id: ``hunyuan3d-dit-v2-1`` for ``*/Hunyuan3D-2.1``, else 2.0's."""
+    return HY21_SUBFOLDER if model_id.rstrip("/").split("/")[-1] == HY21_FAMILY else DEFAULT_SUBFOLDER
+
+
+def _from_files(cfg: Path, ckpt: Path, device, dtype, **kwargs):
+    """A hy3dgen pipeline from ``config.yaml`` and a checkpoint: hy3dgen's loader, or for a
+    Hunyuan3D 2.1 config :func:`timi_torch.hunyuan21.build_pipeline`."""
+    import yaml
+    from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline as Base
+
+    config = yaml.safe_load(Path(cfg).read_text())
+    if is_hunyuan21(config):
+        return build_pipeline(config, ckpt, device=device, dtype=dtype, **kwargs)
+    return Base.from_single_file(str(ckpt), str(cfg), device=device, dtype=dtype,
+                                 use_safetensors=Path(ckpt).suffix == ".safetensors", **kwargs)
 
 
 class ModelLoadError(ValueError):
@@ -127,9 +146,12 @@ class TIMIPipeline:
 
     def __init__(self, base, config: TIMIConfig = TIMIConfig(), attention: str = "fused",
                  gradient_hook: Optional[Callable] = None, token_positions: Optional[Callable] = None):
-        if not hasattr(base, "model") or not hasattr(base.model, "double_blocks"):
-            raise TypeError("TIMIPipeline needs a loaded hy3dgen Hunyuan3DDiTFlowMatchingPipeline "
-                            f"(with a Hunyuan3DDiT `model`), got {type(base).__name__}.")
+        try:
+            attention_site(getattr(base, "model", None))
+        except TypeError:
+            raise TypeError("TIMIPipeline needs a loaded hy3dgen Hunyuan3DDiTFlowMatchingPipeline (with a "
+                            "Hunyuan3DDiT or Hunyuan3D 2.1 HunYuanDiTPlain `model`), got "
+                            f"{type(base).__name__}.") from None
         _check_config(config)
         if attention not in MODES:
             raise ValueError(f"attention={attention!r} must be one of {MODES}.")
@@ -149,7 +171,7 @@ class TIMIPipeline:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path=None, config: TIMIConfig = TIMIConfig(), *, device=None, dtype=None,
-                        subfolder: str = DEFAULT_SUBFOLDER, variant: Optional[str] = "fp16",
+                        subfolder: Optional[str] = None, variant: Optional[str] = "fp16",
                         use_safetensors: bool = True, config_path=None, attention: str = "fused",
                         **kwargs) -> "TIMIPipeline":
         """Load through hy3dgen's own loaders and wrap.
@@ -157,10 +179,15 @@ class TIMIPipeline:
         ``path`` may be (a) a model directory holding ``config.yaml`` and ``model[.variant]
         .safetensors``; (b) a single checkpoint file (then ``config_path`` is required); or (c) a
         hy3dgen model id such as ``"tencent/Hunyuan3D-2"``, resolved by hy3dgen as
-        ``$HY3DGEN_MODELS/<path>/<subfolder>`` (default ``~/.cache/hy3dgen``) and otherwise the hub;
+        ``$HY3DGEN_MODELS/<path>/<subfolder>`` (default ``~/.cache/hy3dgen``) and otherwise the hub
+        (``subfolder`` default: ``hunyuan3d-dit-v2-1`` for ``*/Hunyuan3D-2.1``, whose models are
+        only looked up locally, else ``hunyuan3d-dit-v2-0``);
         (d) ``None``: the small model shipped with the project (``timi.testbed.default_model_path()``;
         the application resolves ``--model`` through ``timi.pipelines.resolve_model``).
-        ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA, float32 on CPU.
+        A folder whose ``config.yaml`` names Hunyuan3D 2.1's ``HunYuanDiTPlain`` is built by
+        :func:`timi_torch.hunyuan21.build_pipeline` (its ``model.fp16.ckpt`` is used when the
+        ``.safetensors`` file is absent). ``device`` defaults to CUDA when available; ``dtype`` to
+        float16 on CUDA, float32 on CPU.
         Raises ``FileNotFoundError`` for missing files and :class:`ModelLoadError` when hy3dgen
         cannot build the model from them.
         """
@@ -187,26 +214,34 @@ class TIMIPipeline:
         ext = "safetensors" if use_safetensors else "ckpt"
         ckpt_name = f"model{'' if variant is None else '.' + variant}.{ext}"
         p = Path(os.path.expanduser(os.fspath(path)))
+        subfolder = subfolder or default_subfolder(os.fspath(path))
         if p.is_dir():
             cfg, ckpt = p / "config.yaml", p / ckpt_name
+            other = ckpt.with_suffix(".ckpt" if use_safetensors else ".safetensors")
+            if not ckpt.is_file() and other.is_file():
+                ckpt = other                              # e.g. 2.1's model.fp16.ckpt
             missing = [str(f) for f in (cfg, ckpt) if not f.is_file()]
             if missing:
                 present = sorted(f.name for f in p.iterdir())
                 raise FileNotFoundError(
                     f"model directory {p} lacks {missing} (it holds {present}); hy3dgen needs config.yaml "
                     f"and {ckpt_name} (choose the file with variant=... / use_safetensors=...).")
-            base = Base.from_single_file(str(ckpt), str(cfg), device=device, dtype=dtype,
-                                         use_safetensors=use_safetensors, **kwargs)
+            base = _from_files(cfg, ckpt, device, dtype, **kwargs)
         elif p.suffix in (".safetensors", ".ckpt"):
             if config_path is None or not Path(config_path).is_file():
                 raise FileNotFoundError(f"a single-file checkpoint needs config_path=<its config.yaml>; got {config_path!r}.")
             if not p.is_file():
                 raise FileNotFoundError(f"checkpoint file {p} does not exist.")
-            base = Base.from_single_file(str(p), str(config_path), device=device, dtype=dtype,
-                                         use_safetensors=p.suffix == ".safetensors", **kwargs)
+            base = _from_files(Path(config_path), p, device, dtype, **kwargs)
         else:
             root = os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")
             local = Path(os.path.expanduser(os.path.join(root, os.fspath(path), subfolder)))
+            if subfolder == HY21_SUBFOLDER:
+                if not local.is_dir():
+                    raise FileNotFoundError(f"could not load {os.fspath(path)!r}: no local model at {local} (Hunyuan3D "
+                                            "2.1 models are not downloaded); put it there, set HY3DGEN_MODELS, "
+                                            "or pass the model directory.")
+                return TIMIPipeline._load_base(local, device, dtype, subfolder, variant, use_safetensors, None, **kwargs)
             if local.is_dir() and not (local / ckpt_name).is_file():
                 raise FileNotFoundError(f"{local} exists but holds no {ckpt_name} "
                                         f"(it holds {sorted(f.name for f in local.iterdir())}).")
@@ -223,6 +258,11 @@ class TIMIPipeline:
         return base
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def family(self) -> str:
+        """``"2.0"`` (hy3dgen's ``Hunyuan3DDiT``, every Hunyuan3D-2 variant) or ``"2.1"``."""
+        return next(name for name, site in SITES.items() if site == attention_site(self.base.model))
+
     @property
     def device(self) -> torch.device:
         return self.base.device
@@ -243,10 +283,10 @@ class TIMIPipeline:
         return cfg.num_guided_steps(start_noise_levels(self.base, timesteps))
 
     def _guided_layers(self, config: TIMIConfig) -> int:
-        depth = len(self.base.model.double_blocks)
+        depth = guidable_layers(self.base.model)
         n = config.guided_layers
         if n > depth:
-            warnings.warn(f"TIMIConfig.guided_layers={n} exceeds the model's {depth} double-stream blocks; "
+            warnings.warn(f"TIMIConfig.guided_layers={n} exceeds the model's {depth} guidable blocks; "
                           f"guiding all {depth}.", stacklevel=3)
         return min(n, depth)
 
@@ -335,7 +375,8 @@ class TIMIPipeline:
         (no meshes). ``config``: this call's ``TIMIConfig`` (default ``self.config``).
         ``recorder``: an observer of the denoiser's conditional forward (the hook behind
         ``timi.report.AttentionRecorder``): for each step ``i`` with ``recorder.wants(i)``, the
-        first ``recorder.layers`` blocks call ``recorder.observe(i, layer, q, k)``; its
+        first ``recorder.layers`` guided layers call ``recorder.observe(i, layer, q_z, k)`` (latent
+        queries, keys with the condition tokens first); its
         ``records`` become the output's ``recordings``.
 
         Returns a :class:`timi_core.TIMIPipelineOutput`: ``meshes`` (None for ``"latent"``), the
@@ -392,7 +433,7 @@ class TIMIPipeline:
                                                      step=i, config=cfg, guidance=guidance, positions=positions)
                 diagnostics.append(diag)
 
-            with _observed(recorder, i):
+            with _observed(recorder, i, inputs.tokens.shape[-1], base.model):
                 noise_pred = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
             if by_position and i + 1 < num_guided:
                 clean = latents.to(torch.float32) + (1.0 - float(noise_levels[i])) * noise_pred.to(torch.float32)
@@ -415,8 +456,9 @@ class TIMIPipeline:
                                   list(recorder.records) if recorder is not None else None)
 
 
-def _observed(recorder, step: int):
+def _observed(recorder, step: int, num_cond: int, model):
     """The forward of ``step`` observed by ``recorder`` (see ``TIMIPipeline.__call__``), or not."""
     if recorder is None or not recorder.wants(step):
         return contextlib.nullcontext()
-    return observe_attention(functools.partial(recorder.observe, step), recorder.layers)
+    return observe_attention(functools.partial(recorder.observe, step), recorder.layers, num_cond,
+                             attention_site(model))
