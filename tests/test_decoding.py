@@ -113,3 +113,19 @@ def test_shipped_model_gives_the_dense_mesh():
     fast = export_meshes(pipe.base, out.latents, octree_resolution=64, enable_pbar=False)[0]
     assert np.array_equal(dense.faces, fast.faces)
     np.testing.assert_allclose(fast.vertices, dense.vertices, atol=1e-6)
+
+
+def test_a_surface_everywhere_is_decoded_densely_and_exactly():
+    """A field with a surface in most coarse cells (fine-scale noise, like a random-weight VAE's)
+    falls back to dense decoding at that level: exact, not approximately right."""
+    g = torch.Generator().manual_seed(0)
+    waves = torch.randn(24, 3, generator=g) * 40
+
+    def noisy(queries, latents):
+        return torch.sin(queries @ waves.T).sum(-1, keepdim=True)
+
+    dense = _dense(noisy, 64)
+    c2f = CoarseToFineVolumeDecoder()
+    fast = c2f(torch.zeros(1, 4, 8), noisy, bounds=1.01, num_chunks=5000, octree_resolution=64, enable_pbar=False)
+    assert c2f.queries == 65 ** 3
+    torch.testing.assert_close(fast, dense, rtol=0, atol=1e-5)

@@ -20,7 +20,7 @@ needs the distilled turbo VAE for its adaptive key/value selection.
 
 The mesh equals the dense one unless a surface passes through a coarse cell of the last level
 without changing the sign of any corner of it or of its neighbours (a feature thinner than a few
-coarse cells, far from any other surface): ``timi bench mesh`` measures the difference (volume
+coarse cells, far from any other surface); a level where most cells need refining is decoded densely: ``timi bench mesh`` measures the difference (volume
 IoU, Chamfer) and the queries saved; docs/benchmarks.md has the figures.
 """
 
@@ -80,13 +80,16 @@ def _points_of_cells(cells: torch.Tensor) -> torch.Tensor:
 class CoarseToFineVolumeDecoder:
     """A drop-in for hy3dgen's ``vae.volume_decoder`` that decodes only near the surface (module
     docstring). ``min_resolution``: the coarsest grid is the smallest ``R / 2^k`` at least this;
-    ``margin``: coarse cells added around each crossing cell before refining.
+    ``margin``: coarse cells added around each crossing cell before refining; ``dense_above``: when
+    more than this fraction of a level's cells need refining (a field whose surface is everywhere,
+    such as a random-weight VAE's), that level is decoded densely, which is then exact and barely
+    dearer.
 
     ``queries``: how many points the last call sent to the geometry decoder (for ``timi bench mesh``).
     """
 
-    def __init__(self, min_resolution: int = 32, margin: int = 1):
-        self.min_resolution, self.margin = int(min_resolution), int(margin)
+    def __init__(self, min_resolution: int = 32, margin: int = 1, dense_above: float = 0.5):
+        self.min_resolution, self.margin, self.dense_above = int(min_resolution), int(margin), float(dense_above)
         self.queries = 0
 
     def _decode(self, latents, geo_decoder, points: torch.Tensor, num_chunks: int, progress) -> torch.Tensor:
@@ -129,7 +132,10 @@ class CoarseToFineVolumeDecoder:
             cells = _dilate(_crossing_cells(values, level), self.margin)
             upsampled = F.interpolate(values[None, None], size=(r + 1,) * 3, mode="trilinear", align_corners=True)
             values = upsampled[0, 0]
-            wanted = _points_of_cells(cells)
+            if float(cells.float().mean()) > self.dense_above:
+                wanted = torch.ones((r + 1,) * 3, dtype=torch.bool, device=device)
+            else:
+                wanted = _points_of_cells(cells)
             wanted[::2, ::2, ::2] = False                 # points of the coarser grid: decoded already
             index = wanted.nonzero()
             if len(index):
