@@ -12,6 +12,11 @@ expert on every token and weights the outputs by the gate scores of the top-k ex
 elsewhere): static shapes for XLA, the same sum as upstream's routed computation, ``num_experts /
 top_k`` times its FLOPs in those blocks. Attention pooling (off in the released model) is not
 ported.
+
+TIMI's guidance pass (:meth:`HunYuanDiTPlain.instance_probabilities`, what :func:`timi_jax.sample`
+calls) runs the first blocks and returns Eq.2's P of each one's cross-attention: the latent queries
+(:data:`LATENT_QUERIES`, after the time token) against the condition tokens, from the same weights as
+the block's output (:func:`timi_jax.modeling.attention_and_probabilities`).
 """
 
 from __future__ import annotations
