@@ -24,6 +24,7 @@ from flax import nnx  # noqa: E402
 
 import timi_jax  # noqa: E402
 from timi_core import TIMIConfig  # noqa: E402
+from timi_jax.hunyuan21 import HunYuanDiTPlain  # noqa: E402
 from timi_jax.pipeline import jax_dit, scheduler_schedule  # noqa: E402
 from timi_torch import TIMIPipeline  # noqa: E402
 
@@ -51,7 +52,7 @@ def test_guidance_off_reproduces_upstream_trajectory(upstream):
     settings = json.loads(str(upstream["trajectory/settings"]))
     base = fixture_base(upstream)
     pipe = timi_jax.TIMIPipelineJAX(base, TIMIConfig(isg=False))
-    assert isinstance(pipe.model, timi_jax.hunyuan21.HunYuanDiTPlain)
+    assert isinstance(pipe.model, HunYuanDiTPlain)
     noise, expected = upstream["trajectory/noise"], upstream["trajectory/latents"]
     out = pipe("ignored", condition_masks(upstream["trajectory/cond"].shape[1]), num_inference_steps=settings["steps"],
                guidance_scale=settings["guidance_scale"], latents=torch.from_numpy(noise), output_type="latent")
