@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import json
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,76 +22,18 @@ from timi_core import TIMIConfig
 from timi_torch import TIMIPipeline
 from timi_torch.guidance import guidable_layers, guided_probabilities, separation_loss_and_grad
 from timi_torch.hunyuan21 import HunYuanDiTPlain
-from timi_torch.hunyuan21.testing import load_tiny, seeded_state_dict, write_tiny_model_dir
-from timi_torch.masks import ConditionMasks
 
+from hunyuan21_helpers import base21, condition_masks, fixture_base, tiny21, upstream  # noqa: F401  (fixtures)
 from torch_helpers import scene
-
-FIXTURE = Path(__file__).parent / "fixtures" / "hunyuan21_upstream.npz"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with np.load(FIXTURE) as f:
-        return {k: f[k] for k in f.files}
-
-
-@pytest.fixture(scope="module")
-def tiny21(tmp_path_factory):
-    return write_tiny_model_dir(tmp_path_factory.mktemp("hy21") / "hunyuan3d-dit-v2-1", seed=0)
-
-
-@pytest.fixture(scope="module")
-def base21(tiny21):
-    return load_tiny(tiny21)
-
-
-class _Conditioner(torch.nn.Module):
-    """The stored condition tokens (zeros for the unconditional branch, as the DINO encoder's)."""
-
-    def __init__(self, cond):
-        super().__init__()
-        self.cond = cond
-
-    def forward(self, image=None, **_):
-        return {"main": self.cond.expand(image.shape[0], -1, -1)}
-
-    def unconditional_embedding(self, batch_size, **_):
-        return {"main": torch.zeros_like(self.cond).expand(batch_size, -1, -1)}
-
-
-def _fixture_base(upstream):
-    """hy3dgen's pipeline around our DiT with the fixture's weights (conditioner / VAE stand-ins)."""
-    from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
-    from hy3dgen.shapegen.schedulers import FlowMatchEulerDiscreteScheduler
-
-    cfg = json.loads(str(upstream["a/config"]))
-    shapes = dict((k, tuple(v)) for k, v in json.loads(str(upstream["a/shapes"])))
-    model = HunYuanDiTPlain(**cfg).eval()
-    model.load_state_dict(seeded_state_dict(shapes, int(upstream["a/seed"])), strict=True)
-    vae = torch.nn.Module()
-    vae.latent_shape = (cfg["input_size"], cfg["in_channels"])
-    return Hunyuan3DDiTFlowMatchingPipeline(
-        vae=vae, model=model, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000),
-        conditioner=_Conditioner(torch.from_numpy(upstream["trajectory/cond"])),
-        image_processor=lambda image: {"image": torch.zeros(1, 3, 8, 8)}, device="cpu", dtype=torch.float32)
-
-
-def _condition_masks(M: int, K: int = 2, seed: int = 0) -> ConditionMasks:
-    g = torch.Generator().manual_seed(seed)
-    owner = torch.randint(0, K + 1, (M,), generator=g)
-    owner[0] = 0                                                    # the CLS token
-    tokens = torch.stack([(owner == k + 1).float() for k in range(K)])
-    return ConditionMasks(tokens, np.zeros((K, 8, 8), bool), np.zeros((8, 8, 3), np.uint8), None, (3, 3), 1)
 
 
 def test_guidance_off_reproduces_upstream_trajectory(upstream):
     """TIMIPipeline with TIMI off = upstream's ``Hunyuan3DDiTFlowMatchingPipeline`` (CFG 5, 5 steps)
     on the same DiT weights and noise, every step (float32; measured bit-identical here)."""
     settings = json.loads(str(upstream["trajectory/settings"]))
-    pipe = TIMIPipeline(_fixture_base(upstream), TIMIConfig(isg=False))
+    pipe = TIMIPipeline(fixture_base(upstream), TIMIConfig(isg=False))
     steps = []
-    out = pipe("ignored", _condition_masks(upstream["trajectory/cond"].shape[1]),
+    out = pipe("ignored", condition_masks(upstream["trajectory/cond"].shape[1]),
                num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
                latents=torch.from_numpy(upstream["trajectory/noise"]), output_type="latent", enable_pbar=False,
                callback=lambda i, t, o: steps.append(o.prev_sample.clone()))
@@ -107,8 +47,8 @@ def test_guidance_off_reproduces_upstream_trajectory(upstream):
 def test_guided_run_moves_away_from_upstream(upstream):
     """With TIMI on (2 guided steps) the same run differs from upstream's plain trajectory and
     reports one diagnostic per guided step with a finite, positive L_sep."""
-    pipe = TIMIPipeline(_fixture_base(upstream), TIMIConfig(guided_steps=2))
-    out = pipe("ignored", _condition_masks(upstream["trajectory/cond"].shape[1]), num_inference_steps=5,
+    pipe = TIMIPipeline(fixture_base(upstream), TIMIConfig(guided_steps=2))
+    out = pipe("ignored", condition_masks(upstream["trajectory/cond"].shape[1]), num_inference_steps=5,
                latents=torch.from_numpy(upstream["trajectory/noise"]), output_type="latent", enable_pbar=False)
     assert [d.step for d in out.diagnostics] == [0, 1]
     assert all(np.isfinite(d.loss[0]) and d.loss[0] > 0 for d in out.diagnostics)

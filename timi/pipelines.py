@@ -381,7 +381,7 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
     :data:`DTYPES` or a torch dtype (default ``"auto"``: float16 on CUDA, float32 on CPU).
     ``config``: the calls' default ``TIMIConfig``. Both return a ``timi_core.TIMIPipelineOutput``.
     Any variant of the Hunyuan3D-2 family loads (its ``config.yaml`` names the DiT, scheduler,
-    conditioner and image processor). ``flashvdm``: decode with the turbo VAE and FlashVDM
+    conditioner and image processor), and a Hunyuan3D 2.1 folder, on both backends. ``flashvdm``: decode with the turbo VAE and FlashVDM
     (:func:`enable_flashvdm`); ``mc_algo``: hy3dgen's surface extractor (:data:`MC_ALGOS`);
     ``decoding``: ``"coarse-to-fine"`` (:class:`timi_torch.decoding.CoarseToFineVolumeDecoder`, the
     same mesh as dense in a fraction of the time: docs/benchmarks.md) or ``"dense"``; ``None`` keeps
@@ -397,9 +397,6 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
         raise BackendUnavailableError(f"TIMIConfig.smoothing={config.smoothing!r} (Eq.5 over token positions) runs "
                                       "on the torch backend only; use --backend torch.")
     path = resolve_model(model)
-    if backend == "jax" and _is_hunyuan21(path):
-        raise BackendUnavailableError("--backend jax: the JAX sampler does not run Hunyuan3D 2.1 yet (timi_jax.hunyuan21 "
-                                      "holds its network only); use --backend torch.")
     if flashvdm:
         turbo_vae_path(path)              # before the weights load
     device = resolve_device(device)
@@ -446,16 +443,3 @@ def pipeline_depth(pipe) -> int:
     from timi_torch.guidance import guidable_layers
 
     return guidable_layers(pipe.base.model)
-
-
-def _is_hunyuan21(model) -> bool:
-    """Whether ``model`` (``--model``; None: the shipped one) is a Hunyuan3D 2.1 model: its
-    ``config.yaml`` names ``HunYuanDiTPlain``, or, without one, its id names the 2.1 repository."""
-    from timi_torch.hunyuan21 import FAMILY, is_hunyuan21
-
-    if model is None:
-        return False
-    path = model_config_path(model)
-    if path is not None:
-        return is_hunyuan21(read_model_config(path))
-    return str(model).rstrip("/").split("/")[-1] == FAMILY

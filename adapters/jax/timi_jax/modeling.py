@@ -52,6 +52,8 @@ __all__ = [
     "softmax_weights",
     "weighted_values",
     "instance_probability_heads",
+    "attention_and_probabilities",
+    "query_probabilities",
 ]
 
 _NORM_EPS = 1e-6
@@ -218,6 +220,29 @@ def instance_probability_heads(e: jax.Array, den: jax.Array, mask_values: jax.Ar
     return p if per_head else jnp.mean(p, axis=1)
 
 
+def attention_and_probabilities(q: jax.Array, k: jax.Array, v: jax.Array, mask_values: jax.Array,
+                                latent: slice, per_head: bool = False) -> tuple[jax.Array, jax.Array]:
+    """A guided layer's attention output (B, Lq, H*D) and Eq.2's P of its latent queries, from ONE set
+    of weights (:func:`softmax_weights`, float32; the output cast back to ``v``'s dtype).
+
+    ``latent``: which queries are latent tokens (hy3dgen 2.0's joint attention: those after the M
+    condition tokens; 2.1's cross-attention: those after the time token); ``mask_values`` (B, M, K)
+    the instance masks of the first M keys (the condition tokens). P as :func:`instance_probability_heads`.
+    """
+    e, den = softmax_weights(q.astype(jnp.float32), k.astype(jnp.float32))
+    out = weighted_values(e, den, v.astype(jnp.float32)).astype(v.dtype)
+    probs = instance_probability_heads(e[:, :, latent], den[:, :, latent], mask_values, per_head)
+    return out.reshape(*out.shape[:2], -1), probs
+
+
+def query_probabilities(q: jax.Array, k: jax.Array, mask_values: jax.Array, latent: slice,
+                        per_head: bool = False) -> jax.Array:
+    """Only P of :func:`attention_and_probabilities`: the weights of the latent queries alone, no
+    attention output (the last guided layer, after which the forward stops)."""
+    e, den = softmax_weights(q[:, latent].astype(jnp.float32), k.astype(jnp.float32))
+    return instance_probability_heads(e, den, mask_values, per_head)
+
+
 def _split_heads(qkv: jax.Array, num_heads: int):
     """hy3dgen's ``rearrange(qkv, 'B L (K H D) -> K B H L D', K=3)``, as (B, L, H, D) each."""
     b, l, c = qkv.shape
@@ -359,20 +384,15 @@ class DoubleStreamBlock(nnx.Module):
         Returns ``(img, txt, P)`` with P (B, L, K), or (B, H, L, K) with ``per_head``.
         """
         mods, (q, k, v) = self.joint_qkv(img, txt, vec)
-        m = mask_values.shape[1]
-        e, den = softmax_weights(q.astype(jnp.float32), k.astype(jnp.float32))
-        attn = weighted_values(e, den, v.astype(jnp.float32)).astype(v.dtype)
-        probs = instance_probability_heads(e[:, :, m:], den[:, :, m:], mask_values, per_head)
-        img, txt = self.finish(img, txt, mods, attn.reshape(*attn.shape[:2], -1))
+        attn, probs = attention_and_probabilities(q, k, v, mask_values, slice(txt.shape[1], None), per_head)
+        img, txt = self.finish(img, txt, mods, attn)
         return img, txt, probs
 
     def probabilities(self, img, txt, vec, mask_values, per_head: bool = False):
         """Only P (B, L, K) of :meth:`call_with_probabilities`: the latent queries' weights, no
         attention output (the last guided block: nothing after it is evaluated)."""
         _, (q, k, _) = self.joint_qkv(img, txt, vec)
-        m = txt.shape[1]
-        e, den = softmax_weights(q[:, m:].astype(jnp.float32), k.astype(jnp.float32))
-        return instance_probability_heads(e, den, mask_values, per_head)
+        return query_probabilities(q, k, mask_values, slice(txt.shape[1], None), per_head)
 
 
 class SingleStreamBlock(nnx.Module):

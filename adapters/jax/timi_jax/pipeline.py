@@ -4,8 +4,9 @@ hy3dgen's PyTorch pipeline keeps doing what is not the DiT, through the front an
 backends share (:mod:`timi_torch.frontend`): image preprocessing, the DINOv2 conditioner, the
 instance masks' geometry, the initial noise (``prepare_latents`` with the caller's generator) and
 the ShapeVAE meshing. Only the denoising loop, guidance included, runs in JAX:
-:func:`timi_jax.sample` on the DiT converted by :func:`timi_jax.from_torch`. The call signature and
-the returned :class:`timi_core.TIMIPipelineOutput` are ``TIMIPipeline``'s.
+:func:`timi_jax.sample` on the DiT converted by :func:`jax_dit` (hy3dgen 2.0's ``Hunyuan3DDiT`` or
+Hunyuan3D 2.1's ``HunYuanDiTPlain``, whose pipeline is hy3dgen's around our torch DiT). The call
+signature and the returned :class:`timi_core.TIMIPipelineOutput` are ``TIMIPipeline``'s.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
 from .params import from_torch
 from .sampler import SampleOutput, sample
 
-__all__ = ["TIMIPipelineJAX", "step_diagnostics", "scheduler_schedule"]
+__all__ = ["TIMIPipelineJAX", "jax_dit", "step_diagnostics", "scheduler_schedule"]
 
 
 class TIMIPipelineJAX:
-    """``TIMIPipelineJAX(base, config)``: ``base`` a loaded ``Hunyuan3DDiTFlowMatchingPipeline``.
+    """``TIMIPipelineJAX(base, config)``: ``base`` a loaded ``Hunyuan3DDiTFlowMatchingPipeline``
+    (holding hy3dgen 2.0's DiT or 2.1's, ``timi_torch.hunyuan21.build_pipeline``).
 
     ``config``: the calls' default ``TIMIConfig`` (a call may pass its own; :meth:`with_config`
     gives a copy with another default). ``dtype``: the JAX DiT's compute/parameter dtype (default
@@ -33,7 +35,7 @@ class TIMIPipelineJAX:
 
     def __init__(self, base, config: TIMIConfig = TIMIConfig(), *, dtype=jnp.float32, mesh=None):
         self.base, self.config, self.mesh = base, config, mesh
-        self.model = from_torch(base.model, dtype=dtype)
+        self.model = jax_dit(base.model, dtype=dtype)
 
     def with_config(self, config: TIMIConfig) -> "TIMIPipelineJAX":
         """A shallow copy (same hy3dgen pipeline, same JAX weights) whose calls default to ``config``."""
@@ -91,6 +93,18 @@ class TIMIPipelineJAX:
             meshes = export_meshes(base, result, output_type, box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
                                    octree_resolution=octree_resolution, mc_algo=mc_algo, enable_pbar=enable_pbar)
         return TIMIPipelineOutput(meshes, result, step_diagnostics(out))
+
+
+def jax_dit(torch_model, *, dtype=jnp.float32):
+    """The Flax copy of a loaded torch DiT, by its family (``timi_torch.guidance.attention_site``):
+    :class:`timi_jax.Hunyuan3DDiT` for hy3dgen 2.0's, :class:`timi_jax.hunyuan21.HunYuanDiTPlain` for 2.1's."""
+    from timi_torch.guidance import SITES, attention_site
+
+    if attention_site(torch_model) == SITES["2.1"]:
+        from .hunyuan21.params import from_torch as from_torch21
+
+        return from_torch21(torch_model, dtype=dtype)
+    return from_torch(torch_model, dtype=dtype)
 
 
 def scheduler_schedule(base, num_inference_steps: int):

@@ -26,6 +26,12 @@ the loop is hy3dgen's: each Euler step is cast back to the model dtype.) The ste
 compiled once.
 
 Batches of seeds or scenes can be sharded data-parallel over devices (:func:`data_parallel_mesh`).
+
+The model is hy3dgen 2.0's DiT (:class:`timi_jax.Hunyuan3DDiT`, P from the first double blocks'
+joint attention) or Hunyuan3D 2.1's (:class:`timi_jax.hunyuan21.HunYuanDiTPlain`, P from the first
+blocks' cross-attention, time token excluded): the sampler only calls the model's forward and its
+``instance_probabilities`` (the truncated guidance pass) and reads ``dtype``, ``depth`` (the
+guidable layers) and ``guidance_embed``. 2.1's pipeline runs the same schedule and CFG as 2.0's.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from functools import partial
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +51,9 @@ import timi_core
 from timi_core import TIMIConfig
 
 from .modeling import Hunyuan3DDiT, batched_mask_tokens
+
+if TYPE_CHECKING:  # not imported at run time: 2.1's module imports torch
+    from .hunyuan21.modeling import HunYuanDiTPlain
 
 __all__ = ["flow_matching_schedule", "consistency_schedule", "schedule_of", "sample", "prepare_sample", "SampleOutput",
            "data_parallel_mesh", "separation_loss_and_grad"]
@@ -100,11 +110,11 @@ class SampleOutput:
     times: np.ndarray | None = None   # (N,) the noise level each step starts at (flow time)
 
 
-def _guidance_vector(model: Hunyuan3DDiT, batch: int, guidance_scale, dtype):
+def _guidance_vector(model: Hunyuan3DDiT | HunYuanDiTPlain, batch: int, guidance_scale, dtype):
     return jnp.full((batch,), guidance_scale, dtype) if model.guidance_embed else None
 
 
-def _loss_and_grad(model: Hunyuan3DDiT, z, t, cond, tokens, config: TIMIConfig, num_layers: int,
+def _loss_and_grad(model: Hunyuan3DDiT | HunYuanDiTPlain, z, t, cond, tokens, config: TIMIConfig, num_layers: int,
                    guidance=None):
     def total(zf):
         probs = model.instance_probabilities(zf.astype(model.dtype), t, cond, tokens, num_layers,
@@ -122,7 +132,7 @@ def _loss_and_grad(model: Hunyuan3DDiT, z, t, cond, tokens, config: TIMIConfig, 
     return loss, grad
 
 
-def separation_loss_and_grad(model: Hunyuan3DDiT, latents, t, cond, mask_tokens,
+def separation_loss_and_grad(model: Hunyuan3DDiT | HunYuanDiTPlain, latents, t, cond, mask_tokens,
                              config: TIMIConfig = TIMIConfig(), num_layers: int | None = None):
     """Per-sample ``L_sep`` (B,) (mean over the guided layers of Eq.4) and ``dL_sep/dz`` float32.
 
@@ -185,10 +195,10 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, dts, 
     return latents.astype(model.dtype), diags
 
 
-def _num_layers(model: Hunyuan3DDiT, config: TIMIConfig) -> int:
+def _num_layers(model: Hunyuan3DDiT | HunYuanDiTPlain, config: TIMIConfig) -> int:
     if config.guided_layers > model.depth:
         warnings.warn(f"TIMIConfig.guided_layers={config.guided_layers} exceeds the model's "
-                      f"{model.depth} double-stream blocks; guiding all {model.depth}.",
+                      f"{model.depth} guidable blocks; guiding all {model.depth}.",
                       stacklevel=3)
     return min(config.guided_layers, model.depth)
 
@@ -199,7 +209,7 @@ def data_parallel_mesh(devices=None, axis_name: str = "data") -> Mesh:
     return Mesh(np.asarray(devices), (axis_name,))
 
 
-def sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
+def sample(model: Hunyuan3DDiT | HunYuanDiTPlain, noise, cond, uncond=None, mask_tokens=None, *,
            num_inference_steps: int = 50, guidance_scale: float = 5.0,
            config: TIMIConfig | None = TIMIConfig(), num_train_timesteps: int = 1000,
            shift: float = 1.0, sigmas=None, schedule=None, mesh: Mesh | None = None) -> SampleOutput:
@@ -244,7 +254,7 @@ def schedule_of(num_inference_steps, num_train_timesteps=1000, shift=1.0, sigmas
                                   sigmas=sigmas)
 
 
-def prepare_sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=None, *,
+def prepare_sample(model: Hunyuan3DDiT | HunYuanDiTPlain, noise, cond, uncond=None, mask_tokens=None, *,
                    num_inference_steps: int = 50, guidance_scale: float = 5.0,
                    config: TIMIConfig | None = TIMIConfig(), num_train_timesteps: int = 1000,
                    shift: float = 1.0, sigmas=None, schedule=None, mesh: Mesh | None = None):
@@ -269,7 +279,7 @@ def prepare_sample(model: Hunyuan3DDiT, noise, cond, uncond=None, mask_tokens=No
             raise ValueError("TIMI guidance is on: pass mask_tokens (B, K, M) or (K, M) from "
                              "timi_core.pool_masks, or config=None for plain sampling")
         if model.depth == 0:
-            raise ValueError("the model has no double-stream blocks to guide")
+            raise ValueError("the model has no blocks to guide")
         num_layers = _num_layers(model, config)
         tokens = batched_mask_tokens(mask_tokens, noise.shape[0], cond.shape[1])
     else:

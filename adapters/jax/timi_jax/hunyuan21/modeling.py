@@ -12,6 +12,11 @@ expert on every token and weights the outputs by the gate scores of the top-k ex
 elsewhere): static shapes for XLA, the same sum as upstream's routed computation, ``num_experts /
 top_k`` times its FLOPs in those blocks. Attention pooling (off in the released model) is not
 ported.
+
+TIMI's guidance pass (:meth:`HunYuanDiTPlain.instance_probabilities`, what :func:`timi_jax.sample`
+calls) runs the first blocks and returns Eq.2's P of each one's cross-attention: the latent queries
+(:data:`LATENT_QUERIES`, after the time token) against the condition tokens, from the same weights as
+the block's output (:func:`timi_jax.modeling.attention_and_probabilities`).
 """
 
 from __future__ import annotations
@@ -23,11 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from timi_torch.guidance import SITES
 from timi_torch.hunyuan21.modeling import PRESETS, DiT21Config
+
+from ..modeling import attention_and_probabilities, batched_mask_tokens, query_probabilities
 
 __all__ = ["HunYuanDiTPlain", "DiT21Config", "PRESETS"]
 
 _EPS = 1e-6
+#: The latent queries of a block's cross-attention (Eq.2's ``q_z``): those after the time token, as
+#: the torch backend's attention site for 2.1 says (``timi_torch.guidance.SITES["2.1"]``).
+LATENT_QUERIES = SITES["2.1"].latent_queries(0)
 
 
 class _Ctx:
@@ -132,6 +143,21 @@ class Block(nnx.Module):
         x = x + self.attn2(self.norm2(x), cond)
         return x + self.ffn(self.norm3(x))
 
+    def call_with_probabilities(self, x, cond, mask_values, skip=None, per_head: bool = False):
+        """The block's output and Eq.2's P (B, L, K) ((B, H, L, K) with ``per_head``) of its
+        cross-attention, ``A_zc = softmax(q_z k_c^T / sqrt(d))`` over the condition tokens alone,
+        from the same weights as the output (float32). ``mask_values`` (B, M, K)."""
+        x = self.before_cross(x, skip)
+        out, probs = attention_and_probabilities(*self.attn2.qkv(self.norm2(x), cond), mask_values,
+                                                 LATENT_QUERIES, per_head)
+        x = x + self.attn2.out_proj(out)
+        return x + self.ffn(self.norm3(x)), probs
+
+    def probabilities(self, x, cond, mask_values, skip=None, per_head: bool = False):
+        """Only P of :meth:`call_with_probabilities` (the last guided block: no attention output)."""
+        q, k, _ = self.attn2.qkv(self.norm2(self.before_cross(x, skip)), cond)
+        return query_probabilities(q, k, mask_values, LATENT_QUERIES, per_head)
+
 
 def _sincos(length, width):
     omega = 1.0 / 10000 ** (np.arange(width // 2, dtype=np.float64) / (width / 2.0))
@@ -144,6 +170,9 @@ class HunYuanDiTPlain(nnx.Module):
     as :class:`timi_jax.Hunyuan3DDiT`. ``model(x, t, cond)``: x (B, L, C), t (B,) in [0, 1], cond
     (B, M, context_dim) or ``{'main': cond}`` -> velocity (B, L, C)."""
 
+    #: No guidance-distilled 2.1 DiT (``guidance_cond_proj_dim`` is refused): CFG always.
+    guidance_embed = False
+
     def __init__(self, config: DiT21Config | None = None, *, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs | None = None, **kwargs):
         cfg = config if config is not None else DiT21Config.from_kwargs(**kwargs)
@@ -151,6 +180,7 @@ class HunYuanDiTPlain(nnx.Module):
             raise NotImplementedError("use_attention_pooling=True is not ported to JAX (off in the released 2.1).")
         ctx = _Ctx(dtype, param_dtype, rngs if rngs is not None else nnx.Rngs(0))
         self.config, self.dtype = cfg, dtype
+        self.depth = cfg.depth          # the guidable layers: every block's cross-attention
         D = cfg.hidden_size
         self.x_embedder = ctx.linear(cfg.in_channels, D)
         self.t_fc1, self.t_fc2 = ctx.linear(D, 4 * D), ctx.linear(4 * D, D)
@@ -176,12 +206,43 @@ class HunYuanDiTPlain(nnx.Module):
             h = h + jnp.asarray(_sincos(self.config.input_size, self.config.hidden_size), h.dtype)
         return jnp.concatenate([self.time_token(t).astype(h.dtype), h], axis=1)
 
-    def __call__(self, x, t, cond):
-        cond = jnp.asarray(cond["main"] if isinstance(cond, dict) else cond, self.dtype)
-        h = self.embed(x, t)
-        skips, half = [], self.config.depth // 2
-        for i, block in enumerate(self.blocks):
-            h = block(h, cond, skips.pop() if i > half else None)
+    def __call__(self, x, t, cond, guidance=None):
+        if guidance is not None:
+            raise ValueError("Hunyuan3D 2.1's DiT takes no guidance= (not guidance-distilled).")
+        h, _ = self._blocks(self.embed(x, t), self._cond(cond))
+        return self.final_linear(self.norm_final(h)[:, 1:])
+
+    def instance_probabilities(self, x, t, cond, mask_tokens, num_layers: int, guidance=None,
+                               per_head: bool = False):
+        """Truncated forward for TIMI's guidance pass (the counterpart of
+        :meth:`timi_jax.Hunyuan3DDiT.instance_probabilities`): P (Eq.2) of the cross-attention of
+        the first ``num_layers`` blocks, a list of float32 (B, L, K) ((B, H, L, K) with
+        ``per_head``); no block after the last guided one is evaluated. ``mask_tokens`` (B, K, M)
+        or (K, M); ``guidance`` must be None."""
+        if guidance is not None:
+            raise ValueError("Hunyuan3D 2.1's DiT takes no guidance= (not guidance-distilled).")
+        if not 0 < num_layers <= self.depth:
+            raise ValueError(f"num_layers={num_layers} must be in 1..depth={self.depth}")
+        cond = self._cond(cond)
+        tokens = batched_mask_tokens(mask_tokens, cond.shape[0], cond.shape[1])
+        return self._blocks(self.embed(x, t), cond, jnp.swapaxes(tokens, 1, 2), num_layers, per_head)[1]
+
+    def _cond(self, cond):
+        return jnp.asarray(cond["main"] if isinstance(cond, dict) else cond, self.dtype)
+
+    def _blocks(self, h, cond, mask_values=None, num_layers: int | None = None, per_head: bool = False):
+        """``(h, probs)``: the blocks with upstream's long skips; with ``mask_values`` (B, M, K) the
+        first ``num_layers`` only, P of each, and ``h`` None (nothing after the last one's P)."""
+        skips, half, probs = [], self.config.depth // 2, []
+        for i, block in enumerate(self.blocks[:num_layers]):
+            skip = skips.pop() if i > half else None
+            if mask_values is None:
+                h = block(h, cond, skip)
+            elif i + 1 == num_layers:
+                return None, probs + [block.probabilities(h, cond, mask_values, skip, per_head)]
+            else:
+                h, p = block.call_with_probabilities(h, cond, mask_values, skip, per_head)
+                probs.append(p)
             if i < half:
                 skips.append(h)
-        return self.final_linear(self.norm_final(h)[:, 1:])
+        return h, probs
