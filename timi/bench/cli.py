@@ -253,8 +253,6 @@ def mesh(
 
     from timi.io import write_text
     from timi.pipelines import load_pipeline, resolve_device
-    from timi_torch.frontend import surface_at_level
-
     from . import mesh as bench
     from .timing import machine_info
 
@@ -264,23 +262,16 @@ def mesh(
     say = (lambda s: typer.echo(f"  {s}", err=True))
     if full_width:
         vae, z = bench.full_width_vae(device=dev)
-        latents, names, extract_base = [z], ["random latent"], None
+        latents, names = [z], ["random latent"]
     else:
         pipe = load_pipeline(model, device=dev)
-        vae, extract_base = pipe.base.vae, pipe.base
+        vae = pipe.base.vae
         pairs, names = _bench_scenes(scenes, 1 if tiny else n)
         latents = bench.scene_latents(pipe, pairs, steps=steps)
 
-    def extract(grid, level, r):
-        from hy3dgen.shapegen.pipelines import export_to_trimesh
-
-        if extract_base is not None:
-            return surface_at_level(extract_base, grid, level, octree_resolution=r)
-        out = vae.surface_extractor(grid[None], mc_level=level, bounds=1.01, octree_resolution=r)[0]
-        return None if out is None else export_to_trimesh(out)
-
     with torch.no_grad():
-        rows = bench.bench_latents(vae, latents, resolutions, ["coarse-to-fine"], extract=extract, names=names,
+        rows = bench.bench_latents(vae, latents, resolutions, ["coarse-to-fine"], extract=bench.extractor(vae),
+                                   names=names,
                                    progress=say)
     table = bench.markdown(rows)
     result = dict(benchmark="mesh", rows=rows, summary=bench.summary(rows), machine=machine_info(),

@@ -53,14 +53,7 @@ def run_suite(tiny: bool = False, repeats: int = 2, device: str | None = None,
 
     def mesh_part() -> dict:
         vae, z = bench_mesh.full_width_vae(device=dev, dtype=dtype, params=vae_params)
-
-        def extract(grid, level, r):
-            from hy3dgen.shapegen.pipelines import export_to_trimesh
-
-            out = vae.surface_extractor(grid[None], mc_level=level, bounds=1.01, octree_resolution=r)[0]
-            return None if out is None else export_to_trimesh(out)
-
-        rows = bench_mesh.bench_latents(vae, [z], resolutions, ["coarse-to-fine"], extract=extract,
+        rows = bench_mesh.bench_latents(vae, [z], resolutions, ["coarse-to-fine"], extract=bench_mesh.extractor(vae),
                                         names=["random latent"])
         return {"rows": rows, "summary": bench_mesh.summary(rows), "table": bench_mesh.markdown(rows)}
 

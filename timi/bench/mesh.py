@@ -103,13 +103,25 @@ def solid(grid: np.ndarray, level: float) -> np.ndarray:
 
 def compare_meshes(reference, other, *, points: int = 20000, seed: int = 0) -> float:
     """Chamfer distance (MIDI's, squared, :func:`timi.metrics.chamfer_distance`) between surface
-    samples of two meshes (the same seed: identical meshes give exactly 0), its square root divided by the reference's bounding-box diagonal."""
+    samples of two meshes (the same seed: identical meshes give exactly 0), its square root divided
+    by the reference's bounding-box diagonal."""
     from timi.metrics.pointclouds import chamfer_distance, sample_surface_points
 
     a = sample_surface_points(reference, points, seed=seed)
     b = sample_surface_points(other, points, seed=seed)
     diagonal = float(np.linalg.norm(reference.bounds[1] - reference.bounds[0]))
     return float(np.sqrt(chamfer_distance(a, b)) / diagonal)
+
+
+def extractor(vae) -> Callable:
+    """``extract(grid, level, resolution)``: hy3dgen's surface extraction and trimesh export of a
+    grid of ``vae`` (:func:`timi_torch.frontend.surface_at_level`, which reads only ``base.vae``)."""
+    from types import SimpleNamespace
+
+    from timi_torch.frontend import surface_at_level
+
+    holder = SimpleNamespace(vae=vae)
+    return lambda grid, level, resolution: surface_at_level(holder, grid, level, octree_resolution=resolution)
 
 
 def _same_mesh(a, b) -> bool:
@@ -149,7 +161,8 @@ def bench_latents(vae, latents: Sequence, resolutions: Sequence[int], decodings:
                     row.update(iou=float((a & b).sum() / union) if union else 1.0,
                                chamfer=(compare_meshes(ref[1], mesh) if ref[1] is not None and mesh is not None
                                         else float("nan")),
-                               identical=_same_mesh(ref[1], mesh), speedup=ref[2].seconds / out.seconds, query_ratio=ref[2].queries / max(out.queries, 1))
+                               identical=_same_mesh(ref[1], mesh), speedup=ref[2].seconds / out.seconds,
+                               query_ratio=ref[2].queries / max(out.queries, 1))
                 rows.append(row)
     return rows
 

@@ -20,7 +20,8 @@ needs the distilled turbo VAE for its adaptive key/value selection.
 
 The mesh equals the dense one unless a surface passes through a coarse cell of the last level
 without changing the sign of any corner of it or of its neighbours (a feature thinner than a few
-coarse cells, far from any other surface); a level where most cells need refining is decoded densely: ``timi bench mesh`` measures the difference (volume
+coarse cells, far from any other surface); a level where most cells need refining is decoded
+densely. ``timi bench mesh`` measures the difference (volume
 IoU, Chamfer) and the queries saved; docs/benchmarks.md has the figures.
 """
 
