@@ -91,9 +91,9 @@ class OneLineUsageErrors(TyperGroup):
 #: ``--preset``'s help, shared by ``timi generate`` and ``timi eval``.
 PRESET_HELP = ("TIMI's form. default (TIMIConfig()): the paper's Eqs.2-7 with the part of the update shared by "
                "every latent token removed before Eq.6 (common=remove): on token latents that shared part only "
-               "shrinks every shape; on the testbed's validation split it separated instances at the base "
-               "model's size without shrinking (docs/results.md). paper (TIMIConfig.paper()): the paper's "
-               "literal form, for reproducing its tables.")
+               "shrinks every shape, so the default keeps the shapes' size; on the testbed's held-out scenes "
+               "neither form separates instances at matched size (docs/results.md). paper "
+               "(TIMIConfig.paper()): the paper's literal form, for reproducing its tables.")
 
 
 # ----------------------------------------------------------------------------- --engine (docs/cluster.md)
