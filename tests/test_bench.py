@@ -167,9 +167,10 @@ def test_report_renders_results(tmp_path):
 def test_bench_mesh_tiny_compares_decodings_on_the_same_latent(tmp_path):
     r = _run(tmp_path, "mesh", "--tiny")
     rows = {(row["resolution"], row["decoding"]): row for row in r["rows"]}
-    assert set(rows) == {(32, "dense"), (32, "coarse-to-fine"), (64, "dense"), (64, "coarse-to-fine")}
-    dense, fast = rows[(64, "dense")], rows[(64, "coarse-to-fine")]
-    assert dense["queries"] == 65 ** 3 and 0 < fast["queries"] < dense["queries"]
+    assert set(rows) == {(64, "dense"), (64, "coarse-to-fine"), (128, "dense"), (128, "coarse-to-fine")}
+    assert rows[(64, "coarse-to-fine")]["queries"] == 65 ** 3          # below 128: dense
+    dense, fast = rows[(128, "dense")], rows[(128, "coarse-to-fine")]
+    assert dense["queries"] == 129 ** 3 and 0 < fast["queries"] < dense["queries"]
     assert fast["identical"] and fast["iou"] == 1.0 and fast["chamfer"] == 0.0   # the shipped model: same mesh
     assert all(_positive_finite(row["seconds"]) for row in r["rows"])
 

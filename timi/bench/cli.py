@@ -241,8 +241,8 @@ def mesh(
     octree: str = typer.Option("128,256", "--octree", help="Octree resolutions, comma-separated."),
     steps: int = typer.Option(50, "--steps", min=1, help="Sampling steps of the scenes' latents."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: CUDA when available)."),
-    tiny: bool = typer.Option(False, "--tiny", help="Seconds-long smoke run (CI): the example scene, 8 steps, "
-                                                    "octree 32,64."),
+    tiny: bool = typer.Option(False, "--tiny", help="Smoke run (CI, ~30 s): the example scene, 8 steps, "
+                                                    "octree 64,128."),
     threads: int = _THREADS, json_path: Optional[Path] = _JSON,
     markdown_path: Optional[Path] = typer.Option(None, "--markdown", help="Also write the table to this file."),
 ) -> None:
@@ -256,7 +256,7 @@ def mesh(
     from . import mesh as bench
     from .timing import machine_info
 
-    resolutions = (32, 64) if tiny else _ints(octree, "--octree")
+    resolutions = (64, 128) if tiny else _ints(octree, "--octree")
     steps = 8 if tiny else steps
     dev = resolve_device(device)
     say = (lambda s: typer.echo(f"  {s}", err=True))

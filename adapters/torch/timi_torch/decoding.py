@@ -10,11 +10,14 @@ needs the distilled turbo VAE for its adaptive key/value selection.
 :class:`CoarseToFineVolumeDecoder` keeps hy3dgen's decoder interface (a drop-in for
 ``vae.volume_decoder``) and its grid points exactly (the same float32 ``linspace`` per axis):
 
-1. decode the grid at a coarse resolution ``R / 2^k`` (a sub-grid of the final one);
+1. decode the grid at a coarse resolution ``R / 2^k`` >= 64 (a sub-grid of the final one; grids
+   below 128 are decoded densely);
 2. per level, find the coarse cells whose corners lie on both sides of the iso level, widen that
    set by ``margin`` cells, and decode only the finer grid's points inside those cells; every
    other point takes the trilinear interpolation of its coarse cell, whose corners are all on one
-   side, so it is on that side too;
+   side, so it is on that side too; then decode the corners of any finer cell the surface crosses
+   that still hold an interpolated value, until there are none (the surface followed out of the
+   band, so every crossing cell's corners carry the decoder's own values);
 3. the result is the full ``(B, R+1, R+1, R+1)`` grid: exact wherever a surface was found, finite
    everywhere, so hy3dgen's surface extractor reads it unchanged.
 
@@ -71,26 +74,34 @@ def _dilate(cells: torch.Tensor, margin: int) -> torch.Tensor:
     return out[0, 0] > 0
 
 
+def _corners_of_cells(cells: torch.Tensor) -> torch.Tensor:
+    """(r+1)^3 bool: the corners of the marked cells of an (r+1)^3 grid."""
+    return F.max_pool3d(F.pad(cells.float()[None, None], (1, 1, 1, 1, 1, 1)), 2, stride=1)[0, 0] > 0
+
+
 def _points_of_cells(cells: torch.Tensor) -> torch.Tensor:
     """(2r+1)^3 bool: the finer grid's points that are corners of (sub-cells of) the marked coarse cells."""
-    fine_cells = cells.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)
-    padded = F.pad(fine_cells.float()[None, None], (1, 1, 1, 1, 1, 1))
-    return F.max_pool3d(padded, 2, stride=1)[0, 0] > 0
+    return _corners_of_cells(cells.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2))
 
 
 class CoarseToFineVolumeDecoder:
     """A drop-in for hy3dgen's ``vae.volume_decoder`` that decodes only near the surface (module
-    docstring). ``min_resolution``: the coarsest grid is the smallest ``R / 2^k`` at least this;
+    docstring). ``min_resolution``: the coarsest grid is the smallest ``R / 2^k`` at least this (64,
+    hy3dgen's own choice: with 32, a 200-face fragment of the demo scene fell between coarse points);
     ``margin``: coarse cells added around each crossing cell before refining; ``dense_above``: when
     more than this fraction of a level's cells need refining (a field whose surface is everywhere,
     such as a random-weight VAE's), that level is decoded densely, which is then exact and barely
-    dearer.
+    dearer; ``max_closure_rounds``: after each level, the corners of every cell the surface crosses
+    that still hold an interpolated value are decoded, and again for the cells that reveals, up to
+    this many rounds (a few points; it makes every crossing cell's corners exact).
 
     ``queries``: how many points the last call sent to the geometry decoder (for ``timi bench mesh``).
     """
 
-    def __init__(self, min_resolution: int = 32, margin: int = 1, dense_above: float = 0.5):
+    def __init__(self, min_resolution: int = 64, margin: int = 1, dense_above: float = 0.5,
+                 max_closure_rounds: int = 16):
         self.min_resolution, self.margin, self.dense_above = int(min_resolution), int(margin), float(dense_above)
+        self.max_closure_rounds = int(max_closure_rounds)
         self.queries = 0
 
     def _decode(self, latents, geo_decoder, points: torch.Tensor, num_chunks: int, progress) -> torch.Tensor:
@@ -128,19 +139,26 @@ class CoarseToFineVolumeDecoder:
         coarse = torch.stack(torch.meshgrid(*[torch.arange(r0 + 1, device=device)] * 3, indexing="ij"), -1)
         values = self._decode(latents, geo_decoder, points(coarse.reshape(-1, 3), stride), num_chunks,
                               progress).reshape((r0 + 1,) * 3)
+        exact = torch.ones_like(values, dtype=torch.bool)
         for r in levels[1:]:
             stride = resolution // r
             cells = _dilate(_crossing_cells(values, level), self.margin)
-            upsampled = F.interpolate(values[None, None], size=(r + 1,) * 3, mode="trilinear", align_corners=True)
-            values = upsampled[0, 0]
+            values = F.interpolate(values[None, None], size=(r + 1,) * 3, mode="trilinear", align_corners=True)[0, 0]
+            coarse_exact, exact = exact, torch.zeros_like(values, dtype=torch.bool)
+            exact[::2, ::2, ::2] = coarse_exact
             if float(cells.float().mean()) > self.dense_above:
-                wanted = torch.ones((r + 1,) * 3, dtype=torch.bool, device=device)
+                wanted = torch.ones_like(exact)
             else:
                 wanted = _points_of_cells(cells)
-            wanted[::2, ::2, ::2] = False                 # points of the coarser grid: decoded already
-            index = wanted.nonzero()
-            if len(index):
+            # then, until none is left, the corners of every cell the surface now crosses
+            for _ in range(self.max_closure_rounds):
+                wanted &= ~exact
+                index = wanted.nonzero()
+                if not len(index):
+                    break
                 values[wanted] = self._decode(latents, geo_decoder, points(index, stride), num_chunks, progress)
+                exact |= wanted
+                wanted = _corners_of_cells(_crossing_cells(values, level))
         progress.close()
         return values
 
