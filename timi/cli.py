@@ -25,7 +25,7 @@ def _root() -> None:
 from timi.testbed.cli import app as _testbed_app  # noqa: E402
 
 app.add_typer(_testbed_app, name="testbed")
-from timi.generate import GENERATE_HELP as _GENERATE_HELP, generate_command as _generate_command  # noqa: E402
+from timi.generate_cli import GENERATE_HELP as _GENERATE_HELP, generate_command as _generate_command  # noqa: E402
 from timi.inspect_cmd import inspect_command as _inspect_command  # noqa: E402
 
 app.command("generate", help=_GENERATE_HELP)(_generate_command)
