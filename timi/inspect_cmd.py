@@ -136,7 +136,11 @@ def overlay_figure(cond, names: Sequence[str], title: str = ""):
     return fig
 
 
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+#: The dpi PNG figures are saved at (timi inspect, the report).
+FIGURE_DPI = 110
+
+
+def save_figure(fig, path: str | Path, dpi: int = FIGURE_DPI) -> Path:
     """Save a matplotlib figure as PNG atomically, then close it."""
     import matplotlib.pyplot as plt
 

@@ -138,7 +138,6 @@ def _pick_steps(steps: Sequence[int], n: int) -> list[int]:
 
 
 PANEL_PX = 256  #: side of one instance-map panel in pixels
-FIGURE_DPI = 110  #: the dpi report figures are saved at (``timi.inspect_cmd.save_figure``'s default)
 
 
 def _instance_panel(grey: np.ndarray, heat: np.ndarray, crop: float, outline: np.ndarray, color) -> np.ndarray:
@@ -190,6 +189,8 @@ def plot_instance_maps(records: Sequence[StepMaps], cond, names: Sequence[str], 
             y, x = row * (P + row_gap), k * (P + gap)
             mosaic[y:y + P, x:x + P] = _instance_panel(grey, heat, crop, outlines[k], colors[k])
     # pixels placed as they are (figimage: no resampling); labels in pixel coordinates
+    from .inspect_cmd import FIGURE_DPI
+
     left, top, dpi = 28, 40, FIGURE_DPI
     H, W = mosaic.shape[:2]
     fig = plt.figure(figsize=((W + left) / dpi, (H + top) / dpi), dpi=dpi)

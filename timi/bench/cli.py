@@ -270,8 +270,7 @@ def mesh(
         latents = bench.scene_latents(pipe, pairs, steps=steps)
 
     with torch.no_grad():
-        rows = bench.bench_latents(vae, latents, resolutions, ["coarse-to-fine"], extract=bench.extractor(vae),
-                                   names=names,
+        rows = bench.bench_latents(vae, latents, resolutions, ["coarse-to-fine"], names=names,
                                    progress=say)
     table = bench.markdown(rows)
     result = dict(benchmark="mesh", rows=rows, summary=bench.summary(rows), machine=machine_info(),

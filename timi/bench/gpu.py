@@ -53,8 +53,7 @@ def run_suite(tiny: bool = False, repeats: int = 2, device: str | None = None,
 
     def mesh_part() -> dict:
         vae, z = bench_mesh.full_width_vae(device=dev, dtype=dtype, params=vae_params)
-        rows = bench_mesh.bench_latents(vae, [z], resolutions, ["coarse-to-fine"], extract=bench_mesh.extractor(vae),
-                                        names=["random latent"])
+        rows = bench_mesh.bench_latents(vae, [z], resolutions, ["coarse-to-fine"], names=["random latent"])
         return {"rows": rows, "summary": bench_mesh.summary(rows), "table": bench_mesh.markdown(rows)}
 
     parts = {

@@ -132,12 +132,12 @@ def _same_mesh(a, b) -> bool:
 
 
 def bench_latents(vae, latents: Sequence, resolutions: Sequence[int], decodings: Sequence[str], *,
-                  extract: Callable, level: float = 0.0, names: Sequence[str] | None = None,
+                  level: float = 0.0, names: Sequence[str] | None = None,
                   progress: Callable[[str], None] = lambda s: None) -> list[dict]:
     """Rows of the benchmark: each latent at each resolution, each decoding, dense first.
 
-    ``extract(grid, level, resolution)`` -> ``trimesh.Trimesh`` or ``None`` (hy3dgen's surface
-    extractor, :func:`timi_torch.frontend.surface_at_level`)."""
+    Meshes come from hy3dgen's surface extractor (:func:`extractor`)."""
+    extract = extractor(vae)
     names = list(names or [f"latent {i}" for i in range(len(latents))])
     decodings = ["dense"] + [d for d in decodings if d != "dense"]
     rows = []
