@@ -23,7 +23,8 @@ from typing import Optional
 
 import typer
 
-__all__ = ["app_command", "is_loopback", "check_app_options", "read_auth", "launch_options", "serve", "MAX_STEPS_CEILING"]
+__all__ = ["app_command", "is_loopback", "check_app_options", "read_auth", "launch_options", "serve",
+           "use_private_gradio_cache", "MAX_STEPS_CEILING"]
 
 #: The most ``--max-steps`` may allow (the paper uses 50).
 MAX_STEPS_CEILING = 1000
@@ -124,6 +125,18 @@ def serve(demo, cfg) -> dict:
     return {"middleware": [Middleware(RunQueueLimit, limits=limits)]}
 
 
+def use_private_gradio_cache(workdir: Path) -> Path:
+    """Point Gradio's file copies (``GRADIO_TEMP_DIR``) at ``workdir/gradio`` unless the user chose a
+    folder; call it before the page is built. Gradio names its copies by content under one shared
+    ``/tmp/gradio``, and a server that exits deletes every copy it made, so another page on this
+    machine serving the same picture lost its copy mid-request (403); in the work folder the copies
+    are this page's alone and go with the folder on exit. Returns the folder in use."""
+    chosen = os.environ.get("GRADIO_TEMP_DIR")
+    if not chosen:
+        chosen = os.environ["GRADIO_TEMP_DIR"] = str(Path(workdir) / "gradio")
+    return Path(chosen)
+
+
 def launch_options(host: str, port: Optional[int], share: bool, max_upload_mb: float, auth=None,
                    app_kwargs: Optional[dict] = None) -> dict:
     """Keyword arguments of ``Blocks.launch`` for the safe defaults (module docstring)."""
@@ -182,6 +195,7 @@ def app_command(
                       markup=False, highlight=False)
         from .ui import build_app
 
+        use_private_gradio_cache(cfg.workdir)
         demo = build_app(cfg)
         app_kwargs = serve(demo, cfg)
         err.print(f"model: {cfg.model}; work folder: {cfg.workdir} (removed on exit)", markup=False, highlight=False)
