@@ -146,13 +146,28 @@ def test_killed_worker_and_interrupted_run_resume(ray_instance, tmp_path, monkey
     marks, out = tmp_path / "m2", tmp_path / "interrupted"
     marks.mkdir()
 
-    def interrupt():
-        if _wait_for(lambda: len(_stamps(out)) >= 3):
-            os.kill(os.getpid(), signal.SIGINT)
+    stopped = threading.Event()
 
+    def ctrl_c(signum, frame):  # Python's own Ctrl-C, raised once: the later presses find it stopped
+        if not stopped.is_set():
+            stopped.set()
+            raise KeyboardInterrupt
+
+    def interrupt():  # Ctrl-C, pressed again every second until it lands (one was once lost inside Ray's wait)
+        if _wait_for(lambda: len(_stamps(out)) >= 3):
+            while not stopped.is_set():
+                os.kill(os.getpid(), signal.SIGINT)
+                stopped.wait(1.0)
+
+    previous = signal.signal(signal.SIGINT, ctrl_c)
     threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        evaluate_and_report(data, runs, MarkedGenerator(marks, delay=0.5), out, engine=RayEngine(workers=2), **options)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_and_report(data, runs, MarkedGenerator(marks, delay=0.5), out, engine=RayEngine(workers=2),
+                                **options)
+    finally:
+        stopped.set()
+        signal.signal(signal.SIGINT, previous)
     time.sleep(2)  # the killed workers are gone
     assert not list(out.rglob("*.tmp"))
     done = _stamps(out)
