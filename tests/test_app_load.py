@@ -7,7 +7,6 @@ machine without a login, and its work folder removed on SIGTERM."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 import subprocess
@@ -43,24 +42,37 @@ def run_args(seed=3, steps=2, octree=16, guided_steps=None):
 @pytest.fixture(scope="module")
 def app(tiny_model, tmp_path_factory):
     """(url, cfg) of the page on a free port, launched as ``timi app`` launches it (queue and run limits)."""
-    from timi.webapp.cli import launch_options, serve, use_private_gradio_cache
     from timi.webapp.run import AppConfig
-    from timi.webapp.ui import build_app
 
     cfg = AppConfig(model=str(tiny_model), workdir=tmp_path_factory.mktemp("appwork"), device="cpu",
                     max_steps=LONG_STEPS, max_octree=64, runs_per_client=2, max_queued_runs=4)
     saved = os.environ.pop("GRADIO_TEMP_DIR", None)
-    use_private_gradio_cache(cfg.workdir)
-    demo = build_app(cfg)
-    kwargs = serve(demo, cfg)
-    demo.launch(prevent_thread_lock=True, **{**launch_options("127.0.0.1", None, False, 20, None, kwargs), "quiet": True})
+    demo = launch_page(cfg)
     try:
         yield demo.local_url, cfg
     finally:
         demo.close()
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-        if saved is not None:
-            os.environ["GRADIO_TEMP_DIR"] = saved
+        set_gradio_temp_dir(saved)
+
+
+def launch_page(cfg):
+    """The page for ``cfg`` launched in this process as ``timi app`` launches it (its queue and run
+    limits; Gradio's copies in its work folder unless ``GRADIO_TEMP_DIR`` is set)."""
+    from timi.webapp.cli import launch_options, serve, use_private_gradio_cache
+    from timi.webapp.ui import build_app
+
+    use_private_gradio_cache(cfg.workdir)
+    demo = build_app(cfg)
+    kwargs = serve(demo, cfg)
+    demo.launch(prevent_thread_lock=True, **{**launch_options("127.0.0.1", None, False, 20, None, kwargs), "quiet": True})
+    return demo
+
+
+def set_gradio_temp_dir(value):
+    """``GRADIO_TEMP_DIR`` back to ``value`` (``None``: unset). Gradio reads it at each upload too."""
+    os.environ.pop("GRADIO_TEMP_DIR", None)
+    if value is not None:
+        os.environ["GRADIO_TEMP_DIR"] = value
 
 
 def client(url, download_files=True):
@@ -282,10 +294,9 @@ def test_logins_from_the_command_line_and_a_file(tiny_model, tmp_path):
         check_app_options(str(tiny_model), "127.0.0.1", None, "cpu", None, "auto", 20, None, max_octree=1024)
 
 
-@contextlib.contextmanager
-def app_process(tiny_model, tmp_path):
-    """``timi app`` as its own process on a free port (the test's ``GRADIO_TEMP_DIR`` not passed on):
-    (url, the process, its work folder, its log); killed if still running at the end."""
+def test_sigterm_stops_a_run_and_removes_the_work_folder(tiny_model, tmp_path):
+    """SIGTERM as Ctrl-C: the server closes, a run under way stops at its next step (the exit does not
+    wait for its end), and the work folder is gone, with Gradio's copies of the page's files."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -303,17 +314,7 @@ def app_process(tiny_model, tmp_path):
         assert proc.poll() is None, text
         folder = Path(text.split("work folder: ")[1].split(" (removed on exit)")[0])
         assert folder.is_dir()
-        yield f"http://127.0.0.1:{port}/", proc, folder, log
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def test_sigterm_stops_a_run_and_removes_the_work_folder(tiny_model, tmp_path):
-    """SIGTERM as Ctrl-C: the server closes, a run under way stops at its next step (the exit does not
-    wait for its end), and the work folder is gone, with Gradio's copies of the page's files."""
-    with app_process(tiny_model, tmp_path) as (url, proc, folder, log):
-        c, _ = with_picture(url)
+        c, _ = with_picture(f"http://127.0.0.1:{port}/")
         assert list((folder / "gradio").glob("*/picture.png")), "Gradio's copies are not in the work folder"
         c.submit(*run_args(seed=0, steps=LONG_STEPS), api_name="/on_run")
         wait_for(lambda: list(folder.glob("run-*")), what="the long run to start")
@@ -322,6 +323,9 @@ def test_sigterm_stops_a_run_and_removes_the_work_folder(tiny_model, tmp_path):
         proc.terminate()
         proc.wait(60)
         assert time.time() - t < 15, "the exit waited for the run"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert not folder.exists(), log.read_text()
 
 
@@ -333,33 +337,21 @@ def test_another_page_that_exits_leaves_this_pages_files(app, tiny_model, tmp_pa
     import httpx
     from gradio_client import handle_file
 
-    from timi.webapp.cli import launch_options, serve, use_private_gradio_cache
     from timi.webapp.run import AppConfig
-    from timi.webapp.ui import build_app
 
     url, _ = app
     ours = os.environ.pop("GRADIO_TEMP_DIR", None)          # a fresh process has none
-
-    def back_to_ours():                                     # Gradio reads it at each upload too
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-        if ours is not None:
-            os.environ["GRADIO_TEMP_DIR"] = ours
-
     try:
-        cfg = AppConfig(model=str(tiny_model), workdir=tmp_path / "other", device="cpu")
-        use_private_gradio_cache(cfg.workdir)
-        other = build_app(cfg)
-        other.launch(prevent_thread_lock=True, **{**launch_options("127.0.0.1", None, False, 20, None,
-                                                                   serve(other, cfg)), "quiet": True})
+        other = launch_page(AppConfig(model=str(tiny_model), workdir=tmp_path / "other", device="cpu"))
         try:
             with_picture(other.local_url)
-            back_to_ours()
+            set_gradio_temp_dir(ours)
             shown = client(url, download_files=False).predict(handle_file(str(EXAMPLE / "image.png")), 8,
                                                               api_name="/on_picture")[4]   # the picture on our page
         finally:
             other.close()                                   # Gradio deletes the copies the other page made
     finally:
-        back_to_ours()
+        set_gradio_temp_dir(ours)
     r = httpx.get(shown["url"])
     assert r.status_code == 200 and r.content.startswith(b"\x89PNG"), (r.status_code, r.text[:200])
 
