@@ -174,6 +174,81 @@ def ceiling(
                + " number of / more parts than instances: " + " / ".join(str(v) for v in res["part_counts"].values()))
 
 
+@app.command("train-grid")
+def train_grid(
+    out: Path = typer.Argument(..., help="Run folder: checkpoint.pt (resumed if present), train.log, model/."),
+    steps: int = typer.Option(3000, "--steps", min=1, help="Training steps (batch --batch)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the training assets, weights, batches and noise."),
+    n_train: int = typer.Option(1600, "--n-train", min=1, help="Single assets (split 'train', 0..N-1)."),
+    batch: int = typer.Option(16, "--batch", min=1),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Peak learning rate (warm-up, cosine decay)."),
+    num_blocks: int = typer.Option(4, "--num-blocks", min=1, help="Flow transformer blocks."),
+    model_channels: int = typer.Option(128, "--model-channels", min=8),
+    save_every: int = typer.Option(200, "--save-every", min=1, help="Checkpoint every N steps."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Processes that build the cache."),
+    cache: Path = typer.Option(None, "--cache", help="Grid cache .npz (default: OUT/grid_cache.npz)."),
+    export: Path = typer.Option(None, "--export", help="Also write the model folder here."),
+) -> None:
+    """Train the grid testbed: TRELLIS's stage-1 flow model on the fixed 8 x 16^3 occupancy encoding
+    (docs/testbed.md, "Grid testbed"); writes OUT/model (ss_flow.json + ss_flow.safetensors)."""
+    import torch
+
+    from .grid_train import GridConfig, GridTrainer, build_grid_cache, export_grid_model
+
+    torch.set_num_threads(threads)
+    cfg = GridConfig(seed=seed, n_train=n_train, steps=steps, batch=batch, lr=lr, num_blocks=num_blocks,
+                     model_channels=model_channels, save_every=save_every, threads=threads)
+    cache = build_grid_cache(cache or out / "grid_cache.npz", n_train, seed=seed, workers=workers)
+    trainer = GridTrainer(out, cache, cfg)
+    summary = trainer.run()
+    for target in [out / "model"] + ([export] if export else []):
+        typer.echo(f"exported grid model: {export_grid_model(trainer, target)}")
+    typer.echo(f"summary: {summary}")
+
+
+@app.command("export-grid")
+def export_grid(
+    run: Path = typer.Argument(..., help="Run folder holding checkpoint.pt (from `timi testbed train-grid`)."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write."),
+    live: bool = typer.Option(False, "--live", help="Export the live weights instead of the EMA."),
+) -> None:
+    """Export a grid run's checkpoint (any step) in the TRELLIS layout."""
+    import torch
+
+    from .grid_train import GridConfig, GridTrainer, export_grid_model
+
+    if not (run / "checkpoint.pt").exists():
+        raise typer.BadParameter(f"{run} has no checkpoint.pt", param_hint="RUN")
+    saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["cfg"]
+    trainer = GridTrainer(run, None, GridConfig(**saved), progress=False)
+    typer.echo(f"exported grid model at step {trainer.state['step']}: {export_grid_model(trainer, out, ema=not live)}")
+
+
+@app.command("grid-ceiling")
+def grid_ceiling_cmd(
+    dataset: Path = typer.Argument(..., help="Folder of scenes (from `timi testbed scenes`)."),
+    limit: int = typer.Option(None, "--limit", min=1),
+    upsample: int = typer.Option(1, "--upsample", min=1, help="Resample the 32^3 logits this much finer."),
+    sigma: float = typer.Option(0.0, "--sigma", min=0.0, help="Gaussian smoothing of the logits (cells)."),
+    out: Path = typer.Option(None, "--out", help="Write the per-scene rows as JSON here."),
+) -> None:
+    """Ceiling of the grid encoding: exact 32^3 occupancy -> encode -> decode -> mesh -> metrics."""
+    import json
+
+    from timi.io import write_text
+
+    from .grid import grid_ceiling
+
+    res = grid_ceiling(dataset, limit=limit, upsample=upsample, sigma=sigma)
+    if out is not None:
+        write_text(out, json.dumps(res, indent=1))
+    typer.echo(f"{res['n']} scenes ({res['failed']} without surface): "
+               + ", ".join(f"{k} {v:.4f}" for k, v in res["mean"].items())
+               + "; fewer / the right number of / more parts than instances: "
+               + " / ".join(str(v) for v in res["part_counts"].values()) + f" (fused share {res['fused_share']:.0%})")
+
+
 @app.command("condition-use")
 def condition_use_cmd(
     dataset: Path = typer.Argument(..., help="Folder of scenes (from `timi testbed scenes`)."),

@@ -91,25 +91,34 @@ def hy3dgen_config(sizes: TestbedSizes) -> dict:
 
 
 def build_parts(sizes: TestbedSizes) -> dict[str, nn.Module]:
-    """Instantiate ``model`` (Hunyuan3DDiT), ``vae`` (ShapeVAE) and ``conditioner`` with hy3dgen's code.
+    """Instantiate ``model`` (Hunyuan3DDiT), ``vae`` (ShapeVAE) and ``conditioner`` with hy3dgen's code
+    (the conditioner by :func:`build_conditioner`, after the other two)."""
+    from hy3dgen.shapegen.pipelines import instantiate_from_config
 
-    The conditioner's DINOv2 position embeddings start as a 2-D sin-cos table (then train with the
-    rest), so every condition token says where in the image it is from the first step on.
-    """
+    cfg = hy3dgen_config(sizes)
+    parts = {name: instantiate_from_config(copy.deepcopy(cfg[name])) for name in ("model", "vae")}
+    parts["conditioner"] = build_conditioner(sizes)
+    return parts
+
+
+def build_conditioner(sizes: TestbedSizes) -> nn.Module:
+    """hy3dgen's ``SingleImageEncoder`` (``DinoImageEncoder``) of ``sizes``: the fixed one
+    (:func:`set_fixed_conditioner`), or a trainable DINOv2 whose position embeddings start as a 2-D
+    sin-cos table (then train with the rest), so every condition token says where in the image it is
+    from the first step on."""
     from hy3dgen.shapegen.pipelines import instantiate_from_config
 
     if sizes.conditioner not in ("dino", "fixed"):
         raise ValueError(f"unknown conditioner {sizes.conditioner!r}; use 'dino' or 'fixed'")
-    cfg = hy3dgen_config(sizes)
-    parts = {name: instantiate_from_config(copy.deepcopy(cfg[name])) for name in ("model", "vae", "conditioner")}
-    dino = parts["conditioner"].main_image_encoder.model
+    cond = instantiate_from_config(copy.deepcopy(hy3dgen_config(sizes)["conditioner"]))
+    dino = cond.main_image_encoder.model
     if sizes.conditioner == "fixed":
         set_fixed_conditioner(dino, sizes)
-        return parts
+        return cond
     pos = dino.embeddings.position_embeddings  # (1, 1 + g*g, width)
     with torch.no_grad():
         pos[0, 1:] = 0.5 * sincos_2d(sizes.condition_grid, pos.shape[-1])
-    return parts
+    return cond
 
 
 @torch.no_grad()
