@@ -67,3 +67,14 @@ def test_a_trellis_folder_without_its_conditioner_is_refused_in_one_line(folder,
         TrellisPipeline.from_pretrained(bare)
     spec = json.loads((bare / "pipeline.json").read_text())
     assert spec["args"]["models"]["sparse_structure_flow_model"] == "ckpts/ss_flow"
+
+
+def test_bench_overhead_runs_trellis_stage_one_and_states_its_floor(tmp_path):
+    from timi.bench.trellis import trellis_overhead
+
+    r = trellis_overhead("trellis-testbed-size", steps=3, repeats=1, warmup=0, guided_layers=2)
+    # 3 steps, rescale 3: times 1, 6/7, 0.6 start the steps, all inside the CFG interval [0.5, 1] -> 6
+    # forwards; noise levels 0, 1/7 < 0.3 <= 0.4 -> 2 guided, through 2 of 6 blocks
+    assert (r["plain_forwards"], r["guided_steps"], r["guided_layers"]) == (6, 2, 2)
+    assert r["floor"] == pytest.approx(1 + 2 * 3 * (2 / 6) / 6)
+    assert r["plain_s"] > 0 and r["timi_s"] > 0
