@@ -78,3 +78,26 @@ def test_bench_overhead_runs_trellis_stage_one_and_states_its_floor(tmp_path):
     assert (r["plain_forwards"], r["guided_steps"], r["guided_layers"]) == (6, 2, 2)
     assert r["floor"] == pytest.approx(1 + 2 * 3 * (2 / 6) / 6)
     assert r["plain_s"] > 0 and r["timi_s"] > 0
+
+
+def test_shuffled_gradient_control_moves_whole_voxels_on_a_grid():
+    from timi.testbed.controls import ShuffledGradient
+
+    g = torch.randn(2, 3, 4, 4, 4)
+    out = ShuffledGradient(seed=1)(g, step=0)
+    a, b = g.flatten(2).transpose(1, 2), out.flatten(2).transpose(1, 2)          # (B, voxels, C)
+    for i in range(2):                                                           # same voxel vectors, moved
+        assert sorted(map(tuple, a[i].tolist())) == sorted(map(tuple, b[i].tolist()))
+    assert not torch.equal(g, out)
+
+
+def test_recorder_sees_the_guided_blocks_cross_attention(folder):
+    from timi.report import AttentionRecorder
+
+    pipe = TrellisPipeline.from_pretrained(folder)
+    cm = pipe.condition_masks(str(EXAMPLE / "image.png"), str(EXAMPLE / "masks.png"))
+    recorder = AttentionRecorder(cm.tokens, layers=2, steps=2)
+    out = pipe(str(EXAMPLE / "image.png"), cm, num_inference_steps=3, generator=torch.manual_seed(0),
+               enable_pbar=False, recorder=recorder)
+    assert sorted((r.step, r.layer) for r in out.recordings) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert out.recordings[0].probability.shape == (4 ** 3, cm.num_instances)     # one row per voxel token

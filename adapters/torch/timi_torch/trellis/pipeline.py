@@ -96,6 +96,14 @@ class TrellisPipeline:
         return _hy3dgen_method("encode_cond")(self, image, additional_cond_inputs, do_classifier_free_guidance,
                                               dual_guidance)
 
+    def prepare_latents(self, batch_size: int, dtype, device, generator) -> torch.Tensor:
+        """Starting noise (B, C, R, R, R) from ``generator`` (hy3dgen's signature)."""
+        shape = (batch_size, self.model.in_channels) + (self.model.resolution,) * 3
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    #: the model's timestep at pure noise (``1000 t`` with ``t = 1``)
+    noise_timestep = 1000.0
+
     def with_config(self, config: TIMIConfig) -> "TrellisPipeline":
         other = copy.copy(self)
         other.config = config
@@ -149,7 +157,8 @@ class TrellisPipeline:
                  config: Optional[TIMIConfig] = None, recorder=None, **_unused) -> TIMIPipelineOutput:
         """Sample the stage-1 structure of ``image`` with its instances kept apart (TIMI); arguments as
         ``timi_torch.TIMIPipeline.__call__`` (``num_inference_steps`` / ``guidance_scale`` default to
-        the folder's ``pipeline.json``). ``recorder`` is not supported (no instance maps)."""
+        the folder's ``pipeline.json``). ``recorder``: as ``TIMIPipeline``'s (the first guided layers'
+        cross-attention of each step's conditional forward)."""
         # 1. inputs: condition tokens and the masks on them (the shared front end)
         check_output_type(output_type)
         cfg = self.config if config is None else config
@@ -157,8 +166,8 @@ class TrellisPipeline:
         inputs = prepare_inputs(self, image, masks, do_classifier_free_guidance=True,
                                 condition_masks=self.condition_masks)
         # 2. noise
-        shape = (inputs.batch_size, self.model.in_channels) + (self.model.resolution,) * 3
-        noise = torch.randn(shape, generator=generator, device=self.device) if latents is None else latents.float()
+        noise = (self.prepare_latents(inputs.batch_size, torch.float32, self.device, generator) if latents is None
+                 else latents.float())
         # 3. upstream's sampler, TIMI in the guided window
         step_callback = None
         if callback is not None:
@@ -167,10 +176,11 @@ class TrellisPipeline:
                     callback(i, t, x)
         out = sample(self.model, noise, inputs.cond_main.float(), inputs.uncond_main.float(), tokens=inputs.tokens,
                      config=cfg, settings=settings, attention=self.attention, gradient_hook=self.gradient_hook,
-                     callback=step_callback, enable_pbar=enable_pbar)
+                     callback=step_callback, enable_pbar=enable_pbar, recorder=recorder)
         # 4. meshes
         meshes = None if output_type == "latent" else self.export_meshes(out.latents)
-        return TIMIPipelineOutput(meshes, out.latents, out.diagnostics, None)
+        return TIMIPipelineOutput(meshes, out.latents, out.diagnostics,
+                                  list(recorder.records) if recorder is not None else None)
 
     # ---------------------------------------------------------------- decoding
     def decode_volume(self, latents: torch.Tensor) -> torch.Tensor:
