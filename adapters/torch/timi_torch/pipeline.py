@@ -36,9 +36,7 @@ bfloat16).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -48,28 +46,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import timi_core
 from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
 
 from .frontend import check_output_type, export_meshes, prepare_inputs, set_schedule, start_noise_levels
-from .guidance import MODES, SITES, attention_site, guidable_layers, observe_attention, separation_loss_and_grad
+from .guidance import MODES, SITES, attention_site, guidable_layers, guided_update, observed
 from .hunyuan21 import FAMILY as HY21_FAMILY, SUBFOLDER as HY21_SUBFOLDER, build_pipeline, is_hunyuan21
 from .masks import ConditionMasks, condition_token_masks
 
 __all__ = ["TIMIPipeline", "TIMIPipelineOutput", "StepDiagnostics", "ModelLoadError"]
 
 DEFAULT_SUBFOLDER = "hunyuan3d-dit-v2-0"
-
-
-def smoothing_axes(latents: torch.Tensor) -> tuple[int, ...]:
-    """Axes of Eq.5's Gaussian: the token axis of (B, L, C) token latents (hy3dgen's ShapeVAE), or
-    the three spatial axes of a (B, C, D, H, W) grid latent."""
-    if latents.ndim == 3:
-        return (1,)
-    if latents.ndim == 5:
-        return (2, 3, 4)
-    raise ValueError(f"latents of shape {tuple(latents.shape)} are neither (B, L, C) tokens nor a "
-                     "(B, C, D, H, W) grid; cannot choose the smoothing axes of Eq.5.")
 
 
 def default_subfolder(model_id: str) -> str:
@@ -306,19 +292,9 @@ class TIMIPipeline:
         if distilled and guidance is None:
             raise ValueError("this DiT is guidance-distilled (guidance_embed=True): pass guidance=<(B,) scale tensor>.")
         model_kwargs = {"guidance": guidance} if distilled else {}
-        loss, grad = separation_loss_and_grad(self.base.model, latents, timestep, cond_main, tokens, cfg,
-                                              self._guided_layers(cfg), self.attention, **model_kwargs)
-        if self.gradient_hook is not None:
-            grad = self.gradient_hook(grad, step)
-        z = latents.detach().to(torch.float32)
-        axes = smoothing_axes(z)
-        z_new, momentum, scale, smoothed = timi_core.sgu_step(z, grad, momentum, cfg, axes=axes, positions=positions)
-        update = z_new - z
-        share = functools.partial(timi_core.common_share, axes=axes)
-        diag = StepDiagnostics(step, float(timestep[0]), loss.tolist(), scale.tolist(),
-                               update.abs().flatten(1).amax(1).tolist(), share(grad.to(torch.float32)).tolist(),
-                               share(smoothed.to(torch.float32)).tolist(), share(update).tolist())
-        return z_new, momentum, diag
+        return guided_update(self.base.model, latents, timestep, cond_main, tokens, momentum, cfg,
+                             self._guided_layers(cfg), self.attention, step=step, gradient_hook=self.gradient_hook,
+                             positions=positions, model_kwargs=model_kwargs)
 
     # ------------------------------------------------------------------ sampling
     def position_reader(self, cfg: TIMIConfig) -> Callable:
@@ -433,7 +409,7 @@ class TIMIPipeline:
                                                      step=i, config=cfg, guidance=guidance, positions=positions)
                 diagnostics.append(diag)
 
-            with _observed(recorder, i, inputs.tokens.shape[-1], base.model):
+            with observed(recorder, i, inputs.tokens.shape[-1], base.model):
                 noise_pred = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
             if by_position and i + 1 < num_guided:
                 clean = latents.to(torch.float32) + (1.0 - float(noise_levels[i])) * noise_pred.to(torch.float32)
@@ -455,10 +431,3 @@ class TIMIPipeline:
         return TIMIPipelineOutput(meshes, latents, diagnostics,
                                   list(recorder.records) if recorder is not None else None)
 
-
-def _observed(recorder, step: int, num_cond: int, model):
-    """The forward of ``step`` observed by ``recorder`` (see ``TIMIPipeline.__call__``), or not."""
-    if recorder is None or not recorder.wants(step):
-        return contextlib.nullcontext()
-    return observe_attention(functools.partial(recorder.observe, step), recorder.layers, num_cond,
-                             attention_site(model))
