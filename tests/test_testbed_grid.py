@@ -13,15 +13,15 @@ import torch
 from timi.testbed import grid
 
 
-def test_space_to_depth_is_invertible_and_groups_each_block():
+def test_encoding_is_invertible_and_groups_each_block():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 1, 32, 32, 32, generator=g)
-    z = grid.space_to_depth(x)
+    occ = torch.rand(2, 32, 32, 32, generator=g) > 0.7
+    z = grid.encode(occ)
     assert z.shape == (2, 8, 16, 16, 16)
-    assert torch.equal(grid.depth_to_space(z), x)
-    one = torch.zeros(1, 1, 32, 32, 32)
-    one[0, 0, 5, 2, 7] = 1.0  # block (2, 1, 3), offset (1, 0, 1) -> channel 1*4 + 0*2 + 1
-    assert torch.nonzero(grid.space_to_depth(one)).tolist() == [[0, 5, 2, 1, 3]]
+    assert torch.equal(grid.decode(z), occ.float()[:, None] * 2 - 1)
+    one = torch.zeros(1, 32, 32, 32, dtype=torch.bool)
+    one[0, 5, 2, 7] = True  # block (2, 1, 3), offset (1, 0, 1) -> channel 1*4 + 0*2 + 1
+    assert torch.nonzero(grid.encode(one) > 0).tolist() == [[0, 5, 2, 1, 3]]
 
 
 def test_decode_of_encoded_ground_truth_gives_back_its_occupancy_and_mesh():
@@ -74,7 +74,9 @@ TINY = dict(n_train=2, batch=2, steps=3, model_channels=32, num_blocks=1, num_he
 def test_train_grid_runs_resumes_and_exports_trellis_layout(grid_cache, tmp_path):
     import safetensors.torch
 
-    from timi.testbed.grid_train import GridConfig, GridTrainer, export_grid_model, load_grid_model
+    from timi_torch.trellis.pipeline import TrellisPipeline
+
+    from timi.testbed.grid_train import GridConfig, GridTrainer, export_grid_model
 
     cfg = GridConfig(seed=3, **TINY)
     a = GridTrainer(tmp_path / "a", grid_cache, cfg, progress=False)
@@ -88,18 +90,19 @@ def test_train_grid_runs_resumes_and_exports_trellis_layout(grid_cache, tmp_path
     b.run()
     assert b.state["loss"] == a.state["loss"]
     out = export_grid_model(a, tmp_path / "model")
-    spec = json.loads((out / "ss_flow.json").read_text())
+    spec = json.loads((out / "ckpts" / "ss_flow.json").read_text())
     assert spec["name"] == "SparseStructureFlowModel" and spec["args"]["resolution"] == 16
-    keys = set(safetensors.torch.load_file(str(out / "ss_flow.safetensors")))
+    keys = set(safetensors.torch.load_file(str(out / "ckpts" / "ss_flow.safetensors")))
     assert keys == set(a.flow_ema.state_dict())
     meta = json.loads((out / "testbed.json").read_text())
     assert meta["encoding"] == "space_to_depth_32" and meta["box"] == grid.BOX
-    flow, cond, _ = load_grid_model(out)
+    pipe = TrellisPipeline.from_pretrained(out)  # the project's loader of TRELLIS folders
+    assert pipe.box == grid.BOX
     x, t = torch.randn(1, 8, 16, 16, 16), torch.tensor([500.0])
     with torch.no_grad():
-        ref = a.flow_ema(x, t, a.tokens[:1])
-        torch.testing.assert_close(flow(x, t, a.tokens[:1]), ref, atol=2e-2, rtol=2e-2)  # fp16 weights
+        torch.testing.assert_close(pipe.model(x, t, a.tokens[:1]), a.flow_ema(x, t, a.tokens[:1]))
+        torch.testing.assert_close(pipe.decoder(x), grid.decode(x))
         images = torch.from_numpy(np.load(grid_cache)["image"][:1]).float()
-        torch.testing.assert_close(cond(image=images)["main"], a.tokens[:1], atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(pipe.conditioner(image=images)["main"], a.tokens[:1])
     with pytest.raises(ValueError, match="another seed"):
         GridTrainer(tmp_path / "a", grid_cache, replace(cfg, seed=4), progress=False)

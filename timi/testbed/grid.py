@@ -10,10 +10,11 @@ learnt and a decoder can neither fuse nor split instances on its own:
   hy3dgen's decoding box ``[-1.01, 1.01]^3`` (the box the token testbed decodes and meshes in);
 * :func:`encode`: ``{0, 1} -> {-1, +1}``, then space-to-depth by 2: ``(B, 1, 32^3) -> (B, 8, 16^3)``;
 * :func:`decode`: depth-to-space, ``(B, 8, 16^3) -> (B, 1, 32^3)`` occupancy logits (occupied where
-  ``> 0``): the exact inverse of :func:`encode` on its image;
-* :func:`logits_to_mesh`: marching cubes at level 0 on the logits (optionally upsampled and
-  Gaussian-smoothed), placed in the box, so :func:`timi.metrics.score_scene` scores it like the
-  token testbed's meshes.
+  ``> 0``): the exact inverse of :func:`encode` on its image, and what the exported folder's
+  ``DepthToSpaceDecoder`` (``timi_torch.trellis``) computes;
+* :func:`logits_to_mesh`: marching cubes at level 0 on the logits (optionally Gaussian-smoothed and
+  upsampled), placed in the box, so :func:`timi.metrics.score_scene` scores it like the token
+  testbed's meshes.
 """
 
 from __future__ import annotations
@@ -47,59 +48,44 @@ def occupancy_grid(primitives, res: int = GRID, box: float = BOX) -> np.ndarray:
     return (scene_sdf(primitives, pts)[0] < 0).reshape(res, res, res)
 
 
-def space_to_depth(x: torch.Tensor, f: int = FACTOR) -> torch.Tensor:
-    """(B, C, D, H, W) -> (B, C f^3, D/f, H/f, W/f); channel ``c f^3 + (a f + b) f + e`` holds the voxel
-    at offset (a, b, e) of each f^3 block."""
-    b, c, d, h, w = x.shape
-    x = x.reshape(b, c, d // f, f, h // f, f, w // f, f).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return x.reshape(b, c * f**3, d // f, h // f, w // f)
-
-
-def depth_to_space(z: torch.Tensor, f: int = FACTOR) -> torch.Tensor:
-    """Inverse of :func:`space_to_depth`: (B, C f^3, D, H, W) -> (B, C, D f, H f, W f)."""
-    b, c, d, h, w = z.shape
-    z = z.reshape(b, c // f**3, f, f, f, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    return z.reshape(b, c // f**3, d * f, h * f, w * f)
-
-
 def encode(occupancy: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Occupancy (B, R, R, R) (bool or {0, 1}) -> latent (B, 8, R/2, R/2, R/2) float32 in {-1, +1}."""
-    occ = torch.as_tensor(np.asarray(occupancy) if not torch.is_tensor(occupancy) else occupancy)
-    return space_to_depth(occ.float()[:, None] * 2 - 1)
+    """Occupancy (B, R, R, R) (bool or {0, 1}) -> latent (B, 8, R/2, R/2, R/2) float32 in {-1, +1}:
+    space-to-depth by 2 (upstream TRELLIS's ``patchify`` order, the inverse of :func:`decode`)."""
+    from timi_torch.trellis.modeling import patchify
+
+    occ = torch.as_tensor(occupancy if torch.is_tensor(occupancy) else np.asarray(occupancy))
+    return patchify(occ.float()[:, None] * 2 - 1, FACTOR)
 
 
 def decode(z: torch.Tensor) -> torch.Tensor:
-    """Latent (B, 8, R, R, R) -> occupancy logits (B, 1, 2R, 2R, 2R) (occupied where > 0)."""
-    return depth_to_space(z)
+    """Latent (B, 8, R, R, R) -> occupancy logits (B, 1, 2R, 2R, 2R) (occupied where > 0): depth-to-space,
+    what ``timi_torch.trellis.DepthToSpaceDecoder`` (the exported model's decoder) computes."""
+    from timi_torch.trellis.modeling import pixel_shuffle_3d
+
+    return pixel_shuffle_3d(z, FACTOR)
 
 
 def logits_to_mesh(logits: np.ndarray | torch.Tensor, box: float = BOX, upsample: int = 1,
                    sigma: float = 0.0) -> trimesh.Trimesh | None:
-    """Marching cubes at level 0 on (R, R, R) cell-centre logits over ``[-box, box]^3``; None if empty.
+    """Level-0 surface of (R, R, R) cell-centre logits over ``[-box, box]^3``
+    (``timi_torch.trellis.decoding.occupancy_mesh``); None if nothing is occupied.
 
-    ``upsample`` > 1 resamples the logits trilinearly at the centres of a grid ``upsample`` times finer
-    and ``sigma`` (in coarse cells) smooths them with a Gaussian first, which rounds the staircase of
-    a binary field. The grid is padded with empty cells so that every surface closes.
+    ``sigma`` (in cells) smooths the logits with a Gaussian and ``upsample`` > 1 resamples them
+    trilinearly at the centres of a grid ``upsample`` times finer, which rounds the staircase of a
+    binary field and opens one-cell contacts between instances.
     """
     from scipy import ndimage
-    from skimage.measure import marching_cubes
+    from timi_torch.trellis.decoding import occupancy_mesh
 
     v = logits.detach().cpu().numpy() if torch.is_tensor(logits) else np.asarray(logits)
     v = v.astype(np.float64)
-    res = v.shape[0]
     if sigma > 0:
         v = ndimage.gaussian_filter(v, sigma, mode="nearest")
     if upsample > 1:
-        fine = (np.arange(res * upsample) + 0.5) / upsample - 0.5  # fine centres in coarse index units
-        coords = np.stack(np.meshgrid(fine, fine, fine, indexing="ij"))
-        v = ndimage.map_coordinates(v, coords, order=1, mode="nearest")
-    if not (v > 0).any() or (v > 0).all():
-        return None
-    v = np.pad(v, 1, constant_values=min(float(v.min()), -1.0))
-    h = 2 * box / (res * upsample)  # cell size of the (upsampled) grid
-    verts, faces, *_ = marching_cubes(v, 0.0, spacing=(h, h, h))
-    verts = verts - box + (0.5 - 1) * h  # padded index 1 is the first cell centre, -box + h / 2
-    return trimesh.Trimesh(verts, faces, process=True)
+        fine = (np.arange(v.shape[0] * upsample) + 0.5) / upsample - 0.5  # fine centres, coarse index units
+        v = ndimage.map_coordinates(v, np.stack(np.meshgrid(fine, fine, fine, indexing="ij")), order=1,
+                                    mode="nearest")
+    return occupancy_mesh(v, bounds=box)
 
 
 def grid_ceiling(dataset_dir, limit: int | None = None, upsample: int = 1, sigma: float = 0.0,

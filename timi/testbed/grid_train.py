@@ -18,8 +18,9 @@ testbed's single assets, in TRELLIS's flow-matching convention.
   warm-up, gradient clipping, EMA weights exported.
 
 Reproducible from ``seed`` (each batch and noise draw is a function of ``(seed, step)``), resumable
-from ``<out>/checkpoint.pt``. :func:`export_grid_model` writes the TRELLIS layout
-(``ss_flow.json`` + ``ss_flow.safetensors``) plus the conditioner and ``testbed.json``.
+from ``<out>/checkpoint.pt``. :func:`export_grid_model` writes a TRELLIS folder (``pipeline.json``,
+``ckpts/ss_flow.{json,safetensors}``, the fixed decoder) with its conditioner, which
+``timi_torch.trellis.TrellisPipeline`` (``timi generate --model FOLDER``) loads.
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ from .train import _lr, _rng
 
 #: the token testbed preset whose conditioner the grid model shares (the shipped v5's)
 CONDITIONER_PRESET = "v3p"
-FLOW_FILE, FLOW_CONFIG, CONDITIONER_FILE, TESTBED_FILE = (
-    "ss_flow.safetensors", "ss_flow.json", "conditioner.safetensors", "testbed.json")
+TESTBED_FILE = "testbed.json"
 
 
 @dataclass(frozen=True)
@@ -222,46 +222,39 @@ class GridTrainer:
 
 
 def export_grid_model(trainer: GridTrainer, out_dir: str | Path, ema: bool = True, extra: dict | None = None) -> Path:
-    """The TRELLIS layout: ``ss_flow.json`` ({"name", "args"}: upstream's constructor keywords) and
-    ``ss_flow.safetensors`` (the flow model's state dict, fp16), plus ``conditioner.safetensors`` and
-    ``testbed.json`` (latent encoding, box, conditioner config, training config and summary)."""
+    """A TRELLIS folder that carries its conditioner (``timi_torch.trellis.TrellisPipeline``,
+    ``timi generate --model FOLDER``): ``pipeline.json`` (upstream's stage-1 entries and sampler
+    settings, ``box`` 1.01), ``ckpts/ss_flow.json`` + ``.safetensors`` (upstream's constructor keywords
+    and the flow model's state dict, float32), ``ckpts/ss_dec.json`` (the parameter-free
+    ``DepthToSpaceDecoder``: :func:`timi.testbed.grid.decode`), ``conditioner.json`` +
+    ``conditioner.safetensors`` (hy3dgen's sections), and ``testbed.json`` (latent encoding, box,
+    training config and summary)."""
     import safetensors.torch
+    from timi_torch.trellis.modeling import DepthToSpaceDecoder
+    from timi_torch.trellis.params import save_model, write_pipeline_json
+    from timi_torch.trellis.pipeline import CONDITIONER_FILE, CONDITIONER_WEIGHTS
+    from timi_torch.trellis.sampler import SamplerSettings
 
     from .model import hy3dgen_config
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    half = lambda sd: {k: v.detach().cpu().to(torch.float16).contiguous().clone() for k, v in sd.items()}  # noqa: E731
-    flow = trainer.flow_ema if ema else trainer.flow
-    safetensors.torch.save_file(half(flow.state_dict()), str(out / FLOW_FILE), metadata={"format": "pt"})
-    (out / FLOW_CONFIG).write_text(json.dumps({"name": "SparseStructureFlowModel", "args": trainer.kwargs}, indent=1))
-    safetensors.torch.save_file(half(trainer.cond.state_dict()), str(out / CONDITIONER_FILE),
-                                metadata={"format": "pt"})
+    save_model(trainer.flow_ema if ema else trainer.flow, out / "ckpts" / "ss_flow")
+    save_model(DepthToSpaceDecoder(grid.FACTOR, grid.CHANNELS), out / "ckpts" / "ss_dec")
+    write_pipeline_json(out, "ckpts/ss_flow", "ckpts/ss_dec", SamplerSettings(sigma_min=trainer.cfg.sigma_min),
+                        extra={"box": grid.BOX})
     cfg = hy3dgen_config(trainer.sizes)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in trainer.cond.state_dict().items()},
+                                str(out / CONDITIONER_WEIGHTS))
+    (out / CONDITIONER_FILE).write_text(json.dumps({"conditioner": cfg["conditioner"],
+                                                    "image_processor": cfg["image_processor"]}, indent=1))
     meta = {"encoding": grid.ENCODING, "grid": grid.GRID, "factor": grid.FACTOR, "box": grid.BOX,
             "latent_shape": [grid.CHANNELS] + [grid.LATENT_RESOLUTION] * 3,
             "values": {"empty": -1.0, "occupied": 1.0},
             "flow": {"convention": "trellis: t=1 noise, t=0 data, model gets 1000 t",
                      "sigma_min": trainer.cfg.sigma_min},
-            "conditioner": cfg["conditioner"], "image_processor": cfg["image_processor"],
             "conditioner_preset": CONDITIONER_PRESET, "condition_prefix_tokens": 1,
             "weights": "ema" if ema else "live", "train_config": asdict(trainer.cfg), "summary": trainer.summary(),
             **(extra or {})}
     (out / TESTBED_FILE).write_text(json.dumps(meta, indent=1))
     return out
-
-
-def load_grid_model(model_dir: str | Path) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    """(flow model, conditioner, testbed.json) of an exported grid model folder, float32, eval mode."""
-    import safetensors.torch
-
-    from .model import SIZES, build_conditioner
-
-    d = Path(model_dir)
-    spec = json.loads((d / FLOW_CONFIG).read_text())
-    flow = build_flow_model(spec["args"])
-    flow.load_state_dict({k: v.float() for k, v in safetensors.torch.load_file(str(d / FLOW_FILE)).items()})
-    meta = json.loads((d / TESTBED_FILE).read_text())
-    cond = build_conditioner(SIZES[meta["conditioner_preset"]])
-    cond.load_state_dict({k: v.float() for k, v in safetensors.torch.load_file(str(d / CONDITIONER_FILE)).items()})
-    return flow.eval(), cond.eval(), meta
