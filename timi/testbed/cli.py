@@ -211,7 +211,7 @@ def train_grid(
 def export_grid(
     run: Path = typer.Argument(..., help="Run folder holding checkpoint.pt (from `timi testbed train-grid`)."),
     out: Path = typer.Option(..., "--out", help="Model folder to write."),
-    live: bool = typer.Option(False, "--live", help="Export the live weights instead of the EMA."),
+    ema: bool = typer.Option(True, "--ema/--live", help="EMA weights (default) or the live ones."),
 ) -> None:
     """Export a grid run's checkpoint (any step) in the TRELLIS layout."""
     import torch
@@ -222,7 +222,7 @@ def export_grid(
         raise typer.BadParameter(f"{run} has no checkpoint.pt", param_hint="RUN")
     saved = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["cfg"]
     trainer = GridTrainer(run, None, GridConfig(**saved), progress=False)
-    typer.echo(f"exported grid model at step {trainer.state['step']}: {export_grid_model(trainer, out, ema=not live)}")
+    typer.echo(f"exported grid model at step {trainer.state['step']}: {export_grid_model(trainer, out, ema=ema)}")
 
 
 @app.command("grid-ceiling")

@@ -155,12 +155,24 @@ def _sample(args: tuple) -> dict:
     return out
 
 
+def map_jobs(fn, jobs: list, workers: int = 1, desc: str = "", progress: bool = True) -> list:
+    """``[fn(j) for j in jobs]`` with a progress bar, in ``workers`` spawned processes when > 1 (the
+    result does not depend on ``workers``: each job draws from its own seed)."""
+    from tqdm import tqdm
+
+    bar = dict(total=len(jobs), desc=desc, disable=not progress, mininterval=5.0)
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            return list(tqdm(pool.imap(fn, jobs, chunksize=8), **bar))
+    return [fn(j) for j in tqdm(jobs, **bar)]
+
+
 def build_cache(path: str | Path, n: int, seed: int = 0, image_size: int = 224, num_latents: int = 256,
                 n_encoder: int = 2048, n_multi: int = 0, workers: int = 1, progress: bool = True) -> Path:
     """Write ``n`` single assets (train split, indices ``0..n-1``) and ``n_multi`` multi-instance
     scenes (indices from :data:`MULTI_OFFSET`) to ``path`` (.npz); reuse it if it matches."""
-    from tqdm import tqdm
-
     path = Path(path)
     meta = {"n": n, "n_multi": n_multi, "seed": seed, "image_size": image_size, "num_latents": num_latents,
             "n_encoder": n_encoder, "cache_version": 3}
@@ -170,14 +182,7 @@ def build_cache(path: str | Path, n: int, seed: int = 0, image_size: int = 224, 
                 return path
     jobs = [(seed, i, image_size, num_latents, n_encoder) for i in range(n)]
     jobs += [(seed, MULTI_OFFSET + j, image_size, num_latents, n_encoder) for j in range(n_multi)]
-    bar = dict(total=len(jobs), desc="training cache", disable=not progress, mininterval=5.0)
-    if workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            rows = list(tqdm(pool.imap(_sample, jobs, chunksize=8), **bar))
-    else:
-        rows = [_sample(j) for j in tqdm(jobs, **bar)]
+    rows = map_jobs(_sample, jobs, workers, "training cache", progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, **{k: np.stack([r[k] for r in rows]) for k in rows[0]}, **meta)

@@ -93,7 +93,7 @@ def build_grid_cache(path: str | Path, n: int, seed: int = 0, image_size: int = 
                      progress: bool = True) -> Path:
     """Write ``n`` train-split single assets (bit-packed 32^3 occupancy, conditioner image) to ``path``
     (.npz); reuse it if it matches."""
-    from tqdm import tqdm
+    from .data import map_jobs
 
     path = Path(path)
     meta = {"n": n, "seed": seed, "image_size": image_size, "grid": grid.GRID, "box": grid.BOX}
@@ -101,15 +101,7 @@ def build_grid_cache(path: str | Path, n: int, seed: int = 0, image_size: int = 
         with np.load(path) as f:
             if all(k in f and float(f[k]) == v for k, v in meta.items()):
                 return path
-    jobs = [(seed, i, image_size) for i in range(n)]
-    bar = dict(total=n, desc="grid cache", disable=not progress, mininterval=5.0)
-    if workers > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            rows = list(tqdm(pool.imap(_grid_sample, jobs, chunksize=8), **bar))
-    else:
-        rows = [_grid_sample(j) for j in tqdm(jobs, **bar)]
+    rows = map_jobs(_grid_sample, [(seed, i, image_size) for i in range(n)], workers, "grid cache", progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, occupancy=np.stack([r[0] for r in rows]), image=np.stack([r[1] for r in rows]), **meta)
