@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import time
 import warnings
@@ -19,6 +18,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from timi_core import defaults
+from timi_core.defaults import SMALL_MODEL_BYTES  # noqa: F401  (the --threads rule's size, read by tests)
+
 from .inspect_cmd import prepare_masks
 from .io import OutputError, check_mesh_path, check_writable, first_missing, mesh_bytes, write_bytes
 from .masks_io import InstanceMasks, check_input_picture
@@ -32,23 +34,20 @@ __all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "Mo
 ASSIGN_METHODS = ("projection", "tokens")
 #: torch.Generator seeds: 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
-#: ``--threads`` default: one intra-op thread for checkpoints below this size (docs/benchmarks.md:
-#: the demo on the shipped 3.6 MB model took 13.7 s on 1 thread, 120.9 s on 2, with another process busy),
-#: torch's default (all usable cores) above it.
-SMALL_MODEL_BYTES = 200 * 2**20
 
 
 @dataclasses.dataclass
 class GenerateOptions:
-    """Everything ``timi generate`` accepts (see ``timi generate --help``)."""
+    """Everything ``timi generate`` accepts (see ``timi generate --help``); the defaults that the
+    library shares are :mod:`timi_core.defaults`'."""
 
     image: Optional[Path]
     masks: list[Path]
     out: Path
     model: Optional[str] = None
     backend: str = "torch"
-    steps: int = 50
-    guidance_scale: float = 5.0
+    steps: int = defaults.NUM_INFERENCE_STEPS
+    guidance_scale: float = defaults.GUIDANCE_SCALE
     seed: int = 0
     alpha: float = 0.1
     sigma: float = 1.5
@@ -57,7 +56,7 @@ class GenerateOptions:
     guided_fraction: float = 0.3
     preset: str = "default"           # TIMIConfig.preset: default or paper
     timi: bool = True
-    octree_resolution: int = 384
+    octree_resolution: int = defaults.OCTREE_RESOLUTION
     device: Optional[str] = None
     dtype: str = "auto"
     split_instances: bool = False
@@ -68,7 +67,7 @@ class GenerateOptions:
     threads: Optional[int] = None     # torch intra-op threads; None: choose_threads(model)
     flashvdm: bool = False            # decode with the turbo VAE + FlashVDM (hy3dgen's enable_flashvdm)
     mc_algo: Optional[str] = None     # hy3dgen's surface extractor: mc or dmc
-    dense_decoding: bool = False      # decode the whole grid (hy3dgen's default) instead of coarse-to-fine
+    dense_decoding: bool = False      # decode the whole grid (hy3dgen's) instead of defaults.DECODING
     views: dict = dataclasses.field(default_factory=dict)       # multi-view: {view: picture}
     view_masks: dict = dataclasses.field(default_factory=dict)  # multi-view: {view: mask source}
 
@@ -88,28 +87,13 @@ class GenerateResult:
 
 
 def choose_threads(model: str) -> int:
-    """The default ``--threads``: 1 for small checkpoints (< :data:`SMALL_MODEL_BYTES`), else all usable cores."""
+    """The default ``--threads`` for ``model``'s checkpoint (``timi_core.defaults.default_threads``, the
+    rule ``TIMIPipeline.from_pretrained`` follows too): 1 for a small one, else all usable cores."""
     p = Path(model).expanduser()
     config = model_config_path(model)  # a folder, or an id's local copy under $HY3DGEN_MODELS
     folder = config.parent if config is not None else p
     files = [p] if p.is_file() else [*folder.glob("model*.safetensors"), *folder.glob("model*.ckpt")] if folder.is_dir() else []
-    size = max((f.stat().st_size for f in files), default=None)
-    if size is not None and size < SMALL_MODEL_BYTES:
-        return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@contextmanager
-def torch_threads(n: int):
-    """Run with ``n`` torch intra-op threads, restoring the previous number afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return defaults.default_threads(max((f.stat().st_size for f in files), default=None))
 
 
 class _Clock:
@@ -231,6 +215,8 @@ def generate(opts: GenerateOptions, log=print, check=None, load=None) -> Generat
     raises stops the run there (``timi app``: cancel, a lost client, ``--max-run-seconds``).
     ``load(opts, model)``: gives the pipeline, after the inputs are checked (default :func:`load_for`;
     a batch, :mod:`timi.batch`, loads it once for all its scenes)."""
+    from timi_torch.pipeline import torch_threads
+
     out, model = check_options(opts)
     with torch_threads(opts.threads or choose_threads(model)):
         return _generate(opts, out, model, log, check or (lambda: None), load or load_for)
@@ -239,8 +225,8 @@ def generate(opts: GenerateOptions, log=print, check=None, load=None) -> Generat
 def load_for(opts: GenerateOptions, model: str):
     """The pipeline ``opts`` run on (the one door, :func:`timi.pipelines.load_pipeline`)."""
     return load_pipeline(model, backend=opts.backend, device=opts.device, dtype=opts.dtype, config=_config(opts),
-                         flashvdm=opts.flashvdm, mc_algo=opts.mc_algo,
-                         decoding="dense" if opts.dense_decoding else "coarse-to-fine")
+                         flashvdm=opts.flashvdm, mc_algo=opts.mc_algo, threads=opts.threads,
+                         decoding="dense" if opts.dense_decoding else defaults.DECODING)
 
 
 def _view_masks(opts: GenerateOptions, model: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from timi_core import defaults
 
 from .cli_common import (ADDRESS_OPTION, ENGINE_OPTION, GPUS_PER_WORKER_OPTION, PRESET_HELP, WORKERS_OPTION, run_cli,
                          split_image_and_masks)
@@ -53,8 +54,8 @@ def generate_command(
     view: Optional[list[str]] = typer.Option(None, "--view", help="Multi-view input (Hunyuan3D-2mv): VIEW=PICTURE, VIEW one of front, left, back, right. Repeat per view."),
     view_masks: Optional[list[str]] = typer.Option(None, "--view-masks", help="VIEW=MASKS for each --view: a label map (labels are instance ids in every view), a folder of mask PNGs (file names are the ids), a (K,H,W) .npy (slice k is instance k) or an RLE .json."),
     backend: str = typer.Option("torch", help="torch (hy3dgen) or jax."),
-    steps: int = typer.Option(50, help="Denoising steps."),
-    guidance_scale: float = typer.Option(5.0, help="Classifier-free guidance scale."),
+    steps: int = typer.Option(defaults.NUM_INFERENCE_STEPS, help="Denoising steps."),
+    guidance_scale: float = typer.Option(defaults.GUIDANCE_SCALE, help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, help="Random seed of the initial noise."),
     alpha: float = typer.Option(0.1, help="TIMI update size alpha (Eq.6)."),
     sigma: float = typer.Option(1.5, help="Gaussian smoothing sigma of the gradient (Eq.5)."),
@@ -63,7 +64,7 @@ def generate_command(
     guided_fraction: float = typer.Option(0.3, help="Guide the steps that start in this first part of the trajectory (noise level below it; paper: 15/50 = 0.3)."),
     preset: str = typer.Option("default", "--preset", help=PRESET_HELP),
     no_timi: bool = typer.Option(False, "--no-timi", help="Plain hy3dgen sampling (no guidance), for comparison."),
-    octree_resolution: int = typer.Option(384, help="Marching-cubes grid resolution."),
+    octree_resolution: int = typer.Option(defaults.OCTREE_RESOLUTION, help="Marching-cubes grid resolution."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16 (auto: fp16 on cuda, fp32 on cpu)."),
     split_instances: bool = typer.Option(False, "--split-instances", help="Write one named node per instance (connected parts assigned by the masks)."),

@@ -50,13 +50,15 @@ from tqdm.auto import tqdm
 
 import timi_core
 from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
+from timi_core.defaults import DECODING, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, OCTREE_RESOLUTION, default_threads
 
+from .decoding import set_decoding
 from .frontend import check_output_type, export_meshes, prepare_inputs, set_schedule, start_noise_levels
 from .guidance import MODES, SITES, attention_site, guidable_layers, observe_attention, separation_loss_and_grad
 from .hunyuan21 import FAMILY as HY21_FAMILY, SUBFOLDER as HY21_SUBFOLDER, build_pipeline, is_hunyuan21
 from .masks import ConditionMasks, condition_token_masks
 
-__all__ = ["TIMIPipeline", "TIMIPipelineOutput", "StepDiagnostics", "ModelLoadError"]
+__all__ = ["TIMIPipeline", "TIMIPipelineOutput", "StepDiagnostics", "ModelLoadError", "torch_threads"]
 
 DEFAULT_SUBFOLDER = "hunyuan3d-dit-v2-0"
 
@@ -99,6 +101,18 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text[:limit]}{' ...' if len(text) > limit else ''}"
 
 
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]):
+    """Run with ``n`` torch intra-op threads (``None``: as set), restoring the previous number afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _check_config(config) -> None:
     if not isinstance(config, TIMIConfig):
         raise TypeError(f"config must be a timi_core.TIMIConfig, got {type(config).__name__}.")
@@ -136,6 +150,8 @@ class TIMIPipeline:
     :class:`timi_core.TIMIPipelineOutput`; the pipeline keeps no state between calls.
     ``gradient_hook(grad, step) -> grad``: optional, applied to ``dL_sep/dz`` (B, L, C) float32 of
     each guided step before SGU (Eqs.5-7); for controls such as ``timi.testbed.controls``.
+    ``num_threads``: the torch intra-op threads its calls run on (``None``: as torch is set);
+    :meth:`from_pretrained` chooses it as ``timi generate --threads`` does (``timi_core.defaults``).
     ``token_positions(x1) -> (B, L, D)``: optional, the latent tokens' positions in space read from
     a clean latent ``x1`` (B, L, C); needed by ``TIMIConfig(smoothing="positions")`` (Eq.5 over
     positions; ``smoothing="decoder"`` reads them from the VAE decoder instead,
@@ -145,7 +161,8 @@ class TIMIPipeline:
     """
 
     def __init__(self, base, config: TIMIConfig = TIMIConfig(), attention: str = "fused",
-                 gradient_hook: Optional[Callable] = None, token_positions: Optional[Callable] = None):
+                 gradient_hook: Optional[Callable] = None, token_positions: Optional[Callable] = None,
+                 num_threads: Optional[int] = None):
         try:
             attention_site(getattr(base, "model", None))
         except TypeError:
@@ -160,6 +177,7 @@ class TIMIPipeline:
         self.attention = attention
         self.gradient_hook = gradient_hook
         self.token_positions = token_positions
+        self.num_threads = num_threads
 
     def with_config(self, config: TIMIConfig) -> "TIMIPipeline":
         """A shallow copy (same hy3dgen pipeline and weights) whose calls default to ``config``."""
@@ -173,6 +191,7 @@ class TIMIPipeline:
     def from_pretrained(cls, path=None, config: TIMIConfig = TIMIConfig(), *, device=None, dtype=None,
                         subfolder: Optional[str] = None, variant: Optional[str] = "fp16",
                         use_safetensors: bool = True, config_path=None, attention: str = "fused",
+                        decoding: Optional[str] = DECODING, num_threads: Optional[int] = None,
                         **kwargs) -> "TIMIPipeline":
         """Load through hy3dgen's own loaders and wrap.
 
@@ -188,6 +207,10 @@ class TIMIPipeline:
         :func:`timi_torch.hunyuan21.build_pipeline` (its ``model.fp16.ckpt`` is used when the
         ``.safetensors`` file is absent). ``device`` defaults to CUDA when available; ``dtype`` to
         float16 on CUDA, float32 on CPU.
+        ``decoding``: the volume decoding of its meshes (``timi_core.defaults.DECODING``, coarse-to-fine
+        as ``timi generate``; ``"dense"``: hy3dgen's; ``None``: leave the loaded VAE's). ``num_threads``:
+        the torch threads its calls run on; default as ``timi generate --threads``: 1 for a checkpoint
+        below ``timi_core.defaults.SMALL_MODEL_BYTES`` (the shipped model), else all usable cores.
         Raises ``FileNotFoundError`` for missing files and :class:`ModelLoadError` when hy3dgen
         cannot build the model from them.
         """
@@ -198,15 +221,19 @@ class TIMIPipeline:
 
             path = default_model_path()
         try:
-            base = cls._load_base(path, device, dtype, subfolder, variant, use_safetensors, config_path, **kwargs)
+            base, ckpt = cls._load_base(path, device, dtype, subfolder, variant, use_safetensors, config_path, **kwargs)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, ImportError, yaml.YAMLError) as e:
             raise ModelLoadError(f"could not build the model from {os.fspath(path)!r} ({_one_line(e)}); its "
                                  "config.yaml is incomplete or does not match the weights - restore the model's "
                                  "files.") from e
-        return cls(base, config=config, attention=attention)
+        set_decoding(base, decoding)
+        if num_threads is None:
+            num_threads = default_threads(ckpt.stat().st_size if ckpt is not None and ckpt.is_file() else None)
+        return cls(base, config=config, attention=attention, num_threads=num_threads)
 
     @staticmethod
     def _load_base(path, device, dtype, subfolder, variant, use_safetensors, config_path, **kwargs):
+        """(hy3dgen's pipeline, the checkpoint file it was read from, or ``None`` when not known)."""
         from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline as Base
 
         device = device or _default_device()
@@ -226,13 +253,13 @@ class TIMIPipeline:
                 raise FileNotFoundError(
                     f"model directory {p} lacks {missing} (it holds {present}); hy3dgen needs config.yaml "
                     f"and {ckpt_name} (choose the file with variant=... / use_safetensors=...).")
-            base = _from_files(cfg, ckpt, device, dtype, **kwargs)
+            return _from_files(cfg, ckpt, device, dtype, **kwargs), ckpt
         elif p.suffix in (".safetensors", ".ckpt"):
             if config_path is None or not Path(config_path).is_file():
                 raise FileNotFoundError(f"a single-file checkpoint needs config_path=<its config.yaml>; got {config_path!r}.")
             if not p.is_file():
                 raise FileNotFoundError(f"checkpoint file {p} does not exist.")
-            base = _from_files(Path(config_path), p, device, dtype, **kwargs)
+            return _from_files(Path(config_path), p, device, dtype, **kwargs), p
         else:
             root = os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")
             local = Path(os.path.expanduser(os.path.join(root, os.fspath(path), subfolder)))
@@ -255,7 +282,7 @@ class TIMIPipeline:
                     f"could not load {os.fspath(path)!r}: no local model at {local} and the hub download "
                     f"failed ({_one_line(e)}). Put the model there, set HY3DGEN_MODELS, or pass "
                     "a model directory.") from e
-        return base
+            return base, local / ckpt_name
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -357,9 +384,10 @@ class TIMIPipeline:
         return latents.to(torch.float32) + (1.0 - sigma) * v.to(torch.float32)
 
     @torch.no_grad()
-    def __call__(self, image, masks, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                 generator=None, output_type: str = "trimesh", callback: Optional[Callable] = None,
-                 callback_steps: int = 1, sigmas=None, box_v: float = 1.01, octree_resolution: int = 384,
+    def __call__(self, image, masks, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 guidance_scale: float = GUIDANCE_SCALE, generator=None, output_type: str = "trimesh",
+                 callback: Optional[Callable] = None, callback_steps: int = 1, sigmas=None, box_v: float = 1.01,
+                 octree_resolution: int = OCTREE_RESOLUTION,
                  mc_level: float = 0.0, mc_algo=None, num_chunks: int = 8000, enable_pbar: bool = True,
                  latents: Optional[torch.Tensor] = None, config: Optional[TIMIConfig] = None,
                  recorder=None) -> TIMIPipelineOutput:
@@ -383,77 +411,78 @@ class TIMIPipeline:
         (B, L, C) ``latents`` in the model's dtype, one ``StepDiagnostics`` per guided step, and
         ``recordings``.
         """
-        # 1. check the arguments
-        check_output_type(output_type)
-        _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas)
-        cfg = self.config if config is None else config
-        _check_config(cfg)
-        base = self.base
-        base.set_surface_extractor(mc_algo)
-        device, dtype = base.device, base.dtype
+        with torch_threads(self.num_threads):   # timi_core.defaults: as timi generate --threads
+            # 1. check the arguments
+            check_output_type(output_type)
+            _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas)
+            cfg = self.config if config is None else config
+            _check_config(cfg)
+            base = self.base
+            base.set_surface_extractor(mc_algo)
+            device, dtype = base.device, base.dtype
 
-        # 2. condition tokens and condition-token masks (shared front end)
-        do_cfg = guidance_scale >= 0 and not getattr(base.model, "guidance_embed", False)
-        inputs = prepare_inputs(base, image, masks, do_classifier_free_guidance=do_cfg,
-                                condition_masks=self.condition_masks)
-        batch_size, cond = inputs.batch_size, inputs.cond
+            # 2. condition tokens and condition-token masks (shared front end)
+            do_cfg = guidance_scale >= 0 and not getattr(base.model, "guidance_embed", False)
+            inputs = prepare_inputs(base, image, masks, do_classifier_free_guidance=do_cfg,
+                                    condition_masks=self.condition_masks)
+            batch_size, cond = inputs.batch_size, inputs.cond
 
-        # 3. timesteps and initial latents (hy3dgen's)
-        timesteps, num_inference_steps, _ = set_schedule(base, num_inference_steps, device, sigmas)
-        if latents is None:
-            latents = base.prepare_latents(batch_size, dtype, device, generator)
-        else:
-            latents = latents.to(device=device, dtype=dtype)
-        guidance = None
-        if getattr(base.model, "guidance_embed", False):  # guidance-distilled DiT: hy3dgen's tensor
-            guidance = torch.tensor([guidance_scale] * batch_size, device=device, dtype=dtype)
-        num_train = base.scheduler.config.num_train_timesteps
-        noise_levels = start_noise_levels(base, timesteps)
-        num_guided = cfg.num_guided_steps(noise_levels)   # the guided window
-        by_position = num_guided > 0 and cfg.needs_positions
-        reader = self.position_reader(cfg) if by_position else None
+            # 3. timesteps and initial latents (hy3dgen's)
+            timesteps, num_inference_steps, _ = set_schedule(base, num_inference_steps, device, sigmas)
+            if latents is None:
+                latents = base.prepare_latents(batch_size, dtype, device, generator)
+            else:
+                latents = latents.to(device=device, dtype=dtype)
+            guidance = None
+            if getattr(base.model, "guidance_embed", False):  # guidance-distilled DiT: hy3dgen's tensor
+                guidance = torch.tensor([guidance_scale] * batch_size, device=device, dtype=dtype)
+            num_train = base.scheduler.config.num_train_timesteps
+            noise_levels = start_noise_levels(base, timesteps)
+            num_guided = cfg.num_guided_steps(noise_levels)   # the guided window
+            by_position = num_guided > 0 and cfg.needs_positions
+            reader = self.position_reader(cfg) if by_position else None
 
-        # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's (CFG) Euler step
-        diagnostics = []
-        momentum = None
-        clean = None    # the sampler's latest clean-latent prediction (Eq.5 over positions only)
-        # Guidance on: float32 master latent (module docstring). Off: hy3dgen's loop, model dtype.
-        master = num_guided > 0
-        if master:
-            latents = latents.to(torch.float32)
-        for i, t in enumerate(tqdm(timesteps, disable=not enable_pbar, desc="TIMI sampling")):
-            timestep = t.expand(batch_size).to(dtype) / num_train
-            if i < num_guided:
-                positions = None
-                if by_position:
-                    if clean is None:   # first guided step: one extra forward at the current latent
-                        clean = self.clean_prediction(latents, t, cond, do_cfg, guidance_scale, guidance)
-                    positions = reader(clean).to(torch.float32)
-                latents, momentum, diag = self.guide(latents, timestep, inputs.cond_main, inputs.tokens, momentum,
-                                                     step=i, config=cfg, guidance=guidance, positions=positions)
-                diagnostics.append(diag)
-
-            with _observed(recorder, i, inputs.tokens.shape[-1], base.model):
-                noise_pred = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
-            if by_position and i + 1 < num_guided:
-                clean = latents.to(torch.float32) + (1.0 - float(noise_levels[i])) * noise_pred.to(torch.float32)
+            # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's (CFG) Euler step
+            diagnostics = []
+            momentum = None
+            clean = None    # the sampler's latest clean-latent prediction (Eq.5 over positions only)
+            # Guidance on: float32 master latent (module docstring). Off: hy3dgen's loop, model dtype.
+            master = num_guided > 0
             if master:
-                # hy3dgen's step on the float32 latent with a float32 velocity: it computes
-                # float32 sample + (sigma_next - sigma) * v and casts to v's dtype, float32 here.
-                noise_pred = noise_pred.to(torch.float32)
-            outputs = base.scheduler.step(noise_pred, t, latents)
-            latents = outputs.prev_sample
-            if callback is not None and i % callback_steps == 0:
-                callback(i // getattr(base.scheduler, "order", 1), t, outputs)
+                latents = latents.to(torch.float32)
+            for i, t in enumerate(tqdm(timesteps, disable=not enable_pbar, desc="TIMI sampling")):
+                timestep = t.expand(batch_size).to(dtype) / num_train
+                if i < num_guided:
+                    positions = None
+                    if by_position:
+                        if clean is None:   # first guided step: one extra forward at the current latent
+                            clean = self.clean_prediction(latents, t, cond, do_cfg, guidance_scale, guidance)
+                        positions = reader(clean).to(torch.float32)
+                    latents, momentum, diag = self.guide(latents, timestep, inputs.cond_main, inputs.tokens, momentum,
+                                                         step=i, config=cfg, guidance=guidance, positions=positions)
+                    diagnostics.append(diag)
 
-        # 5. the master latent, rounded once; meshes (shared back end)
-        latents = latents.to(dtype)
-        meshes = None
-        if output_type != "latent":
-            meshes = export_meshes(base, latents, output_type, box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
-                                   octree_resolution=octree_resolution, mc_algo=mc_algo, enable_pbar=enable_pbar)
-        return TIMIPipelineOutput(meshes, latents, diagnostics,
-                                  list(recorder.records) if recorder is not None else None)
+                with _observed(recorder, i, inputs.tokens.shape[-1], base.model):
+                    noise_pred = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
+                if by_position and i + 1 < num_guided:
+                    clean = latents.to(torch.float32) + (1.0 - float(noise_levels[i])) * noise_pred.to(torch.float32)
+                if master:
+                    # hy3dgen's step on the float32 latent with a float32 velocity: it computes
+                    # float32 sample + (sigma_next - sigma) * v and casts to v's dtype, float32 here.
+                    noise_pred = noise_pred.to(torch.float32)
+                outputs = base.scheduler.step(noise_pred, t, latents)
+                latents = outputs.prev_sample
+                if callback is not None and i % callback_steps == 0:
+                    callback(i // getattr(base.scheduler, "order", 1), t, outputs)
+
+            # 5. the master latent, rounded once; meshes (shared back end)
+            latents = latents.to(dtype)
+            meshes = None
+            if output_type != "latent":
+                meshes = export_meshes(base, latents, output_type, box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
+                                       octree_resolution=octree_resolution, mc_algo=mc_algo, enable_pbar=enable_pbar)
+            return TIMIPipelineOutput(meshes, latents, diagnostics,
+                                      list(recorder.records) if recorder is not None else None)
 
 
 def _observed(recorder, step: int, num_cond: int, model):
