@@ -166,6 +166,12 @@ CASES = [
     Case("--device unknown", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--device", "gpu0")),
          words=("--device 'gpu0'", "use cpu, cuda or cuda:N")),
     Case("--steps 0", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--steps", "0")), words=("--steps 0", "at least 1")),
+    # issue 38: what cannot fit in memory is refused before anything is allocated (was: 23.7 GB and counting)
+    Case("--octree-resolution beyond memory",
+         lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--octree-resolution", "10000", "--steps", "5")),
+         words=("--octree-resolution 10000", "10001^3-point grid", "TiB of memory", "available here; use at most")),
+    Case("--steps beyond memory", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--steps", str(10**12))),
+         words=(f"--steps {10**12}", "PiB of memory", "available here; use at most")),
     # already right before issue 15; kept here so the table covers them
     Case("mask size differs", lambda f, o: _gen(f, o, D(f, "small.npy")), words=("small.npy", "differs from image")),
     Case("missing mask file", lambda f, o: _gen(f, o, D(f, "nothere.png")), words=("nothere.png", "file not found")),

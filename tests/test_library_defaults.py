@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from timi_core import defaults
+from torch_helpers import fast_base, fast_dir, fast_root  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,3 +99,36 @@ def test_readme_snippet_runs_verbatim_from_another_folder(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert int(run.stdout.split("faces")[-1]) > 1000
+
+
+# ------------------------------------------------------------------ what fits in memory (issue 38, item 2)
+
+
+def test_memory_check_names_the_largest_value_that_fits(monkeypatch):
+    from timi_torch import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: 10 * 2**30)
+    memory.check_memory(384, 50)
+    with pytest.raises(memory.MemoryEstimateError) as e:
+        memory.check_memory(2000, 50)
+    most = int(re.search(r"use at most (\d+)", str(e.value)).group(1))
+    memory.check_memory(most, 50)                       # the value it names fits ...
+    with pytest.raises(memory.MemoryEstimateError):
+        memory.check_memory(most + 1, 50)               # ... and is the largest that does
+    with pytest.raises(memory.MemoryEstimateError, match=r"^num_inference_steps=10000000: .* use at most \d+"):
+        memory.check_memory(None, 10**7)
+    monkeypatch.setattr(memory, "available_bytes", lambda device=None: None)  # unknown: not refused
+    memory.check_memory(2000, 50)
+
+
+def test_library_refuses_a_grid_that_cannot_fit_before_sampling(fast_base):
+    """``octree_resolution=10000`` needs tens of TiB: refused before the first step (no callback)."""
+    from timi.assets import example
+    from timi_torch import TIMIPipeline
+    from timi_torch.memory import MemoryEstimateError
+
+    steps = []
+    with pytest.raises(MemoryEstimateError, match=r"^octree_resolution=10000: .*TiB of memory"):
+        TIMIPipeline(fast_base)(example() / "image.png", example() / "masks.png", num_inference_steps=2,
+                                octree_resolution=10000, callback=lambda *a: steps.append(a), enable_pbar=False)
+    assert steps == []

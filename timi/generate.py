@@ -151,6 +151,7 @@ def check_settings(opts: GenerateOptions) -> None:
                             ("--threads", 1 if opts.threads is None else opts.threads, 1)):
         if value < lo:
             raise ValueError(f"{name} {value}: must be at least {lo}.")
+    check_fits(opts.octree_resolution, opts.steps, opts.device)
     if not (math.isfinite(opts.guided_fraction) and 0 <= opts.guided_fraction <= 1):
         raise ValueError(f"--guided-fraction {opts.guided_fraction}: must be a number from 0 to 1 (paper: 0.3).")
     if not 0 <= opts.seed <= MAX_SEED:
@@ -158,6 +159,14 @@ def check_settings(opts: GenerateOptions) -> None:
     for name, value in (("--guidance-scale", opts.guidance_scale), ("--alpha", opts.alpha), ("--sigma", opts.sigma)):
         if not math.isfinite(value):
             raise ValueError(f"{name} {value}: must be a finite number.")
+
+
+def check_fits(octree_resolution: int, steps: int, device=None) -> None:
+    """``--octree-resolution`` and ``--steps`` whose memory estimate exceeds what is available here
+    (:func:`timi_torch.memory.check_memory`): refused before anything is allocated (a ``ValueError``)."""
+    from timi_torch.memory import check_memory
+
+    check_memory(octree_resolution, steps, device, names=("--octree-resolution ", "--steps "))
 
 
 def check_model(opts: GenerateOptions) -> str:

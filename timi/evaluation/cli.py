@@ -169,6 +169,12 @@ def eval_command(
         if decoding not in DECODINGS:
             raise typer.BadParameter(f"{decoding!r}: use one of {', '.join(DECODINGS)}.", param_hint="--decoding")
         _check_model_supports(model, runs)
+        try:
+            from timi.generate import check_fits
+
+            check_fits(octree_resolution, steps, device)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
         generate = TIMITorchGenerator(model, device=device, dtype=dtype, steps=steps, guidance_scale=guidance_scale,
                                       octree_resolution=octree_resolution, decoding=decoding)
     # one metric seed for every sampling seed: pairs differ only in sampling, and a seed evaluated on its

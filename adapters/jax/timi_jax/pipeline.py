@@ -60,9 +60,11 @@ class TIMIPipelineJAX:
         hy3dgen). ``recorder`` is not supported: the attention is recorded from the torch DiT."""
         import torch
         from timi_torch.frontend import check_output_type, export_meshes, prepare_inputs
+        from timi_torch.memory import check_memory
 
         # 1. check the arguments
         check_output_type(output_type)
+        check_memory(None if output_type == "latent" else octree_resolution, num_inference_steps, self.base.device)
         if recorder is not None:
             raise NotImplementedError("TIMIPipelineJAX records no attention; use timi_torch.TIMIPipeline "
                                       "with a recorder.")

@@ -122,8 +122,12 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas) -> None:
-    """The sampler's numeric arguments, checked as ``timi generate`` checks its options."""
+def _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas, meshes: bool = True,
+                     device=None) -> None:
+    """The sampler's numeric arguments, checked as ``timi generate`` checks its options, and what
+    they need in memory (:func:`timi_torch.memory.check_memory`) before anything is allocated."""
+    from .memory import check_memory
+
     import numbers
 
     if sigmas is None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
@@ -133,6 +137,8 @@ def _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sig
         raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number.")
     if octree_resolution is None or int(octree_resolution) < 8:
         raise ValueError(f"octree_resolution={octree_resolution!r} must be at least 8.")
+    check_memory(int(octree_resolution) if meshes else None,
+                 len(sigmas) if num_inference_steps is None else int(num_inference_steps), device)
 
 
 class TIMIPipeline:
@@ -414,7 +420,8 @@ class TIMIPipeline:
         with torch_threads(self.num_threads):   # timi_core.defaults: as timi generate --threads
             # 1. check the arguments
             check_output_type(output_type)
-            _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas)
+            _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas,
+                             meshes=output_type != "latent", device=self.base.device)
             cfg = self.config if config is None else config
             _check_config(cfg)
             base = self.base
