@@ -272,6 +272,11 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check, load) ->
             found, cond_preview, notes = prepare_masks(opts.image, opts.masks, model, opts.overlap, opts.timi)
     for n in notes:
         log(f"warning: {n}")
+
+    def note(message: str) -> None:  # a warning found later: in the result's warnings, and shown once, now
+        notes.append(message)
+        log(f"warning: {message}")
+
     log(f"{found.count} instance(s): " + ", ".join(found.names) + f"; condition grid {cond_preview.grid[0]}x{cond_preview.grid[1]}")
 
     import torch
@@ -289,11 +294,16 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check, load) ->
 
     depth = pipeline_depth(pipe)
     if opts.timi and opts.guided_layers > depth:
-        notes.append(f"--guided-layers {opts.guided_layers} exceeds the model's {depth} double-stream blocks; guiding all {depth}.")
+        note(f"--guided-layers {opts.guided_layers} exceeds the model's {depth} double-stream blocks; guiding all {depth}.")
+    if opts.timi and pipe.num_guided_steps(opts.steps, _config(opts)) == 0:
+        asked = (f"--guided-steps {opts.guided_steps}" if opts.guided_steps is not None
+                 else f"--guided-fraction {opts.guided_fraction:g}")
+        note(f"{asked} guides no step: this run is plain hy3dgen sampling (TIMI guidance off), as asked; "
+             "drop it for the paper's window (the first 30 % of the steps); --no-timi turns guidance off on purpose.")
     recorder = None
     if opts.report is not None:
         if opts.backend == "jax":
-            notes.append("--backend jax: the report has no instance maps (they are recorded from the torch DiT).")
+            note("--backend jax: the report has no instance maps (they are recorded from the torch DiT).")
         else:
             from .report import AttentionRecorder
 
@@ -346,7 +356,7 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check, load) ->
             from .instances import instance_scene
 
             if out.suffix.lower() in (".ply", ".stl"):
-                notes.append(f"{out.suffix} holds one mesh, so the instance nodes are merged; use .glb or .obj to keep them.")
+                note(f"{out.suffix} holds one mesh, so the instance nodes are merged; use .glb or .obj to keep them.")
             scene = instance_scene(split)
         data = mesh_bytes(scene, out)
     result = GenerateResult(out, mesh, found, clock.timings, list(output.diagnostics), split, notes, latents=latents,

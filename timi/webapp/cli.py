@@ -144,9 +144,26 @@ def launch_options(host: str, port: Optional[int], share: bool, max_upload_mb: f
 
     return dict(server_name=host, server_port=port, share=bool(share), max_file_size=int(max_upload_mb * 2**20),
                 show_error=False, enable_monitoring=False, mcp_server=False, pwa=False, ssr_mode=False,
-                run_history=False, footer_links=["settings"], theme=theme(), inbrowser=False, quiet=False,
+                run_history=False, footer_links=["settings"], theme=theme(), inbrowser=False, quiet=True,
                 auth=auth or None, auth_message="TIMI: log in with the user name and password you were given.",
                 app_kwargs=app_kwargs or {})
+
+
+def startup_lines(local_url: str, share: bool) -> list[str]:
+    """What ``timi app`` prints once the page listens (Gradio's own lines are off, ``quiet``: they
+    tell a Python caller to set ``share=True`` in ``launch()``)."""
+    lines = [f"* Running on local URL:  {local_url}"]
+    if not share:
+        lines.append("* A public link: timi app --share --auth USER:PASS (see timi app --help).")
+    return lines
+
+
+def _launch(demo, options: dict) -> None:
+    """Start the page, print :func:`startup_lines`, and serve until Ctrl-C or SIGTERM."""
+    demo.launch(**options, prevent_thread_lock=True)
+    for line in startup_lines(demo.local_url, options["share"]):
+        print(line, flush=True)
+    demo.block_thread()
 
 
 def _terminate(signum, frame):
@@ -200,7 +217,7 @@ def app_command(
         app_kwargs = serve(demo, cfg)
         err.print(f"model: {cfg.model}; work folder: {cfg.workdir} (removed on exit)", markup=False, highlight=False)
         signal.signal(signal.SIGTERM, _terminate)
-        run_cli(lambda: demo.launch(**launch_options(host, port, share, max_upload_mb, logins, app_kwargs)), err)
+        run_cli(lambda: _launch(demo, launch_options(host, port, share, max_upload_mb, logins, app_kwargs)), err)
     finally:
         from .run import stop_runs
 
