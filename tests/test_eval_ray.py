@@ -24,7 +24,7 @@ from timi.evaluation.cli import evaluate_and_report
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE.parent / "timi" / "assets" / "example"
-TIMING = ("seconds", "seconds_per_scene")
+TIMING = ("seconds", "seconds_per_scene", "sampling_seconds", "mesh_seconds", "scoring_seconds")
 
 
 def _rows(path: Path, drop=TIMING) -> list[dict]:

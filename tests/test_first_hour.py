@@ -120,3 +120,18 @@ def test_report_views_take_each_instances_own_colour():
     grey = np.full_like(image, 128)
     colors, note = instance_view_colors(grey, masks)
     assert "palette" in note and np.allclose(colors, instance_colors(3) / 255.0)
+
+
+def test_stage_table_says_what_each_time_covers():
+    """The denoise row says how many steps TIMI guided and through how many of the DiT's blocks (what
+    sets its cost: 4 of the shipped model's 5 blocks, 4 of the full-size DiT's 48), the mesh row the decoding."""
+    from types import SimpleNamespace
+
+    from timi.generate import GenerateOptions, stage_notes
+
+    pipe = SimpleNamespace(base=SimpleNamespace(model=SimpleNamespace(double_blocks=[0] * 4, single_blocks=[0])))
+    opts = GenerateOptions(image=None, masks=[], out=Path("x.glb"), octree_resolution=128)
+    notes = stage_notes(opts, pipe, guided=15, depth=4)
+    assert notes["denoise"] == "50 steps, 15 TIMI-guided: each differentiates through the first 4 of the DiT's 5 blocks"
+    assert notes["mesh"] == "coarse-to-fine decoding, octree 128"
+    assert "none guided" in stage_notes(opts, pipe, guided=0, depth=4)["denoise"]
