@@ -25,7 +25,6 @@ evaluated, so ``dL/dz`` passes through the input layer and those blocks only.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
