@@ -57,7 +57,7 @@ from einops import rearrange
 import timi_core
 
 __all__ = ["capture_attention", "observe_attention", "condition_attention", "separation_loss_and_grad",
-           "guided_probabilities", "guided_update", "smoothing_axes", "MODES", "AttentionSite", "SITES",
+           "guided_probabilities", "guided_update", "smoothing_axes", "observed", "MODES", "AttentionSite", "SITES",
            "attention_site", "guidable_layers"]
 
 MODES = ("fused", "explicit")
@@ -318,6 +318,16 @@ def observe_attention(observer, num_layers: int, num_cond: int, site: AttentionS
     hand ``(layer, q_z, k)`` to ``observer`` (latent queries, keys with the ``num_cond`` condition
     tokens first); the forward itself is unchanged (:func:`capture_attention`, ``mode="observe"``)."""
     return capture_attention(None, num_layers, "observe", observer, site=site, num_cond=num_cond)
+
+
+def observed(recorder, step: int, num_cond: int, model):
+    """The conditional forward of ``step`` observed by ``recorder`` (``timi.report.AttentionRecorder``:
+    ``recorder.wants(step)``, ``recorder.layers``, ``recorder.observe(step, layer, q_z, k)``), or a
+    no-op context; every sampler wraps its step's first (conditional) forward in it."""
+    if recorder is None or not recorder.wants(step):
+        return contextlib.nullcontext()
+    return observe_attention(functools.partial(recorder.observe, step), recorder.layers, num_cond,
+                             attention_site(model))
 
 
 def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode="fused", per_head=False, **kwargs):

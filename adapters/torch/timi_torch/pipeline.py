@@ -36,9 +36,7 @@ bfloat16).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
 import os
 import warnings
 from pathlib import Path
@@ -51,7 +49,7 @@ from tqdm.auto import tqdm
 from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
 
 from .frontend import check_output_type, export_meshes, prepare_inputs, set_schedule, start_noise_levels
-from .guidance import MODES, SITES, attention_site, guidable_layers, guided_update, observe_attention
+from .guidance import MODES, SITES, attention_site, guidable_layers, guided_update, observed
 from .hunyuan21 import FAMILY as HY21_FAMILY, SUBFOLDER as HY21_SUBFOLDER, build_pipeline, is_hunyuan21
 from .masks import ConditionMasks, condition_token_masks
 
@@ -411,7 +409,7 @@ class TIMIPipeline:
                                                      step=i, config=cfg, guidance=guidance, positions=positions)
                 diagnostics.append(diag)
 
-            with _observed(recorder, i, inputs.tokens.shape[-1], base.model):
+            with observed(recorder, i, inputs.tokens.shape[-1], base.model):
                 noise_pred = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
             if by_position and i + 1 < num_guided:
                 clean = latents.to(torch.float32) + (1.0 - float(noise_levels[i])) * noise_pred.to(torch.float32)
@@ -433,10 +431,3 @@ class TIMIPipeline:
         return TIMIPipelineOutput(meshes, latents, diagnostics,
                                   list(recorder.records) if recorder is not None else None)
 
-
-def _observed(recorder, step: int, num_cond: int, model):
-    """The forward of ``step`` observed by ``recorder`` (see ``TIMIPipeline.__call__``), or not."""
-    if recorder is None or not recorder.wants(step):
-        return contextlib.nullcontext()
-    return observe_attention(functools.partial(recorder.observe, step), recorder.layers, num_cond,
-                             attention_site(model))

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SparseStructureFlowModel", "SparseStructureDecoder", "FlowConfig", "DecoderConfig", "FLOW_PRESETS",
+__all__ = ["SparseStructureFlowModel", "SparseStructureDecoder", "DepthToSpaceDecoder", "FlowConfig", "DecoderConfig", "FLOW_PRESETS",
            "DECODER_PRESETS", "attention", "patchify", "unpatchify", "pixel_shuffle_3d", "position_embedding"]
 
 
@@ -439,6 +439,38 @@ class SparseStructureDecoder(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.out_layer(h.type(z.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthToSpaceConfig:
+    """:class:`DepthToSpaceDecoder`'s keywords."""
+
+    factor: int = 2
+    latent_channels: int = 8
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class DepthToSpaceDecoder(nn.Module):
+    """A fixed, parameter-free stage-1 decoder (ours, not upstream's): the latent *is* the occupancy,
+    ``{empty, occupied} -> {-1, +1}`` cut into ``factor``^3 blocks (space-to-depth), so ``forward(z)``
+    is depth-to-space, (B, factor^3, R, R, R) -> logits (B, 1, R f, R f, R f) (:func:`pixel_shuffle_3d`'s
+    order). The grid testbed's latent (``timi.testbed.grid``): it can neither fuse nor split instances
+    on its own, so everything the test measures is the flow model's."""
+
+    def __init__(self, factor: int = 2, latent_channels: int = 8):
+        super().__init__()
+        if latent_channels % factor ** 3:
+            raise ValueError(f"latent_channels={latent_channels} is not a multiple of factor^3 = {factor ** 3}.")
+        self.config = DepthToSpaceConfig(factor, latent_channels)
+
+    @property
+    def upsampling(self) -> int:
+        return self.config.factor
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return pixel_shuffle_3d(z, self.config.factor)
 
 
 def flow_parameter_count(config: FlowConfig) -> int:

@@ -15,12 +15,13 @@ import json
 import os
 from pathlib import Path
 
-from .modeling import SparseStructureDecoder, SparseStructureFlowModel
+from .modeling import DepthToSpaceDecoder, SparseStructureDecoder, SparseStructureFlowModel
 from .sampler import SamplerSettings
 
 __all__ = ["CLASSES", "load_model", "save_model", "load_stage1", "write_pipeline_json", "FLOW_ROLE", "DECODER_ROLE"]
 
-CLASSES = {"SparseStructureFlowModel": SparseStructureFlowModel, "SparseStructureDecoder": SparseStructureDecoder}
+CLASSES = {"SparseStructureFlowModel": SparseStructureFlowModel, "SparseStructureDecoder": SparseStructureDecoder,
+           "DepthToSpaceDecoder": DepthToSpaceDecoder}
 FLOW_ROLE, DECODER_ROLE = "sparse_structure_flow_model", "sparse_structure_decoder"
 
 
@@ -37,15 +38,18 @@ def load_model(path, device="cpu"):
 
     stem = _stem(path)
     config_file, weights_file = stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
-    missing = [str(f) for f in (config_file, weights_file) if not f.is_file()]
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    needs_weights = config.get("name") != "DepthToSpaceDecoder"           # parameter-free: no weights file
+    missing = [str(f) for f in (config_file, weights_file) if not f.is_file() and (needs_weights or f == config_file)]
     if missing:
         raise FileNotFoundError(f"TRELLIS model {stem} lacks {missing}; upstream keeps <name>.json and "
                                 "<name>.safetensors side by side (e.g. ckpts/ss_flow_img_dit_L_16l8_fp16.*).")
-    config = json.loads(config_file.read_text())
     name = config.get("name")
     if name not in CLASSES:
         raise ValueError(f"{config_file} names {name!r}; TIMI implements TRELLIS's stage 1 only: {sorted(CLASSES)}.")
     model = CLASSES[name](**config["args"])
+    if not needs_weights:
+        return model.to(device).eval()
     try:
         model.load_state_dict(load_file(str(weights_file)), strict=True)
     except RuntimeError as e:
@@ -62,7 +66,9 @@ def save_model(model, path) -> Path:
     stem.parent.mkdir(parents=True, exist_ok=True)
     name = next(k for k, cls in CLASSES.items() if isinstance(model, cls))
     stem.with_name(stem.name + ".json").write_text(json.dumps({"name": name, "args": model.config.kwargs()}, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(stem.with_name(stem.name + ".safetensors")))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if state:
+        save_file(state, str(stem.with_name(stem.name + ".safetensors")))
     return stem
 
 

@@ -1,112 +1,201 @@
-"""TIMI inside upstream's ``TrellisImageTo3DPipeline`` (for users who have TRELLIS installed).
+"""``TrellisPipeline``: image + masks -> TRELLIS stage-1 structure -> mesh, with TIMI, for ``timi generate``.
 
-:func:`guide` swaps the pipeline's stage-1 sampler for one call (the pipeline's own component,
-as upstream's ``inject_sampler_multi_image`` swaps sampler methods): ``pipeline.run(image, ...)``
-then runs stage 1 with TIMI (:func:`timi_torch.trellis.sampler.sample`, the pipeline's own flow
-model, condition and sampler settings) and leaves stage 2 and every decoder (Gaussians, radiance
-field, mesh, GLB) untouched.
+A TRELLIS folder in upstream's layout (``pipeline.json`` naming ``sparse_structure_flow_model`` and
+``sparse_structure_decoder`` checkpoints, :mod:`timi_torch.trellis.params`) plus the image conditioner
+it was trained with, in hy3dgen's format: ``conditioner.json`` (``{"conditioner": <hy3dgen config
+section>, "image_processor": <section>}``) and ``conditioner.safetensors``. Upstream's released
+folder has no such files (its DINOv2 ViT-L/14-reg comes from ``torch.hub``): run it through
+upstream's own pipeline with :func:`timi_torch.trellis.guide` instead. The grid testbed
+(``--model trellis-testbed``) is such a folder.
 
-Masks reach the condition tokens through upstream's image geometry: ``preprocess_image`` crops a
-square of side ``int(1.2 * max(bbox))`` centred on the alpha's bounding box (alpha > 0.8 * 255) and
-resizes it to 518 px; DINOv2 ViT-L/14 with registers gives ``1 + 4 + 37 * 37`` tokens, the patches
-last (:data:`PREFIX_TOKENS`). :func:`condition_token_masks` crops the masks with the same box and
-pools them by area onto the 37 x 37 patch grid (``timi_core.pool_masks``).
+The pipeline has the surface the application reads from ``timi_torch.TIMIPipeline`` (``base`` with
+``model``, ``conditioner``, ``image_processor``, ``prepare_image``, ``encode_cond``; ``__call__``
+returning a ``TIMIPipelineOutput``; ``num_guided_steps``; ``condition_masks``), so the condition
+masks are computed by the one door ``timi_torch.condition_token_masks`` and the front end
+``timi_torch.frontend.prepare_inputs``. A call runs in stages: 1. inputs (condition tokens, masks);
+2. noise from ``generator``; 3. :func:`timi_torch.trellis.sample` (upstream's sampler, TIMI in the
+guided window); 4. meshes from the decoder's logits (:meth:`export_meshes`).
+
+``guidance_scale`` is hy3dgen's ``w`` (``v = u + w (c - u)``): TRELLIS's CFG ``(1 + s) c - s u`` is the
+same with ``s = w - 1``, so ``--guidance-scale`` means one thing on both families.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import numpy as np
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
 import torch
-from PIL import Image
 
-import timi_core
-from timi_core import TIMIConfig
+from timi_core import TIMIConfig, TIMIPipelineOutput
 
-from ..masks import instance_masks, load_rgba
-from .sampler import SamplerSettings, sample
+from ..frontend import check_output_type, prepare_inputs
+from ..guidance import MODES
+from ..masks import condition_token_masks
+from .decoding import occupancy_mesh
+from .params import load_stage1
+from .sampler import SamplerSettings, flow_times, sample
 
-__all__ = ["guide", "condition_token_masks", "crop_box", "as_rgba_input", "GRID", "PREFIX_TOKENS", "GuidedStageOne"]
+__all__ = ["TrellisPipeline", "CONDITIONER_FILE", "CONDITIONER_WEIGHTS", "is_trellis_folder"]
 
-#: DINOv2 ViT-L/14 with registers at 518 px: the class token and 4 registers come first.
-PREFIX_TOKENS = 5
-GRID = (37, 37)
-
-
-def crop_box(alpha: np.ndarray) -> tuple:
-    """Upstream ``preprocess_image``'s crop box (left, upper, right, lower) for an (H, W) uint8 alpha."""
-    found = np.argwhere(alpha > 0.8 * 255)
-    if found.size == 0:
-        raise ValueError("the image's foreground (alpha > 80 %, or the union of the masks) is empty.")
-    x0, y0, x1, y1 = found[:, 1].min(), found[:, 0].min(), found[:, 1].max(), found[:, 0].max()
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    size = int(max(x1 - x0, y1 - y0) * 1.2)
-    return cx - size // 2, cy - size // 2, cx + size // 2, cy + size // 2
+CONDITIONER_FILE, CONDITIONER_WEIGHTS = "conditioner.json", "conditioner.safetensors"
 
 
-def condition_token_masks(image, masks, prefix_tokens: int = PREFIX_TOKENS, grid: tuple = GRID) -> torch.Tensor:
-    """(K, prefix + gh * gw) float32: each instance's share of every condition token (Eq.2's ``M``)
-    in the frame upstream's ``preprocess_image`` makes of ``image``; prefix tokens get 0.
-
-    ``image``: the RGBA picture (alpha = union of the masks when it has none); ``masks``: any form
-    ``timi_torch.condition_token_masks`` takes, in the image's own pixel frame.
-    """
-    m = instance_masks(masks, max_labels=grid[0] * grid[1])
-    rgba = load_rgba(image, m)
-    box = crop_box(np.asarray(rgba)[..., 3])
-    cropped = np.stack([np.asarray(Image.fromarray(k.astype(np.uint8) * 255).crop(box)) > 127 for k in m])
-    return torch.from_numpy(np.asarray(timi_core.pool_masks(cropped, grid, prefix_tokens), dtype=np.float32))
+def is_trellis_folder(path) -> bool:
+    """Whether ``path`` is a folder in TRELLIS's layout (holds ``pipeline.json``)."""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    return p.is_dir() and (p / "pipeline.json").is_file()
 
 
-@dataclasses.dataclass
-class GuidedStageOne:
-    """A stand-in for the pipeline's ``sparse_structure_sampler`` with upstream's ``sample`` signature,
-    running :func:`timi_torch.trellis.sampler.sample` with TIMI; ``diagnostics`` of the last call."""
+def _hy3dgen_method(name: str):
+    from hy3dgen.shapegen.pipelines import Hunyuan3DDiTPipeline
 
-    sigma_min: float
-    tokens: torch.Tensor
-    config: TIMIConfig
-    attention: str = "fused"
-    diagnostics: list = dataclasses.field(default_factory=list)
-
-    def sample(self, model, noise, cond, neg_cond=None, steps: int = 50, rescale_t: float = 1.0,
-               cfg_strength: float = 3.0, cfg_interval=(0.0, 1.0), verbose: bool = True, **_):
-        settings = SamplerSettings(steps=int(steps), cfg_strength=float(cfg_strength),
-                                   cfg_interval=tuple(cfg_interval), rescale_t=float(rescale_t),
-                                   sigma_min=float(self.sigma_min))
-        out = sample(model, noise, cond, neg_cond, tokens=self.tokens[None].to(noise.device), config=self.config,
-                     settings=settings, attention=self.attention, enable_pbar=verbose)
-        self.diagnostics = out.diagnostics
-        return _Samples(out.latents)
+    return getattr(Hunyuan3DDiTPipeline, name)
 
 
-@dataclasses.dataclass
-class _Samples:
-    samples: torch.Tensor
+class TrellisPipeline:
+    """TIMI on TRELLIS's stage 1 (see the module docstring). ``flow``: a ``SparseStructureFlowModel``;
+    ``decoder``: latent -> (B, 1, N, N, N) occupancy logits; ``conditioner`` / ``image_processor``:
+    hy3dgen's (``SingleImageEncoder``, ``ImageProcessorV2``); ``box``: half the side of the cube the
+    occupancy grid covers (upstream: 0.5)."""
 
+    grid_latent = True
 
-@contextlib.contextmanager
-def guide(pipeline, image, masks, config: TIMIConfig = TIMIConfig(), attention: str = "fused"):
-    """Within the block, ``pipeline.run(image, ...)`` (an upstream ``TrellisImageTo3DPipeline``) runs its
-    stage 1 with TIMI on ``masks`` of ``image``; the pipeline's sampler is put back on exit.
+    def __init__(self, flow, decoder, conditioner, image_processor, settings: SamplerSettings = SamplerSettings(),
+                 config: TIMIConfig = TIMIConfig(), attention: str = "fused", box: float = 0.5):
+        if attention not in MODES:
+            raise ValueError(f"attention={attention!r} must be one of {MODES}.")
+        self.model, self.decoder, self.conditioner, self.image_processor = flow, decoder, conditioner, image_processor
+        self.settings, self.config, self.attention, self.box = settings, config, attention, float(box)
+        self.gradient_hook: Optional[Callable] = None
 
-    Yields the :class:`GuidedStageOne` in use (its ``diagnostics`` hold the guided steps of the last
-    run). ``image`` must be the picture later passed to ``run`` (the masks are cropped as its
-    ``preprocess_image`` crops it).
-    """
-    original = pipeline.sparse_structure_sampler
-    sigma_min = getattr(original, "sigma_min", SamplerSettings().sigma_min)
-    stage_one = GuidedStageOne(sigma_min, condition_token_masks(image, masks), config, attention)
-    pipeline.sparse_structure_sampler = stage_one
-    try:
-        yield stage_one
-    finally:
-        pipeline.sparse_structure_sampler = original
+    # ---------------------------------------------------------------- what the app reads
+    @property
+    def base(self) -> "TrellisPipeline":
+        """The pipeline itself: the application reads ``pipe.base.model`` etc. as on hy3dgen's."""
+        return self
 
+    family = "trellis"
+    vae = None
 
-def as_rgba_input(image, masks) -> Image.Image:
-    """The RGBA picture to hand upstream's ``run`` so that its ``preprocess_image`` uses the masks'
-    union as alpha (and needs no background removal) when the picture has none."""
-    return load_rgba(image, instance_masks(masks))
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def prepare_image(self, image) -> dict:
+        return _hy3dgen_method("prepare_image")(self, image)
+
+    def encode_cond(self, image, additional_cond_inputs, do_classifier_free_guidance, dual_guidance):
+        return _hy3dgen_method("encode_cond")(self, image, additional_cond_inputs, do_classifier_free_guidance,
+                                              dual_guidance)
+
+    def prepare_latents(self, batch_size: int, dtype, device, generator) -> torch.Tensor:
+        """Starting noise (B, C, R, R, R) from ``generator`` (hy3dgen's signature)."""
+        shape = (batch_size, self.model.in_channels) + (self.model.resolution,) * 3
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+    #: the model's timestep at pure noise (``1000 t`` with ``t = 1``)
+    noise_timestep = 1000.0
+
+    def with_config(self, config: TIMIConfig) -> "TrellisPipeline":
+        other = copy.copy(self)
+        other.config = config
+        return other
+
+    def condition_masks(self, image, masks, names=None):
+        return condition_token_masks(image, masks, self, names=names)
+
+    def _settings(self, num_inference_steps, guidance_scale) -> SamplerSettings:
+        changes = {}
+        if num_inference_steps is not None:
+            changes["steps"] = int(num_inference_steps)
+        if guidance_scale is not None:
+            changes["cfg_strength"] = float(guidance_scale) - 1.0
+        return SamplerSettings(**{**self.settings.__dict__, **changes})
+
+    def num_guided_steps(self, num_inference_steps: Optional[int] = None, config: Optional[TIMIConfig] = None,
+                         sigmas=None) -> int:
+        cfg = self.config if config is None else config
+        settings = self._settings(num_inference_steps, None)
+        return cfg.num_guided_steps(1.0 - flow_times(settings.steps, settings.rescale_t)[:-1])
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path, config: TIMIConfig = TIMIConfig(), *, device="cpu", attention: str = "fused"):
+        """Load a TRELLIS folder that carries its conditioner (module docstring)."""
+        from hy3dgen.shapegen.pipelines import instantiate_from_config
+        from safetensors.torch import load_file
+
+        folder = Path(os.path.expanduser(os.fspath(path)))
+        flow, decoder, settings = load_stage1(folder, device)
+        spec_file = folder / CONDITIONER_FILE
+        if not spec_file.is_file() or not (folder / CONDITIONER_WEIGHTS).is_file():
+            raise FileNotFoundError(
+                f"{folder} has no {CONDITIONER_FILE} + {CONDITIONER_WEIGHTS}: `timi generate` runs TRELLIS folders that "
+                "carry their image conditioner (the grid testbed); for upstream's released model use "
+                "timi_torch.trellis.guide(pipeline, ...) on TRELLIS's own pipeline (docs/trellis.md).")
+        spec = json.loads(spec_file.read_text())
+        conditioner = instantiate_from_config(copy.deepcopy(spec["conditioner"]))
+        conditioner.load_state_dict({k: v.float() for k, v in load_file(str(folder / CONDITIONER_WEIGHTS)).items()})
+        processor = instantiate_from_config(copy.deepcopy(spec["image_processor"]))
+        box = json.loads((folder / "pipeline.json").read_text())["args"].get("box", 0.5)
+        return cls(flow.float(), decoder.float(), conditioner.to(device).eval(), processor, settings, config, attention,
+                   box)
+
+    # ---------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def __call__(self, image, masks, num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                 generator=None, output_type: str = "trimesh", callback: Optional[Callable] = None,
+                 callback_steps: int = 1, enable_pbar: bool = True, latents: Optional[torch.Tensor] = None,
+                 config: Optional[TIMIConfig] = None, recorder=None, **_unused) -> TIMIPipelineOutput:
+        """Sample the stage-1 structure of ``image`` with its instances kept apart (TIMI); arguments as
+        ``timi_torch.TIMIPipeline.__call__`` (``num_inference_steps`` / ``guidance_scale`` default to
+        the folder's ``pipeline.json``). ``recorder``: as ``TIMIPipeline``'s (the first guided layers'
+        cross-attention of each step's conditional forward)."""
+        # 1. inputs: condition tokens and the masks on them (the shared front end)
+        check_output_type(output_type)
+        cfg = self.config if config is None else config
+        settings = self._settings(num_inference_steps, guidance_scale)
+        inputs = prepare_inputs(self, image, masks, do_classifier_free_guidance=True,
+                                condition_masks=self.condition_masks)
+        # 2. noise
+        noise = (self.prepare_latents(inputs.batch_size, torch.float32, self.device, generator) if latents is None
+                 else latents.float())
+        # 3. upstream's sampler, TIMI in the guided window
+        step_callback = None
+        if callback is not None:
+            def step_callback(i, t, x):
+                if i % callback_steps == 0:
+                    callback(i, t, x)
+        out = sample(self.model, noise, inputs.cond_main.float(), inputs.uncond_main.float(), tokens=inputs.tokens,
+                     config=cfg, settings=settings, attention=self.attention, gradient_hook=self.gradient_hook,
+                     callback=step_callback, enable_pbar=enable_pbar, recorder=recorder)
+        # 4. meshes
+        meshes = None if output_type == "latent" else self.export_meshes(out.latents)
+        return TIMIPipelineOutput(meshes, out.latents, out.diagnostics,
+                                  list(recorder.records) if recorder is not None else None)
+
+    # ---------------------------------------------------------------- decoding
+    def decode_volume(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, N, N, N) float32 occupancy logits of the decoder."""
+        with torch.no_grad():
+            return self.decoder(latents.float())[:, 0].float()
+
+    def surface_at_level(self, grid_logits: torch.Tensor, level: float):
+        """The mesh of one (N, N, N) logit grid at iso level ``level``, or ``None`` when it crosses no voxel."""
+        lo, hi = float(grid_logits.min()), float(grid_logits.max())
+        if not lo < level < hi:
+            return None
+        return occupancy_mesh(grid_logits - level, bounds=self.box)
+
+    def export_meshes(self, latents: torch.Tensor) -> list:
+        """One mesh (level 0 of the decoder's logits) per sample; ``None`` for a sample with no occupied voxel."""
+        return [occupancy_mesh(g, bounds=self.box) for g in self.decode_volume(latents)]
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from timi_core import StepDiagnostics, TIMIConfig
 
-from ..guidance import MODES, guidable_layers, guided_update
+from ..guidance import MODES, guidable_layers, guided_update, observed
 
 __all__ = ["SamplerSettings", "StageOneOutput", "flow_times", "sample", "clean_prediction"]
 
@@ -111,7 +111,7 @@ def sample(model, noise: torch.Tensor, cond: torch.Tensor, neg_cond: Optional[to
            tokens: Optional[torch.Tensor] = None, config: Optional[TIMIConfig] = None,
            settings: SamplerSettings = SamplerSettings(), attention: str = "fused",
            gradient_hook: Optional[Callable] = None, callback: Optional[Callable] = None,
-           keep_trajectory: bool = False, enable_pbar: bool = True) -> StageOneOutput:
+           keep_trajectory: bool = False, enable_pbar: bool = True, recorder=None) -> StageOneOutput:
     """Sample stage-1 latents from ``noise`` (B, C, R, R, R) with ``model`` (a
     :class:`~timi_torch.trellis.SparseStructureFlowModel`), optionally with TIMI.
 
@@ -119,7 +119,9 @@ def sample(model, noise: torch.Tensor, cond: torch.Tensor, neg_cond: Optional[to
     (upstream: zeros; ``None``: no CFG). ``tokens`` (B, K, M): Eq.2's condition-token masks (needed
     when ``config`` guides any step); ``config``: ``None`` or a ``TIMIConfig`` with guidance off
     runs upstream's sampler exactly. ``gradient_hook(grad, step) -> grad`` acts on ``dL/dz``
-    before SGU (controls). ``callback(step, t, latents)`` after every step.
+    before SGU (controls). ``callback(step, t, latents)`` after every step. ``recorder``: an
+    observer of each step's conditional forward (``timi.report.AttentionRecorder``,
+    :func:`timi_torch.guidance.observed`).
     """
     if attention not in MODES:
         raise ValueError(f"attention={attention!r} must be one of {MODES}.")
@@ -143,7 +145,8 @@ def sample(model, noise: torch.Tensor, cond: torch.Tensor, neg_cond: Optional[to
             x, momentum, diag = guided_update(model, x, timestep, cond, tokens, momentum, config, layers, attention,
                                               step=i, gradient_hook=gradient_hook, time=1.0 - t)
             diagnostics.append(diag)
-        v = _velocity(model, x, t, cond, neg_cond, settings)
+        with observed(recorder, i, cond.shape[1], model):              # the conditional forward comes first
+            v = _velocity(model, x, t, cond, neg_cond, settings)
         x = x - (t - t_prev) * v
         if keep_trajectory:
             trajectory.append(x.clone())
