@@ -124,7 +124,7 @@ def sample(model: SparseStructureFlowModel, noise, cond, neg_cond=None, *, token
     batch = noise.shape[0]
     cond = _batched(cond, batch, "cond")
     lo, hi = settings.cfg_interval
-    cfg = [neg_cond is not None and lo <= t <= hi for t in times[:-1]]
+    cfg = [bool(neg_cond is not None and lo <= t <= hi) for t in times[:-1]]
     neg_cond = _batched(neg_cond, batch, "neg_cond") if any(cfg) else None
     num_layers = 0
     if num_guided:
