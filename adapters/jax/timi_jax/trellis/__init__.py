@@ -7,7 +7,8 @@ see ``docs/jax.md``."""
 
 from .modeling import FLOW_PRESETS, FlowConfig, SparseStructureFlowModel
 from .params import from_checkpoint, from_torch
+from .pipeline import TrellisPipelineJAX
 from .sampler import SamplerSettings, flow_times, sample
 
 __all__ = ["SparseStructureFlowModel", "FlowConfig", "FLOW_PRESETS", "from_torch", "from_checkpoint", "sample",
-           "SamplerSettings", "flow_times"]
+           "SamplerSettings", "flow_times", "TrellisPipelineJAX"]
