@@ -384,8 +384,8 @@ def stage_notes(opts: GenerateOptions, pipe, guided: int, depth: int) -> dict[st
     how many of the DiT's blocks each guided step differentiates, which sets TIMI's cost (a few of
     the full-size DiT's 48 blocks: about 1.03x plain sampling; 4 of the shipped model's 5: well above),
     and the decoding."""
-    model = pipe.base.model
-    blocks = sum(len(getattr(model, name, ())) for name in ("double_blocks", "single_blocks")) or depth
+    model = getattr(getattr(pipe, "base", None), "model", None)
+    blocks = sum(len(getattr(model, name, ())) for name in ("double_blocks", "single_blocks", "blocks")) or depth
     if guided:
         denoise = (f"{opts.steps} steps, {guided} TIMI-guided: each differentiates through the first "
                    f"{min(opts.guided_layers, depth)} of the DiT's {blocks} blocks")

@@ -33,7 +33,8 @@ __all__ = ["ModelNotFoundError", "ModelConfigError", "BackendUnavailableError", 
            "resolve_model", "model_notes", "model_config_path", "read_model_config", "check_model_config",
            "geometry_from_config", "geometry_pipeline", "grid_tokens", "resolve_device", "torch_dtype",
            "check_backend", "load_pipeline", "pipeline_depth", "DEFAULT_GEOMETRY", "DEFAULT_SUBFOLDER", "MC_ALGOS",
-           "check_mc_algo", "turbo_vae_path", "enable_flashvdm", "is_multiview", "token_positions"]
+           "check_mc_algo", "turbo_vae_path", "enable_flashvdm", "is_multiview", "token_positions", "is_trellis",
+           "NAMED_MODELS"]
 
 BACKENDS = ("torch", "jax")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -82,6 +83,8 @@ def resolve_model(model: Optional[str], weights: bool = True) -> str:
     :class:`ModelNotFoundError` naming the argument, before anything is loaded.
     """
     if model:
+        if str(model) in NAMED_MODELS:
+            return str(NAMED_MODELS[str(model)]())
         return _check_model_arg(str(model), weights)
     from timi.testbed import default_model_path
 
@@ -97,10 +100,32 @@ def resolve_model(model: Optional[str], weights: bool = True) -> str:
     )
 
 
+def _trellis_testbed_path() -> Path:
+    from timi.testbed import trellis_testbed_path
+
+    try:
+        return trellis_testbed_path()
+    except FileNotFoundError as e:
+        raise ModelNotFoundError(f"--model trellis-testbed: {e}") from None
+
+
+#: Models shipped with the project, by name (``--model NAME``).
+NAMED_MODELS = {"trellis-testbed": _trellis_testbed_path}
+
+
+def is_trellis(model: str | Path | None) -> bool:
+    """Whether ``model`` is a folder in TRELLIS's layout (``pipeline.json``: :mod:`timi_torch.trellis`)."""
+    from timi_torch.trellis.pipeline import is_trellis_folder
+
+    return model is not None and is_trellis_folder(model)
+
+
 def _check_model_arg(model: str, weights: bool) -> str:
     p = Path(model).expanduser()
-    want = ("a hy3dgen model directory (config.yaml + model.fp16.safetensors, or Hunyuan3D 2.1's model.fp16.ckpt) "
-            "or an id such as tencent/Hunyuan3D-2")
+    want = ("a hy3dgen model directory (config.yaml + model.fp16.safetensors, or Hunyuan3D 2.1's model.fp16.ckpt), "
+            "a TRELLIS folder (pipeline.json) or an id such as tencent/Hunyuan3D-2")
+    if is_trellis(p):
+        return model
     if p.is_dir():
         need = ["config.yaml"] + (["model.fp16.safetensors"] if weights else [])
         missing = [n for n in need if not (p / n).is_file()]
@@ -144,6 +169,10 @@ def model_config_path(model: str | Path | None) -> Path | None:
     if model is None:
         return None
     p = Path(str(model)).expanduser()
+    if is_trellis(p):
+        from timi_torch.trellis.pipeline import CONDITIONER_FILE
+
+        return p / CONDITIONER_FILE if (p / CONDITIONER_FILE).is_file() else None
     root = Path(_models_root()).expanduser()
     candidates = [p / "config.yaml", p.parent / "config.yaml" if p.is_file() else None,
                   root / str(model) / _subfolder(model) / "config.yaml"]
@@ -151,7 +180,19 @@ def model_config_path(model: str | Path | None) -> Path | None:
 
 
 def read_model_config(path: Path) -> dict:
-    """Parse and check a hy3dgen ``config.yaml`` (:func:`check_model_config`); one-line errors."""
+    """Parse and check a hy3dgen ``config.yaml`` (:func:`check_model_config`), or a TRELLIS folder's
+    ``conditioner.json`` (its conditioner and image processor sections); one-line errors."""
+    if path.suffix == ".json":
+        import json
+
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelConfigError(f"{path}: cannot read it ({e}); restore the TRELLIS folder's conditioner.json.") from None
+        if not isinstance(config, dict) or not all(isinstance(config.get(k), dict) for k in ("conditioner", "image_processor")):
+            raise ModelConfigError(f"{path}: no conditioner and image_processor sections; restore the TRELLIS folder's "
+                                   "conditioner.json.")
+        return config
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -400,6 +441,8 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
         raise BackendUnavailableError(f"TIMIConfig.smoothing={config.smoothing!r} (Eq.5 over token positions) runs "
                                       "on the torch backend only; use --backend torch.")
     path = resolve_model(model)
+    if is_trellis(path):
+        return _load_trellis(path, backend, device, config, attention)
     if flashvdm:
         turbo_vae_path(path)              # before the weights load
     device = resolve_device(device)
@@ -418,6 +461,23 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
 
     jdtype = {torch.float32: jnp.float32, torch.float16: jnp.float16, torch.bfloat16: jnp.bfloat16}[pipe.dtype]
     return TIMIPipelineJAX(pipe.base, config, dtype=jdtype)
+
+
+def _load_trellis(path: str, backend: str, device: Optional[str], config: TIMIConfig, attention: str):
+    """A TRELLIS folder's :class:`timi_torch.trellis.pipeline.TrellisPipeline` (float32; Eq.5 on its grid)."""
+    from timi_torch.trellis.pipeline import TrellisPipeline
+
+    if config.smoothing != "tokens":
+        raise BackendUnavailableError(f"TIMIConfig.smoothing={config.smoothing!r} is for token latents; a TRELLIS "
+                                      "grid latent smooths over its own D, H, W axes (use the default).")
+    pipe = TrellisPipeline.from_pretrained(path, config, device=resolve_device(device), attention=attention)
+    if backend == "torch":
+        return pipe
+    try:
+        from timi_jax.trellis import TrellisPipelineJAX
+    except ImportError:
+        raise BackendUnavailableError("--backend jax does not run TRELLIS folders yet; use --backend torch.") from None
+    return TrellisPipelineJAX(pipe)
 
 
 def token_positions(model: str | Path | None):

@@ -95,13 +95,26 @@ def overhead(
     guided_layers: Optional[int] = _LAYERS, seed: Optional[int] = _SEED, dtype: Optional[str] = _DTYPE,
     distilled: bool = typer.Option(False, "--guidance-distilled", help="A guidance-distilled DiT (guidance_embed, the fast / turbo models): one branch per step, no CFG pair."),
     model: str = typer.Option("2.0", "--model", help="DiT architecture: 2.0 (hy3dgen's Hunyuan3DDiT, the presets "
-                              "above) | 2.1 (Hunyuan3D 2.1's HunYuanDiTPlain, released shapes; GPU) | 2.1-tiny."),
+                              "above) | 2.1 (Hunyuan3D 2.1's HunYuanDiTPlain, released shapes; GPU) | 2.1-tiny | "
+                              "trellis (TRELLIS stage 1, released shapes; GPU) | trellis-testbed-size."),
     threads: int = _THREADS, json_path: Optional[Path] = _JSON,
 ) -> None:
     """Plain vs TIMI sampling (same model, seed, schedule): medians, ratio timi/plain and its FLOP floor."""
     _threads(threads)
     from .runs import overhead as run
+    from .trellis import TRELLIS_SHAPES, trellis_overhead
 
+    if model in TRELLIS_SHAPES:
+        if backend != "torch":
+            raise typer.BadParameter(f"--model {model}: torch backend only.")
+        r = trellis_overhead(model, steps=steps, guided_layers=guided_layers or 4, repeats=repeats, warmup=warmup,
+                             seed=seed or 0)
+        _emit(r, json_path, [f"overhead [TRELLIS stage 1, {model}, {r['device']}] plain {_fmt(r['plain_s'])} s, TIMI "
+                             f"{_fmt(r['timi_s'])} s, ratio {_fmt(r['ratio'])} (FLOP estimate {_fmt(r['floor'])}, input-grad-only "
+                             f"{_fmt(r['floor_input_grad'])}: "
+                             f"{r['guided_steps']} of {r['steps']} steps guided through {r['guided_layers']} of "
+                             f"{r['flow']['num_blocks']} blocks, {r['plain_forwards']} plain forwards)"])
+        return
     if backend not in ("torch", "jax"):
         raise typer.BadParameter(f"--backend must be torch or jax, got {backend!r}.")
     if model not in ARCHITECTURES:

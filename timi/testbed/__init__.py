@@ -27,6 +27,19 @@ def default_model_path() -> Path:
     return path
 
 
+TRELLIS_TESTBED = "trellis_testbed"
+
+
+def trellis_testbed_path() -> Path:
+    """Folder of the shipped grid testbed (``--model trellis-testbed``): a TRELLIS folder
+    (``pipeline.json``, the stage-1 flow model, the fixed depth-to-space decoder, its conditioner)."""
+    path = ASSETS / TRELLIS_TESTBED
+    if not (path / "pipeline.json").is_file():
+        raise FileNotFoundError(f"the grid testbed is not installed at {path}; train it with "
+                                "`timi testbed train-grid` (docs/testbed.md) or pass a TRELLIS folder")
+    return path
+
+
 def example_scene_path() -> Path:
     """Folder of the example scene used by the README demo (:func:`timi.assets.example`)."""
     return example()

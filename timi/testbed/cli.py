@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -472,3 +473,23 @@ def figure(
     path = run_cli(lambda: figure_from_eval(dataset, eval_dir, list(scene), out, labels=tuple(run), seed=seed,
                                             size=size), Console(stderr=True, soft_wrap=True))
     typer.echo(f"wrote {path}")
+
+
+@app.command("by-count")
+def by_count_cmd(
+    eval_dirs: list[Path] = typer.Argument(..., help="--out folders (or per_scene.csv files) of timi eval / timi testbed variants."),
+    run: Optional[list[str]] = typer.Option(None, "--run", help="Run label(s) to report (default: every run but the base)."),
+    base: str = typer.Option("base model (no TIMI)", "--base", help="Label of the base run."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the Markdown here."),
+) -> None:
+    """Every paired table split by instance count (2, 3, 4, pooled): area / base, SSR, matched-size SSR, FS-S, LCD."""
+    from timi.evaluation.by_count import by_count_markdown, read_rows
+
+    try:
+        text = by_count_markdown(read_rows(eval_dirs), run or None, base)
+    except (FileNotFoundError, KeyError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text)

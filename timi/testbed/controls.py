@@ -117,12 +117,18 @@ def default_rule_markdown(summaries) -> str:
 
 
 class ShuffledGradient:
-    """``gradient_hook(grad, step)``: ``grad[:, perm]`` with a fresh seeded permutation per step."""
+    """``gradient_hook(grad, step)``: ``grad[:, perm]`` with a fresh seeded permutation per step (token
+    latents (B, L, C)); on a grid latent (B, C, D, H, W, TRELLIS) the voxels are permuted, each
+    voxel's channel vector moving whole, the grid's analogue of a token row."""
 
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def __call__(self, grad: torch.Tensor, step: int) -> torch.Tensor:
+        if grad.ndim == 5:
+            flat = grad.flatten(2)
+            perm = torch.randperm(flat.shape[2], generator=self.generator).to(grad.device)
+            return flat[:, :, perm].reshape(grad.shape)
         perm = torch.randperm(grad.shape[1], generator=self.generator).to(grad.device)
         return grad[:, perm]
 

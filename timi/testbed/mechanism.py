@@ -47,14 +47,14 @@ def _encode(pipe, image, masks):
 def optimise_latent(pipe, image, masks, *, steps: int = 30, normalise: bool = False, seed: int = 0,
                     layers: int = 4) -> dict:
     """Plain gradient steps on the first latent (t = 0); selectivity/mass per layer before and after."""
-    from timi_torch.guidance import frozen_parameters, guided_probabilities
+    from timi_torch.guidance import frozen_parameters, guidable_layers, guided_probabilities
 
     model = pipe.base.model
-    layers = min(layers, len(model.double_blocks))
+    layers = min(layers, guidable_layers(model))
     _, cond_main, tokens = _encode(pipe, image, masks)
     gen = torch.Generator(device=pipe.device).manual_seed(int(seed))
     z = pipe.base.prepare_latents(1, torch.float32, pipe.device, gen).float()
-    t = torch.zeros(1, device=pipe.device)
+    t = torch.full((1,), float(getattr(pipe.base, "noise_timestep", 0.0)), device=pipe.device)  # pure noise
     out = {"loss": []}
     with frozen_parameters(model):
         for i in range(steps + 1):

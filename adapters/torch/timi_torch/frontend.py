@@ -121,10 +121,13 @@ def export_meshes(base, latents: torch.Tensor, output_type: str = "trimesh", *, 
     ``output_type``: ``"trimesh"`` or ``"mesh"`` (hy3dgen's raw outputs). Raises
     :class:`NoSurfaceError` when a sample has no surface at ``mc_level``.
     """
-    base.set_surface_extractor(mc_algo)
-    with torch.no_grad():
-        meshes = base._export(latents, "trimesh" if output_type == "trimesh" else "mesh", box_v, mc_level,
-                              num_chunks, octree_resolution, mc_algo, enable_pbar=enable_pbar)
+    if getattr(base, "grid_latent", False):            # TRELLIS stage 1: the decoder's occupancy logits
+        meshes = base.export_meshes(latents)
+    else:
+        base.set_surface_extractor(mc_algo)
+        with torch.no_grad():
+            meshes = base._export(latents, "trimesh" if output_type == "trimesh" else "mesh", box_v, mc_level,
+                                  num_chunks, octree_resolution, mc_algo, enable_pbar=enable_pbar)
     failed = [b for b, m in enumerate(meshes) if m is None]
     if failed:
         raise NoSurfaceError(f"surface extraction found no surface for sample(s) {failed} at mc_level={mc_level} "
@@ -141,6 +144,8 @@ def decode_volume(base, latents: torch.Tensor, *, box_v: float = 1.01, num_chunk
     with dense decoding at any ``mc_level``, so one decoding serves many iso levels."""
     from .decoding import volume_decoder
 
+    if getattr(base, "grid_latent", False):            # TRELLIS stage 1: (B, N, N, N) decoder logits
+        return base.decode_volume(latents)
     vae = base.vae
     with torch.no_grad():
         decoded = vae(1.0 / vae.scale_factor * latents)
@@ -157,6 +162,8 @@ def surface_at_level(base, grid_logits: torch.Tensor, level: float, *, box_v: fl
     import numpy as np
     from hy3dgen.shapegen.pipelines import export_to_trimesh
 
+    if getattr(base, "grid_latent", False):
+        return base.surface_at_level(grid_logits, level)
     lo, hi = float(grid_logits.min()), float(grid_logits.max())
     if not lo < level < hi:
         return None

@@ -57,7 +57,8 @@ from einops import rearrange
 import timi_core
 
 __all__ = ["capture_attention", "observe_attention", "condition_attention", "separation_loss_and_grad",
-           "guided_probabilities", "MODES", "AttentionSite", "SITES", "attention_site", "guidable_layers"]
+           "guided_probabilities", "guided_update", "smoothing_axes", "observed", "MODES", "AttentionSite", "SITES",
+           "attention_site", "guidable_layers"]
 
 MODES = ("fused", "explicit")
 
@@ -81,6 +82,12 @@ class AttentionSite:
     blocks: str
     joint: bool
     prefix: int = 0
+    context_dict: bool = True
+
+    def call(self, model, x, timestep, cond_main, **kwargs):
+        """The model's own forward on the conditional branch: ``model(x, t, {'main': cond})``
+        (Hunyuan3D) or ``model(x, t, cond)`` (``context_dict=False``: TRELLIS)."""
+        return model(x, timestep, {"main": cond_main} if self.context_dict else cond_main, **kwargs)
 
     def latent_queries(self, num_cond: int) -> slice:
         return slice(num_cond, None) if self.joint else slice(self.prefix, None)
@@ -92,18 +99,24 @@ class AttentionSite:
 
 
 SITES = {"2.0": AttentionSite("hy3dgen.shapegen.models.denoisers.hunyuan3ddit", "double_blocks", joint=True),
-         "2.1": AttentionSite("timi_torch.hunyuan21.modeling", "blocks", joint=False, prefix=1)}
+         "2.1": AttentionSite("timi_torch.hunyuan21.modeling", "blocks", joint=False, prefix=1),
+         "trellis": AttentionSite("timi_torch.trellis.modeling", "blocks", joint=False, context_dict=False)}
 
 
 def attention_site(model) -> AttentionSite:
-    """The :class:`AttentionSite` of a loaded DiT (hy3dgen's ``Hunyuan3DDiT`` or 2.1's ``HunYuanDiTPlain``)."""
+    """The :class:`AttentionSite` of a loaded DiT (hy3dgen's ``Hunyuan3DDiT``, 2.1's ``HunYuanDiTPlain``
+    or TRELLIS's ``SparseStructureFlowModel``)."""
     from .hunyuan21.modeling import HunYuanDiTPlain
+    from .trellis.modeling import SparseStructureFlowModel
 
     if isinstance(model, HunYuanDiTPlain):
         return SITES["2.1"]
+    if isinstance(model, SparseStructureFlowModel):
+        return SITES["trellis"]
     if hasattr(model, "double_blocks"):
         return SITES["2.0"]
-    raise TypeError(f"{type(model).__name__} is neither hy3dgen's Hunyuan3DDiT nor Hunyuan3D 2.1's HunYuanDiTPlain.")
+    raise TypeError(f"{type(model).__name__} is neither hy3dgen's Hunyuan3DDiT, Hunyuan3D 2.1's HunYuanDiTPlain "
+                    "nor TRELLIS's SparseStructureFlowModel.")
 
 
 def guidable_layers(model) -> int:
@@ -307,12 +320,22 @@ def observe_attention(observer, num_layers: int, num_cond: int, site: AttentionS
     return capture_attention(None, num_layers, "observe", observer, site=site, num_cond=num_cond)
 
 
+def observed(recorder, step: int, num_cond: int, model):
+    """The conditional forward of ``step`` observed by ``recorder`` (``timi.report.AttentionRecorder``:
+    ``recorder.wants(step)``, ``recorder.layers``, ``recorder.observe(step, layer, q_z, k)``), or a
+    no-op context; every sampler wraps its step's first (conditional) forward in it."""
+    if recorder is None or not recorder.wants(step):
+        return contextlib.nullcontext()
+    return observe_attention(functools.partial(recorder.observe, step), recorder.layers, num_cond,
+                             attention_site(model))
+
+
 def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode="fused", per_head=False, **kwargs):
     """P (list over the first ``num_layers`` guided layers: double-stream blocks of 2.0, cross-attentions
-    of 2.1; each (B, L, K) float32, (B, H, L, K) with ``per_head``).
+    of 2.1 and TRELLIS; each (B, L, K) float32, (B, H, L, K) with ``per_head``).
 
-    Runs ``model(x, timestep, {'main': cond_main})`` (the model's own forward) and stops after the
-    last guided layer.
+    Runs the model's own forward (:meth:`AttentionSite.call`) and stops after the last guided
+    layer, so the gradient of a loss on ``P`` passes only through the first ``num_layers`` blocks.
     """
     site = attention_site(model)
     depth = guidable_layers(model)
@@ -320,7 +343,7 @@ def guided_probabilities(model, x, timestep, cond_main, tokens, num_layers, mode
         raise ValueError(f"num_layers={num_layers} must be in [1, {depth}] (the model's guidable blocks).")
     with capture_attention(tokens, num_layers, mode, per_head=per_head, site=site) as state:
         try:
-            model(x, timestep, {"main": cond_main}, **kwargs)
+            site.call(model, x, timestep, cond_main, **kwargs)
         except _StopForward:
             pass
     if len(state.probabilities) != num_layers:
@@ -367,3 +390,43 @@ def separation_loss_and_grad(model, latents, timestep, cond_main, tokens, config
         loss = per_layer.mean(dim=0)
         (grad,) = torch.autograd.grad(loss.sum(), z)
     return loss.detach(), grad
+
+
+def smoothing_axes(latents: torch.Tensor) -> tuple[int, ...]:
+    """Axes of Eq.5's Gaussian: the token axis of (B, L, C) token latents (hy3dgen's ShapeVAE), or
+    the three spatial axes D, H, W of a (B, C, D, H, W) grid latent (TRELLIS: Eq.5 as written)."""
+    if latents.ndim == 3:
+        return (1,)
+    if latents.ndim == 5:
+        return (2, 3, 4)
+    raise ValueError(f"latents of shape {tuple(latents.shape)} are neither (B, L, C) tokens nor a "
+                     "(B, C, D, H, W) grid; cannot choose the smoothing axes of Eq.5.")
+
+
+def guided_update(model, latents, timestep, cond_main, tokens, momentum, config: timi_core.TIMIConfig,
+                  num_layers: int, mode: str = "fused", *, step: int = 0, gradient_hook=None, positions=None,
+                  model_kwargs: dict | None = None, time: float | None = None):
+    """One ISG + SGU update (Eqs.2-7) of ``latents`` -> ``(latents, momentum, StepDiagnostics)``:
+    the one place every sampler (Hunyuan3D 2.0 / 2.1, TRELLIS stage 1) makes a guided step.
+
+    ``latents``: (B, L, C) tokens or a (B, C, D, H, W) grid, any dtype; the returned latents are
+    float32 (``latents`` upcast minus the float32 momentum). ``timestep``: what the model's forward
+    takes (flow time for hy3dgen, ``1000 t`` for TRELLIS); ``time``: the value recorded in the
+    diagnostics (default ``float(timestep[0])``). ``gradient_hook(grad, step) -> grad`` acts on
+    ``dL/dz`` before SGU (controls); ``positions`` (B, L, D) for Eq.5 over positions; Eq.5 runs
+    along :func:`smoothing_axes` otherwise (the token axis, or D, H, W of a grid).
+    """
+    loss, grad = separation_loss_and_grad(model, latents, timestep, cond_main, tokens, config, num_layers, mode,
+                                          **(model_kwargs or {}))
+    if gradient_hook is not None:
+        grad = gradient_hook(grad, step)
+    z = latents.detach().to(torch.float32)
+    axes = smoothing_axes(z)
+    z_new, momentum, scale, smoothed = timi_core.sgu_step(z, grad, momentum, config, axes=axes, positions=positions)
+    update = z_new - z
+    share = functools.partial(timi_core.common_share, axes=axes)
+    diag = timi_core.StepDiagnostics(step, float(timestep[0]) if time is None else float(time), loss.tolist(),
+                                     scale.tolist(), update.abs().flatten(1).amax(1).tolist(),
+                                     share(grad.to(torch.float32)).tolist(), share(smoothed.to(torch.float32)).tolist(),
+                                     share(update).tolist())
+    return z_new, momentum, diag

@@ -48,30 +48,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import timi_core
 from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
 from timi_core.defaults import DECODING, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, OCTREE_RESOLUTION, default_threads
 
 from .decoding import set_decoding
 from .frontend import check_output_type, export_meshes, prepare_inputs, set_schedule, start_noise_levels
-from .guidance import MODES, SITES, attention_site, guidable_layers, observe_attention, separation_loss_and_grad
+from .guidance import MODES, SITES, attention_site, guidable_layers, guided_update, observed
 from .hunyuan21 import FAMILY as HY21_FAMILY, SUBFOLDER as HY21_SUBFOLDER, build_pipeline, is_hunyuan21
 from .masks import ConditionMasks, condition_token_masks
 
 __all__ = ["TIMIPipeline", "TIMIPipelineOutput", "StepDiagnostics", "ModelLoadError", "torch_threads"]
 
 DEFAULT_SUBFOLDER = "hunyuan3d-dit-v2-0"
-
-
-def smoothing_axes(latents: torch.Tensor) -> tuple[int, ...]:
-    """Axes of Eq.5's Gaussian: the token axis of (B, L, C) token latents (hy3dgen's ShapeVAE), or
-    the three spatial axes of a (B, C, D, H, W) grid latent."""
-    if latents.ndim == 3:
-        return (1,)
-    if latents.ndim == 5:
-        return (2, 3, 4)
-    raise ValueError(f"latents of shape {tuple(latents.shape)} are neither (B, L, C) tokens nor a "
-                     "(B, C, D, H, W) grid; cannot choose the smoothing axes of Eq.5.")
 
 
 def default_subfolder(model_id: str) -> str:
@@ -111,6 +99,15 @@ def torch_threads(n: Optional[int]):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _on_its_threads(call):
+    """A pipeline method run on the pipeline's ``num_threads`` (:func:`torch_threads`)."""
+    @functools.wraps(call)
+    def run(self, *args, **kwargs):
+        with torch_threads(self.num_threads):   # timi_core.defaults: as timi generate --threads
+            return call(self, *args, **kwargs)
+    return run
 
 
 def _check_config(config) -> None:
@@ -339,19 +336,9 @@ class TIMIPipeline:
         if distilled and guidance is None:
             raise ValueError("this DiT is guidance-distilled (guidance_embed=True): pass guidance=<(B,) scale tensor>.")
         model_kwargs = {"guidance": guidance} if distilled else {}
-        loss, grad = separation_loss_and_grad(self.base.model, latents, timestep, cond_main, tokens, cfg,
-                                              self._guided_layers(cfg), self.attention, **model_kwargs)
-        if self.gradient_hook is not None:
-            grad = self.gradient_hook(grad, step)
-        z = latents.detach().to(torch.float32)
-        axes = smoothing_axes(z)
-        z_new, momentum, scale, smoothed = timi_core.sgu_step(z, grad, momentum, cfg, axes=axes, positions=positions)
-        update = z_new - z
-        share = functools.partial(timi_core.common_share, axes=axes)
-        diag = StepDiagnostics(step, float(timestep[0]), loss.tolist(), scale.tolist(),
-                               update.abs().flatten(1).amax(1).tolist(), share(grad.to(torch.float32)).tolist(),
-                               share(smoothed.to(torch.float32)).tolist(), share(update).tolist())
-        return z_new, momentum, diag
+        return guided_update(self.base.model, latents, timestep, cond_main, tokens, momentum, cfg,
+                             self._guided_layers(cfg), self.attention, step=step, gradient_hook=self.gradient_hook,
+                             positions=positions, model_kwargs=model_kwargs)
 
     # ------------------------------------------------------------------ sampling
     def position_reader(self, cfg: TIMIConfig) -> Callable:
@@ -389,6 +376,7 @@ class TIMIPipeline:
         v = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
         return latents.to(torch.float32) + (1.0 - sigma) * v.to(torch.float32)
 
+    @_on_its_threads
     @torch.no_grad()
     def __call__(self, image, masks, num_inference_steps: int = NUM_INFERENCE_STEPS,
                  guidance_scale: float = GUIDANCE_SCALE, generator=None, output_type: str = "trimesh",
@@ -417,84 +405,76 @@ class TIMIPipeline:
         (B, L, C) ``latents`` in the model's dtype, one ``StepDiagnostics`` per guided step, and
         ``recordings``.
         """
-        with torch_threads(self.num_threads):   # timi_core.defaults: as timi generate --threads
-            # 1. check the arguments
-            check_output_type(output_type)
-            _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas,
-                             meshes=output_type != "latent", device=self.base.device)
-            cfg = self.config if config is None else config
-            _check_config(cfg)
-            base = self.base
-            base.set_surface_extractor(mc_algo)
-            device, dtype = base.device, base.dtype
+        # 1. check the arguments
+        check_output_type(output_type)
+        _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas,
+                         meshes=output_type != "latent", device=self.base.device)
+        cfg = self.config if config is None else config
+        _check_config(cfg)
+        base = self.base
+        base.set_surface_extractor(mc_algo)
+        device, dtype = base.device, base.dtype
 
-            # 2. condition tokens and condition-token masks (shared front end)
-            do_cfg = guidance_scale >= 0 and not getattr(base.model, "guidance_embed", False)
-            inputs = prepare_inputs(base, image, masks, do_classifier_free_guidance=do_cfg,
-                                    condition_masks=self.condition_masks)
-            batch_size, cond = inputs.batch_size, inputs.cond
+        # 2. condition tokens and condition-token masks (shared front end)
+        do_cfg = guidance_scale >= 0 and not getattr(base.model, "guidance_embed", False)
+        inputs = prepare_inputs(base, image, masks, do_classifier_free_guidance=do_cfg,
+                                condition_masks=self.condition_masks)
+        batch_size, cond = inputs.batch_size, inputs.cond
 
-            # 3. timesteps and initial latents (hy3dgen's)
-            timesteps, num_inference_steps, _ = set_schedule(base, num_inference_steps, device, sigmas)
-            if latents is None:
-                latents = base.prepare_latents(batch_size, dtype, device, generator)
-            else:
-                latents = latents.to(device=device, dtype=dtype)
-            guidance = None
-            if getattr(base.model, "guidance_embed", False):  # guidance-distilled DiT: hy3dgen's tensor
-                guidance = torch.tensor([guidance_scale] * batch_size, device=device, dtype=dtype)
-            num_train = base.scheduler.config.num_train_timesteps
-            noise_levels = start_noise_levels(base, timesteps)
-            num_guided = cfg.num_guided_steps(noise_levels)   # the guided window
-            by_position = num_guided > 0 and cfg.needs_positions
-            reader = self.position_reader(cfg) if by_position else None
+        # 3. timesteps and initial latents (hy3dgen's)
+        timesteps, num_inference_steps, _ = set_schedule(base, num_inference_steps, device, sigmas)
+        if latents is None:
+            latents = base.prepare_latents(batch_size, dtype, device, generator)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        guidance = None
+        if getattr(base.model, "guidance_embed", False):  # guidance-distilled DiT: hy3dgen's tensor
+            guidance = torch.tensor([guidance_scale] * batch_size, device=device, dtype=dtype)
+        num_train = base.scheduler.config.num_train_timesteps
+        noise_levels = start_noise_levels(base, timesteps)
+        num_guided = cfg.num_guided_steps(noise_levels)   # the guided window
+        by_position = num_guided > 0 and cfg.needs_positions
+        reader = self.position_reader(cfg) if by_position else None
 
-            # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's (CFG) Euler step
-            diagnostics = []
-            momentum = None
-            clean = None    # the sampler's latest clean-latent prediction (Eq.5 over positions only)
-            # Guidance on: float32 master latent (module docstring). Off: hy3dgen's loop, model dtype.
-            master = num_guided > 0
+        # 4. denoising loop: guided update (ISG + SGU) then hy3dgen's (CFG) Euler step
+        diagnostics = []
+        momentum = None
+        clean = None    # the sampler's latest clean-latent prediction (Eq.5 over positions only)
+        # Guidance on: float32 master latent (module docstring). Off: hy3dgen's loop, model dtype.
+        master = num_guided > 0
+        if master:
+            latents = latents.to(torch.float32)
+        for i, t in enumerate(tqdm(timesteps, disable=not enable_pbar, desc="TIMI sampling")):
+            timestep = t.expand(batch_size).to(dtype) / num_train
+            if i < num_guided:
+                positions = None
+                if by_position:
+                    if clean is None:   # first guided step: one extra forward at the current latent
+                        clean = self.clean_prediction(latents, t, cond, do_cfg, guidance_scale, guidance)
+                    positions = reader(clean).to(torch.float32)
+                latents, momentum, diag = self.guide(latents, timestep, inputs.cond_main, inputs.tokens, momentum,
+                                                     step=i, config=cfg, guidance=guidance, positions=positions)
+                diagnostics.append(diag)
+
+            with observed(recorder, i, inputs.tokens.shape[-1], base.model):
+                noise_pred = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
+            if by_position and i + 1 < num_guided:
+                clean = latents.to(torch.float32) + (1.0 - float(noise_levels[i])) * noise_pred.to(torch.float32)
             if master:
-                latents = latents.to(torch.float32)
-            for i, t in enumerate(tqdm(timesteps, disable=not enable_pbar, desc="TIMI sampling")):
-                timestep = t.expand(batch_size).to(dtype) / num_train
-                if i < num_guided:
-                    positions = None
-                    if by_position:
-                        if clean is None:   # first guided step: one extra forward at the current latent
-                            clean = self.clean_prediction(latents, t, cond, do_cfg, guidance_scale, guidance)
-                        positions = reader(clean).to(torch.float32)
-                    latents, momentum, diag = self.guide(latents, timestep, inputs.cond_main, inputs.tokens, momentum,
-                                                         step=i, config=cfg, guidance=guidance, positions=positions)
-                    diagnostics.append(diag)
+                # hy3dgen's step on the float32 latent with a float32 velocity: it computes
+                # float32 sample + (sigma_next - sigma) * v and casts to v's dtype, float32 here.
+                noise_pred = noise_pred.to(torch.float32)
+            outputs = base.scheduler.step(noise_pred, t, latents)
+            latents = outputs.prev_sample
+            if callback is not None and i % callback_steps == 0:
+                callback(i // getattr(base.scheduler, "order", 1), t, outputs)
 
-                with _observed(recorder, i, inputs.tokens.shape[-1], base.model):
-                    noise_pred = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
-                if by_position and i + 1 < num_guided:
-                    clean = latents.to(torch.float32) + (1.0 - float(noise_levels[i])) * noise_pred.to(torch.float32)
-                if master:
-                    # hy3dgen's step on the float32 latent with a float32 velocity: it computes
-                    # float32 sample + (sigma_next - sigma) * v and casts to v's dtype, float32 here.
-                    noise_pred = noise_pred.to(torch.float32)
-                outputs = base.scheduler.step(noise_pred, t, latents)
-                latents = outputs.prev_sample
-                if callback is not None and i % callback_steps == 0:
-                    callback(i // getattr(base.scheduler, "order", 1), t, outputs)
+        # 5. the master latent, rounded once; meshes (shared back end)
+        latents = latents.to(dtype)
+        meshes = None
+        if output_type != "latent":
+            meshes = export_meshes(base, latents, output_type, box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
+                                   octree_resolution=octree_resolution, mc_algo=mc_algo, enable_pbar=enable_pbar)
+        return TIMIPipelineOutput(meshes, latents, diagnostics,
+                                  list(recorder.records) if recorder is not None else None)
 
-            # 5. the master latent, rounded once; meshes (shared back end)
-            latents = latents.to(dtype)
-            meshes = None
-            if output_type != "latent":
-                meshes = export_meshes(base, latents, output_type, box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
-                                       octree_resolution=octree_resolution, mc_algo=mc_algo, enable_pbar=enable_pbar)
-            return TIMIPipelineOutput(meshes, latents, diagnostics,
-                                      list(recorder.records) if recorder is not None else None)
-
-
-def _observed(recorder, step: int, num_cond: int, model):
-    """The forward of ``step`` observed by ``recorder`` (see ``TIMIPipeline.__call__``), or not."""
-    if recorder is None or not recorder.wants(step):
-        return contextlib.nullcontext()
-    return observe_attention(functools.partial(recorder.observe, step), recorder.layers, num_cond,
-                             attention_site(model))
