@@ -1,5 +1,5 @@
 """A new user's first hour (issue 38, item 5): what the command line says, once, on a line of its own,
-and what the report's pictures mean."""
+and what the report's pictures mean (``--out`` naming a folder: tests/test_bad_inputs.py's cases)."""
 
 from __future__ import annotations
 
@@ -39,15 +39,6 @@ def test_a_run_says_each_thing_once(tiny_model, tmp_path):
     assert both.count("has no alpha channel") == 1, both
     assert "Loading model" not in both and " - INFO - " not in both, both
     assert "--guided-steps 0 guides no step" in both and "as asked" in both, both
-
-
-@pytest.mark.parametrize("name", ["adir", "bad/dir.glb"])
-def test_an_output_that_is_a_folder_gets_one_message(tmp_path, name):
-    from timi.io import OutputError, check_mesh_path
-
-    (tmp_path / name).mkdir(parents=True)
-    with pytest.raises(OutputError, match=r"is a folder; pass a file name such as .*scene\.glb"):
-        check_mesh_path(tmp_path / name)
 
 
 def test_an_error_line_after_a_progress_bar_starts_its_own_line(capsys):
