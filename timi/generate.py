@@ -38,8 +38,8 @@ MAX_SEED = 2**64 - 1
 
 @dataclasses.dataclass
 class GenerateOptions:
-    """Everything ``timi generate`` accepts (see ``timi generate --help``); the defaults that the
-    library shares are :mod:`timi_core.defaults`'."""
+    """Everything ``timi generate`` accepts (see ``timi generate --help``); the defaults it shares with
+    the library (``TIMIPipeline``) come from :mod:`timi_core.defaults`."""
 
     image: Optional[Path]
     masks: list[Path]

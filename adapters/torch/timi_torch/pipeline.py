@@ -123,9 +123,9 @@ def _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sig
                      device=None) -> None:
     """The sampler's numeric arguments, checked as ``timi generate`` checks its options, and what
     they need in memory (:func:`timi_torch.memory.check_memory`) before anything is allocated."""
-    from .memory import check_memory
-
     import numbers
+
+    from .memory import check_memory
 
     if sigmas is None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
                            or num_inference_steps < 1):
