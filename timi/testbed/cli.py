@@ -208,6 +208,7 @@ def mechanism(
     seed: list[int] = typer.Option([0], "--seed", help="Sampling seed(s); repeat for several."),
     limit: int = typer.Option(None, "--limit", min=1),
     opt_steps: int = typer.Option(30, "--opt-steps", min=1, help="Steps of the direct optimisation of z."),
+    steps: int = typer.Option(50, "--steps", min=1, help="Sampling steps of the guided runs (as timi eval's --steps)."),
     out: Path = typer.Option(..., "--out", help="JSON file for the per-(scene, seed) rows."),
     eval_dir: Path = typer.Option(None, "--eval-dir",
                                   help="A `timi eval --baseline` output on the same scenes and seeds: "
@@ -237,8 +238,8 @@ def mechanism(
     from timi.evaluation.cli import _base_config
     config = _base_config([f"alpha={alpha}", f"normalize-instances={normalize_instances}", *set_])
     torch.set_num_threads(threads)
-    rows = run_mechanism(model or resolve_model(None), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps,
-                         config=config)
+    rows = run_mechanism(resolve_model(str(model) if model else None), dataset, seeds=tuple(seed), limit=limit,
+                         opt_steps=opt_steps, config=config, steps=steps)
     write_text(out, json.dumps(rows, indent=1))
     csv_path = eval_dir / "per_scene.csv" if eval_dir else None
     typer.echo(summarise(rows, csv_path))
