@@ -146,8 +146,9 @@ class TrellisPipeline:
         conditioner.load_state_dict({k: v.float() for k, v in load_file(str(folder / CONDITIONER_WEIGHTS)).items()})
         processor = instantiate_from_config(copy.deepcopy(spec["image_processor"]))
         box = json.loads((folder / "pipeline.json").read_text())["args"].get("box", 0.5)
-        return cls(flow.float(), decoder.float(), conditioner.to(device).eval(), processor, settings, config, attention,
-                   box)
+        decoder = decoder.convert_to_fp32() if hasattr(decoder, "convert_to_fp32") else decoder.float()
+        return cls(flow.convert_to_fp32(), decoder, conditioner.to(device).eval(), processor, settings, config,
+                   attention, box)
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
