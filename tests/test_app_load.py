@@ -8,6 +8,7 @@ machine without a login, and its work folder removed on SIGTERM."""
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -321,12 +322,46 @@ def test_sigterm_stops_a_run_and_removes_the_work_folder(tiny_model, tmp_path):
         time.sleep(1.0)
         t = time.time()
         proc.terminate()
-        proc.wait(60)
+        code = proc.wait(60)
         assert time.time() - t < 15, "the exit waited for the run"
+        assert code == 0, log.read_text()[-3000:]          # issue 38: not 134 (a native abort at exit)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert not folder.exists(), log.read_text()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_stopped_after_a_real_run_the_app_exits_0(tiny_model, tmp_path, signum):
+    """Issue 38: ``timi app`` stopped by SIGTERM (a service manager) or Ctrl-C after the page ran a
+    generation exits 0 and its own start-up lines. It aborted in pymeshlab's exit handler
+    (``malloc_consolidate(): unaligned fastbin chunk detected``, exit 134) when a page action had
+    imported hy3dgen (and pymeshlab) in a worker thread and that thread had ended before ``exit()``
+    (it does once the page is closed in full): ``timi.webapp.cli.import_native_libraries``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("GRADIO_TEMP_DIR", "OMP_NUM_THREADS")},
+           "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": os.pathsep.join(
+               [str(ROOT), str(ROOT / "adapters/torch"), str(ROOT / "adapters/jax"), os.environ.get("PYTHONPATH", "")])}
+    log = tmp_path / "app.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "timi.cli", "app", "--model", str(tiny_model), "--device", "cpu",
+                                 "--port", str(port)], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        wait_for(lambda: "Running on" in log.read_text() or proc.poll() is not None, 180, "the app to start")
+        c, notes = with_picture(f"http://127.0.0.1:{port}/")
+        assert notes.startswith("3 instance(s)"), notes
+        result = c.predict(*run_args(), api_name="/on_run")
+        assert result[4].startswith("done"), result[4]
+        proc.send_signal(signum)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "malloc" not in text and "share=True" not in text and "timi app --share" in text, text[-3000:]
 
 
 def test_another_page_that_exits_leaves_this_pages_files(app, tiny_model, tmp_path):

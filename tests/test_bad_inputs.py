@@ -75,6 +75,8 @@ def inputs(tmp_path_factory, tiny_model) -> dict:
         (m / "config.yaml").write_text(edit((m / "config.yaml").read_text()))
         assert (m / "config.yaml").read_text() != (tiny_model / "config.yaml").read_text()
     (d / "afile").write_text("not a folder")
+    (d / "outdir").mkdir()                    # an existing folder given as --out, named like a mesh or not
+    (d / "outdir.glb").mkdir()
     np.save(d / "empty.npy", np.concatenate([masks, np.zeros_like(masks[:1])]))
     np.save(d / "overlap.npy", np.concatenate([masks, masks[:1]]))
     (d / "truncated.png").write_bytes((EXAMPLE / "image.png").read_bytes()[:300])
@@ -158,6 +160,11 @@ CASES = [
          words=("/proc/rep", "cannot write in /proc")),
     Case("--out with an unknown format", lambda f, o: _gen(f, o, D(f, "labels.png"), out="scene.fbx"),
          words=("unknown mesh format '.fbx'",)),
+    # issue 38: a folder given as --out gets one message, whatever its name ("unknown mesh format ''" before)
+    Case("--out is a folder", lambda f, o: _gen(f, o, D(f, "labels.png"), out=D(f, "outdir")),
+         words=("outdir: is a folder; pass a file name", "outdir/scene.glb"), absent=("unknown mesh format",)),
+    Case("--out is a folder named like a mesh", lambda f, o: _gen(f, o, D(f, "labels.png"), out=D(f, "outdir.glb")),
+         words=("outdir.glb: is a folder; pass a file name",)),
     # 7. numbers
     Case("--seed too large", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--seed", "99999999999999999999")),
          words=("--seed 99999999999999999999", "2^64 - 1"), absent=("Overflow",)),
@@ -166,6 +173,12 @@ CASES = [
     Case("--device unknown", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--device", "gpu0")),
          words=("--device 'gpu0'", "use cpu, cuda or cuda:N")),
     Case("--steps 0", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--steps", "0")), words=("--steps 0", "at least 1")),
+    # issue 38: what cannot fit in memory is refused before anything is allocated (was: 23.7 GB and counting)
+    Case("--octree-resolution beyond memory",
+         lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--octree-resolution", "10000", "--steps", "5")),
+         words=("--octree-resolution 10000", "10001^3-point grid", "TiB of memory", "available here; use at most")),
+    Case("--steps beyond memory", lambda f, o: _gen(f, o, D(f, "labels.png"), extra=("--steps", str(10**12))),
+         words=(f"--steps {10**12}", "PiB of memory", "available here; use at most")),
     # already right before issue 15; kept here so the table covers them
     Case("mask size differs", lambda f, o: _gen(f, o, D(f, "small.npy")), words=("small.npy", "differs from image")),
     Case("missing mask file", lambda f, o: _gen(f, o, D(f, "nothere.png")), words=("nothere.png", "file not found")),

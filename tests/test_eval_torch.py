@@ -33,6 +33,11 @@ def test_timi_eval_with_the_torch_pipeline(tmp_path):
     for row in rows.values():
         assert row["scenes_ok"] == "1", result.output
         assert float(row["seconds_per_scene"]) > 0 and 0 <= float(row["fs_s"]) <= 1
+        # issue 38: the Time split into sampling + mesh, and the scoring timi eval adds (not in the Time)
+        sampling, mesh, scoring = (float(row[k]) for k in ("sampling_seconds", "mesh_seconds", "scoring_seconds"))
+        assert sampling > 0 and mesh > 0 and scoring > 0
+        assert sampling + mesh == pytest.approx(float(row["seconds_per_scene"]), rel=1e-2)
+    assert "Scoring (s/scene)" in result.output and "not part of the Time" in result.output
     generated = sorted(out.glob("cache/*/example/generation.json"))
     assert len(generated) == 2
     # issue 27: every guided run is also scored at the base model's size, from its cached latents

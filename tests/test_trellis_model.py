@@ -136,3 +136,14 @@ def test_occupancy_mesh_is_closed_outward_and_in_the_unit_cube():
     assert mesh.volume == pytest.approx(4 / 3 * np.pi * 0.3 ** 3, rel=0.1)
     assert mesh.centroid == pytest.approx([0.1, 0, 0], abs=0.02)
     assert occupancy_mesh(-torch.ones(4, 4, 4)) is None
+
+
+def test_an_fp16_checkpoint_runs_in_float32_after_convert(tmp_path, upstream):
+    cfg = {**json.loads(str(upstream["a/config"])), "use_fp16": True}
+    model = SparseStructureFlowModel(**cfg).eval()
+    assert model.blocks[0].mlp.mlp[0].weight.dtype == torch.float16 and model.input_layer.weight.dtype == torch.float32
+    loaded = load_model(save_model(model, tmp_path / "fp16")).convert_to_fp32()
+    x, cond = torch.from_numpy(upstream["a/x"]), torch.from_numpy(upstream["a/cond"])
+    with torch.no_grad():
+        v = loaded(x, torch.full((x.shape[0],), 370.0), cond)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()

@@ -101,3 +101,17 @@ def test_recorder_sees_the_guided_blocks_cross_attention(folder):
                enable_pbar=False, recorder=recorder)
     assert sorted((r.step, r.layer) for r in out.recordings) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert out.recordings[0].probability.shape == (4 ** 3, cm.num_instances)     # one row per voxel token
+
+
+def test_jax_backend_gives_the_torch_backends_latents(folder):
+    pytest.importorskip("jax")
+    from timi.pipelines import load_pipeline
+
+    image, masks = str(EXAMPLE / "image.png"), str(EXAMPLE / "masks.png")
+    config = TIMIConfig(guided_steps=2)
+    runs = {b: load_pipeline(str(folder), backend=b, device="cpu", config=config) for b in ("torch", "jax")}
+    outs = {b: p(image, masks, num_inference_steps=3, generator=torch.manual_seed(0), enable_pbar=False,
+                 output_type="latent") for b, p in runs.items()}
+    torch.testing.assert_close(outs["jax"].latents, outs["torch"].latents, rtol=0, atol=1e-4)
+    assert [d.step for d in outs["jax"].diagnostics] == [d.step for d in outs["torch"].diagnostics] == [0, 1]
+    assert outs["jax"].diagnostics[0].loss == pytest.approx(outs["torch"].diagnostics[0].loss, rel=1e-4)

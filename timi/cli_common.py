@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from pathlib import Path
 
@@ -50,13 +51,41 @@ def error_line(exc: BaseException) -> tuple[str, int] | None:
 
 def run_cli(fn, err):
     """Run ``fn``; bad input -> one ``error:`` line and exit 2, other failures -> one line and exit 1,
-    Ctrl-C -> one line and exit 130 (:func:`error_line`)."""
+    Ctrl-C -> one line and exit 130 (:func:`error_line`), on a line of its own."""
     try:
         return fn()
     except (*BAD_INPUT_ERRORS, RuntimeError, OSError, KeyboardInterrupt) as e:
         line, code = error_line(e)
+        close_progress_bars()
         err.print(line, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(code)
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars an error or Ctrl-C left open, so that the line printed next starts a
+    line of its own instead of being glued to a bar's (a bar over a loop is closed by its generator's
+    ``finally`` only once the traceback, which holds the loop's frame, is gone; a bar updated by hand
+    is not closed at all)."""
+    if "tqdm" not in sys.modules:
+        return
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+#: hy3dgen's logger: it logs ``INFO - Loading model from ...`` through a handler of its own.
+HY3DGEN_LOGGER = "hy3dgen.shapgen"
+
+
+def quiet_hy3dgen() -> None:
+    """Keep hy3dgen's INFO lines off the command line (it says what it loads itself); its warnings
+    and errors still show. A filter, since importing hy3dgen sets its logger's level to INFO."""
+    logging.getLogger(HY3DGEN_LOGGER).addFilter(_hy3dgen_warnings_only)  # once: addFilter skips a present one
+
+
+def _hy3dgen_warnings_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
 
 
 #: click's exception classes, from wherever this typer takes click (typer >= 0.20 vendors it)
@@ -69,6 +98,7 @@ class OneLineUsageErrors(TyperGroup):
     instead of click's boxed panel; ``timi`` without arguments still prints the help."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        quiet_hy3dgen()
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
@@ -82,6 +112,7 @@ class OneLineUsageErrors(TyperGroup):
             typer.echo(f"error: {' '.join(e.format_message().split())}{hint}", err=True)
             sys.exit(e.exit_code)
         except typer.Abort:
+            close_progress_bars()
             typer.echo(INTERRUPTED_LINE, err=True)
             sys.exit(EXIT_INTERRUPTED)
         # non-standalone click returns typer.Exit's code, or the command's return value (None)

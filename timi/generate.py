@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import time
 import warnings
@@ -19,6 +18,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from timi_core import defaults
+from timi_core.defaults import SMALL_MODEL_BYTES  # noqa: F401  (the --threads rule's size, read by tests)
+
 from .inspect_cmd import prepare_masks
 from .io import OutputError, check_mesh_path, check_writable, first_missing, mesh_bytes, write_bytes
 from .masks_io import InstanceMasks, check_input_picture
@@ -32,23 +34,20 @@ __all__ = ["GenerateOptions", "GenerateResult", "generate", "resolve_model", "Mo
 ASSIGN_METHODS = ("projection", "tokens")
 #: torch.Generator seeds: 0 .. 2**64 - 1.
 MAX_SEED = 2**64 - 1
-#: ``--threads`` default: one intra-op thread for checkpoints below this size (docs/benchmarks.md:
-#: the demo on the shipped 3.6 MB model took 13.7 s on 1 thread, 120.9 s on 2, with another process busy),
-#: torch's default (all usable cores) above it.
-SMALL_MODEL_BYTES = 200 * 2**20
 
 
 @dataclasses.dataclass
 class GenerateOptions:
-    """Everything ``timi generate`` accepts (see ``timi generate --help``)."""
+    """Everything ``timi generate`` accepts (see ``timi generate --help``); the defaults it shares with
+    the library (``TIMIPipeline``) come from :mod:`timi_core.defaults`."""
 
     image: Optional[Path]
     masks: list[Path]
     out: Path
     model: Optional[str] = None
     backend: str = "torch"
-    steps: int = 50
-    guidance_scale: float = 5.0
+    steps: int = defaults.NUM_INFERENCE_STEPS
+    guidance_scale: float = defaults.GUIDANCE_SCALE
     seed: int = 0
     alpha: float = 0.1
     sigma: float = 1.5
@@ -57,7 +56,7 @@ class GenerateOptions:
     guided_fraction: float = 0.3
     preset: str = "default"           # TIMIConfig.preset: default or paper
     timi: bool = True
-    octree_resolution: int = 384
+    octree_resolution: int = defaults.OCTREE_RESOLUTION
     device: Optional[str] = None
     dtype: str = "auto"
     split_instances: bool = False
@@ -68,7 +67,7 @@ class GenerateOptions:
     threads: Optional[int] = None     # torch intra-op threads; None: choose_threads(model)
     flashvdm: bool = False            # decode with the turbo VAE + FlashVDM (hy3dgen's enable_flashvdm)
     mc_algo: Optional[str] = None     # hy3dgen's surface extractor: mc or dmc
-    dense_decoding: bool = False      # decode the whole grid (hy3dgen's default) instead of coarse-to-fine
+    dense_decoding: bool = False      # decode the whole grid (hy3dgen's) instead of defaults.DECODING
     views: dict = dataclasses.field(default_factory=dict)       # multi-view: {view: picture}
     view_masks: dict = dataclasses.field(default_factory=dict)  # multi-view: {view: mask source}
 
@@ -85,31 +84,17 @@ class GenerateResult:
     report_files: list[Path] = dataclasses.field(default_factory=list)
     latents: object = None             # (1, L, C) torch tensor the mesh was decoded from
     recordings: list = dataclasses.field(default_factory=list)  # timi.report.StepMaps (--report, torch)
+    stage_notes: dict[str, str] = dataclasses.field(default_factory=dict)  # what a stage's time covers
 
 
 def choose_threads(model: str) -> int:
-    """The default ``--threads``: 1 for small checkpoints (< :data:`SMALL_MODEL_BYTES`), else all usable cores."""
+    """The default ``--threads`` for ``model``'s checkpoint (``timi_core.defaults.default_threads``, the
+    rule ``TIMIPipeline.from_pretrained`` follows too): 1 for a small one, else all usable cores."""
     p = Path(model).expanduser()
     config = model_config_path(model)  # a folder, or an id's local copy under $HY3DGEN_MODELS
     folder = config.parent if config is not None else p
     files = [p] if p.is_file() else [*folder.glob("model*.safetensors"), *folder.glob("model*.ckpt")] if folder.is_dir() else []
-    size = max((f.stat().st_size for f in files), default=None)
-    if size is not None and size < SMALL_MODEL_BYTES:
-        return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@contextmanager
-def torch_threads(n: int):
-    """Run with ``n`` torch intra-op threads, restoring the previous number afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return defaults.default_threads(max((f.stat().st_size for f in files), default=None))
 
 
 class _Clock:
@@ -167,6 +152,7 @@ def check_settings(opts: GenerateOptions) -> None:
                             ("--threads", 1 if opts.threads is None else opts.threads, 1)):
         if value < lo:
             raise ValueError(f"{name} {value}: must be at least {lo}.")
+    check_fits(opts.octree_resolution, opts.steps, opts.device)
     if not (math.isfinite(opts.guided_fraction) and 0 <= opts.guided_fraction <= 1):
         raise ValueError(f"--guided-fraction {opts.guided_fraction}: must be a number from 0 to 1 (paper: 0.3).")
     if not 0 <= opts.seed <= MAX_SEED:
@@ -174,6 +160,14 @@ def check_settings(opts: GenerateOptions) -> None:
     for name, value in (("--guidance-scale", opts.guidance_scale), ("--alpha", opts.alpha), ("--sigma", opts.sigma)):
         if not math.isfinite(value):
             raise ValueError(f"{name} {value}: must be a finite number.")
+
+
+def check_fits(octree_resolution: int, steps: int, device=None) -> None:
+    """``--octree-resolution`` and ``--steps`` whose memory estimate exceeds what is available here
+    (:func:`timi_torch.memory.check_memory`): refused before anything is allocated (a ``ValueError``)."""
+    from timi_torch.memory import check_memory
+
+    check_memory(octree_resolution, steps, device, names=("--octree-resolution ", "--steps "))
 
 
 def check_model(opts: GenerateOptions) -> str:
@@ -231,6 +225,8 @@ def generate(opts: GenerateOptions, log=print, check=None, load=None) -> Generat
     raises stops the run there (``timi app``: cancel, a lost client, ``--max-run-seconds``).
     ``load(opts, model)``: gives the pipeline, after the inputs are checked (default :func:`load_for`;
     a batch, :mod:`timi.batch`, loads it once for all its scenes)."""
+    from timi_torch.pipeline import torch_threads
+
     out, model = check_options(opts)
     with torch_threads(opts.threads or choose_threads(model)):
         return _generate(opts, out, model, log, check or (lambda: None), load or load_for)
@@ -239,8 +235,8 @@ def generate(opts: GenerateOptions, log=print, check=None, load=None) -> Generat
 def load_for(opts: GenerateOptions, model: str):
     """The pipeline ``opts`` run on (the one door, :func:`timi.pipelines.load_pipeline`)."""
     return load_pipeline(model, backend=opts.backend, device=opts.device, dtype=opts.dtype, config=_config(opts),
-                         flashvdm=opts.flashvdm, mc_algo=opts.mc_algo,
-                         decoding="dense" if opts.dense_decoding else "coarse-to-fine")
+                         flashvdm=opts.flashvdm, mc_algo=opts.mc_algo, threads=opts.threads,
+                         decoding="dense" if opts.dense_decoding else defaults.DECODING)
 
 
 def _view_masks(opts: GenerateOptions, model: str):
@@ -277,6 +273,11 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check, load) ->
             found, cond_preview, notes = prepare_masks(opts.image, opts.masks, model, opts.overlap, opts.timi)
     for n in notes:
         log(f"warning: {n}")
+
+    def note(message: str) -> None:  # a warning found later: in the result's warnings, and shown once, now
+        notes.append(message)
+        log(f"warning: {message}")
+
     log(f"{found.count} instance(s): " + ", ".join(found.names) + f"; condition grid {cond_preview.grid[0]}x{cond_preview.grid[1]}")
 
     import torch
@@ -294,11 +295,16 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check, load) ->
 
     depth = pipeline_depth(pipe)
     if opts.timi and opts.guided_layers > depth:
-        notes.append(f"--guided-layers {opts.guided_layers} exceeds the model's {depth} double-stream blocks; guiding all {depth}.")
+        note(f"--guided-layers {opts.guided_layers} exceeds the model's {depth} double-stream blocks; guiding all {depth}.")
+    if opts.timi and pipe.num_guided_steps(opts.steps, _config(opts)) == 0:
+        asked = (f"--guided-steps {opts.guided_steps}" if opts.guided_steps is not None
+                 else f"--guided-fraction {opts.guided_fraction:g}")
+        note(f"{asked} guides no step: this run is plain hy3dgen sampling (TIMI guidance off), as asked; "
+             "drop it for the paper's window (the first 30 % of the steps); --no-timi turns guidance off on purpose.")
     recorder = None
     if opts.report is not None:
         if opts.backend == "jax":
-            notes.append("--backend jax: the report has no instance maps (they are recorded from the torch DiT).")
+            note("--backend jax: the report has no instance maps (they are recorded from the torch DiT).")
         else:
             from .report import AttentionRecorder
 
@@ -351,11 +357,12 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check, load) ->
             from .instances import instance_scene
 
             if out.suffix.lower() in (".ply", ".stl"):
-                notes.append(f"{out.suffix} holds one mesh, so the instance nodes are merged; use .glb or .obj to keep them.")
+                note(f"{out.suffix} holds one mesh, so the instance nodes are merged; use .glb or .obj to keep them.")
             scene = instance_scene(split)
         data = mesh_bytes(scene, out)
     result = GenerateResult(out, mesh, found, clock.timings, list(output.diagnostics), split, notes, latents=latents,
-                            recordings=list(output.recordings or []))
+                            recordings=list(output.recordings or []),
+                            stage_notes=stage_notes(opts, pipe, len(output.diagnostics), depth))
     report = Path(opts.report) if opts.report is not None else None
     created = first_missing(report) if report is not None else None
     try:
@@ -372,6 +379,23 @@ def _generate(opts: GenerateOptions, out: Path, model: str, log, check, load) ->
     return result
 
 
+def stage_notes(opts: GenerateOptions, pipe, guided: int, depth: int) -> dict[str, str]:
+    """What the denoise and mesh stages' times cover (issue 38): how many steps TIMI guided and through
+    how many of the DiT's blocks each guided step differentiates, which sets TIMI's cost (a few of
+    the full-size DiT's 48 blocks: about 1.03x plain sampling; 4 of the shipped model's 5: well above),
+    and the decoding."""
+    model = getattr(getattr(pipe, "base", None), "model", None)
+    blocks = sum(len(getattr(model, name, ())) for name in ("double_blocks", "single_blocks", "blocks")) or depth
+    if guided:
+        denoise = (f"{opts.steps} steps, {guided} TIMI-guided: each differentiates through the first "
+                   f"{min(opts.guided_layers, depth)} of the DiT's {blocks} blocks")
+    else:
+        denoise = f"{opts.steps} steps, none guided (plain hy3dgen sampling)"
+    decoding = "flashvdm" if opts.flashvdm else "dense" if opts.dense_decoding else defaults.DECODING
+    return {"inputs": "read and check the picture and masks (and import torch, hy3dgen)", "denoise": denoise,
+            "mesh": f"{decoding} decoding, octree {opts.octree_resolution}"}
+
+
 def _remove(files: list[Path], folder: Optional[Path]) -> None:
     for f in files:
         Path(f).unlink(missing_ok=True)
@@ -383,15 +407,16 @@ def _remove(files: list[Path], folder: Optional[Path]) -> None:
 
 
 def summary_table(result: GenerateResult):
-    """A rich table: time per stage, instances found, unclaimed parts, L_sep first -> last."""
+    """A rich table: time per stage and what it covers, instances found, unclaimed parts, L_sep first -> last."""
     from rich.table import Table
 
     t = Table(title=f"timi generate -> {result.out}", show_header=True)
     t.add_column("stage")
     t.add_column("time", justify="right")
+    t.add_column("what")
     for name, sec in result.timings.items():
-        t.add_row(name, f"{sec:.2f} s")
-    t.add_row("total", f"{sum(result.timings.values()):.2f} s", style="bold")
+        t.add_row(name, f"{sec:.2f} s", result.stage_notes.get(name, ""))
+    t.add_row("total", f"{sum(result.timings.values()):.2f} s", "", style="bold")
     lines = [f"instances given: {result.masks.count} ({', '.join(result.masks.names)})",
              f"mesh: {len(result.mesh.vertices)} vertices, {len(result.mesh.faces)} faces"]
     if result.split is not None:

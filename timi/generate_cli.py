@@ -10,10 +10,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from timi_core import defaults
 
 from .cli_common import (ADDRESS_OPTION, ENGINE_OPTION, GPUS_PER_WORKER_OPTION, PRESET_HELP, WORKERS_OPTION, run_cli,
                          split_image_and_masks)
 from .generate import GenerateOptions, generate, parse_views, summary_table
+from .io import MESH_FORMATS
+
+#: ``--out``'s formats, as the writer accepts them (.glb, .obj, .ply or .stl)
+_FORMATS = ", ".join(list(MESH_FORMATS)[:-1]) + " or " + list(MESH_FORMATS)[-1]
 GENERATE_HELP = """Generate a 3D scene from IMAGE and its instance masks with TIMI guidance.
 
 Any shape DiT of the Hunyuan3D-2 family (--model FOLDER: standard, -fast, -turbo, mini, mv):
@@ -48,13 +53,13 @@ The guided window is the paper's first 30 % of the trajectory (15 of 50 steps, 9
 def generate_command(
     image_and_masks: Optional[list[Path]] = typer.Argument(None, metavar="IMAGE", help="Input picture (PNG/JPEG; RGBA alpha = foreground, else the masks' union). Paths after the first one are more mask files, so `--masks a.png b.png` works. Not with --view. Or many scenes: a folder of scene folders, or a manifest .csv/.jsonl (docs/usage.md)."),
     masks: Optional[list[Path]] = typer.Option(None, "--masks", "-m", help="Label-map PNG, folder or list of mask PNGs, (K,H,W) .npy, or SAM/Grounded-SAM RLE .json. Repeat for several files."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Scene mesh to write: .glb, .obj or .ply (atomic). A folder of scenes: the folder for their meshes."),
-    model: Optional[str] = typer.Option(None, help="hy3dgen model folder of any variant (config.yaml + model.fp16.safetensors, e.g. .../hunyuan3d-dit-v2-0-turbo) or id (tencent/Hunyuan3D-2 under $HY3DGEN_MODELS); default: the shipped model."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help=f"Scene mesh to write: {_FORMATS} (by its extension; written atomically). A folder of scenes: the folder for their meshes."),
+    model: Optional[str] = typer.Option(None, help="hy3dgen model folder of any variant, e.g. one named hunyuan3d-dit-v2-0-turbo (config.yaml + model.fp16.safetensors), or id (tencent/Hunyuan3D-2 under $HY3DGEN_MODELS); default: the shipped model."),
     view: Optional[list[str]] = typer.Option(None, "--view", help="Multi-view input (Hunyuan3D-2mv): VIEW=PICTURE, VIEW one of front, left, back, right. Repeat per view."),
     view_masks: Optional[list[str]] = typer.Option(None, "--view-masks", help="VIEW=MASKS for each --view: a label map (labels are instance ids in every view), a folder of mask PNGs (file names are the ids), a (K,H,W) .npy (slice k is instance k) or an RLE .json."),
     backend: str = typer.Option("torch", help="torch (hy3dgen) or jax."),
-    steps: int = typer.Option(50, help="Denoising steps."),
-    guidance_scale: float = typer.Option(5.0, help="Classifier-free guidance scale."),
+    steps: int = typer.Option(defaults.NUM_INFERENCE_STEPS, help="Denoising steps."),
+    guidance_scale: float = typer.Option(defaults.GUIDANCE_SCALE, help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, help="Random seed of the initial noise."),
     alpha: float = typer.Option(0.1, help="TIMI update size alpha (Eq.6)."),
     sigma: float = typer.Option(1.5, help="Gaussian smoothing sigma of the gradient (Eq.5)."),
@@ -63,7 +68,7 @@ def generate_command(
     guided_fraction: float = typer.Option(0.3, help="Guide the steps that start in this first part of the trajectory (noise level below it; paper: 15/50 = 0.3)."),
     preset: str = typer.Option("default", "--preset", help=PRESET_HELP),
     no_timi: bool = typer.Option(False, "--no-timi", help="Plain hy3dgen sampling (no guidance), for comparison."),
-    octree_resolution: int = typer.Option(384, help="Marching-cubes grid resolution."),
+    octree_resolution: int = typer.Option(defaults.OCTREE_RESOLUTION, help="Marching-cubes grid resolution."),
     device: Optional[str] = typer.Option(None, help="cpu or cuda (default: cuda when available)."),
     dtype: str = typer.Option("auto", help="auto, float32, float16 or bfloat16 (auto: fp16 on cuda, fp32 on cpu)."),
     split_instances: bool = typer.Option(False, "--split-instances", help="Write one named node per instance (connected parts assigned by the masks)."),
@@ -127,8 +132,6 @@ def generate_command(
     console.print(table)
     for line in lines:
         console.print(line, markup=False, highlight=False)
-    for w in result.warnings:
-        err.print(f"warning: {w}", markup=False, highlight=False)
     if result.split is not None:
         console.print(result.split.summary(), markup=False, highlight=False)
     if result.report_files:

@@ -68,12 +68,12 @@ def check_writable(path: str | Path, folder: bool = False) -> Path:
 def check_mesh_path(path: str | Path) -> Path:
     """Validate an output mesh path before spending time on generation."""
     path = Path(path)
+    if path.is_dir():  # first: a folder named like a mesh (bad/dir.glb) or not (out/) gets one message
+        raise OutputError(f"{path}: is a folder; pass a file name such as {path / 'scene.glb'}.")
     if path.suffix.lower() not in MESH_FORMATS:
         raise OutputError(
             f"{path}: unknown mesh format '{path.suffix}'; use one of {', '.join(MESH_FORMATS)} (chosen by extension)."
         )
-    if path.exists() and path.is_dir():
-        raise OutputError(f"{path}: is a folder; pass a file name such as {path / 'scene.glb'}.")
     return path
 
 

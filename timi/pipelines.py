@@ -27,6 +27,7 @@ from typing import Optional
 import yaml
 
 from timi_core import TIMIConfig
+from timi_core.defaults import DECODING
 
 __all__ = ["ModelNotFoundError", "ModelConfigError", "BackendUnavailableError", "BACKENDS", "DTYPES", "DECODINGS",
            "resolve_model", "model_notes", "model_config_path", "read_model_config", "check_model_config",
@@ -413,7 +414,7 @@ def enable_flashvdm(pipe, model: str, mc_algo: Optional[str] = None) -> None:
 
 def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device: Optional[str] = None,
                   dtype=None, config: TIMIConfig = TIMIConfig(), attention: str = "fused", flashvdm: bool = False,
-                  mc_algo: Optional[str] = None, decoding: Optional[str] = None):
+                  mc_algo: Optional[str] = None, decoding: Optional[str] = DECODING, threads: Optional[int] = None):
     """A pipeline for ``model`` (default: the shipped one; see :func:`resolve_model`).
 
     ``backend="torch"``: ``timi_torch.TIMIPipeline`` (``attention`` its ISG path);
@@ -424,9 +425,11 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
     Any variant of the Hunyuan3D-2 family loads (its ``config.yaml`` names the DiT, scheduler,
     conditioner and image processor), and a Hunyuan3D 2.1 folder, on both backends. ``flashvdm``: decode with the turbo VAE and FlashVDM
     (:func:`enable_flashvdm`); ``mc_algo``: hy3dgen's surface extractor (:data:`MC_ALGOS`);
-    ``decoding``: ``"coarse-to-fine"`` (:class:`timi_torch.decoding.CoarseToFineVolumeDecoder`, the
-    same mesh as dense in a fraction of the time: docs/benchmarks.md) or ``"dense"``; ``None`` keeps
-    hy3dgen's own (dense), as a plain hy3dgen pipeline decodes. Ignored with ``flashvdm``.
+    ``decoding``: ``"coarse-to-fine"`` (the default, ``timi_core.defaults.DECODING``:
+    :class:`timi_torch.decoding.CoarseToFineVolumeDecoder`, the same mesh as dense in a fraction of
+    the time: docs/benchmarks.md) or ``"dense"``; ``None`` keeps hy3dgen's own (dense), as a plain
+    hy3dgen pipeline decodes. Ignored with ``flashvdm``. ``threads``: the torch threads the torch
+    pipeline's calls run on (default: ``TIMIPipeline.from_pretrained``'s, as ``timi generate --threads``).
     """
     import timi_torch
 
@@ -444,15 +447,11 @@ def load_pipeline(model: Optional[str] = None, *, backend: str = "torch", device
         turbo_vae_path(path)              # before the weights load
     device = resolve_device(device)
     pipe = timi_torch.TIMIPipeline.from_pretrained(path, config, device=device, dtype=torch_dtype(dtype, device),
-                                                   attention=attention)
+                                                   attention=attention, decoding=decoding, num_threads=threads)
     if flashvdm:
         enable_flashvdm(pipe, path, mc_algo)
-    else:
-        from timi_torch.decoding import set_decoding
-
-        set_decoding(pipe.base, decoding)
-        if mc_algo is not None:
-            pipe.base.set_surface_extractor(mc_algo)
+    elif mc_algo is not None:
+        pipe.base.set_surface_extractor(mc_algo)
     pipe.token_positions = token_positions(path)
     if backend == "torch":
         return pipe

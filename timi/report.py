@@ -13,8 +13,9 @@
 * ``guidance.png`` - ``L_sep`` (Eq.4), lambda (Eq.6) and the max latent update per guided step,
   and the purity of every recorded step and layer.
 * ``views.png`` - the result seen from the front (the input view), the side, the top and a
-  three-quarter view, coloured by instance (grey: parts no mask claims), rendered by z-buffered
-  surface-point splatting.
+  three-quarter view, each instance in the colour of its own pixels (:func:`instance_view_colors`;
+  a palette when two of them look alike, as the legend says; grey: parts no mask claims), rendered by
+  z-buffered surface-point splatting.
 * ``masks_on_tokens.png`` - the masks on the condition-token grid (as ``timi inspect``).
 """
 
@@ -29,7 +30,13 @@ import numpy as np
 import trimesh
 
 __all__ = ["AttentionRecorder", "instance_image_maps", "plot_instance_maps", "plot_guidance", "render_views",
-           "plot_views", "write_summary", "write_report"]
+           "plot_views", "instance_view_colors", "write_summary", "write_report"]
+
+#: Colours closer than this (RGB in [0, 1]) are told apart badly: instances that would look alike, or
+#: like the views' white background or the unclaimed parts' grey, take the palette instead.
+MIN_COLOR_DISTANCE = 0.2
+#: The colour of the parts no mask claims.
+UNCLAIMED_COLOR = np.array([0.6, 0.6, 0.6, 1.0])
 
 
 # -------------------------------------------------------------------------------- recording
@@ -335,7 +342,10 @@ def _fill_pinholes(img: np.ndarray, depth: np.ndarray, tolerance: float) -> np.n
     return img
 
 
-def plot_views(views: dict[str, np.ndarray], names: Sequence[str], colors: np.ndarray, image=None, title: str = ""):
+def plot_views(views: dict[str, np.ndarray], names: Sequence[str], colors: np.ndarray, image=None, title: str = "",
+               note: str = ""):
+    """The views side by side, the input image first, and a legend of the instances' colours
+    (``note``: what the colours are, :func:`instance_view_colors`)."""
     from matplotlib.patches import Patch
 
     plt = _plt()
@@ -353,11 +363,30 @@ def plot_views(views: dict[str, np.ndarray], names: Sequence[str], colors: np.nd
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [Patch(color=np.asarray(c)[:3], label=str(nm)) for nm, c in zip(names, colors)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
+               title=note or None, title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
+
+
+def instance_view_colors(image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, str]:
+    """(K, 4) RGBA colours in [0, 1] for the instances' meshes in ``views.png``, and what they are (the
+    legend's note): each instance's own colour, the median of its pixels in the (H, W, 3) ``image``
+    under its (K, H, W) mask, so the orange box is drawn orange; or, when two instances (or one and
+    the white background or the unclaimed grey) would look alike, the instance palette
+    (:func:`timi.instances.instance_colors`)."""
+    from .instances import instance_colors
+
+    rgb = np.asarray(image, dtype=np.float64)[..., :3] / 255.0
+    own = np.array([np.median(rgb[m], axis=0) if m.any() else np.full(3, np.nan) for m in np.asarray(masks, bool)])
+    others = np.vstack([own, np.ones(3), UNCLAIMED_COLOR[:3]])
+    gaps = np.linalg.norm(own[:, None] - others[None], axis=-1)
+    gaps[np.arange(len(own)), np.arange(len(own))] = np.inf
+    if len(own) and np.isfinite(own).all() and gaps.min() >= MIN_COLOR_DISTANCE:
+        return np.hstack([own, np.ones((len(own), 1))]), "colours: each instance's own (its pixels)"
+    return instance_colors(len(own)) / 255.0, "colours: a palette (some instances' own colours look alike)"
 
 
 def write_summary(path: str | Path, data: dict) -> Path:
@@ -386,7 +415,6 @@ def write_report(folder: Path, opts, result, cond, files: list | None = None) ->
     from PIL import Image
 
     from .inspect_cmd import overlay_figure, save_figure
-    from .instances import instance_colors
 
     start = time.perf_counter()
     files = [] if files is None else files
@@ -399,16 +427,17 @@ def write_report(folder: Path, opts, result, cond, files: list | None = None) ->
         files.append(save_figure(fig, folder / f"instance_maps_layer{layer}.png"))
     files.append(save_figure(plot_guidance(result.diagnostics, records, names), folder / "guidance.png"))
     split = result.split
-    colors = instance_colors(len(names)) / 255.0
+    image = np.asarray(Image.open(opts.image).convert("RGB"))
+    colors, note = instance_view_colors(image, result.masks.masks)
     unclaimed = [trimesh.util.concatenate([split.parts[i] for i in split.unclaimed])] if split.unclaimed else []
     meshes = list(split.meshes) + unclaimed
-    cols = list(colors) + ([np.array([0.6, 0.6, 0.6, 1.0])] if split.unclaimed else [])
+    cols = list(colors) + ([UNCLAIMED_COLOR] if split.unclaimed else [])
     labels = list(names) + (["unclaimed"] if split.unclaimed else [])
     views = render_views(meshes, np.asarray(cols))
-    image = np.asarray(Image.open(opts.image).convert("RGB"))
     mode = "TIMI" if opts.timi else "no TIMI"
     files.append(save_figure(plot_views(views, labels, cols, image=image,
-                                        title=f"{mode}, seed {opts.seed}, {opts.steps} steps"), folder / "views.png"))
+                                        title=f"{mode}, seed {opts.seed}, {opts.steps} steps", note=note),
+                               folder / "views.png"))
     summary = {
         "image": str(opts.image), "masks": [str(m) for m in opts.masks], "out": str(result.out),
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(opts).items()

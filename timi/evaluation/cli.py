@@ -78,8 +78,9 @@ def eval_command(
     generator: Optional[str] = typer.Option(None, "--generator", metavar="MODULE:CALLABLE",
                                             help="Use another generator: generate(image, masks, config, seed) -> "
                                                  "(mesh, instance meshes or None, seconds)."),
-    predictions: List[Path] = typer.Option([], "--predictions", help="Score another method's outputs: "
-                                           "PRED_DIR/<scene_id>/instance_XX.*|scene.* (docs/metrics.md). Repeatable."),
+    predictions: List[Path] = typer.Option([], "--predictions", help="Score another method's outputs: a "
+                                           "folder PRED_DIR with one folder per scene id holding instance_XX.* or "
+                                           "scene.* (docs/metrics.md). Repeatable."),
     label: List[str] = typer.Option([], "--label", help="Table row name of each --predictions, in order "
                                     "(default: the folder name)."),
     no_timi: bool = typer.Option(False, "--no-timi", help="Evaluate the base model only (TIMIConfig.isg=False)."),
@@ -169,6 +170,12 @@ def eval_command(
         if decoding not in DECODINGS:
             raise typer.BadParameter(f"{decoding!r}: use one of {', '.join(DECODINGS)}.", param_hint="--decoding")
         _check_model_supports(model, runs)
+        try:
+            from timi.generate import check_fits
+
+            check_fits(octree_resolution, steps, device)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
         generate = TIMITorchGenerator(model, device=device, dtype=dtype, steps=steps, guidance_scale=guidance_scale,
                                       octree_resolution=octree_resolution, decoding=decoding)
     # one metric seed for every sampling seed: pairs differ only in sampling, and a seed evaluated on its

@@ -26,9 +26,11 @@ need no Ray.
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +41,54 @@ from .runs import Run
 
 #: How often Ray retries a scene whose worker died before reporting it failed.
 TASK_RETRIES = 2
+
+
+#: The longest a wait on the cluster goes without looking for a Ctrl-C that Python dropped (seconds).
+POLL_SECONDS = 0.5
+
+
+class CtrlC:
+    """The first Ctrl-C stops a run on the cluster (issue 38).
+
+    Python runs a SIGINT handler in whatever Python code the main thread executes next. When that is
+    a finalizer (a ``__del__``, a weak-reference callback: Ray's handles and ``tqdm`` bars have them,
+    and the driver drops object refs all the time) or a C++ -> Python callback of Ray's, the
+    ``KeyboardInterrupt`` the handler raises is printed as "Exception ignored" and dropped, and the run
+    went on (a press lost inside Ray's wait, seen in CI). While installed (the ``with`` block of
+    :meth:`RayEngine.connected`, in the main thread), this handler records each press and then does
+    what the previous one did; the driver's waits are bounded (:data:`POLL_SECONDS`) and call
+    :meth:`check`, which raises ``KeyboardInterrupt`` for a press that was dropped."""
+
+    def __init__(self):
+        self.pressed = threading.Event()
+        self._installed, self._previous = False, None
+
+    def __enter__(self) -> "CtrlC":
+        self.pressed.clear()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed, self._previous = False, None
+        self.pressed.clear()          # outside the block a press is no longer this run's
+
+    def _handle(self, signum, frame) -> None:
+        self.pressed.set()
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)          # Python's own raises KeyboardInterrupt
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise ``KeyboardInterrupt`` when Ctrl-C was pressed (and its exception was dropped)."""
+        if self.pressed.is_set():
+            raise KeyboardInterrupt
 
 
 class EngineError(ValueError):
@@ -123,6 +173,7 @@ class RayEngine:
     address: str | None = None
     gpus_per_worker: float | None = None
     workers: int | None = None
+    ctrl_c: CtrlC = field(default_factory=CtrlC, repr=False, compare=False)  # installed by connected()
 
     def connect(self):
         """Ray, initialised (a call after ``ray.init`` uses that instance); ``(ray, started)``."""
@@ -163,10 +214,12 @@ class RayEngine:
 
     @contextmanager
     def connected(self):
-        """Ray, initialised for the ``with`` block (and shut down after it when this call started it)."""
+        """Ray, initialised for the ``with`` block (and shut down after it when this call started it),
+        with Ctrl-C recorded (:class:`CtrlC`, as ``self.ctrl_c``) so that the first press stops the run."""
         ray, started = self.connect()
         try:
-            yield ray
+            with self.ctrl_c:
+                yield ray
         finally:
             if started:
                 ray.shutdown()
@@ -191,7 +244,7 @@ class WorkerPool:
     def __init__(self, ray, engine: RayEngine, worker_cls, context, n_units: int):
         from ray.util import ActorPool
 
-        self.ray = ray
+        self.ray, self.ctrl_c = ray, engine.ctrl_c
         gpus, n_workers = engine.plan(ray, n_units)
         worker = ray.remote(worker_cls).options(num_cpus=0, num_gpus=gpus, max_restarts=-1,
                                                 max_task_retries=TASK_RETRIES)
@@ -203,12 +256,16 @@ class WorkerPool:
         self.pool.submit(lambda actor, u: getattr(actor, method).options(name=name).remote(*u, *args), unit)
 
     def results(self):
-        """The answers as they come (any order); ``None`` for a task whose worker died every time."""
+        """The answers as they come (any order); ``None`` for a task whose worker died every time.
+        Waits at most :data:`POLL_SECONDS` at a time, looking for a dropped Ctrl-C (:class:`CtrlC`)."""
         while self.pool.has_next():
+            self.ctrl_c.check()
             try:
-                yield self.pool.get_next_unordered()
+                yield self.pool.get_next_unordered(timeout=POLL_SECONDS)
             except self.ray.exceptions.RayError:
                 yield None
+            except TimeoutError:             # nothing finished yet
+                continue
 
     def close(self) -> None:
         for actor in self.actors:
@@ -258,8 +315,9 @@ class _Execution:
     def _drain(self, block: bool) -> None:
         """Collect finished CPU tasks (all of them with ``block``)."""
         while self.pending:
+            self.engine.ctrl_c.check()       # a Ctrl-C Python dropped (CtrlC)
             ready, self.pending = self.ray.wait(self.pending, num_returns=1 if block else len(self.pending),
-                                                timeout=None if block else 0)
+                                                timeout=POLL_SECONDS if block else 0)
             for ref in ready:
                 unit = self._refs.pop(ref)
                 self.submitted.discard(unit)

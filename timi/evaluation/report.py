@@ -22,22 +22,37 @@ def _fmt(value: float, decimals: int) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{decimals}f}"
 
 
+#: What the time columns measure (issue 38): the paper's "Time" is the generation alone.
+TIME_NOTE = ("Time: the generation per scene (the paper's \"Time\"), split into sampling (the denoising loop, "
+             "TIMI's guidance included) and mesh (volume decoding and surface extraction) where the generator "
+             "reports them. Scoring: what timi eval adds per scene (the metrics, and for guided runs the scene "
+             "decoded again and scored at the base model's size); not part of the Time.")
+
+
+def _stages(s: RunSummary) -> str:
+    if not s.stage_seconds:
+        return "n/a"
+    return " + ".join(_fmt(s.stage_seconds[k], 1) for k in ("sampling", "mesh") if k in s.stage_seconds)
+
+
 def markdown_table(summaries: list[RunSummary], title: str | None = None) -> str:
     """Table-1-style Markdown: one table per group (main, each ablation / sweep), failures listed below."""
     out = [f"# {title}\n"] if title else []
     groups: dict[str, list[RunSummary]] = {}
     for s in summaries:
         groups.setdefault(s.run.group, []).append(s)
-    header = ["Run", *(METRIC_LABELS[m] for m in METRIC_NAMES), "Time ↓ (s/scene)", "Scenes"]
+    header = ["Run", *(METRIC_LABELS[m] for m in METRIC_NAMES), "Time ↓ (s/scene)", "Sampling + mesh (s)",
+              "Scoring (s/scene)", "Scenes"]
     for group, rows in groups.items():
         out.append(f"## {group}\n")
         out.append("| " + " | ".join(header) + " |")
         out.append("|" + "---|" * len(header))
         for s in rows:
             cells = [s.run.label, *(_fmt(s.means[m], DECIMALS[m]) for m in METRIC_NAMES),
-                     _fmt(s.seconds, 1), f"{s.n_ok}/{s.n_scenes}"]
+                     _fmt(s.seconds, 1), _stages(s), _fmt(s.scoring_seconds, 1), f"{s.n_ok}/{s.n_scenes}"]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    out.append(TIME_NOTE + "\n")
     failures = [r for s in summaries for r in s.results if r.status != "ok"]
     if failures:
         out.append("## Skipped scenes\n")
@@ -149,13 +164,21 @@ def size_markdown(summaries: list[RunSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: summary.csv's columns after ``scenes``: the time split (seconds per scene; ``nan`` where not reported).
+SPLIT_TIMES = ("sampling_seconds", "mesh_seconds", "scoring_seconds")
+
+
 def summary_csv(summaries: list[RunSummary]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["group", "run", "param", "value", *METRIC_NAMES, "seconds_per_scene", "scenes_ok", "scenes"])
+    w.writerow(["group", "run", "param", "value", *METRIC_NAMES, "seconds_per_scene", "scenes_ok", "scenes",
+                *SPLIT_TIMES])
     for s in summaries:
+        split = [s.stage_seconds.get("sampling", float("nan")), s.stage_seconds.get("mesh", float("nan")),
+                 s.scoring_seconds]
         w.writerow([s.run.group, s.run.label, s.run.param or "", "" if s.run.value is None else s.run.value,
-                    *(f"{s.means[m]:.6g}" for m in METRIC_NAMES), f"{s.seconds:.4g}", s.n_ok, s.n_scenes])
+                    *(f"{s.means[m]:.6g}" for m in METRIC_NAMES), f"{s.seconds:.4g}", s.n_ok, s.n_scenes,
+                    *(f"{v:.4g}" for v in split)])
     return buf.getvalue()
 
 

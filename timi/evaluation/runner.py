@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,10 @@ class SceneResult:
     error: str | None = None
     generated: bool = False
     sizes: dict | None = None
+    stages: dict | None = None
+    """The generation's seconds per stage (``sampling``, ``mesh``) when the generator reports them."""
+    scoring_seconds: float | None = None
+    """What ``timi eval`` adds: scoring the scene (metrics), and its matched-size decoding and scoring."""
     """Size of the scene against the base model's and the ground truth's, and its scores at the base
     model's surface area (:meth:`Evaluator.size_scores`); ``None`` without a base run."""
 
@@ -107,6 +112,8 @@ class RunSummary:
     n_ok: int
     n_scenes: int
     results: list[SceneResult] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)   # mean seconds per generation stage
+    scoring_seconds: float = float("nan")                           # mean seconds timi eval's scoring took
 
 
 def _digest(obj) -> str:
@@ -220,8 +227,10 @@ class Evaluator:
             write_mesh(inst, folder / f"instance_{k:02d}.ply")
         if latents is not None:  # the final latents: decoded again at another iso level (timi.evaluation.sizes)
             write_latents(folder / LATENTS_FILE, latents)
+        stages = {k: float(v) for k, v in seconds.items()} if isinstance(seconds, dict) else None
+        seconds = sum(stages.values()) if stages is not None else seconds
         info = {"seconds": None if seconds is None else float(seconds), "instances": len(instances or []),
-                "inputs": inputs_digest(scene)}
+                "inputs": inputs_digest(scene), **({"stages": stages} if stages is not None else {})}
         write_text(folder / "generation.json", json.dumps(info, indent=1))
 
     def _cached(self, scene, folder: Path) -> bool:
@@ -241,7 +250,7 @@ class Evaluator:
         else:
             pred = load_mesh(folder / "scene.ply")
         seconds = info.get("seconds")
-        return pred, None if seconds is None else float(seconds)
+        return pred, None if seconds is None else float(seconds), info.get("stages")
 
     def generate_unit(self, run: Run, scene) -> tuple[bool, SceneResult | None]:
         """Generate ``run``'s output for a loaded scene unless the cache holds it: ``(generated, None)``,
@@ -264,18 +273,22 @@ class Evaluator:
         folder = self.run_dir(run) / scene.scene_id
         score_path = folder / f"scores-{self.metrics.key()}.json"
         try:
-            pred, seconds = self._load_prediction(folder)
+            pred, seconds, stages = self._load_prediction(folder)
             if score_path.is_file():
-                scores = SceneScores.from_dict(json.loads(score_path.read_text())["scores"])
+                saved = json.loads(score_path.read_text())
+                scores, scoring = SceneScores.from_dict(saved["scores"]), saved.get("seconds")
             else:
+                start = time.perf_counter()
                 scores = score_scene(pred, scene.gt_meshes, **dataclasses.asdict(self.metrics))
+                scoring = time.perf_counter() - start
                 write_text(score_path, json.dumps({"metrics": dataclasses.asdict(self.metrics),
-                                                   "scores": scores.as_dict()}, indent=1))
+                                                   "scores": scores.as_dict(), "seconds": scoring}, indent=1))
         except Exception as e:
             self.log(f"[{run.label}] {scene.scene_id}: scoring failed: {_short_error(e)}")
             return SceneResult(run.label, scene.scene_id, "failed", error=f"scoring: {_short_error(e)}",
                                generated=generated)
-        return SceneResult(run.label, scene.scene_id, "ok", scores, seconds, generated=generated)
+        return SceneResult(run.label, scene.scene_id, "ok", scores, seconds, generated=generated, stages=stages,
+                           scoring_seconds=scoring)
 
     def evaluate_scene(self, run: Run, scene) -> SceneResult:
         """Scores of ``run`` on a loaded scene, from the cache when possible (one (scene, run) unit:
@@ -300,6 +313,7 @@ class Evaluator:
         path = folder / f"sizes-{self.metrics.key()}-{self.run_dir(base).name}.json"
         if path.is_file():
             return json.loads(path.read_text())
+        start = time.perf_counter()
         area, volume = mesh_size(load_mesh(folder / "scene.ply"))
         base_area, base_volume = mesh_size(load_mesh(base_folder / "scene.ply"))
         gt = [mesh_size(m) for m in scene.gt_meshes]
@@ -317,6 +331,7 @@ class Evaluator:
                                      **dataclasses.asdict(self.metrics))
                 matched["scores"] = scores.as_dict()
             info["matched"] = matched
+        info["seconds"] = time.perf_counter() - start
         write_text(path, json.dumps(info, indent=1))
         return info
 
@@ -331,6 +346,8 @@ class Evaluator:
             return result
         try:
             result.sizes = self.size_scores(run, scene, base)
+            if result.scoring_seconds is not None and result.sizes.get("seconds") is not None:
+                result.scoring_seconds += float(result.sizes["seconds"])
         except Exception as e:  # sizes are an addition: a failure is reported, the scores stand
             self.log(f"[{run.label}] {scene.scene_id}: size scoring failed: {_short_error(e)}")
         return result
@@ -398,7 +415,11 @@ def summarize(run: Run, results: list[SceneResult]) -> RunSummary:
     means = {m: float(np.mean([getattr(r.scores, m) for r in ok])) if ok else float("nan") for m in METRIC_NAMES}
     times = [r.seconds for r in ok if r.seconds is not None and np.isfinite(r.seconds)]
     seconds = float(np.mean(times)) if times else float("nan")
-    return RunSummary(run, means, seconds, len(ok), len(results), results)
+    staged = [r.stages for r in ok if r.stages]
+    stages = {k: float(np.mean([st[k] for st in staged])) for k in staged[0]} if len(staged) == len(ok) and ok else {}
+    scoring = [r.scoring_seconds for r in ok if r.scoring_seconds is not None]
+    return RunSummary(run, means, seconds, len(ok), len(results), results, stage_seconds=stages,
+                      scoring_seconds=float(np.mean(scoring)) if scoring else float("nan"))
 
 
 def cached_runs(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:

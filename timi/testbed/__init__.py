@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from timi.assets import ASSETS, example
 DEFAULT_MODEL_SUBFOLDER = "hunyuan3d-dit-v2-0"
 
 
@@ -41,5 +41,5 @@ def trellis_testbed_path() -> Path:
 
 
 def example_scene_path() -> Path:
-    """Folder of the example scene used by the README demo (image.png, masks.png, gt/, layout.json)."""
-    return ASSETS / "example"
+    """Folder of the example scene used by the README demo (:func:`timi.assets.example`)."""
+    return example()

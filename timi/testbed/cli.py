@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -282,6 +283,7 @@ def mechanism(
     seed: list[int] = typer.Option([0], "--seed", help="Sampling seed(s); repeat for several."),
     limit: int = typer.Option(None, "--limit", min=1),
     opt_steps: int = typer.Option(30, "--opt-steps", min=1, help="Steps of the direct optimisation of z."),
+    steps: int = typer.Option(50, "--steps", min=1, help="Sampling steps of the guided runs (as timi eval's --steps)."),
     out: Path = typer.Option(..., "--out", help="JSON file for the per-(scene, seed) rows."),
     eval_dir: Path = typer.Option(None, "--eval-dir",
                                   help="A `timi eval --baseline` output on the same scenes and seeds: "
@@ -311,8 +313,8 @@ def mechanism(
     from timi.evaluation.cli import _base_config
     config = _base_config([f"alpha={alpha}", f"normalize-instances={normalize_instances}", *set_])
     torch.set_num_threads(threads)
-    rows = run_mechanism(model or resolve_model(None), dataset, seeds=tuple(seed), limit=limit, opt_steps=opt_steps,
-                         config=config)
+    rows = run_mechanism(resolve_model(str(model) if model else None), dataset, seeds=tuple(seed), limit=limit,
+                         opt_steps=opt_steps, config=config, steps=steps)
     write_text(out, json.dumps(rows, indent=1))
     csv_path = eval_dir / "per_scene.csv" if eval_dir else None
     typer.echo(summarise(rows, csv_path))
@@ -547,3 +549,23 @@ def figure(
     path = run_cli(lambda: figure_from_eval(dataset, eval_dir, list(scene), out, labels=tuple(run), seed=seed,
                                             size=size), Console(stderr=True, soft_wrap=True))
     typer.echo(f"wrote {path}")
+
+
+@app.command("by-count")
+def by_count_cmd(
+    eval_dirs: list[Path] = typer.Argument(..., help="--out folders (or per_scene.csv files) of timi eval / timi testbed variants."),
+    run: Optional[list[str]] = typer.Option(None, "--run", help="Run label(s) to report (default: every run but the base)."),
+    base: str = typer.Option("base model (no TIMI)", "--base", help="Label of the base run."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the Markdown here."),
+) -> None:
+    """Every paired table split by instance count (2, 3, 4, pooled): area / base, SSR, matched-size SSR, FS-S, LCD."""
+    from timi.evaluation.by_count import by_count_markdown, read_rows
+
+    try:
+        text = by_count_markdown(read_rows(eval_dirs), run or None, base)
+    except (FileNotFoundError, KeyError) as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text)

@@ -98,7 +98,8 @@ def guided_run(pipe, image, masks, config: TIMIConfig, *, seed: int = 0, steps: 
 
 
 def run_mechanism(model_dir: str | Path, dataset_dir: str | Path, *, seeds=(0,), limit: int | None = None,
-                  opt_steps: int = 30, config: TIMIConfig = TIMIConfig(), progress: bool = True) -> list[dict]:
+                  opt_steps: int = 30, config: TIMIConfig = TIMIConfig(), progress: bool = True,
+                  steps: int = 50) -> list[dict]:
     from tqdm import tqdm
 
     from timi.evaluation.dataset import discover_scenes, load_scene
@@ -111,8 +112,8 @@ def run_mechanism(model_dir: str | Path, dataset_dir: str | Path, *, seeds=(0,),
         scene = load_scene(folder)
         for seed in seeds:
             row = {"scene": f"{scene.scene_id}@seed{seed}", "k": int(scene.masks.shape[0])}
-            row["base"] = guided_run(pipe, scene.image, scene.masks, config.replace(isg=False), seed=seed)
-            row["timi"] = guided_run(pipe, scene.image, scene.masks, config, seed=seed)
+            row["base"] = guided_run(pipe, scene.image, scene.masks, config.replace(isg=False), seed=seed, steps=steps)
+            row["timi"] = guided_run(pipe, scene.image, scene.masks, config, seed=seed, steps=steps)
             if seed == seeds[0]:
                 row["opt_eq4"] = optimise_latent(pipe, scene.image, scene.masks, steps=opt_steps, seed=seed,
                                                  layers=config.guided_layers)

@@ -18,8 +18,9 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -144,13 +145,71 @@ def launch_options(host: str, port: Optional[int], share: bool, max_upload_mb: f
 
     return dict(server_name=host, server_port=port, share=bool(share), max_file_size=int(max_upload_mb * 2**20),
                 show_error=False, enable_monitoring=False, mcp_server=False, pwa=False, ssr_mode=False,
-                run_history=False, footer_links=["settings"], theme=theme(), inbrowser=False, quiet=False,
+                run_history=False, footer_links=["settings"], theme=theme(), inbrowser=False, quiet=True,
                 auth=auth or None, auth_message="TIMI: log in with the user name and password you were given.",
                 app_kwargs=app_kwargs or {})
 
 
+def import_native_libraries() -> None:
+    """Import hy3dgen, and with it pymeshlab, in the main thread, before the page serves.
+
+    Otherwise the first page action imports them in one of Gradio's worker threads: pymeshlab's
+    static objects (its plugins, loaded with it) are then allocated in that thread's malloc arena,
+    and their destructors, run by ``exit()`` after the worker threads have ended, free into an arena
+    glibc has since handed on, and the process aborts (``malloc_consolidate(): unaligned fastbin
+    chunk detected``, exit 134: the crash in pymeshlab's exit handler behind issue 38's report; a
+    server that only served log-ins never imported it and exited 0)."""
+    import hy3dgen.shapegen  # noqa: F401
+
+
+def startup_lines(local_url: str, share: bool) -> list[str]:
+    """What ``timi app`` prints once the page listens (Gradio's own lines are off, ``quiet``: they
+    tell a Python caller to set ``share=True`` in ``launch()``)."""
+    lines = [f"* Running on local URL:  {local_url}"]
+    if not share:
+        lines.append("* A public link: timi app --share --auth USER:PASS (see timi app --help).")
+    return lines
+
+
+#: How long the exit waits for the server's thread to end once the page is closed (seconds).
+SERVER_STOP_SECONDS = 30.0
+
+
+def _launch(demo, options: dict, before_close: Callable[[], object] = lambda: None) -> None:
+    """Start the page, print :func:`startup_lines`, serve until Ctrl-C or SIGTERM, then :func:`close`."""
+    demo.launch(**options, prevent_thread_lock=True)
+    try:
+        for line in startup_lines(demo.local_url, options["share"]):
+            print(line, flush=True)
+        while demo.is_running:
+            time.sleep(0.1)
+    except KeyboardInterrupt:   # Ctrl-C, or SIGTERM (_terminate): a requested stop, exit 0
+        print("stopping (Ctrl-C or SIGTERM): closing the page.", flush=True)
+    finally:
+        close(demo, before_close)
+
+
+def close(demo, before_close: Callable[[], object] = lambda: None) -> bool:
+    """Close the page so that no server thread outlives the interpreter; whether it ended in time.
+
+    Gradio's own Ctrl-C path (``Blocks.block_thread``) only closes the uvicorn server, waiting 5 s
+    for its thread; the heartbeat stream of every open page (a browser keeps one while it shows the
+    page) ends only when ``Blocks.close`` sets the app's stop event, so with a page open the server
+    thread was still serving when Python finalized, and the process aborted in native code
+    (``malloc_consolidate(): unaligned fastbin chunk detected``, exit 134; issue 38). Here: the
+    runs under way are stopped first (``before_close``: their event streams end), then
+    ``Blocks.close`` (queue, heartbeats, server), then the server's thread is waited for."""
+    before_close()
+    demo.close(verbose=False)
+    thread = getattr(getattr(demo, "server", None), "thread", None)
+    if thread is not None:
+        thread.join(SERVER_STOP_SECONDS)
+        return not thread.is_alive()
+    return True
+
+
 def _terminate(signum, frame):
-    """SIGTERM as Ctrl-C: Gradio closes the server, the work folder is removed."""
+    """SIGTERM as Ctrl-C: the page is closed (:func:`close`), the work folder removed, exit 0."""
     raise KeyboardInterrupt
 
 
@@ -195,14 +254,19 @@ def app_command(
                       markup=False, highlight=False)
         from .ui import build_app
 
+        import_native_libraries()
         use_private_gradio_cache(cfg.workdir)
         demo = build_app(cfg)
         app_kwargs = serve(demo, cfg)
         err.print(f"model: {cfg.model}; work folder: {cfg.workdir} (removed on exit)", markup=False, highlight=False)
         signal.signal(signal.SIGTERM, _terminate)
-        run_cli(lambda: demo.launch(**launch_options(host, port, share, max_upload_mb, logins, app_kwargs)), err)
+        from .run import stop_runs
+
+        # a run under way ends at its next step (else the exit would wait for it), before the page closes
+        run_cli(lambda: _launch(demo, launch_options(host, port, share, max_upload_mb, logins, app_kwargs),
+                                before_close=lambda: stop_runs(cfg)), err)
     finally:
         from .run import stop_runs
 
-        stop_runs(cfg)          # a run under way ends at its next step (else the exit would wait for it)
+        stop_runs(cfg)
         shutil.rmtree(cfg.workdir, ignore_errors=True)

@@ -366,9 +366,8 @@ def _generate(image, masks, folder: Path, name: str, opts: dict, cfg: AppConfig,
     gen = GenerateOptions(image=Path(image), masks=[Path(masks)], out=folder / name, model=cfg.model,
                           backend=cfg.backend, device=cfg.device, threads=cfg.threads, split_instances=True,
                           report=folder / "report" if report else None, progress=True, **opts)
-    result = generate(gen, log=lambda m: lines.append(m), check=check, load=PIPELINES.load)
+    result = generate(gen, log=lambda m: lines.append(m), check=check, load=PIPELINES.load)  # warnings included
     lines += summary_table(result)[1]
-    lines += [f"warning: {w}" for w in result.warnings]
     lines += result.split.summary().splitlines()
     return result
 

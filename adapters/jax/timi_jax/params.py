@@ -43,6 +43,7 @@ __all__ = [
     "load_into",
     "from_torch",
     "from_checkpoint",
+    "KeyTable",
 ]
 
 # (torch module prefix, flax module path, kind) -- kind "linear": weight->kernel (transposed) and
@@ -290,3 +291,67 @@ def from_checkpoint(path: str, config_path: str | None = None, *, dtype=jnp.floa
     kwargs = config_from_yaml(config_path) if config_path else {}
     kwargs.update(hy3dgen_dit_kwargs)
     return from_torch(path, dtype=dtype, param_dtype=param_dtype, **kwargs)
+
+
+# ----------------------------------------------------------------------------- other families' tables
+class KeyTable:
+    """torch state-dict keys -> Flax parameter paths for a model family (Hunyuan3D 2.1, TRELLIS).
+
+    ``rows``: ``(torch module prefix, Flax module path, kind)``, ``{i}`` / ``{e}`` standing for a block
+    / expert index. ``kind`` ``"linear"``: ``weight`` (out, in) -> ``kernel`` (in, out), ``bias``
+    copied; ``"norm"``: ``weight`` -> ``scale``, ``bias`` copied (a LayerNorm; an RMSNorm has no
+    bias); ``"param:<leaf>"``: the torch ``weight`` copied to ``<leaf>``; ``"keep:<leaf>"``: the torch
+    ``<leaf>`` copied to ``<leaf>`` (an empty prefix: a top-level tensor). ``recomputed``: torch keys the Flax module recomputes (buffers);
+    ``name`` and the two hints go into the errors."""
+
+    _LEAVES = {"linear": {"weight": "kernel", "bias": "bias"}, "norm": {"weight": "scale", "bias": "bias"}}
+
+    def __init__(self, rows, name: str, recomputed=(), unknown_hint: str = "", mismatch_hint: str = ""):
+        self.rows, self.name, self.recomputed = tuple(rows), name, tuple(recomputed)
+        self.unknown_hint, self.mismatch_hint = unknown_hint, mismatch_hint
+        self._rules = []
+        for torch_prefix, flax_prefix, kind in self.rows:
+            pattern = (re.escape(torch_prefix).replace(re.escape("{i}"), r"(?P<i>\d+)")
+                       .replace(re.escape("{e}"), r"(?P<e>\d+)"))
+            head, _, leaf = kind.partition(":")
+            leaves = {"param": {"weight": leaf}, "keep": {leaf: leaf}}.get(head) or self._LEAVES[kind]
+            for torch_leaf, flax_leaf in leaves.items():
+                self._rules.append((re.compile(rf"^{pattern + '[.]' if pattern else ''}{torch_leaf}$"), flax_prefix, flax_leaf,
+                                    kind == "linear" and torch_leaf == "weight"))
+
+    def flax_path(self, key: str) -> tuple[tuple, bool]:
+        """A torch key -> ``(Flax path, transposed?)``; KeyError for a key with no row."""
+        for regex, prefix, leaf, transpose in self._rules:
+            m = regex.match(key)
+            if m:
+                groups = m.groupdict()
+                dotted = prefix.replace("{i}", groups.get("i") or "").replace("{e}", groups.get("e") or "")
+                return tuple(int(p) if p.isdigit() else p for p in dotted.split(".") if p) + (leaf,), transpose
+        raise KeyError(f"torch key {key!r} has no row in {self.name} ({self.unknown_hint})")
+
+    def convert(self, state_dict: Mapping, abstract_state) -> dict[tuple, jnp.ndarray]:
+        """Flax path -> array for every torch tensor; every Flax parameter must be filled, shapes must match."""
+        flat = {p: v.get_value() for p, v in nnx.to_flat_state(abstract_state)}
+        new = {}
+        for key, value in state_dict.items():
+            if key in self.recomputed:
+                continue
+            path, transpose = self.flax_path(key)
+            if path not in flat:
+                raise KeyError(f"torch key {key!r} -> {'.'.join(map(str, path))}, which this model lacks: the "
+                               f"config does not match the checkpoint ({self.mismatch_hint})")
+            value = value.T if transpose else value
+            if tuple(value.shape) != tuple(flat[path].shape):
+                raise ValueError(f"torch key {key!r}: shape {tuple(value.shape)} != {tuple(flat[path].shape)} "
+                                 "of the Flax model")
+            new[path] = jnp.asarray(value, flat[path].dtype)
+        missing = [".".join(map(str, p)) for p in flat if p not in new]
+        if missing:
+            raise KeyError(f"the checkpoint lacks {len(missing)} parameter(s) of the Flax model, e.g. {missing[:5]}")
+        return new
+
+    def build(self, make_model, source):
+        """``make_model()`` built abstractly (no random initialisation) and filled from ``source``
+        (anything :func:`load_state_dict` accepts)."""
+        graphdef, state = nnx.split(nnx.eval_shape(make_model))
+        return nnx.merge(graphdef, nnx.from_flat_state(self.convert(load_state_dict(source), state)))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
+from timi_core.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, OCTREE_RESOLUTION
 
 from .params import from_torch
 from .sampler import SampleOutput, sample
@@ -49,9 +50,9 @@ class TIMIPipelineJAX:
         timesteps, _ = scheduler_schedule(self.base, num_inference_steps)
         return cfg.num_guided_steps((np.asarray(timesteps, np.float64) / self.base.scheduler.config.num_train_timesteps).tolist())
 
-    def __call__(self, image, masks, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                 generator=None, output_type: str = "trimesh", latents=None, box_v: float = 1.01,
-                 octree_resolution: int = 384, mc_level: float = 0.0, mc_algo=None,
+    def __call__(self, image, masks, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 guidance_scale: float = GUIDANCE_SCALE, generator=None, output_type: str = "trimesh", latents=None,
+                 box_v: float = 1.01, octree_resolution: int = OCTREE_RESOLUTION, mc_level: float = 0.0, mc_algo=None,
                  num_chunks: int = 8000, enable_pbar: bool = False, config: TIMIConfig | None = None,
                  recorder=None) -> TIMIPipelineOutput:
         """Sample shapes for ``image`` (or a list) and its instance ``masks`` (or a list); arguments
@@ -59,9 +60,11 @@ class TIMIPipelineJAX:
         hy3dgen). ``recorder`` is not supported: the attention is recorded from the torch DiT."""
         import torch
         from timi_torch.frontend import check_output_type, export_meshes, prepare_inputs
+        from timi_torch.memory import check_memory
 
         # 1. check the arguments
         check_output_type(output_type)
+        check_memory(None if output_type == "latent" else octree_resolution, num_inference_steps, self.base.device)
         if recorder is not None:
             raise NotImplementedError("TIMIPipelineJAX records no attention; use timi_torch.TIMIPipeline "
                                       "with a recorder.")

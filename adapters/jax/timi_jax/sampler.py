@@ -56,7 +56,7 @@ if TYPE_CHECKING:  # not imported at run time: 2.1's module imports torch
     from .hunyuan21.modeling import HunYuanDiTPlain
 
 __all__ = ["flow_matching_schedule", "consistency_schedule", "schedule_of", "sample", "prepare_sample", "SampleOutput",
-           "data_parallel_mesh", "separation_loss_and_grad"]
+           "data_parallel_mesh", "separation_loss_and_grad", "guided_step"]
 
 
 def flow_matching_schedule(num_inference_steps: int, *, num_train_timesteps: int = 1000,
@@ -150,6 +150,20 @@ def _loss_and_grad_jit(graphdef, state, latents, t, cond, tokens, *, config, num
     return _loss_and_grad(nnx.merge(graphdef, state), latents, t, cond, tokens, config, num_layers)
 
 
+def guided_step(model: Hunyuan3DDiT | HunYuanDiTPlain, z, m, t, cond, tokens, config: TIMIConfig, num_layers: int,
+                axes: tuple[int, ...], guidance=None):
+    """One ISG (Eqs.2-4) + SGU (Eqs.5-7) update of the float32 latent ``z`` with momentum ``m``, Eq.5
+    along ``axes``: ``(z_new, m_new, diagnostics)``, the diagnostics six (B,) arrays in
+    :class:`SampleOutput`'s order (``L_sep``, lambda, largest ``|z_new - z|``, common shares of the
+    gradient, Eq.5's output and the update). ``t`` (B,) as the model's forward takes it. The step
+    every JAX sampler (Hunyuan3D, TRELLIS) makes."""
+    loss, grad = _loss_and_grad(model, z, t, cond, tokens, config, num_layers, guidance)
+    z_new, m_new, scale, smoothed = timi_core.sgu_step(z, grad, m, config, axes=axes)
+    max_update = jnp.max(jnp.abs(z_new - z), axis=tuple(range(1, z.ndim)))
+    shares = tuple(timi_core.common_share(x, axes) for x in (grad, smoothed, z_new - z))
+    return z_new, m_new, (loss, scale, max_update, *shares)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "config", "num_layers", "do_cfg", "master"))
 def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, dts, guided, guidance_scale,
                     *, config: TIMIConfig, num_layers: int, do_cfg: bool, master: bool):
@@ -166,13 +180,8 @@ def _sample_program(graphdef, state, noise, cond, uncond, tokens, t_model, dts, 
             return v_uncond + guidance_scale.astype(v.dtype) * (v_cond - v_uncond)
         return model(z, jnp.full((batch,), t), cond_in, guidance)
 
-    def guide(z, m, t):  # ISG (Eqs.2-4) + SGU (Eqs.5-7) on the float32 latent z
-        loss, grad = _loss_and_grad(model, z, jnp.full((batch,), t), cond, tokens, config,
-                                    num_layers, guidance)
-        z_new, m_new, scale, smoothed = timi_core.sgu_step(z, grad, m, config, axes=(1,))
-        max_update = jnp.max(jnp.abs(z_new - z), axis=(1, 2))
-        shares = tuple(timi_core.common_share(x, (1,)) for x in (grad, smoothed, z_new - z))
-        return z_new, m_new, (loss, scale, max_update, *shares)
+    def guide(z, m, t):
+        return guided_step(model, z, m, jnp.full((batch,), t), cond, tokens, config, num_layers, (1,), guidance)
 
     # Some step guided (``master``): the carried latent is float32 (cast for the model only).
 

@@ -36,7 +36,9 @@ bfloat16).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -47,13 +49,15 @@ import torch
 from tqdm.auto import tqdm
 
 from timi_core import StepDiagnostics, TIMIConfig, TIMIPipelineOutput
+from timi_core.defaults import DECODING, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, OCTREE_RESOLUTION, default_threads
 
+from .decoding import set_decoding
 from .frontend import check_output_type, export_meshes, prepare_inputs, set_schedule, start_noise_levels
 from .guidance import MODES, SITES, attention_site, guidable_layers, guided_update, observed
 from .hunyuan21 import FAMILY as HY21_FAMILY, SUBFOLDER as HY21_SUBFOLDER, build_pipeline, is_hunyuan21
 from .masks import ConditionMasks, condition_token_masks
 
-__all__ = ["TIMIPipeline", "TIMIPipelineOutput", "StepDiagnostics", "ModelLoadError"]
+__all__ = ["TIMIPipeline", "TIMIPipelineOutput", "StepDiagnostics", "ModelLoadError", "torch_threads"]
 
 DEFAULT_SUBFOLDER = "hunyuan3d-dit-v2-0"
 
@@ -85,6 +89,27 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
     return f"{type(e).__name__}: {text[:limit]}{' ...' if len(text) > limit else ''}"
 
 
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]):
+    """Run with ``n`` torch intra-op threads (``None``: as set), restoring the previous number afterwards."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _on_its_threads(call):
+    """A pipeline method run on the pipeline's ``num_threads`` (:func:`torch_threads`)."""
+    @functools.wraps(call)
+    def run(self, *args, **kwargs):
+        with torch_threads(self.num_threads):   # timi_core.defaults: as timi generate --threads
+            return call(self, *args, **kwargs)
+    return run
+
+
 def _check_config(config) -> None:
     if not isinstance(config, TIMIConfig):
         raise TypeError(f"config must be a timi_core.TIMIConfig, got {type(config).__name__}.")
@@ -94,9 +119,13 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas) -> None:
-    """The sampler's numeric arguments, checked as ``timi generate`` checks its options."""
+def _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas, meshes: bool = True,
+                     device=None) -> None:
+    """The sampler's numeric arguments, checked as ``timi generate`` checks its options, and what
+    they need in memory (:func:`timi_torch.memory.check_memory`) before anything is allocated."""
     import numbers
+
+    from .memory import check_memory
 
     if sigmas is None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral)
                            or num_inference_steps < 1):
@@ -105,6 +134,8 @@ def _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sig
         raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number.")
     if octree_resolution is None or int(octree_resolution) < 8:
         raise ValueError(f"octree_resolution={octree_resolution!r} must be at least 8.")
+    check_memory(int(octree_resolution) if meshes else None,
+                 len(sigmas) if num_inference_steps is None else int(num_inference_steps), device)
 
 
 class TIMIPipeline:
@@ -122,6 +153,8 @@ class TIMIPipeline:
     :class:`timi_core.TIMIPipelineOutput`; the pipeline keeps no state between calls.
     ``gradient_hook(grad, step) -> grad``: optional, applied to ``dL_sep/dz`` (B, L, C) float32 of
     each guided step before SGU (Eqs.5-7); for controls such as ``timi.testbed.controls``.
+    ``num_threads``: the torch intra-op threads its calls run on (``None``: as torch is set);
+    :meth:`from_pretrained` chooses it as ``timi generate --threads`` does (``timi_core.defaults``).
     ``token_positions(x1) -> (B, L, D)``: optional, the latent tokens' positions in space read from
     a clean latent ``x1`` (B, L, C); needed by ``TIMIConfig(smoothing="positions")`` (Eq.5 over
     positions; ``smoothing="decoder"`` reads them from the VAE decoder instead,
@@ -131,7 +164,8 @@ class TIMIPipeline:
     """
 
     def __init__(self, base, config: TIMIConfig = TIMIConfig(), attention: str = "fused",
-                 gradient_hook: Optional[Callable] = None, token_positions: Optional[Callable] = None):
+                 gradient_hook: Optional[Callable] = None, token_positions: Optional[Callable] = None,
+                 num_threads: Optional[int] = None):
         try:
             attention_site(getattr(base, "model", None))
         except TypeError:
@@ -146,6 +180,7 @@ class TIMIPipeline:
         self.attention = attention
         self.gradient_hook = gradient_hook
         self.token_positions = token_positions
+        self.num_threads = num_threads
 
     def with_config(self, config: TIMIConfig) -> "TIMIPipeline":
         """A shallow copy (same hy3dgen pipeline and weights) whose calls default to ``config``."""
@@ -159,6 +194,7 @@ class TIMIPipeline:
     def from_pretrained(cls, path=None, config: TIMIConfig = TIMIConfig(), *, device=None, dtype=None,
                         subfolder: Optional[str] = None, variant: Optional[str] = "fp16",
                         use_safetensors: bool = True, config_path=None, attention: str = "fused",
+                        decoding: Optional[str] = DECODING, num_threads: Optional[int] = None,
                         **kwargs) -> "TIMIPipeline":
         """Load through hy3dgen's own loaders and wrap.
 
@@ -174,6 +210,10 @@ class TIMIPipeline:
         :func:`timi_torch.hunyuan21.build_pipeline` (its ``model.fp16.ckpt`` is used when the
         ``.safetensors`` file is absent). ``device`` defaults to CUDA when available; ``dtype`` to
         float16 on CUDA, float32 on CPU.
+        ``decoding``: the volume decoding of its meshes (``timi_core.defaults.DECODING``, coarse-to-fine
+        as ``timi generate``; ``"dense"``: hy3dgen's; ``None``: leave the loaded VAE's). ``num_threads``:
+        the torch threads its calls run on; default as ``timi generate --threads``: 1 for a checkpoint
+        below ``timi_core.defaults.SMALL_MODEL_BYTES`` (the shipped model), else all usable cores.
         Raises ``FileNotFoundError`` for missing files and :class:`ModelLoadError` when hy3dgen
         cannot build the model from them.
         """
@@ -184,15 +224,19 @@ class TIMIPipeline:
 
             path = default_model_path()
         try:
-            base = cls._load_base(path, device, dtype, subfolder, variant, use_safetensors, config_path, **kwargs)
+            base, ckpt = cls._load_base(path, device, dtype, subfolder, variant, use_safetensors, config_path, **kwargs)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, ImportError, yaml.YAMLError) as e:
             raise ModelLoadError(f"could not build the model from {os.fspath(path)!r} ({_one_line(e)}); its "
                                  "config.yaml is incomplete or does not match the weights - restore the model's "
                                  "files.") from e
-        return cls(base, config=config, attention=attention)
+        set_decoding(base, decoding)
+        if num_threads is None:
+            num_threads = default_threads(ckpt.stat().st_size if ckpt is not None and ckpt.is_file() else None)
+        return cls(base, config=config, attention=attention, num_threads=num_threads)
 
     @staticmethod
     def _load_base(path, device, dtype, subfolder, variant, use_safetensors, config_path, **kwargs):
+        """(hy3dgen's pipeline, the checkpoint file it was read from, or ``None`` when not known)."""
         from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline as Base
 
         device = device or _default_device()
@@ -212,13 +256,13 @@ class TIMIPipeline:
                 raise FileNotFoundError(
                     f"model directory {p} lacks {missing} (it holds {present}); hy3dgen needs config.yaml "
                     f"and {ckpt_name} (choose the file with variant=... / use_safetensors=...).")
-            base = _from_files(cfg, ckpt, device, dtype, **kwargs)
+            return _from_files(cfg, ckpt, device, dtype, **kwargs), ckpt
         elif p.suffix in (".safetensors", ".ckpt"):
             if config_path is None or not Path(config_path).is_file():
                 raise FileNotFoundError(f"a single-file checkpoint needs config_path=<its config.yaml>; got {config_path!r}.")
             if not p.is_file():
                 raise FileNotFoundError(f"checkpoint file {p} does not exist.")
-            base = _from_files(Path(config_path), p, device, dtype, **kwargs)
+            return _from_files(Path(config_path), p, device, dtype, **kwargs), p
         else:
             root = os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")
             local = Path(os.path.expanduser(os.path.join(root, os.fspath(path), subfolder)))
@@ -241,7 +285,7 @@ class TIMIPipeline:
                     f"could not load {os.fspath(path)!r}: no local model at {local} and the hub download "
                     f"failed ({_one_line(e)}). Put the model there, set HY3DGEN_MODELS, or pass "
                     "a model directory.") from e
-        return base
+            return base, local / ckpt_name
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -332,10 +376,12 @@ class TIMIPipeline:
         v = self._velocity(latents, t, cond, do_cfg, guidance_scale, guidance)
         return latents.to(torch.float32) + (1.0 - sigma) * v.to(torch.float32)
 
+    @_on_its_threads
     @torch.no_grad()
-    def __call__(self, image, masks, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                 generator=None, output_type: str = "trimesh", callback: Optional[Callable] = None,
-                 callback_steps: int = 1, sigmas=None, box_v: float = 1.01, octree_resolution: int = 384,
+    def __call__(self, image, masks, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 guidance_scale: float = GUIDANCE_SCALE, generator=None, output_type: str = "trimesh",
+                 callback: Optional[Callable] = None, callback_steps: int = 1, sigmas=None, box_v: float = 1.01,
+                 octree_resolution: int = OCTREE_RESOLUTION,
                  mc_level: float = 0.0, mc_algo=None, num_chunks: int = 8000, enable_pbar: bool = True,
                  latents: Optional[torch.Tensor] = None, config: Optional[TIMIConfig] = None,
                  recorder=None) -> TIMIPipelineOutput:
@@ -361,7 +407,8 @@ class TIMIPipeline:
         """
         # 1. check the arguments
         check_output_type(output_type)
-        _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas)
+        _check_call_args(num_inference_steps, guidance_scale, octree_resolution, sigmas,
+                         meshes=output_type != "latent", device=self.base.device)
         cfg = self.config if config is None else config
         _check_config(cfg)
         base = self.base

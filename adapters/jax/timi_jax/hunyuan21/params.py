@@ -1,8 +1,8 @@
 """Hunyuan3D 2.1 weights (upstream's / ``timi_torch.hunyuan21``'s state-dict keys) -> the Flax
 :class:`timi_jax.hunyuan21.HunYuanDiTPlain`.
 
-:data:`KEY_TABLE`: one row per kind of tensor (torch module prefix -> Flax path, kind), ``{i}`` a
-block and ``{e}`` an expert index. ``linear``: ``weight`` (out, in) -> ``kernel`` (in, out), ``bias``
+:data:`KEY_TABLE` (read by :class:`timi_jax.params.KeyTable`): one row per kind of tensor (torch
+module prefix -> Flax path, kind), ``{i}`` a block and ``{e}`` an expert index. ``linear``: ``weight`` (out, in) -> ``kernel`` (in, out), ``bias``
 copied; ``norm``: ``weight`` -> ``scale``, ``bias`` copied (LayerNorm; RMSNorm has none);
 ``param``: copied as is. Sources: a torch module, a state dict, a 2.1 checkpoint (``.ckpt`` /
 ``.safetensors``, its ``model`` section) or a model folder (:func:`from_checkpoint`).
@@ -11,13 +11,11 @@ copied; ``norm``: ``weight`` -> ``scale``, ``bias`` copied (LayerNorm; RMSNorm h
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 
 import jax.numpy as jnp
-from flax import nnx
 
-from ..params import load_state_dict
+from ..params import KeyTable
 from .modeling import DiT21Config, HunYuanDiTPlain
 
 __all__ = ["KEY_TABLE", "flax_path", "convert", "from_torch", "from_checkpoint"]
@@ -42,53 +40,19 @@ KEY_TABLE: tuple[tuple[str, str, str], ...] = (
 )
 #: Buffers recomputed by the Flax module (upstream stores the sin-cos table in the state dict).
 RECOMPUTED = ("pos_embed",)
-_LEAVES = {"linear": {"weight": "kernel", "bias": "bias"}, "norm": {"weight": "scale", "bias": "bias"}}
-
-
-def _rules():
-    rules = []
-    for torch_prefix, flax_prefix, kind in KEY_TABLE:
-        pattern = re.escape(torch_prefix).replace(re.escape("{i}"), r"(?P<i>\d+)").replace(re.escape("{e}"), r"(?P<e>\d+)")
-        leaves = {"weight": kind.split(":")[1]} if kind.startswith("param:") else _LEAVES[kind]
-        for torch_leaf, flax_leaf in leaves.items():
-            rules.append((re.compile(rf"^{pattern}\.{torch_leaf}$"), flax_prefix, flax_leaf, kind == "linear"
-                          and torch_leaf == "weight"))
-    return rules
-
-
-_RULES = _rules()
+_TABLE = KeyTable(KEY_TABLE, "timi_jax.hunyuan21.params.KEY_TABLE", RECOMPUTED,
+                  "attention pooling is not ported; or not a 2.1 DiT key",
+                  "depth, num_moe_layers, qkv_bias, qk_norm?")
 
 
 def flax_path(key: str) -> tuple[tuple, bool]:
     """``'blocks.3.moe.experts.1.net.2.weight'`` -> ``(('blocks', 3, 'ffn', 'experts', 1, 'fc2', 'kernel'), True)``."""
-    for regex, prefix, leaf, transpose in _RULES:
-        m = regex.match(key)
-        if m:
-            dotted = prefix.replace("{i}", m.groupdict().get("i") or "").replace("{e}", m.groupdict().get("e") or "")
-            return tuple(int(p) if p.isdigit() else p for p in dotted.split(".")) + (leaf,), transpose
-    raise KeyError(f"torch key {key!r} has no row in timi_jax.hunyuan21.params.KEY_TABLE (attention pooling "
-                   "is not ported; or not a 2.1 DiT key)")
+    return _TABLE.flax_path(key)
 
 
 def convert(state_dict: Mapping, abstract_state) -> dict[tuple, jnp.ndarray]:
     """Flax path -> array for every torch tensor; every Flax parameter must be filled, shapes must match."""
-    flat = {p: v.get_value() for p, v in nnx.to_flat_state(abstract_state)}
-    new = {}
-    for key, value in state_dict.items():
-        if key in RECOMPUTED:
-            continue
-        path, transpose = flax_path(key)
-        if path not in flat:
-            raise KeyError(f"torch key {key!r} -> {'.'.join(map(str, path))}, which this model lacks: the config "
-                           "does not match the checkpoint (depth, num_moe_layers, qkv_bias, qk_norm?)")
-        value = value.T if transpose else value
-        if tuple(value.shape) != tuple(flat[path].shape):
-            raise ValueError(f"torch key {key!r}: shape {tuple(value.shape)} != {tuple(flat[path].shape)} of the Flax model")
-        new[path] = jnp.asarray(value, flat[path].dtype)
-    missing = [".".join(map(str, p)) for p in flat if p not in new]
-    if missing:
-        raise KeyError(f"the checkpoint lacks {len(missing)} parameter(s) of the Flax model, e.g. {missing[:5]}")
-    return new
+    return _TABLE.convert(state_dict, abstract_state)
 
 
 def from_torch(source, config: DiT21Config | None = None, *, dtype=jnp.float32, param_dtype=None,
@@ -99,10 +63,7 @@ def from_torch(source, config: DiT21Config | None = None, *, dtype=jnp.float32, 
         config = getattr(source, "config", None) if not kwargs else DiT21Config.from_kwargs(**kwargs)
     if not isinstance(config, DiT21Config):
         raise ValueError("pass config=DiT21Config(...) or upstream's keywords for a state dict or a file.")
-    sd = load_state_dict(source)
-    abstract = nnx.eval_shape(lambda: HunYuanDiTPlain(config, dtype=dtype, param_dtype=param_dtype or dtype))
-    graphdef, state = nnx.split(abstract)
-    return nnx.merge(graphdef, nnx.from_flat_state(convert(sd, state)))
+    return _TABLE.build(lambda: HunYuanDiTPlain(config, dtype=dtype, param_dtype=param_dtype or dtype), source)
 
 
 def from_checkpoint(folder, *, dtype=jnp.float32, param_dtype=None) -> HunYuanDiTPlain:

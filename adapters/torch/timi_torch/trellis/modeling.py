@@ -336,6 +336,13 @@ class SparseStructureFlowModel(nn.Module):
     def from_config(cls, config: FlowConfig) -> "SparseStructureFlowModel":
         return cls(**config.kwargs())
 
+    def convert_to_fp32(self) -> "SparseStructureFlowModel":
+        """Every weight and the blocks' compute dtype in float32 (a ``use_fp16`` checkpoint on the CPU);
+        upstream's method of that name leaves ``dtype`` at float16."""
+        self.float()
+        self.dtype = torch.float32
+        return self
+
     def initialize_weights(self) -> None:
         """Upstream's initialisation: xavier-uniform linears, zero biases, N(0, 0.02) timestep MLP,
         zero adaLN and output layers (a fresh model predicts velocity 0)."""
@@ -432,6 +439,12 @@ class SparseStructureDecoder(nn.Module):
     def upsampling(self) -> int:
         """Output voxels per latent voxel along each axis."""
         return 2 ** (len(self.config.channels) - 1)
+
+    def convert_to_fp32(self) -> "SparseStructureDecoder":
+        """Every weight and the blocks' compute dtype in float32."""
+        self.float()
+        self.dtype = torch.float32
+        return self
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.input_layer(z).type(self.dtype)

@@ -146,8 +146,9 @@ class TrellisPipeline:
         conditioner.load_state_dict({k: v.float() for k, v in load_file(str(folder / CONDITIONER_WEIGHTS)).items()})
         processor = instantiate_from_config(copy.deepcopy(spec["image_processor"]))
         box = json.loads((folder / "pipeline.json").read_text())["args"].get("box", 0.5)
-        return cls(flow.float(), decoder.float(), conditioner.to(device).eval(), processor, settings, config, attention,
-                   box)
+        decoder = decoder.convert_to_fp32() if hasattr(decoder, "convert_to_fp32") else decoder.float()
+        return cls(flow.convert_to_fp32(), decoder, conditioner.to(device).eval(), processor, settings, config,
+                   attention, box)
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
@@ -169,18 +170,24 @@ class TrellisPipeline:
         noise = (self.prepare_latents(inputs.batch_size, torch.float32, self.device, generator) if latents is None
                  else latents.float())
         # 3. upstream's sampler, TIMI in the guided window
+        latents, diagnostics, recordings = self._sample(noise, inputs, cfg, settings, callback, callback_steps,
+                                                        enable_pbar, recorder)
+        # 4. meshes
+        meshes = None if output_type == "latent" else self.export_meshes(latents)
+        return TIMIPipelineOutput(meshes, latents, diagnostics, recordings)
+
+    def _sample(self, noise, inputs, config, settings, callback, callback_steps, enable_pbar, recorder):
+        """Stage 3 of a call: ``(latents, diagnostics, recordings)`` from :func:`timi_torch.trellis.sample`
+        (``timi_jax.trellis.TrellisPipelineJAX`` runs the JAX sampler here instead)."""
         step_callback = None
         if callback is not None:
             def step_callback(i, t, x):
                 if i % callback_steps == 0:
                     callback(i, t, x)
         out = sample(self.model, noise, inputs.cond_main.float(), inputs.uncond_main.float(), tokens=inputs.tokens,
-                     config=cfg, settings=settings, attention=self.attention, gradient_hook=self.gradient_hook,
+                     config=config, settings=settings, attention=self.attention, gradient_hook=self.gradient_hook,
                      callback=step_callback, enable_pbar=enable_pbar, recorder=recorder)
-        # 4. meshes
-        meshes = None if output_type == "latent" else self.export_meshes(out.latents)
-        return TIMIPipelineOutput(meshes, out.latents, out.diagnostics,
-                                  list(recorder.records) if recorder is not None else None)
+        return out.latents, out.diagnostics, list(recorder.records) if recorder is not None else None
 
     # ---------------------------------------------------------------- decoding
     def decode_volume(self, latents: torch.Tensor) -> torch.Tensor:
