@@ -25,7 +25,8 @@ from .timing import interleaved, machine_info
 __all__ = ["TRELLIS_SHAPES", "trellis_overhead"]
 
 #: ``--model`` names: the released image model's flow (1374 condition tokens of DINOv2 ViT-L/14-reg,
-#: 25 steps as the hub's pipeline.json is reported to use; GPU) and the grid testbed's size (CPU).
+#: 25 steps as the hub's pipeline.json is reported to use; GPU) and the shipped grid testbed's shape (CPU: width
+#: 128, 4 blocks, 512 voxel tokens, 257 condition tokens).
 TRELLIS_SHAPES = {
     "trellis": dict(flow="image-large", cond_tokens=1374, steps=25),
     "trellis-testbed-size": dict(flow=None, cond_tokens=257, steps=25),
@@ -37,7 +38,7 @@ def _flow_config(name: str):
 
     if TRELLIS_SHAPES[name]["flow"] is not None:
         return FLOW_PRESETS[TRELLIS_SHAPES[name]["flow"]]
-    return FlowConfig(resolution=16, in_channels=8, out_channels=8, model_channels=128, cond_channels=64, num_blocks=6,
+    return FlowConfig(resolution=16, in_channels=8, out_channels=8, model_channels=128, cond_channels=64, num_blocks=4,
                       num_heads=4, patch_size=2, qk_rms_norm=True)
 
 
