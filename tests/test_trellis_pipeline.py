@@ -115,3 +115,12 @@ def test_jax_backend_gives_the_torch_backends_latents(folder):
     torch.testing.assert_close(outs["jax"].latents, outs["torch"].latents, rtol=0, atol=1e-4)
     assert [d.step for d in outs["jax"].diagnostics] == [d.step for d in outs["torch"].diagnostics] == [0, 1]
     assert outs["jax"].diagnostics[0].loss == pytest.approx(outs["torch"].diagnostics[0].loss, rel=1e-4)
+
+
+def test_the_default_form_on_trellis_is_the_papers(folder, tmp_path):
+    """The rule of issue 36 kept the paper's form as TRELLIS's default; token models keep TIMIConfig()."""
+    from timi.pipelines import family_preset
+
+    assert family_preset(str(folder)) == "paper" and family_preset(str(folder), "paper") == "paper"
+    assert family_preset(None) == "default"
+    assert TrellisPipeline.from_pretrained(folder).config == TIMIConfig.paper()

@@ -124,7 +124,8 @@ PRESET_HELP = ("TIMI's form. default (TIMIConfig()): the paper's Eqs.2-7 with th
                "every latent token removed before Eq.6 (common=remove): on token latents that shared part only "
                "shrinks every shape, so the default keeps the shapes' size; on the testbed's held-out scenes "
                "neither form separates instances at matched size (docs/results.md). paper "
-               "(TIMIConfig.paper()): the paper's literal form, for reproducing its tables.")
+               "(TIMIConfig.paper()): the paper's literal form, for reproducing its tables. On a TRELLIS model "
+               "(grid latent) default means paper: no other form qualified there (docs/results.md).")
 
 
 # ----------------------------------------------------------------------------- --engine (docs/cluster.md)

@@ -113,7 +113,9 @@ class _Clock:
 def _config(opts: GenerateOptions):
     from timi_core import TIMIConfig
 
-    cfg = TIMIConfig.preset(opts.preset, alpha=opts.alpha, sigma=opts.sigma, guided_layers=opts.guided_layers,
+    from .pipelines import family_preset
+
+    cfg = TIMIConfig.preset(family_preset(opts.model, opts.preset), alpha=opts.alpha, sigma=opts.sigma, guided_layers=opts.guided_layers,
                             guided_steps=opts.guided_steps, guided_fraction=opts.guided_fraction)
     return cfg if opts.timi else cfg.replace(isg=False)
 

@@ -65,7 +65,7 @@ class TrellisPipeline:
     grid_latent = True
 
     def __init__(self, flow, decoder, conditioner, image_processor, settings: SamplerSettings = SamplerSettings(),
-                 config: TIMIConfig = TIMIConfig(), attention: str = "fused", box: float = 0.5):
+                 config: TIMIConfig = TIMIConfig.paper(), attention: str = "fused", box: float = 0.5):
         if attention not in MODES:
             raise ValueError(f"attention={attention!r} must be one of {MODES}.")
         self.model, self.decoder, self.conditioner, self.image_processor = flow, decoder, conditioner, image_processor
@@ -128,8 +128,9 @@ class TrellisPipeline:
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path, config: TIMIConfig = TIMIConfig(), *, device="cpu", attention: str = "fused"):
-        """Load a TRELLIS folder that carries its conditioner (module docstring)."""
+    def from_pretrained(cls, path, config: TIMIConfig = TIMIConfig.paper(), *, device="cpu", attention: str = "fused"):
+        """Load a TRELLIS folder that carries its conditioner (module docstring). ``config``: the calls'
+        default, the paper's literal form on TRELLIS (docs/results.md: the rule chose it)."""
         from hy3dgen.shapegen.pipelines import instantiate_from_config
         from safetensors.torch import load_file
 
