@@ -23,6 +23,7 @@ same with ``s = w - 1``, so ``--guidance-scale`` means one thing on both familie
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -118,7 +119,7 @@ class TrellisPipeline:
             changes["steps"] = int(num_inference_steps)
         if guidance_scale is not None:
             changes["cfg_strength"] = float(guidance_scale) - 1.0
-        return SamplerSettings(**{**self.settings.__dict__, **changes})
+        return dataclasses.replace(self.settings, **changes)
 
     def num_guided_steps(self, num_inference_steps: Optional[int] = None, config: Optional[TIMIConfig] = None,
                          sigmas=None) -> int:
