@@ -18,7 +18,6 @@ matches to 1e-6 (measured 1.2e-7), ``L_sep`` and ``lambda`` to 1e-5 relative.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,30 +33,14 @@ from timi_jax.sampler import guided_step, separation_loss_and_grad  # noqa: E402
 from timi_jax.trellis import SamplerSettings, SparseStructureFlowModel, from_checkpoint, from_torch, sample  # noqa: E402
 from timi_jax.trellis.sampler import GRID_AXES  # noqa: E402
 from timi_torch.guidance import guided_update  # noqa: E402
-from timi_torch.hunyuan21.testing import seeded_state_dict  # noqa: E402
-from timi_torch.trellis import SparseStructureFlowModel as TorchFlow  # noqa: E402
 from timi_torch.trellis import sample as torch_sample  # noqa: E402
 from timi_torch.trellis import save_model  # noqa: E402
 
-FIXTURE = Path(__file__).parent / "fixtures" / "trellis_upstream.npz"
+from trellis_helpers import fixture_state as _state  # noqa: E402
+from trellis_helpers import upstream  # noqa: E402,F401  (a fixture)
+from trellis_helpers import upstream_flow as _torch_flow  # noqa: E402
+
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with np.load(FIXTURE) as f:
-        return {k: f[k] for k in f.files}
-
-
-def _state(upstream, name):
-    shapes = {k: tuple(v) for k, v in json.loads(str(upstream[f"{name}/shapes"]))}
-    return seeded_state_dict(shapes, int(upstream[f"{name}/seed"]))
-
-
-def _torch_flow(upstream, name):
-    model = TorchFlow(**json.loads(str(upstream[f"{name}/config"]))).eval()
-    model.load_state_dict(_state(upstream, name), strict=True)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ order, while a wrong head layout moves them by far more (``test_a_wrong_layout_i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,19 +20,10 @@ import torch
 from timi_torch.hunyuan21.testing import seeded_state_dict
 from timi_torch.trellis import (FLOW_PRESETS, SparseStructureDecoder, SparseStructureFlowModel, load_model,
                                 load_stage1, occupancy_mesh, save_model, write_pipeline_json)
+from trellis_helpers import fixture_shapes as _shapes
+from trellis_helpers import upstream, upstream_flow  # noqa: F401  (upstream: a fixture)
 
-FIXTURE = Path(__file__).parent / "fixtures" / "trellis_upstream.npz"
 ATOL = 2e-5
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with np.load(FIXTURE) as f:
-        return {k: f[k] for k in f.files}
-
-
-def _shapes(upstream, name):
-    return {k: tuple(v) for k, v in json.loads(str(upstream[f"{name}/shapes"]))}
 
 
 def _ours(module):
@@ -41,10 +31,8 @@ def _ours(module):
 
 
 def _flow(upstream, name):
-    model = SparseStructureFlowModel(**json.loads(str(upstream[f"{name}/config"]))).eval()
-    shapes = _shapes(upstream, name)
-    assert list(_ours(model).items()) == list(shapes.items())        # same keys, order and shapes
-    model.load_state_dict(seeded_state_dict(shapes, int(upstream[f"{name}/seed"])), strict=True)
+    model = upstream_flow(upstream, name)
+    assert list(_ours(model).items()) == list(_shapes(upstream, name).items())   # same keys, order and shapes
     return model
 
 

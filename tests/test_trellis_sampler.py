@@ -9,7 +9,6 @@ first ``guided_layers`` blocks alone.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,25 +16,14 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from timi_core import TIMIConfig
-from timi_torch.hunyuan21.testing import seeded_state_dict
 from timi_torch.trellis import (SamplerSettings, SparseStructureDecoder, SparseStructureFlowModel,
                                 condition_token_masks, flow_times, guide, sample)
-
-FIXTURE = Path(__file__).parent / "fixtures" / "trellis_upstream.npz"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    with np.load(FIXTURE) as f:
-        return {k: f[k] for k in f.files}
+from trellis_helpers import upstream, upstream_flow  # noqa: F401  (upstream: a fixture)
 
 
 @pytest.fixture(scope="module")
 def model(upstream):
-    shapes = {k: tuple(v) for k, v in json.loads(str(upstream["a/shapes"]))}
-    m = SparseStructureFlowModel(**json.loads(str(upstream["a/config"]))).eval()
-    m.load_state_dict(seeded_state_dict(shapes, int(upstream["a/seed"])))
-    return m
+    return upstream_flow(upstream, "a")
 
 
 def _settings(upstream) -> SamplerSettings:
